@@ -1,0 +1,468 @@
+//! Configuration: one typed struct loaded once from the environment (SPEC
+//! §9). Every variable is validated at start-up; an error names the
+//! variable. URLs that may carry passwords are wrapped in [`SecretUrl`],
+//! whose `Debug` and `Display` never show the password.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::domain::AllowedImages;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub amqp_url: SecretUrl,
+    pub database_url: SecretUrl,
+    pub redis_url: SecretUrl,
+    pub redis_prefix: String,
+    pub docker: DockerConfig,
+    pub amqp: AmqpConfig,
+    pub lifecycle: LifecycleConfig,
+    pub shutdown_timeout: Duration,
+    pub http_addr: SocketAddr,
+    pub log_format: LogFormat,
+}
+
+/// How containers are created and where their state lives (SPEC §4).
+#[derive(Debug, Clone)]
+pub struct DockerConfig {
+    /// `DOCKER_HOST`; `None` means the local socket.
+    pub host: Option<String>,
+    pub state_root: PathBuf,
+    pub state_mount: String,
+    pub container_prefix: String,
+    pub network: String,
+    /// `RTM_CPUS` in units of 10^-9 CPUs, as Docker's `NanoCpus`.
+    pub nano_cpus: i64,
+    /// `RTM_MEMORY` in bytes.
+    pub memory_bytes: i64,
+    pub pids_limit: i64,
+    pub cap_add: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    pub command_exchange: String,
+    pub command_queue: String,
+    pub event_exchange: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    pub delivery_limit: u32,
+    pub prefetch: u16,
+}
+
+/// The lifecycle services' settings.
+#[derive(Debug, Clone)]
+pub struct LifecycleConfig {
+    pub lease_ttl: Duration,
+    pub stop_timeout: Duration,
+    pub start_settle: Duration,
+    pub health_timeout: Duration,
+    pub rollback: bool,
+    pub allowed_images: AllowedImages,
+    pub retry_for: Duration,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Duration::from_secs(30),
+            stop_timeout: Duration::from_secs(10),
+            start_settle: Duration::from_secs(1),
+            health_timeout: Duration::from_secs(60),
+            rollback: true,
+            allowed_images: AllowedImages::any(),
+            retry_for: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {variable}: {reason}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub reason: String,
+}
+
+impl Config {
+    /// Loads and validates every variable from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Loads from any lookup (tests pass a map).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env(&lookup);
+        let lifecycle = LifecycleConfig {
+            lease_ttl: env.duration("RTM_LEASE_TTL", "30s")?,
+            stop_timeout: env.duration("RTM_STOP_TIMEOUT", "10s")?,
+            start_settle: env.duration("RTM_START_SETTLE", "1s")?,
+            health_timeout: env.duration("RTM_HEALTH_TIMEOUT", "60s")?,
+            rollback: env.parse("RTM_ROLLBACK", "true", parse_bool)?,
+            allowed_images: AllowedImages::parse(&env.string("RTM_ALLOWED_IMAGES", "")),
+            retry_for: env.duration("RTM_RETRY_FOR", "60s")?,
+        };
+        if lifecycle.lease_ttl < Duration::from_secs(1) {
+            return Err(ConfigError {
+                variable: "RTM_LEASE_TTL",
+                reason: "must be at least 1s (it is renewed at a third of its lifetime)".into(),
+            });
+        }
+        let docker = DockerConfig {
+            host: lookup("DOCKER_HOST").filter(|h| !h.is_empty()),
+            state_root: PathBuf::from(env.string("RTM_STATE_ROOT", "/var/lib/rtmanager/games")),
+            state_mount: env.parse("RTM_STATE_MOUNT", "/state", |s| {
+                if s.starts_with('/') && s.len() > 1 {
+                    Ok(s.to_owned())
+                } else {
+                    Err("must be an absolute path inside the container, not /".into())
+                }
+            })?,
+            container_prefix: env.parse("RTM_CONTAINER_PREFIX", "rtm-", |s| {
+                let ok = s
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+                    && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+                if ok {
+                    Ok(s.to_owned())
+                } else {
+                    Err("must start with a letter or digit and contain only [A-Za-z0-9_.-]".into())
+                }
+            })?,
+            network: env.non_empty("RTM_DOCKER_NETWORK", "bridge")?,
+            nano_cpus: env.parse("RTM_CPUS", "1", parse_cpus)?,
+            memory_bytes: env.parse("RTM_MEMORY", "1g", parse_bytes)?,
+            pids_limit: env.parse("RTM_PIDS_LIMIT", "512", |s| {
+                s.parse::<i64>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| "must be a positive whole number".into())
+            })?,
+            cap_add: env
+                .string("RTM_CAP_ADD", "")
+                .split(',')
+                .map(|c| c.trim().to_ascii_uppercase())
+                .filter(|c| !c.is_empty())
+                .collect(),
+        };
+        let amqp = AmqpConfig {
+            command_exchange: env.non_empty("RTM_COMMAND_EXCHANGE", "rtmanager.commands")?,
+            command_queue: env.non_empty("RTM_COMMAND_QUEUE", "rtmanager.commands")?,
+            event_exchange: env.non_empty("RTM_EVENT_EXCHANGE", "rtmanager.events")?,
+            dead_letter_exchange: env.non_empty("RTM_DEAD_LETTER_EXCHANGE", "rtmanager.dlx")?,
+            dead_letter_queue: env.non_empty("RTM_DEAD_LETTER_QUEUE", "rtmanager.dead-letters")?,
+            delivery_limit: env.parse("RTM_DELIVERY_LIMIT", "5", |s| {
+                s.parse::<u32>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| "must be a positive whole number".into())
+            })?,
+            prefetch: env.parse("RTM_PREFETCH", "16", |s| {
+                s.parse::<u16>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| "must be a whole number from 1 to 65535".into())
+            })?,
+        };
+        Ok(Config {
+            amqp_url: env.url("RTM_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f", &["amqp", "amqps"])?,
+            database_url: env.url(
+                "DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/rtmanager",
+                &["postgres", "postgresql"],
+            )?,
+            redis_url: env.url("RTM_REDIS_URL", "redis://127.0.0.1:6379", &["redis", "rediss"])?,
+            redis_prefix: env.string("RTM_REDIS_PREFIX", "rtmanager:"),
+            docker,
+            amqp,
+            lifecycle,
+            shutdown_timeout: env.duration("RTM_SHUTDOWN_TIMEOUT", "60s")?,
+            http_addr: env.parse("RTM_HTTP_ADDR", "127.0.0.1:9090", |s| {
+                s.parse::<SocketAddr>()
+                    .map_err(|e| format!("must be host:port ({e})"))
+            })?,
+            log_format: env.parse("RTM_LOG_FORMAT", "json", |s| match s {
+                "json" => Ok(LogFormat::Json),
+                "pretty" => Ok(LogFormat::Pretty),
+                _ => Err("must be json or pretty".into()),
+            })?,
+        })
+    }
+}
+
+struct Env<'a, F: Fn(&str) -> Option<String>>(&'a F);
+
+impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
+    fn string(&self, name: &str, default: &str) -> String {
+        (self.0)(name).unwrap_or_else(|| default.to_owned())
+    }
+
+    fn parse<T>(
+        &self,
+        name: &'static str,
+        default: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        let raw = self.string(name, default);
+        parse(raw.trim()).map_err(|reason| ConfigError {
+            variable: name,
+            reason: format!("{reason} (got {raw:?})"),
+        })
+    }
+
+    fn non_empty(&self, name: &'static str, default: &str) -> Result<String, ConfigError> {
+        self.parse(name, default, |s| {
+            if s.is_empty() {
+                Err("must not be empty".into())
+            } else {
+                Ok(s.to_owned())
+            }
+        })
+    }
+
+    fn duration(&self, name: &'static str, default: &str) -> Result<Duration, ConfigError> {
+        self.parse(name, default, parse_duration)
+    }
+
+    fn url(
+        &self,
+        name: &'static str,
+        default: &str,
+        schemes: &[&str],
+    ) -> Result<SecretUrl, ConfigError> {
+        let raw = self.string(name, default);
+        let url = SecretUrl(raw.trim().to_owned());
+        let scheme_ok = url
+            .0
+            .split_once("://")
+            .is_some_and(|(scheme, rest)| schemes.contains(&scheme) && !rest.is_empty());
+        if scheme_ok {
+            Ok(url)
+        } else {
+            // The value itself may hold a password: show it redacted.
+            Err(ConfigError {
+                variable: name,
+                reason: format!(
+                    "must be a URL starting with {} (got {url})",
+                    schemes
+                        .iter()
+                        .map(|s| format!("{s}://"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+            })
+        }
+    }
+}
+
+/// `30s`, `500ms`, `2m`, `1h`, or a combination such as `1m30s`.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let err = || "must be a duration such as 30s, 500ms, 2m or 1h".to_string();
+    let mut rest = raw.trim();
+    if rest.is_empty() {
+        return Err(err());
+    }
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+        if digits == 0 {
+            return Err(err());
+        }
+        let value: u64 = rest[..digits].parse().map_err(|_| err())?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let part = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(value),
+            "s" => Duration::from_secs(value),
+            "m" => Duration::from_secs(value.saturating_mul(60)),
+            "h" => Duration::from_secs(value.saturating_mul(3600)),
+            _ => return Err(err()),
+        };
+        total = total.saturating_add(part);
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+fn parse_bool(raw: &str) -> Result<bool, String> {
+    match raw.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("must be true or false".into()),
+    }
+}
+
+fn parse_cpus(raw: &str) -> Result<i64, String> {
+    let cpus: f64 = raw
+        .parse()
+        .map_err(|_| "must be a number of CPUs such as 1 or 0.5".to_string())?;
+    if !(cpus > 0.0 && cpus <= 1024.0) {
+        return Err("must be more than 0 and at most 1024".into());
+    }
+    Ok((cpus * 1e9).round() as i64)
+}
+
+/// `512m`, `1g`, `1024k`, or a plain number of bytes (Docker's units).
+fn parse_bytes(raw: &str) -> Result<i64, String> {
+    let err = || "must be a size such as 512m or 1g".to_string();
+    let lower = raw.to_ascii_lowercase();
+    let trimmed = lower.strip_suffix('b').unwrap_or(&lower);
+    let (digits, multiplier) = match trimmed.chars().last() {
+        Some('k') => (&trimmed[..trimmed.len() - 1], 1i64 << 10),
+        Some('m') => (&trimmed[..trimmed.len() - 1], 1 << 20),
+        Some('g') => (&trimmed[..trimmed.len() - 1], 1 << 30),
+        Some(c) if c.is_ascii_digit() => (trimmed, 1),
+        _ => return Err(err()),
+    };
+    let n: i64 = digits.parse().map_err(|_| err())?;
+    let bytes = n.checked_mul(multiplier).ok_or_else(err)?;
+    // Docker refuses less than 6 MiB.
+    if bytes < 6 << 20 {
+        return Err("must be at least 6m (Docker's minimum)".into());
+    }
+    Ok(bytes)
+}
+
+/// A connection URL whose password never reaches a log line, an error or a
+/// `Debug` dump. Use [`SecretUrl::expose`] only to connect.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return "***".into();
+        };
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+                let masked = if userinfo.contains(':') {
+                    format!("{user}:***")
+                } else {
+                    user.to_owned()
+                };
+                format!("{scheme}://{masked}@{host}{tail}")
+            }
+            None => self.0.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretUrl({})", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.amqp_url.expose(), "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(c.redis_prefix, "rtmanager:");
+        assert_eq!(c.docker.container_prefix, "rtm-");
+        assert_eq!(c.docker.nano_cpus, 1_000_000_000);
+        assert_eq!(c.docker.memory_bytes, 1 << 30);
+        assert_eq!(c.docker.pids_limit, 512);
+        assert_eq!(c.amqp.delivery_limit, 5);
+        assert_eq!(c.amqp.prefetch, 16);
+        assert_eq!(c.lifecycle.lease_ttl, Duration::from_secs(30));
+        assert_eq!(c.lifecycle.retry_for, Duration::from_secs(60));
+        assert!(c.lifecycle.rollback);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.http_addr.to_string(), "127.0.0.1:9090");
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let cases = [
+            ("RTM_LEASE_TTL", "soon"),
+            ("RTM_STOP_TIMEOUT", "10"),
+            ("RTM_ROLLBACK", "maybe"),
+            ("RTM_CPUS", "0"),
+            ("RTM_MEMORY", "lots"),
+            ("RTM_PIDS_LIMIT", "-1"),
+            ("RTM_PREFETCH", "0"),
+            ("RTM_HTTP_ADDR", "nowhere"),
+            ("RTM_LOG_FORMAT", "xml"),
+            ("RTM_AMQP_URL", "http://x"),
+            ("DATABASE_URL", "mysql://x"),
+            ("RTM_CONTAINER_PREFIX", "bad/prefix"),
+            ("RTM_STATE_MOUNT", "relative"),
+        ];
+        for (var, value) in cases {
+            let err = load(&[(var, value)]).unwrap_err();
+            assert_eq!(err.variable, var, "{value}");
+            assert!(err.to_string().contains(var), "{err}");
+        }
+    }
+
+    #[test]
+    fn passwords_never_print() {
+        let url = "amqp://lobby:hunter2@broker:5672/%2f";
+        let c = load(&[
+            ("RTM_AMQP_URL", url),
+            ("DATABASE_URL", "postgres://rtm:hunter2@db/rtm?sslmode=require"),
+            ("RTM_REDIS_URL", "redis://:hunter2@cache:6379"),
+        ])
+        .unwrap();
+        let dump = format!("{c:?} {} {} {}", c.amqp_url, c.database_url, c.redis_url);
+        assert!(!dump.contains("hunter2"), "{dump}");
+        assert!(dump.contains("amqp://lobby:***@broker:5672/%2f"), "{dump}");
+        assert_eq!(c.amqp_url.expose(), url);
+
+        let err = load(&[("RTM_AMQP_URL", "http://lobby:hunter2@x")]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "s", "10", "1.5s", "-1s", "10 s", "5d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_bytes("512m"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1G"), Ok(1 << 30));
+        assert!(parse_bytes("1k").is_err());
+        assert_eq!(parse_cpus("0.5"), Ok(500_000_000));
+    }
+}

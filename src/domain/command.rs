@@ -1,0 +1,207 @@
+//! Commands: the decoded request as sent, and the validated command the
+//! lifecycle services run.
+
+use chrono::{DateTime, Utc};
+
+use super::image_ref::{AllowedImages, ImageRef};
+use super::operation::{OpKind, OpSource, StopReason};
+use super::GameId;
+use crate::error::{ErrorCode, Failure};
+
+/// Where a request/reply caller wants its outer outcome (AMQP `reply_to`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyTo {
+    pub queue: String,
+    pub correlation_id: Option<String>,
+}
+
+/// A command as decoded from the wire: the op is known, everything else is
+/// still the raw text the sender wrote (missing fields are `None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandRequest {
+    /// The idempotency key: the message's `command_id`, else the AMQP
+    /// `message_id`, else a fresh id.
+    pub command_id: String,
+    pub op: OpKind,
+    pub game_id: Option<String>,
+    /// `image_ref` for start, `new_image_ref` for patch.
+    pub image_ref: Option<String>,
+    pub op_source: Option<String>,
+    pub source_ref: Option<String>,
+    pub reason: Option<String>,
+    pub requested_at: Option<DateTime<Utc>>,
+    pub reply_to: Option<ReplyTo>,
+}
+
+/// What a validated command asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Start { image_ref: ImageRef },
+    Stop { reason: StopReason },
+    Restart,
+    Patch { new_image_ref: ImageRef },
+    Remove,
+}
+
+impl Action {
+    pub fn op(&self) -> OpKind {
+        match self {
+            Action::Start { .. } => OpKind::Start,
+            Action::Stop { .. } => OpKind::Stop,
+            Action::Restart => OpKind::Restart,
+            Action::Patch { .. } => OpKind::Patch,
+            Action::Remove => OpKind::Remove,
+        }
+    }
+}
+
+/// A validated command: nothing in it needs checking again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    pub command_id: String,
+    pub game_id: GameId,
+    pub op_source: OpSource,
+    pub correlation_id: String,
+    pub action: Action,
+}
+
+impl CommandRequest {
+    /// The correlation id linking the outer operation to its inner ones:
+    /// the `source_ref`, else the `command_id` (so a redelivered command
+    /// keeps its correlation).
+    pub fn correlation_id(&self) -> String {
+        match self.source_ref.as_deref() {
+            Some(s) if !s.is_empty() => s.to_owned(),
+            _ => self.command_id.clone(),
+        }
+    }
+
+    /// Validates the request (SPEC §3 step 1, §6 "Bad input"). The failure
+    /// is `invalid_request`, or `image_not_allowed` for an image outside the
+    /// allow-list.
+    pub fn validate(&self, allowed: &AllowedImages) -> Result<Command, Failure> {
+        let invalid = |msg: String| Failure::new(ErrorCode::InvalidRequest, msg);
+
+        let game_id = GameId::parse(self.game_id.as_deref().unwrap_or_default())
+            .map_err(|e| invalid(e.to_string()))?;
+        let op_source = match self.op_source.as_deref() {
+            None | Some("") => return Err(invalid("op_source is required".into())),
+            Some(raw) => OpSource::parse(raw).ok_or_else(|| {
+                invalid(format!(
+                    "op_source {raw:?} is unsupported (expected lobby, admin or reconciler)"
+                ))
+            })?,
+        };
+        let image = |field: &str| -> Result<ImageRef, Failure> {
+            let raw = self.image_ref.as_deref().unwrap_or_default();
+            if raw.is_empty() {
+                return Err(invalid(format!("{field} must not be empty")));
+            }
+            let image = ImageRef::parse(raw).map_err(|e| invalid(format!("{field}: {e}")))?;
+            if !allowed.allows(&image) {
+                return Err(Failure::new(
+                    ErrorCode::ImageNotAllowed,
+                    format!(
+                        "{field} {raw:?} is outside RTM_ALLOWED_IMAGES ({})",
+                        allowed.prefixes().join(", ")
+                    ),
+                ));
+            }
+            Ok(image)
+        };
+
+        let action = match self.op {
+            OpKind::Start => Action::Start {
+                image_ref: image("image_ref")?,
+            },
+            OpKind::Patch => Action::Patch {
+                new_image_ref: image("new_image_ref")?,
+            },
+            OpKind::Stop => Action::Stop {
+                reason: match self.reason.as_deref() {
+                    None => StopReason::default(),
+                    Some(raw) => StopReason::parse(raw).ok_or_else(|| {
+                        invalid(format!(
+                            "reason {raw:?} is unsupported (expected admin_request, lobby_request, game_finished or idle)"
+                        ))
+                    })?,
+                },
+            },
+            OpKind::Restart => Action::Restart,
+            OpKind::Remove => Action::Remove,
+        };
+
+        Ok(Command {
+            command_id: self.command_id.clone(),
+            game_id,
+            op_source,
+            correlation_id: self.correlation_id(),
+            action,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(op: OpKind) -> CommandRequest {
+        CommandRequest {
+            command_id: "c-1".into(),
+            op,
+            game_id: Some("g-1".into()),
+            image_ref: Some("galaxy/engine:1.4.2".into()),
+            op_source: Some("lobby".into()),
+            source_ref: None,
+            reason: None,
+            requested_at: None,
+            reply_to: None,
+        }
+    }
+
+    #[test]
+    fn validates_a_good_patch() {
+        let cmd = request(OpKind::Patch).validate(&AllowedImages::any()).unwrap();
+        assert_eq!(cmd.game_id.as_str(), "g-1");
+        assert_eq!(cmd.correlation_id, "c-1");
+        assert!(matches!(cmd.action, Action::Patch { .. }));
+    }
+
+    #[test]
+    fn correlation_prefers_source_ref() {
+        let mut r = request(OpKind::Restart);
+        r.source_ref = Some("lobby-req-77".into());
+        assert_eq!(r.correlation_id(), "lobby-req-77");
+        r.source_ref = Some(String::new());
+        assert_eq!(r.correlation_id(), "c-1");
+    }
+
+    #[test]
+    fn validation_failures_have_the_right_code() {
+        type Edit = fn(&mut CommandRequest);
+        let cases: [(OpKind, Edit, ErrorCode); 9] = [
+            (OpKind::Start, |r| r.game_id = None, ErrorCode::InvalidRequest),
+            (OpKind::Start, |r| r.game_id = Some("../x".into()), ErrorCode::InvalidRequest),
+            (OpKind::Start, |r| r.image_ref = None, ErrorCode::InvalidRequest),
+            (OpKind::Patch, |r| r.image_ref = Some(String::new()), ErrorCode::InvalidRequest),
+            (OpKind::Patch, |r| r.image_ref = Some("Bad Ref".into()), ErrorCode::InvalidRequest),
+            (OpKind::Start, |r| r.op_source = Some("hacker".into()), ErrorCode::InvalidRequest),
+            (OpKind::Stop, |r| r.op_source = None, ErrorCode::InvalidRequest),
+            (OpKind::Stop, |r| r.reason = Some("bored".into()), ErrorCode::InvalidRequest),
+            (OpKind::Start, |r| r.image_ref = Some("evil/engine:1.0.0".into()), ErrorCode::ImageNotAllowed),
+        ];
+        let allowed = AllowedImages::parse("galaxy");
+        for (op, edit, code) in cases {
+            let mut r = request(op);
+            edit(&mut r);
+            let failure = r.validate(&allowed).unwrap_err();
+            assert_eq!(failure.code, code, "{r:?}: {}", failure.message);
+        }
+    }
+
+    #[test]
+    fn stop_reason_defaults_to_lobby_request() {
+        let cmd = request(OpKind::Stop).validate(&AllowedImages::any()).unwrap();
+        assert_eq!(cmd.action, Action::Stop { reason: StopReason::LobbyRequest });
+    }
+}

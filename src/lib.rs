@@ -1,0 +1,32 @@
+//! rtmanager — the Runtime Manager of the game platform.
+//!
+//! Every game runs its engine in one Docker container whose state lives in a
+//! bind-mounted host directory. The lobby publishes lifecycle commands; this
+//! crate runs them under a per-game lease, records every operation, and
+//! publishes an outcome event for each.
+//!
+//! # Map
+//!
+//! - [`domain`]: the vocabulary — `GameId`, `ImageRef` and its semver rules,
+//!   runtime records, operation entries, commands, outcome events. No I/O.
+//! - [`error`]: `ErrorCode`, the one list of stable wire codes.
+//! - [`ports`]: the traits the domain owns — `RuntimeStore` (PostgreSQL),
+//!   `LeaseStore` (Redis), `ContainerEngine` (Docker).
+//! - [`lifecycle`]: one service per op (start, stop, restart, patch, remove),
+//!   generic over the ports; callable without a broker.
+//! - [`outbound`]: the adapters — `postgres`, `redis_lease`, `docker`.
+//! - [`config`]: the typed settings, loaded once from the environment.
+//!
+//! # The path of one command
+//!
+//! decode (wire → `CommandRequest`) → inbox claim → validate (→ `Command`) →
+//! lease + fence → run the op (Docker steps, each checked against what Docker
+//! reports; every step's entry + outbox event in one fenced transaction) →
+//! outer entry (marks the inbox) → release the lease → publish → ack.
+
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod lifecycle;
+pub mod outbound;
+pub mod ports;

@@ -1,0 +1,207 @@
+//! The Docker steps the ops are made of. Each checks the lease first, is
+//! repeatable, and is judged by what Docker reports afterwards, so an
+//! interrupted operation can be resumed from any of them.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::warn;
+
+use super::{Halt, Lifecycle, Op};
+use crate::domain::{ContainerId, ImageRef};
+use crate::error::{ErrorCode, Failure};
+use crate::ports::{ContainerEngine, ContainerInfo, EngineError, Health, LeaseStore, RuntimeStore};
+
+/// How many log lines a start failure carries in its message.
+const LOG_TAIL_LINES: usize = 20;
+/// How often start-up is polled.
+const UP_POLL: Duration = Duration::from_millis(100);
+
+fn unavailable(what: &str, e: &str) -> Failure {
+    Failure::new(ErrorCode::ServiceUnavailable, format!("docker {what}: {e}"))
+}
+
+impl<S, L, E> Lifecycle<S, L, E>
+where
+    S: RuntimeStore,
+    L: LeaseStore,
+    E: ContainerEngine,
+{
+    /// An engine call, retried while Docker is unreachable (for
+    /// `RTM_RETRY_FOR`); a refusal is returned at once.
+    async fn docker<T, F, Fut>(&self, call: F) -> Result<T, EngineError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, EngineError>>,
+    {
+        self.retrying(call, |e| matches!(e, EngineError::Unavailable(_)))
+            .await
+    }
+
+    /// The image is present, pulling it if missing (`image_pull_failed`).
+    pub(super) async fn ensure_image(&self, op: &Op<'_, L>, image: &ImageRef) -> Result<(), Halt> {
+        op.check_lease()?;
+        let present = self
+            .docker(|| self.engine.image_present(image))
+            .await
+            .map_err(|e| unavailable("image inspect", &e.to_string()))?;
+        if present {
+            return Ok(());
+        }
+        op.check_lease()?;
+        self.docker(|| self.engine.pull(image))
+            .await
+            .map_err(|e| match e {
+                EngineError::Rejected(msg) => Failure::new(
+                    ErrorCode::ImagePullFailed,
+                    format!("image {image} is missing and could not be pulled: {msg}"),
+                ),
+                EngineError::Unavailable(msg) => unavailable("pull", &msg),
+            })?;
+        Ok(())
+    }
+
+    /// What Docker reports about the game's container.
+    pub(super) async fn inspect(&self, op: &Op<'_, L>) -> Result<Option<ContainerInfo>, Halt> {
+        Ok(self
+            .docker(|| self.engine.inspect(op.game()))
+            .await
+            .map_err(|e| unavailable("inspect", &e.to_string()))?)
+    }
+
+    /// Stops a container (SIGTERM, SIGKILL after the grace period) and
+    /// checks that Docker reports it stopped (`container_stop_failed`).
+    pub(super) async fn halt(&self, op: &Op<'_, L>, id: &ContainerId) -> Result<(), Halt> {
+        op.check_lease()?;
+        let grace = self.cfg.stop_timeout;
+        self.docker(|| self.engine.stop(id, grace))
+            .await
+            .map_err(|e| match e {
+                EngineError::Rejected(msg) => Failure::new(
+                    ErrorCode::ContainerStopFailed,
+                    format!("docker could not stop container {id}: {msg}"),
+                ),
+                EngineError::Unavailable(msg) => unavailable("stop", &msg),
+            })?;
+        match self.inspect(op).await? {
+            Some(info) if info.running && info.id == *id => Err(Failure::new(
+                ErrorCode::ContainerStopFailed,
+                format!("container {id} is still running after stop"),
+            )
+            .into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes a container; the state directory is kept
+    /// (`service_unavailable` on a Docker error, as the original).
+    pub(super) async fn discard(&self, op: &Op<'_, L>, id: &ContainerId) -> Result<(), Halt> {
+        op.check_lease()?;
+        self.docker(|| self.engine.remove(id))
+            .await
+            .map_err(|e| unavailable("remove", &e.to_string()))?;
+        Ok(())
+    }
+
+    /// Replaces any leftover container of the game: stop, then remove.
+    pub(super) async fn clear_leftover(&self, op: &Op<'_, L>) -> Result<(), Halt> {
+        if let Some(leftover) = self.inspect(op).await? {
+            if leftover.running {
+                self.halt(op, &leftover.id).await?;
+            }
+            self.discard(op, &leftover.id).await?;
+        }
+        Ok(())
+    }
+
+    /// Creates and starts the game's container and waits until it is up
+    /// (SPEC §4). On failure the container's exit code and log tail go in
+    /// the `container_start_failed` message and the container is removed.
+    pub(super) async fn launch(
+        &self,
+        op: &Op<'_, L>,
+        image: &ImageRef,
+    ) -> Result<ContainerInfo, Halt> {
+        op.check_lease()?;
+        let id = self
+            .docker(|| self.engine.create(op.game(), image))
+            .await
+            .map_err(|e| match e {
+                EngineError::Rejected(msg) => Failure::new(
+                    ErrorCode::ContainerStartFailed,
+                    format!("create container from {image}: {msg}"),
+                ),
+                EngineError::Unavailable(msg) => unavailable("create", &msg),
+            })?;
+        op.check_lease()?;
+        let started = self.docker(|| self.engine.start(&id)).await;
+        let up = match started {
+            Ok(()) => self.wait_up(op, &id).await,
+            Err(EngineError::Rejected(msg)) => Err(Halt::Fail(Failure::new(
+                ErrorCode::ContainerStartFailed,
+                format!("start container: {msg}"),
+            ))),
+            Err(EngineError::Unavailable(msg)) => Err(unavailable("start", &msg).into()),
+        };
+        match up {
+            Err(Halt::Fail(failure)) if failure.code == ErrorCode::ContainerStartFailed => {
+                let message = self.diagnose(&id, &failure.message).await;
+                if let Err(e) = self.engine.remove(&id).await {
+                    warn!(container_id = %id, error = %e, "could not remove the failed container");
+                }
+                Err(Failure::new(ErrorCode::ContainerStartFailed, message).into())
+            }
+            other => other,
+        }
+    }
+
+    /// Up means up: healthy within `RTM_HEALTH_TIMEOUT` when the image has a
+    /// HEALTHCHECK, else still running after `RTM_START_SETTLE`.
+    async fn wait_up(&self, op: &Op<'_, L>, id: &ContainerId) -> Result<ContainerInfo, Halt> {
+        let since = Instant::now();
+        let failed = |why: String| Halt::Fail(Failure::new(ErrorCode::ContainerStartFailed, why));
+        loop {
+            op.check_lease()?;
+            let info = match self.inspect(op).await? {
+                Some(info) if info.id == *id => info,
+                _ => return Err(failed(format!("container {id} disappeared during start-up"))),
+            };
+            if !info.running {
+                return Err(failed(match info.exit_code {
+                    Some(code) => format!("container exited with code {code} during start-up"),
+                    None => "container is not running after start".to_owned(),
+                }));
+            }
+            let waited = since.elapsed();
+            match info.health {
+                Some(Health::Healthy) => return Ok(info),
+                Some(Health::Unhealthy) => {
+                    return Err(failed("container reported unhealthy".to_owned()));
+                }
+                Some(Health::Starting) if waited >= self.cfg.health_timeout => {
+                    return Err(failed(format!(
+                        "container did not become healthy within {:?}",
+                        self.cfg.health_timeout
+                    )));
+                }
+                None if waited >= self.cfg.start_settle => return Ok(info),
+                Some(Health::Starting) | None => tokio::time::sleep(UP_POLL).await,
+            }
+        }
+    }
+
+    /// The failure message with the exit code (when it exited) and the tail
+    /// of the container's log.
+    async fn diagnose(&self, id: &ContainerId, why: &str) -> String {
+        let mut message = why.to_owned();
+        match self.engine.logs_tail(id, LOG_TAIL_LINES).await {
+            Ok(tail) if !tail.trim().is_empty() => {
+                message.push_str("; log tail:\n");
+                message.push_str(tail.trim_end());
+            }
+            Ok(_) => message.push_str("; the container logged nothing"),
+            Err(e) => message.push_str(&format!("; log tail unavailable: {e}")),
+        }
+        message
+    }
+}

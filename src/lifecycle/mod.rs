@@ -1,0 +1,453 @@
+//! The lifecycle services: one per op (`start`, `stop`, `restart`, `patch`,
+//! `remove`), generic over the ports so they run without a broker and
+//! against fakes as well as the real adapters.
+//!
+//! [`Lifecycle::handle`] is the outer handle every command goes through:
+//!
+//! 1. claim the command_id in the inbox (a finished duplicate gets its stored
+//!    outcome back, without Docker work);
+//! 2. validate (`invalid_request`, `image_not_allowed`), before the lease;
+//! 3. take the per-game lease (renewed while the op runs) and the game's
+//!    next fence;
+//! 4. dispatch to the op, which runs its Docker steps and writes an
+//!    operation-log entry (with its outbox event, in one fenced transaction)
+//!    per step: inner `stop`/`start` entries, then the outer entry, which
+//!    also marks the command finished in the inbox;
+//! 5. release the lease with its own timeout, whatever happened.
+//!
+//! A business failure is an outcome like any other (recorded, published).
+//! Only [`Interrupted`] escapes: the outcome could not be recorded, or the
+//! lease was lost, so the command must be left for redelivery.
+
+mod container;
+mod lease;
+mod patch;
+mod remove;
+mod restart;
+mod start;
+mod stop;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use chrono::{DateTime, Utc};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+pub use crate::config::LifecycleConfig;
+use crate::domain::{
+    Action, Command, CommandRequest, EntryResult, GameId, OpKind, OperationEntry, OutcomeEvent,
+    RecordUpdate, RuntimeRecord,
+};
+use crate::error::{ErrorCode, Failure};
+use crate::ports::{
+    Acquired, ContainerEngine, Fence, InboxClaim, LeaseHolder, LeaseStore, OperationWrite,
+    Recorded, RuntimeStore, StoreError,
+};
+use lease::LeaseGuard;
+
+/// The result of a handled command: its outer outcome event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handled {
+    pub event: OutcomeEvent,
+    /// A finished duplicate: the stored outcome, republished as is.
+    pub duplicate: bool,
+}
+
+/// Why a command was left unfinished; the caller must not acknowledge it,
+/// so it is delivered again and resumes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Interrupted {
+    #[error("the outcome could not be recorded: {0}")]
+    Unrecorded(StoreError),
+    #[error("the lease of game {0} was lost; stopping before the next Docker step")]
+    LeaseLost(String),
+    #[error("a newer operation took the fence of game {0}")]
+    FenceLost(String),
+    #[error("an earlier attempt of this command still holds the lease of game {0}")]
+    StillRunning(String),
+}
+
+impl From<StoreError> for Interrupted {
+    fn from(e: StoreError) -> Self {
+        Interrupted::Unrecorded(e)
+    }
+}
+
+/// How an op's step ended early: a business failure to record, or an
+/// interruption to hand back.
+#[derive(Debug)]
+enum Halt {
+    Fail(Failure),
+    Interrupt(Interrupted),
+}
+
+impl From<Interrupted> for Halt {
+    fn from(i: Interrupted) -> Self {
+        Halt::Interrupt(i)
+    }
+}
+
+impl From<Failure> for Halt {
+    fn from(f: Failure) -> Self {
+        Halt::Fail(f)
+    }
+}
+
+/// The lifecycle services over a store, a lease store and a container
+/// engine. Cheap to clone: the adapters are handles.
+#[derive(Clone)]
+pub struct Lifecycle<S, L, E> {
+    store: S,
+    leases: L,
+    engine: E,
+    cfg: Arc<LifecycleConfig>,
+}
+
+/// One operation running under its lease.
+struct Op<'a, L: LeaseStore> {
+    cmd: &'a Command,
+    fence: Fence,
+    lease: &'a LeaseGuard<L>,
+    started_at: DateTime<Utc>,
+}
+
+impl<L: LeaseStore> Op<'_, L> {
+    fn game(&self) -> &GameId {
+        &self.cmd.game_id
+    }
+
+    /// A new entry of this operation's command for `op`, a step of `outer`
+    /// (`None` for the outer entry itself).
+    fn entry(&self, op: OpKind, outer: Option<OpKind>) -> OperationEntry {
+        let now = Utc::now();
+        OperationEntry {
+            game_id: self.cmd.game_id.to_string(),
+            op,
+            outer_op: outer,
+            op_source: self.cmd.op_source.to_string(),
+            reason: None,
+            correlation_id: self.cmd.correlation_id.clone(),
+            command_id: self.cmd.command_id.clone(),
+            image_ref: None,
+            previous_image_ref: None,
+            container_id: None,
+            address: None,
+            result: EntryResult::SUCCESS,
+            rolled_back: false,
+            started_at: if outer.is_none() { self.started_at } else { now },
+            finished_at: now,
+        }
+    }
+
+    /// The outer entry of this command's op.
+    fn outer_entry(&self) -> OperationEntry {
+        self.entry(self.cmd.action.op(), None)
+    }
+
+    /// Stops before the next Docker step if the lease is gone.
+    fn check_lease(&self) -> Result<(), Interrupted> {
+        self.lease.check()
+    }
+}
+
+impl<S, L, E> Lifecycle<S, L, E>
+where
+    S: RuntimeStore,
+    L: LeaseStore,
+    E: ContainerEngine,
+{
+    pub fn new(store: S, leases: L, engine: E, cfg: LifecycleConfig) -> Self {
+        Self {
+            store,
+            leases,
+            engine,
+            cfg: Arc::new(cfg),
+        }
+    }
+
+    pub fn config(&self) -> &LifecycleConfig {
+        &self.cfg
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn engine(&self) -> &E {
+        &self.engine
+    }
+
+    /// Runs one decoded command to its recorded outcome.
+    #[tracing::instrument(
+        name = "command",
+        skip_all,
+        fields(command_id = %request.command_id, op = %request.op, game_id = request.game_id.as_deref().unwrap_or(""))
+    )]
+    pub async fn handle(&self, request: CommandRequest) -> Result<Handled, Interrupted> {
+        let received_at = Utc::now();
+        if let InboxClaim::Finished(event) = self.store_retrying(|| self.store.claim(&request)).await? {
+            info!(outcome = %event.outcome, "duplicate of a finished command: republishing its outcome");
+            return Ok(Handled {
+                event,
+                duplicate: true,
+            });
+        }
+
+        let command = match request.validate(&self.cfg.allowed_images) {
+            Ok(command) => command,
+            Err(failure) => return self.reject(&request, received_at, failure).await,
+        };
+
+        let holder = LeaseHolder::new(&command.command_id);
+        let lease = match self.acquire_lease(&command, &holder).await {
+            Ok(lease) => lease,
+            Err(Halt::Fail(failure)) => return self.reject(&request, received_at, failure).await,
+            Err(Halt::Interrupt(i)) => return Err(i),
+        };
+
+        let outcome = self.run_leased(&request, &command, &lease).await;
+        lease.release().await;
+        outcome
+    }
+
+    async fn run_leased(
+        &self,
+        request: &CommandRequest,
+        command: &Command,
+        lease: &LeaseGuard<L>,
+    ) -> Result<Handled, Interrupted> {
+        // An earlier attempt may have finished while we waited for its lease.
+        if let InboxClaim::Finished(event) =
+            self.store_retrying(|| self.store.claim(request)).await?
+        {
+            return Ok(Handled {
+                event,
+                duplicate: true,
+            });
+        }
+        let fence = self
+            .store_retrying(|| self.store.advance_fence(&command.game_id))
+            .await?;
+        let op = Op {
+            cmd: command,
+            fence,
+            lease,
+            started_at: Utc::now(),
+        };
+        let recorded = match &command.action {
+            Action::Start { image_ref } => self.start(&op, image_ref).await?,
+            Action::Stop { reason } => self.stop(&op, *reason).await?,
+            Action::Restart => self.restart(&op).await?,
+            Action::Patch { new_image_ref } => self.patch(&op, new_image_ref).await?,
+            Action::Remove => self.remove(&op).await?,
+        };
+        let event = recorded.event;
+        match event.error_code {
+            None => info!(noop = event.noop, "operation succeeded"),
+            Some(code) => warn!(
+                error_code = %code,
+                error_message = event.error_message.as_deref().unwrap_or(""),
+                rolled_back = event.rolled_back,
+                "operation failed"
+            ),
+        }
+        Ok(Handled {
+            event,
+            duplicate: false,
+        })
+    }
+
+    /// Takes the game's lease. Held by another command: `conflict`. Held by
+    /// an earlier attempt of this same command (its worker died): waited out.
+    async fn acquire_lease(
+        &self,
+        command: &Command,
+        holder: &LeaseHolder,
+    ) -> Result<LeaseGuard<L>, Halt> {
+        let ttl = self.cfg.lease_ttl;
+        // A dead attempt's lease expires within one TTL; a live one keeps
+        // renewing, and then this delivery is a duplicate still running.
+        let give_up = tokio::time::Instant::now() + ttl * 2;
+        loop {
+            let acquired = self
+                .retrying(|| self.leases.acquire(&command.game_id, holder, ttl), |_| true)
+                .await
+                .map_err(|e| {
+                    Failure::new(
+                        ErrorCode::ServiceUnavailable,
+                        format!("acquire game lease: {}", e.0),
+                    )
+                })?;
+            match acquired {
+                Acquired::Yes => {
+                    return Ok(LeaseGuard::hold(
+                        self.leases.clone(),
+                        command.game_id.clone(),
+                        holder.clone(),
+                        ttl,
+                    ));
+                }
+                Acquired::HeldBy(value) if LeaseHolder::command_of(&value) == command.command_id => {
+                    if tokio::time::Instant::now() >= give_up {
+                        return Err(Interrupted::StillRunning(command.game_id.to_string()).into());
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Acquired::HeldBy(_) => {
+                    return Err(Failure::new(
+                        ErrorCode::Conflict,
+                        "another lifecycle operation is in progress for this game",
+                    )
+                    .into());
+                }
+            }
+        }
+    }
+
+    /// Records a failure decided before the lease (validation, lease): an
+    /// outer entry echoing the request as sent; no record is touched.
+    async fn reject(
+        &self,
+        request: &CommandRequest,
+        received_at: DateTime<Utc>,
+        failure: Failure,
+    ) -> Result<Handled, Interrupted> {
+        warn!(error_code = %failure.code, error_message = %failure.message, "command rejected");
+        let now = Utc::now();
+        let entry = OperationEntry {
+            game_id: request.game_id.clone().unwrap_or_default(),
+            op: request.op,
+            outer_op: None,
+            op_source: request.op_source.clone().unwrap_or_default(),
+            reason: request.reason.clone(),
+            correlation_id: request.correlation_id(),
+            command_id: request.command_id.clone(),
+            image_ref: request.image_ref.clone(),
+            previous_image_ref: None,
+            container_id: None,
+            address: None,
+            result: EntryResult::Failure(failure),
+            rolled_back: false,
+            started_at: received_at,
+            finished_at: now,
+        };
+        let recorded = self
+            .append(OperationWrite {
+                entry,
+                fence: None,
+                record: None,
+            })
+            .await?;
+        Ok(Handled {
+            event: recorded.event,
+            duplicate: false,
+        })
+    }
+
+    /// Writes an entry of `op` (with its event and record update) under the
+    /// op's fence.
+    async fn write(
+        &self,
+        op: &Op<'_, L>,
+        mut entry: OperationEntry,
+        record: Option<RecordUpdate>,
+    ) -> Result<Recorded, Interrupted> {
+        entry.finished_at = Utc::now();
+        self.append(OperationWrite {
+            entry,
+            fence: Some(op.fence),
+            record,
+        })
+        .await
+        .map_err(|e| match e {
+            Interrupted::Unrecorded(StoreError::FenceLost(_)) => {
+                Interrupted::FenceLost(op.game().to_string())
+            }
+            other => other,
+        })
+    }
+
+    /// Writes the outer entry as a failure.
+    async fn fail_outer(
+        &self,
+        op: &Op<'_, L>,
+        mut entry: OperationEntry,
+        failure: Failure,
+        record: Option<RecordUpdate>,
+    ) -> Result<Recorded, Interrupted> {
+        entry.result = EntryResult::Failure(failure);
+        self.write(op, entry, record).await
+    }
+
+    async fn append(&self, write: OperationWrite) -> Result<Recorded, Interrupted> {
+        // The event id is fixed before the first attempt, so a retried write
+        // that did commit cannot produce a second id for the same entry.
+        let event_id = Uuid::now_v7();
+        Ok(self
+            .store_retrying(|| self.store.append(write.clone(), event_id))
+            .await?)
+    }
+
+    /// Loads the game's record, if any: database down →
+    /// `service_unavailable` (beyond the original, which said `internal`),
+    /// a corrupt row → `internal`.
+    async fn load_record(&self, op: &Op<'_, L>) -> Result<Option<RuntimeRecord>, Failure> {
+        self.store_retrying(|| self.store.load(op.game()))
+            .await
+            .map_err(|e| match e {
+                StoreError::Corrupt(msg) => Failure::new(ErrorCode::Internal, msg),
+                other => Failure::new(
+                    ErrorCode::ServiceUnavailable,
+                    format!("load runtime record: {other}"),
+                ),
+            })
+    }
+
+    /// The game's record, which must exist (`not_found`).
+    async fn load_existing(&self, op: &Op<'_, L>) -> Result<RuntimeRecord, Failure> {
+        self.load_record(op).await?.ok_or_else(|| {
+            Failure::new(
+                ErrorCode::NotFound,
+                format!("runtime record for game {:?} does not exist", op.game().as_str()),
+            )
+        })
+    }
+
+    /// Retries a store call while the database is unavailable, for
+    /// `RTM_RETRY_FOR`.
+    async fn store_retrying<T, F, Fut>(&self, call: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        self.retrying(call, |e| matches!(e, StoreError::Unavailable(_)))
+            .await
+    }
+
+    /// Retries `call` with exponential backoff while `transient(error)`, for
+    /// at most `RTM_RETRY_FOR` in total.
+    async fn retrying<T, Err, F, Fut>(
+        &self,
+        call: F,
+        transient: impl FnMut(&Err) -> bool,
+    ) -> Result<T, Err>
+    where
+        Err: std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Err>>,
+    {
+        let backoff = ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(2))
+            .with_jitter()
+            .without_max_times()
+            .with_total_delay(Some(self.cfg.retry_for));
+        call.retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(transient)
+            .notify(|e, delay| warn!(error = %e, retry_in = ?delay, "dependency call failed; retrying"))
+            .await
+    }
+}

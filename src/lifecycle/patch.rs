@@ -1,0 +1,158 @@
+//! `patch`: restart with a new image that keeps semver major.minor (SPEC §3,
+//! after the original `patchruntime.go`).
+//!
+//! Every check that can reject a patch — the record, both semver tags, the
+//! patch series, and (beyond the original) the pull of the new image — runs
+//! before the first Docker step that touches the game, so a rejected patch
+//! never disturbs a running game. The game's downtime is then the stop,
+//! remove, create and start, never a download. When the new container does
+//! not come up (beyond the original) the previous image is started again on
+//! the same state directory.
+
+use super::start::StartPlan;
+use super::{Halt, Interrupted, Lifecycle, Op};
+use crate::domain::image_ref::same_patch_series;
+use crate::domain::{ImageRef, OpKind, RecordUpdate, RuntimeRecord, RuntimeState};
+use crate::error::{ErrorCode, Failure};
+use crate::ports::{ContainerEngine, LeaseStore, Recorded, RuntimeStore};
+
+impl<S, L, E> Lifecycle<S, L, E>
+where
+    S: RuntimeStore,
+    L: LeaseStore,
+    E: ContainerEngine,
+{
+    pub(super) async fn patch(
+        &self,
+        op: &Op<'_, L>,
+        new_image: &ImageRef,
+    ) -> Result<Recorded, Interrupted> {
+        let mut entry = op.outer_entry();
+        entry.image_ref = Some(new_image.to_string());
+
+        let record = match self.patchable_record(op, new_image).await {
+            Ok(record) => record,
+            Err(failure) => return self.fail_outer(op, entry, failure, None).await,
+        };
+        let previous = &record.image_ref;
+        entry.previous_image_ref = Some(previous.to_string());
+        entry.container_id = record.state.container_id().map(ToString::to_string);
+
+        // Beyond the original: pull first, so a pull failure leaves the
+        // running game untouched.
+        let swapped = async {
+            self.ensure_image(op, new_image).await?;
+            self.stop_and_remove(op, OpKind::Patch, &record).await
+        }
+        .await;
+        match swapped {
+            Ok(()) => {}
+            Err(Halt::Fail(failure)) => return self.fail_outer(op, entry, failure, None).await,
+            Err(Halt::Interrupt(i)) => return Err(i),
+        }
+
+        let stopped_on_previous = RecordUpdate {
+            game_id: op.game().clone(),
+            image_ref: previous.clone(),
+            state: RuntimeState::Stopped { container_id: None },
+            state_dir: record.state_dir.clone(),
+        };
+        let start = self
+            .run_start(
+                op,
+                StartPlan {
+                    image: new_image,
+                    outer: Some(OpKind::Patch),
+                    previous_image: Some(previous),
+                    rolled_back: false,
+                    on_failure: Some(stopped_on_previous.clone()),
+                },
+            )
+            .await?;
+        let start_failure = match start.result {
+            Ok(info) => {
+                entry.container_id = Some(info.id.to_string());
+                entry.address = info.address;
+                return self.write(op, entry, None).await;
+            }
+            Err(f) => f,
+        };
+        entry.container_id = None;
+        let failed = format!("inner start failed: {}", start_failure.message);
+
+        let rollback_applies = start_failure.code == ErrorCode::ContainerStartFailed;
+        if !rollback_applies || !self.cfg.rollback {
+            let why = if rollback_applies {
+                "rollback is disabled (RTM_ROLLBACK=false)"
+            } else {
+                "no rollback for this failure"
+            };
+            let failure = Failure::new(
+                start_failure.code,
+                format!("{failed}; {why}; the game is stopped on {previous}"),
+            );
+            return self.fail_outer(op, entry, failure, None).await;
+        }
+
+        // Beyond the original: restore the previous image on the same state.
+        let rollback = self
+            .run_start(
+                op,
+                StartPlan {
+                    image: previous,
+                    outer: Some(OpKind::Patch),
+                    previous_image: Some(new_image),
+                    rolled_back: true,
+                    on_failure: Some(stopped_on_previous),
+                },
+            )
+            .await?;
+        let failure = match rollback.result {
+            Ok(info) => {
+                entry.rolled_back = true;
+                entry.container_id = Some(info.id.to_string());
+                entry.address = info.address;
+                Failure::new(
+                    start_failure.code,
+                    format!("{failed}; rolled back to {previous}"),
+                )
+            }
+            Err(rollback_failure) => Failure::new(
+                start_failure.code,
+                format!(
+                    "{failed}; rollback to {previous} failed too: {}; the game is stopped",
+                    rollback_failure.message
+                ),
+            ),
+        };
+        self.fail_outer(op, entry, failure, None).await
+    }
+
+    /// The record checks and semver pre-checks of SPEC §3 steps 3-4.
+    async fn patchable_record(
+        &self,
+        op: &Op<'_, L>,
+        new_image: &ImageRef,
+    ) -> Result<RuntimeRecord, Failure> {
+        let record = self.load_existing(op).await?;
+        if matches!(record.state, RuntimeState::Removed) {
+            return Err(Failure::new(
+                ErrorCode::Conflict,
+                format!("runtime for game {} is removed; cannot patch", op.game()),
+            ));
+        }
+        let current = record.image_ref.semver().map_err(|e| {
+            Failure::new(ErrorCode::ImageRefNotSemver, format!("current image_ref: {e}"))
+        })?;
+        let new = new_image.semver().map_err(|e| {
+            Failure::new(ErrorCode::ImageRefNotSemver, format!("new image_ref: {e}"))
+        })?;
+        if !same_patch_series(&current, &new) {
+            return Err(Failure::new(
+                ErrorCode::SemverPatchOnly,
+                format!("patch must keep major.minor; current={current} new={new}"),
+            ));
+        }
+        Ok(record)
+    }
+}

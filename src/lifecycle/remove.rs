@@ -1,0 +1,58 @@
+//! `remove`: stop if running, remove the container, record `removed`. The
+//! state directory is kept, so a later start is a new life on the old data.
+
+use super::{Halt, Interrupted, Lifecycle, Op};
+use crate::domain::{EntryResult, OpKind, RecordUpdate, RuntimeState, StopReason};
+use crate::error::Failure;
+use crate::ports::{ContainerEngine, LeaseStore, Recorded, RuntimeStore};
+
+impl<S, L, E> Lifecycle<S, L, E>
+where
+    S: RuntimeStore,
+    L: LeaseStore,
+    E: ContainerEngine,
+{
+    pub(super) async fn remove(&self, op: &Op<'_, L>) -> Result<Recorded, Interrupted> {
+        let mut entry = op.outer_entry();
+        let record = match self.load_existing(op).await {
+            Ok(record) => record,
+            Err(failure) => return self.fail_outer(op, entry, failure, None).await,
+        };
+        entry.image_ref = Some(record.image_ref.to_string());
+
+        let removed: Result<bool, Halt> = async {
+            let container = self.inspect(op).await?;
+            // A no-op is decided from what Docker reports, not the record alone.
+            if matches!(record.state, RuntimeState::Removed) && container.is_none() {
+                return Ok(true);
+            }
+            let stop = self
+                .run_stop(op, StopReason::AdminRequest, Some(OpKind::Remove), &record)
+                .await?;
+            if let Err(f) = stop.result {
+                return Err(Failure::new(f.code, format!("inner stop failed: {}", f.message)).into());
+            }
+            if let Some(info) = self.inspect(op).await? {
+                entry.container_id = Some(info.id.to_string());
+                self.discard(op, &info.id).await?;
+            }
+            Ok(false)
+        }
+        .await;
+
+        match removed {
+            Ok(noop) => {
+                entry.result = EntryResult::Success { noop };
+                let update = RecordUpdate {
+                    game_id: op.game().clone(),
+                    image_ref: record.image_ref.clone(),
+                    state: RuntimeState::Removed,
+                    state_dir: record.state_dir.clone(),
+                };
+                self.write(op, entry, (!noop).then_some(update)).await
+            }
+            Err(Halt::Fail(failure)) => self.fail_outer(op, entry, failure, None).await,
+            Err(Halt::Interrupt(i)) => Err(i),
+        }
+    }
+}

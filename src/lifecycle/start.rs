@@ -1,0 +1,194 @@
+//! `start`: the outer handle's state rules (SPEC §2) and the inner run that
+//! restart, patch and a rollback reuse under their own lease.
+
+use super::{Halt, Interrupted, Lifecycle, Op};
+use crate::domain::{
+    EntryResult, ImageRef, OpKind, RecordUpdate, RuntimeRecord, RuntimeState,
+};
+use crate::error::{ErrorCode, Failure};
+use crate::ports::{ContainerEngine, ContainerInfo, LeaseStore, Recorded, RuntimeStore};
+
+/// What an inner start is asked to do.
+pub(super) struct StartPlan<'a> {
+    pub image: &'a ImageRef,
+    /// The op this start is a step of; `None` for a plain start.
+    pub outer: Option<OpKind>,
+    pub previous_image: Option<&'a ImageRef>,
+    /// This start restores the previous image after a failed patch.
+    pub rolled_back: bool,
+    /// The record as a failed start leaves it; `None` leaves no record (a
+    /// first start that failed: nothing runs, nothing to track).
+    pub on_failure: Option<RecordUpdate>,
+}
+
+/// An inner start's entry and how it ended.
+pub(super) struct StartRun {
+    pub recorded: Recorded,
+    pub result: Result<ContainerInfo, Failure>,
+}
+
+impl<S, L, E> Lifecycle<S, L, E>
+where
+    S: RuntimeStore,
+    L: LeaseStore,
+    E: ContainerEngine,
+{
+    pub(super) async fn start(
+        &self,
+        op: &Op<'_, L>,
+        image: &ImageRef,
+    ) -> Result<Recorded, Interrupted> {
+        let mut entry = op.outer_entry();
+        entry.image_ref = Some(image.to_string());
+
+        let record = match self.load_record(op).await {
+            Ok(record) => record,
+            Err(failure) => return self.fail_outer(op, entry, failure, None).await,
+        };
+
+        if let Some(record) = &record {
+            entry.previous_image_ref = Some(record.image_ref.to_string());
+            match self.start_rule(op, record, image).await {
+                Ok(StartRule::Go) => {}
+                Ok(StartRule::Noop(info)) => {
+                    entry.result = EntryResult::NOOP;
+                    entry.previous_image_ref = None;
+                    entry.container_id = Some(info.id.to_string());
+                    entry.address = info.address.clone();
+                    let update = RecordUpdate {
+                        game_id: op.game().clone(),
+                        image_ref: image.clone(),
+                        state: RuntimeState::Running {
+                            container_id: info.id,
+                            address: info.address,
+                        },
+                        state_dir: record.state_dir.clone(),
+                    };
+                    return self.write(op, entry, Some(update)).await;
+                }
+                Err(Halt::Fail(failure)) => return self.fail_outer(op, entry, failure, None).await,
+                Err(Halt::Interrupt(i)) => return Err(i),
+            }
+        }
+
+        let on_failure = record.as_ref().map(|r| RecordUpdate {
+            game_id: op.game().clone(),
+            image_ref: r.image_ref.clone(),
+            state: match r.state {
+                RuntimeState::Removed => RuntimeState::Removed,
+                _ => RuntimeState::Stopped { container_id: None },
+            },
+            state_dir: r.state_dir.clone(),
+        });
+        let run = self
+            .run_start(
+                op,
+                StartPlan {
+                    image,
+                    outer: None,
+                    previous_image: record.as_ref().map(|r| &r.image_ref),
+                    rolled_back: false,
+                    on_failure,
+                },
+            )
+            .await?;
+        Ok(run.recorded)
+    }
+
+    /// SPEC §2 for a start on a known game, decided from what Docker reports.
+    async fn start_rule(
+        &self,
+        op: &Op<'_, L>,
+        record: &RuntimeRecord,
+        image: &ImageRef,
+    ) -> Result<StartRule, Halt> {
+        let current = &record.image_ref;
+        let same_image = current.as_str() == image.as_str();
+        match &record.state {
+            RuntimeState::Removed => Ok(StartRule::Go),
+            RuntimeState::Stopped { .. } if same_image => Ok(StartRule::Go),
+            RuntimeState::Stopped { .. } => Err(Failure::new(
+                ErrorCode::Conflict,
+                format!(
+                    "game {} is stopped with image {current}; start it with that image, or patch it to {image}",
+                    op.game()
+                ),
+            )
+            .into()),
+            RuntimeState::Running { .. } if same_image => {
+                match self.inspect(op).await? {
+                    Some(info) if info.running && info.image_ref == image.as_str() => {
+                        Ok(StartRule::Noop(info))
+                    }
+                    // The record says running but Docker disagrees: start afresh.
+                    _ => Ok(StartRule::Go),
+                }
+            }
+            RuntimeState::Running { .. } => Err(Failure::new(
+                ErrorCode::Conflict,
+                format!(
+                    "game {} is running image {current}; use patch to change its image",
+                    op.game()
+                ),
+            )
+            .into()),
+        }
+    }
+
+    /// The inner start: image present (pulled if missing), any leftover
+    /// container replaced, a fresh container created and started and up.
+    /// Writes its own entry; the caller owns the lease.
+    pub(super) async fn run_start(
+        &self,
+        op: &Op<'_, L>,
+        plan: StartPlan<'_>,
+    ) -> Result<StartRun, Interrupted> {
+        let mut entry = op.entry(OpKind::Start, plan.outer);
+        entry.image_ref = Some(plan.image.to_string());
+        entry.previous_image_ref = plan.previous_image.map(ToString::to_string);
+        entry.rolled_back = plan.rolled_back;
+
+        let launched = async {
+            self.ensure_image(op, plan.image).await?;
+            self.clear_leftover(op).await?;
+            self.launch(op, plan.image).await
+        }
+        .await;
+
+        match launched {
+            Ok(info) => {
+                entry.container_id = Some(info.id.to_string());
+                entry.address = info.address.clone();
+                let update = RecordUpdate {
+                    game_id: op.game().clone(),
+                    image_ref: plan.image.clone(),
+                    state: RuntimeState::Running {
+                        container_id: info.id.clone(),
+                        address: info.address.clone(),
+                    },
+                    state_dir: self.engine.state_dir(op.game()),
+                };
+                let recorded = self.write(op, entry, Some(update)).await?;
+                Ok(StartRun {
+                    recorded,
+                    result: Ok(info),
+                })
+            }
+            Err(Halt::Fail(failure)) => {
+                entry.result = EntryResult::Failure(failure.clone());
+                let recorded = self.write(op, entry, plan.on_failure).await?;
+                Ok(StartRun {
+                    recorded,
+                    result: Err(failure),
+                })
+            }
+            Err(Halt::Interrupt(i)) => Err(i),
+        }
+    }
+}
+
+enum StartRule {
+    Go,
+    /// Already running the requested image, as Docker confirms.
+    Noop(ContainerInfo),
+}

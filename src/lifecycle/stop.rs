@@ -1,0 +1,117 @@
+//! `stop`: the outer handle and the inner run that restart, patch and
+//! remove reuse. A stop keeps the container; a stop of a container Docker
+//! reports as not running is a no-op (and corrects the record).
+
+use super::{Halt, Interrupted, Lifecycle, Op};
+use crate::domain::{
+    ContainerId, EntryResult, OpKind, RecordUpdate, RuntimeRecord, RuntimeState, StopReason,
+};
+use crate::error::Failure;
+use crate::ports::{ContainerEngine, LeaseStore, Recorded, RuntimeStore};
+
+/// An inner stop's entry and how it ended.
+pub(super) struct StopRun {
+    pub recorded: Recorded,
+    pub result: Result<(), Failure>,
+}
+
+impl<S, L, E> Lifecycle<S, L, E>
+where
+    S: RuntimeStore,
+    L: LeaseStore,
+    E: ContainerEngine,
+{
+    pub(super) async fn stop(
+        &self,
+        op: &Op<'_, L>,
+        reason: StopReason,
+    ) -> Result<Recorded, Interrupted> {
+        let record = match self.load_existing(op).await {
+            Ok(record) => record,
+            Err(failure) => {
+                let mut entry = op.outer_entry();
+                entry.reason = Some(reason.to_string());
+                return self.fail_outer(op, entry, failure, None).await;
+            }
+        };
+        Ok(self.run_stop(op, reason, None, &record).await?.recorded)
+    }
+
+    /// The inner stop. Writes its own entry; the caller owns the lease.
+    pub(super) async fn run_stop(
+        &self,
+        op: &Op<'_, L>,
+        reason: StopReason,
+        outer: Option<OpKind>,
+        record: &RuntimeRecord,
+    ) -> Result<StopRun, Interrupted> {
+        let mut entry = op.entry(OpKind::Stop, outer);
+        entry.reason = Some(reason.to_string());
+        entry.image_ref = Some(record.image_ref.to_string());
+
+        let halted: Result<(Option<ContainerId>, bool), Halt> = async {
+            match self.inspect(op).await? {
+                Some(info) if info.running => {
+                    self.halt(op, &info.id).await?;
+                    Ok((Some(info.id), false))
+                }
+                Some(info) => Ok((Some(info.id), true)),
+                None => Ok((None, true)),
+            }
+        }
+        .await;
+
+        match halted {
+            Ok((container_id, noop)) => {
+                entry.container_id = container_id.as_ref().map(ToString::to_string);
+                entry.result = EntryResult::Success { noop };
+                // A removed game stays removed; otherwise the record now says
+                // what Docker says.
+                let update = match record.state {
+                    RuntimeState::Removed => None,
+                    _ => Some(RecordUpdate {
+                        game_id: op.game().clone(),
+                        image_ref: record.image_ref.clone(),
+                        state: RuntimeState::Stopped { container_id },
+                        state_dir: record.state_dir.clone(),
+                    }),
+                };
+                let recorded = self.write(op, entry, update).await?;
+                Ok(StopRun {
+                    recorded,
+                    result: Ok(()),
+                })
+            }
+            Err(Halt::Fail(failure)) => {
+                entry.result = EntryResult::Failure(failure.clone());
+                let recorded = self.write(op, entry, None).await?;
+                Ok(StopRun {
+                    recorded,
+                    result: Err(failure),
+                })
+            }
+            Err(Halt::Interrupt(i)) => Err(i),
+        }
+    }
+
+    /// Inner stop (reason `admin_request`), then removal of the container if
+    /// there is one: the first half of restart and patch. An inner failure's
+    /// code becomes the outer failure's code.
+    pub(super) async fn stop_and_remove(
+        &self,
+        op: &Op<'_, L>,
+        outer: OpKind,
+        record: &RuntimeRecord,
+    ) -> Result<(), Halt> {
+        let stop = self
+            .run_stop(op, StopReason::AdminRequest, Some(outer), record)
+            .await?;
+        if let Err(f) = stop.result {
+            return Err(Failure::new(f.code, format!("inner stop failed: {}", f.message)).into());
+        }
+        if let Some(info) = self.inspect(op).await? {
+            self.discard(op, &info.id).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,266 @@
+//! The ports: traits the domain owns, implemented by the adapters in
+//! `outbound/` (and by in-process fakes in tests). Each method documents its
+//! error contract; nothing here names lapin, sqlx, redis or bollard.
+//!
+//! Methods return `impl Future + Send` so the lifecycle services can be
+//! spawned on a multi-threaded runtime while staying generic over adapters.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::domain::{
+    CommandRequest, ContainerId, GameId, ImageRef, OperationEntry, OutcomeEvent, RecordUpdate,
+    RuntimeRecord,
+};
+
+// ---------------------------------------------------------------------------
+// PostgreSQL: records, operation log, outbox, inbox, fences
+// ---------------------------------------------------------------------------
+
+/// The fence an operation took with its lease (SPEC §10): every write it
+/// makes is refused once a newer operation on the game took a larger one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Fence(pub i64);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or timed out; retrying may help.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A newer operation took the game's fence: this writer lost its lease
+    /// and must stop without writing.
+    #[error("fence {0} was superseded by a newer operation")]
+    FenceLost(i64),
+    /// A stored row cannot be read back into the domain (a bug, or a hand
+    /// edit); retrying will not help.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+}
+
+/// The inbox's answer when a command is received.
+// Returned once per command, never stored in bulk: boxing the event would
+// buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboxClaim {
+    /// First time this command_id is seen: it is now claimed.
+    Fresh,
+    /// Claimed before and not finished: running elsewhere, or its worker died.
+    Unfinished,
+    /// Finished: this is its stored outer outcome, to publish again as is.
+    Finished(OutcomeEvent),
+}
+
+/// One entry to append, with the changes that must commit with it.
+#[derive(Debug, Clone)]
+pub struct OperationWrite {
+    pub entry: OperationEntry,
+    /// The writer's fence; `None` only for entries written without the lease
+    /// (an invalid request, a lease conflict), which touch no record.
+    pub fence: Option<Fence>,
+    /// The game's record as this step leaves it.
+    pub record: Option<RecordUpdate>,
+}
+
+/// An appended entry: its id and the event stored in the outbox with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub operation_id: i64,
+    pub event: OutcomeEvent,
+}
+
+pub trait RuntimeStore: Clone + Send + Sync + 'static {
+    /// Claims `request.command_id` in the inbox (remembering its `reply_to`
+    /// for the outer event). Errors: `Unavailable`.
+    fn claim(
+        &self,
+        request: &CommandRequest,
+    ) -> impl Future<Output = Result<InboxClaim, StoreError>> + Send;
+
+    /// The game's record, if any. Errors: `Unavailable`; `Corrupt` when the
+    /// row does not make a valid record (unknown status, empty image).
+    fn load(
+        &self,
+        game_id: &GameId,
+    ) -> impl Future<Output = Result<Option<RuntimeRecord>, StoreError>> + Send;
+
+    /// Takes the game's next fence; called right after the lease is taken.
+    /// Errors: `Unavailable`.
+    fn advance_fence(
+        &self,
+        game_id: &GameId,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send;
+
+    /// In one transaction: appends the entry, stores its outcome event in
+    /// the outbox with `event_id`, applies the record update, and for an
+    /// outer entry marks the command finished in the inbox. With a fence,
+    /// everything is refused (`FenceLost`) when the game's fence moved on.
+    /// Errors: `Unavailable`, `FenceLost`.
+    fn append(
+        &self,
+        write: OperationWrite,
+        event_id: Uuid,
+    ) -> impl Future<Output = Result<Recorded, StoreError>> + Send;
+}
+
+// ---------------------------------------------------------------------------
+// Redis: per-game leases
+// ---------------------------------------------------------------------------
+
+/// Who holds a lease: the command and a token unique to this attempt.
+/// Stored as `<command_id>:<token>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseHolder {
+    pub command_id: String,
+    pub token: String,
+}
+
+impl LeaseHolder {
+    pub fn new(command_id: &str) -> Self {
+        Self {
+            command_id: command_id.to_owned(),
+            token: Uuid::new_v4().simple().to_string(),
+        }
+    }
+
+    pub fn value(&self) -> String {
+        format!("{}:{}", self.command_id, self.token)
+    }
+
+    /// The command_id of a stored lease value (the token has no ':').
+    pub fn command_of(value: &str) -> &str {
+        value.rsplit_once(':').map_or(value, |(command, _)| command)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquired {
+    Yes,
+    /// Someone holds it; this is the stored value.
+    HeldBy(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("lease store unavailable: {0}")]
+pub struct LeaseError(pub String);
+
+pub trait LeaseStore: Clone + Send + Sync + 'static {
+    /// `SET NX PX ttl`. Errors: the store could not be reached.
+    fn acquire(
+        &self,
+        game_id: &GameId,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Acquired, LeaseError>> + Send;
+
+    /// Extends the lease only if `holder` still holds it; `false` when it
+    /// does not (expired, or taken by another).
+    fn renew(
+        &self,
+        game_id: &GameId,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, LeaseError>> + Send;
+
+    /// Deletes the lease only if `holder` still holds it; `false` when it
+    /// did not.
+    fn release(
+        &self,
+        game_id: &GameId,
+        holder: &LeaseHolder,
+    ) -> impl Future<Output = Result<bool, LeaseError>> + Send;
+}
+
+// ---------------------------------------------------------------------------
+// Docker: the container engine
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The engine could not be reached, timed out, or failed internally;
+    /// retrying may help (`service_unavailable`).
+    #[error("docker unavailable: {0}")]
+    Unavailable(String),
+    /// The engine refused the request (image not found, bad config, start
+    /// failure); retrying will not help. The caller maps it to the code of
+    /// the step.
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// Health as reported by an image's HEALTHCHECK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+/// What Docker reports about a game's container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInfo {
+    pub id: ContainerId,
+    /// The image reference the container was created from, as given.
+    pub image_ref: String,
+    pub running: bool,
+    pub exit_code: Option<i64>,
+    /// `None` when the image declares no HEALTHCHECK.
+    pub health: Option<Health>,
+    /// The address on the configured network, once running.
+    pub address: Option<String>,
+}
+
+/// Every method is repeatable: a stop of a stopped container, a remove of a
+/// missing one, a start of a running one succeed, so an interrupted
+/// operation can be resumed step by step.
+pub trait ContainerEngine: Clone + Send + Sync + 'static {
+    /// Whether the image is present locally.
+    fn image_present(
+        &self,
+        image: &ImageRef,
+    ) -> impl Future<Output = Result<bool, EngineError>> + Send;
+
+    /// Pulls the image. `Rejected` when the registry refuses or lacks it.
+    fn pull(&self, image: &ImageRef) -> impl Future<Output = Result<(), EngineError>> + Send;
+
+    /// The game's container (found by its name), if any.
+    fn inspect(
+        &self,
+        game_id: &GameId,
+    ) -> impl Future<Output = Result<Option<ContainerInfo>, EngineError>> + Send;
+
+    /// Creates the game's container with the SPEC §4 shape, creating its
+    /// state directory if missing. Fails if a container of that name exists.
+    fn create(
+        &self,
+        game_id: &GameId,
+        image: &ImageRef,
+    ) -> impl Future<Output = Result<ContainerId, EngineError>> + Send;
+
+    fn start(&self, id: &ContainerId) -> impl Future<Output = Result<(), EngineError>> + Send;
+
+    /// SIGTERM, then SIGKILL after `grace`. A missing or stopped container
+    /// is not an error.
+    fn stop(
+        &self,
+        id: &ContainerId,
+        grace: Duration,
+    ) -> impl Future<Output = Result<(), EngineError>> + Send;
+
+    /// Force-removes the container (not its state directory). A missing
+    /// container is not an error.
+    fn remove(&self, id: &ContainerId) -> impl Future<Output = Result<(), EngineError>> + Send;
+
+    /// The last `lines` lines of the container's stdout and stderr.
+    fn logs_tail(
+        &self,
+        id: &ContainerId,
+        lines: usize,
+    ) -> impl Future<Output = Result<String, EngineError>> + Send;
+
+    /// The host directory holding the game's state.
+    fn state_dir(&self, game_id: &GameId) -> PathBuf;
+}

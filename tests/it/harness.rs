@@ -1,0 +1,103 @@
+//! Shared test harness: isolated resources on the real services, each
+//! cleaned up when the test ends (also when it panics).
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, Executor, PgPool};
+use uuid::Uuid;
+
+/// The server the tests create their databases on (any database works as
+/// the admin connection).
+pub fn admin_database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("RTM_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("RTM_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A short unique suffix for names (databases, prefixes, game ids).
+pub fn unique(label: &str) -> String {
+    format!("{label}-{}", &Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// A fresh database with the migrations applied, dropped on `Drop`.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub name: String,
+    pub url: String,
+    admin: PgConnectOptions,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let admin: PgConnectOptions = admin_database_url().parse().expect("DATABASE_URL");
+        let name = format!("rtm_test_{}", Uuid::new_v4().simple());
+        let mut conn = admin
+            .connect()
+            .await
+            .expect("connect to the admin database");
+        conn.execute(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
+            .await
+            .expect("create the test database");
+        conn.close().await.ok();
+
+        let options = admin.clone().database(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .expect("connect to the test database");
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .expect("apply the migrations");
+        let base = admin_database_url();
+        let url = match base.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{name}"),
+            None => base,
+        };
+        Self {
+            pool,
+            name,
+            url,
+            admin,
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Async drop is not a thing: drop the database from a helper thread
+        // with its own runtime, so it goes away even when a test panics.
+        let admin = self.admin.clone();
+        let name = self.name.clone();
+        let pool = self.pool.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                pool.close().await;
+                if let Ok(mut conn) = admin.connect().await {
+                    let _ = conn
+                        .execute(
+                            sqlx::AssertSqlSafe(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#)),
+                        )
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
