@@ -172,13 +172,21 @@ impl Config {
             })?,
         };
         Ok(Config {
-            amqp_url: env.url("RTM_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f", &["amqp", "amqps"])?,
+            amqp_url: env.url(
+                "RTM_AMQP_URL",
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                &["amqp", "amqps"],
+            )?,
             database_url: env.url(
                 "DATABASE_URL",
                 "postgres://postgres@127.0.0.1:5432/rtmanager",
                 &["postgres", "postgresql"],
             )?,
-            redis_url: env.url("RTM_REDIS_URL", "redis://127.0.0.1:6379", &["redis", "rediss"])?,
+            redis_url: env.url(
+                "RTM_REDIS_URL",
+                "redis://127.0.0.1:6379",
+                &["redis", "rediss"],
+            )?,
             redis_prefix: env.string("RTM_REDIS_PREFIX", "rtmanager:"),
             docker,
             amqp,
@@ -277,7 +285,9 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
         }
         let value: u64 = rest[..digits].parse().map_err(|_| err())?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let part = match &rest[..unit_len] {
             "ms" => Duration::from_millis(value),
             "s" => Duration::from_secs(value),
@@ -439,7 +449,10 @@ mod tests {
         let url = "amqp://lobby:hunter2@broker:5672/%2f";
         let c = load(&[
             ("RTM_AMQP_URL", url),
-            ("DATABASE_URL", "postgres://rtm:hunter2@db/rtm?sslmode=require"),
+            (
+                "DATABASE_URL",
+                "postgres://rtm:hunter2@db/rtm?sslmode=require",
+            ),
             ("RTM_REDIS_URL", "redis://:hunter2@cache:6379"),
         ])
         .unwrap();

@@ -24,9 +24,16 @@
 //! reports; every step's entry + outbox event in one fenced transaction) →
 //! outer entry (marks the inbox) → release the lease → publish → ack.
 
+pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod inbound;
 pub mod lifecycle;
+pub mod messages;
 pub mod outbound;
 pub mod ports;
+pub mod serve;
+pub mod shutdown;
+pub mod telemetry;

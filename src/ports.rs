@@ -104,6 +104,18 @@ pub trait RuntimeStore: Clone + Send + Sync + 'static {
         write: OperationWrite,
         event_id: Uuid,
     ) -> impl Future<Output = Result<Recorded, StoreError>> + Send;
+
+    /// Stores the `runtime.rejected` event of a message that could not be
+    /// decoded (it has no log entry) in the outbox. Errors: `Unavailable`.
+    fn append_rejected(
+        &self,
+        event: &OutcomeEvent,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Queues a stored event to be published again with its own event_id
+    /// (the answer to a duplicate of a finished command). Errors:
+    /// `Unavailable`.
+    fn republish(&self, event_id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 // ---------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 
 use chrono::{DateTime, Utc};
 
+use super::GameId;
 use super::image_ref::{AllowedImages, ImageRef};
 use super::operation::{OpKind, OpSource, StopReason};
-use super::GameId;
 use crate::error::{ErrorCode, Failure};
 
 /// Where a request/reply caller wants its outer outcome (AMQP `reply_to`).
@@ -31,6 +31,9 @@ pub struct CommandRequest {
     pub reason: Option<String>,
     pub requested_at: Option<DateTime<Utc>>,
     pub reply_to: Option<ReplyTo>,
+    /// Why the body, though a command, is malformed (a field of the wrong
+    /// JSON type): a validation failure, answered with `invalid_request`.
+    pub malformed: Option<String>,
 }
 
 /// What a validated command asks for.
@@ -81,6 +84,9 @@ impl CommandRequest {
     /// allow-list.
     pub fn validate(&self, allowed: &AllowedImages) -> Result<Command, Failure> {
         let invalid = |msg: String| Failure::new(ErrorCode::InvalidRequest, msg);
+        if let Some(problem) = &self.malformed {
+            return Err(invalid(problem.clone()));
+        }
 
         let game_id = GameId::parse(self.game_id.as_deref().unwrap_or_default())
             .map_err(|e| invalid(e.to_string()))?;
@@ -156,12 +162,15 @@ mod tests {
             reason: None,
             requested_at: None,
             reply_to: None,
+            malformed: None,
         }
     }
 
     #[test]
     fn validates_a_good_patch() {
-        let cmd = request(OpKind::Patch).validate(&AllowedImages::any()).unwrap();
+        let cmd = request(OpKind::Patch)
+            .validate(&AllowedImages::any())
+            .unwrap();
         assert_eq!(cmd.game_id.as_str(), "g-1");
         assert_eq!(cmd.correlation_id, "c-1");
         assert!(matches!(cmd.action, Action::Patch { .. }));
@@ -180,15 +189,51 @@ mod tests {
     fn validation_failures_have_the_right_code() {
         type Edit = fn(&mut CommandRequest);
         let cases: [(OpKind, Edit, ErrorCode); 9] = [
-            (OpKind::Start, |r| r.game_id = None, ErrorCode::InvalidRequest),
-            (OpKind::Start, |r| r.game_id = Some("../x".into()), ErrorCode::InvalidRequest),
-            (OpKind::Start, |r| r.image_ref = None, ErrorCode::InvalidRequest),
-            (OpKind::Patch, |r| r.image_ref = Some(String::new()), ErrorCode::InvalidRequest),
-            (OpKind::Patch, |r| r.image_ref = Some("Bad Ref".into()), ErrorCode::InvalidRequest),
-            (OpKind::Start, |r| r.op_source = Some("hacker".into()), ErrorCode::InvalidRequest),
-            (OpKind::Stop, |r| r.op_source = None, ErrorCode::InvalidRequest),
-            (OpKind::Stop, |r| r.reason = Some("bored".into()), ErrorCode::InvalidRequest),
-            (OpKind::Start, |r| r.image_ref = Some("evil/engine:1.0.0".into()), ErrorCode::ImageNotAllowed),
+            (
+                OpKind::Start,
+                |r| r.game_id = None,
+                ErrorCode::InvalidRequest,
+            ),
+            (
+                OpKind::Start,
+                |r| r.game_id = Some("../x".into()),
+                ErrorCode::InvalidRequest,
+            ),
+            (
+                OpKind::Start,
+                |r| r.image_ref = None,
+                ErrorCode::InvalidRequest,
+            ),
+            (
+                OpKind::Patch,
+                |r| r.image_ref = Some(String::new()),
+                ErrorCode::InvalidRequest,
+            ),
+            (
+                OpKind::Patch,
+                |r| r.image_ref = Some("Bad Ref".into()),
+                ErrorCode::InvalidRequest,
+            ),
+            (
+                OpKind::Start,
+                |r| r.op_source = Some("hacker".into()),
+                ErrorCode::InvalidRequest,
+            ),
+            (
+                OpKind::Stop,
+                |r| r.op_source = None,
+                ErrorCode::InvalidRequest,
+            ),
+            (
+                OpKind::Stop,
+                |r| r.reason = Some("bored".into()),
+                ErrorCode::InvalidRequest,
+            ),
+            (
+                OpKind::Start,
+                |r| r.image_ref = Some("evil/engine:1.0.0".into()),
+                ErrorCode::ImageNotAllowed,
+            ),
         ];
         let allowed = AllowedImages::parse("galaxy");
         for (op, edit, code) in cases {
@@ -201,7 +246,14 @@ mod tests {
 
     #[test]
     fn stop_reason_defaults_to_lobby_request() {
-        let cmd = request(OpKind::Stop).validate(&AllowedImages::any()).unwrap();
-        assert_eq!(cmd.action, Action::Stop { reason: StopReason::LobbyRequest });
+        let cmd = request(OpKind::Stop)
+            .validate(&AllowedImages::any())
+            .unwrap();
+        assert_eq!(
+            cmd.action,
+            Action::Stop {
+                reason: StopReason::LobbyRequest
+            }
+        );
     }
 }

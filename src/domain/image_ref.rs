@@ -242,9 +242,9 @@ fn valid_digest(d: &str) -> bool {
         return false;
     };
     !algo.is_empty()
-        && algo
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '+' | '.' | '_' | '-'))
+        && algo.chars().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '+' | '.' | '_' | '-')
+        })
         && hex.len() >= 32
         && hex.chars().all(|c| c.is_ascii_hexdigit())
 }
@@ -310,8 +310,16 @@ mod tests {
                 "registry:5000/galaxy/engine",
                 Some("1.4.2"),
             ),
-            ("registry:5000/galaxy/engine", "registry:5000/galaxy/engine", None),
-            ("localhost/engine:v2.0.0", "localhost/engine", Some("v2.0.0")),
+            (
+                "registry:5000/galaxy/engine",
+                "registry:5000/galaxy/engine",
+                None,
+            ),
+            (
+                "localhost/engine:v2.0.0",
+                "localhost/engine",
+                Some("v2.0.0"),
+            ),
             ("a.b-c/x__y/z-w:latest", "a.b-c/x__y/z-w", Some("latest")),
         ];
         for (raw, repo, tag) in cases {
@@ -368,11 +376,19 @@ mod tests {
             (&digest, |e| matches!(e, NotSemver::Digest(_))),
             (&tagged_digest, |e| matches!(e, NotSemver::Digest(_))),
             ("engine", |e| matches!(e, NotSemver::MissingTag(_))),
-            ("registry:5000/engine", |e| matches!(e, NotSemver::MissingTag(_))),
+            ("registry:5000/engine", |e| {
+                matches!(e, NotSemver::MissingTag(_))
+            }),
             ("engine:1.4", |e| matches!(e, NotSemver::NotAVersion { .. })),
-            ("engine:latest", |e| matches!(e, NotSemver::NotAVersion { .. })),
-            ("engine:V1.4.2", |e| matches!(e, NotSemver::NotAVersion { .. })),
-            ("engine:01.4.2", |e| matches!(e, NotSemver::NotAVersion { .. })),
+            ("engine:latest", |e| {
+                matches!(e, NotSemver::NotAVersion { .. })
+            }),
+            ("engine:V1.4.2", |e| {
+                matches!(e, NotSemver::NotAVersion { .. })
+            }),
+            ("engine:01.4.2", |e| {
+                matches!(e, NotSemver::NotAVersion { .. })
+            }),
         ];
         for (raw, expected) in not_semver {
             let err = image(raw).semver().unwrap_err();
@@ -385,8 +401,8 @@ mod tests {
         let v = |s: &str| semver::Version::parse(s).unwrap();
         let cases = [
             ("1.4.2", "1.4.3", true),
-            ("1.4.2", "1.4.2", true),  // same tag again: a full restart
-            ("1.4.3", "1.4.1", true),  // downgrade within the series
+            ("1.4.2", "1.4.2", true), // same tag again: a full restart
+            ("1.4.3", "1.4.1", true), // downgrade within the series
             ("1.4.2", "1.4.5-rc.1", true),
             ("1.4.2", "1.5.0", false), // minor bump
             ("1.4.2", "2.4.2", false), // major bump
@@ -394,7 +410,11 @@ mod tests {
             ("0.1.0", "0.2.0", false),
         ];
         for (current, new, same) in cases {
-            assert_eq!(same_patch_series(&v(current), &v(new)), same, "{current} -> {new}");
+            assert_eq!(
+                same_patch_series(&v(current), &v(new)),
+                same,
+                "{current} -> {new}"
+            );
         }
     }
 

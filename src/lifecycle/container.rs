@@ -11,6 +11,7 @@ use super::{Halt, Lifecycle, Op};
 use crate::domain::{ContainerId, ImageRef};
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, ContainerInfo, EngineError, Health, LeaseStore, RuntimeStore};
+use crate::telemetry;
 
 /// How many log lines a start failure carries in its message.
 const LOG_TAIL_LINES: usize = 20;
@@ -29,27 +30,32 @@ where
 {
     /// An engine call, retried while Docker is unreachable (for
     /// `RTM_RETRY_FOR`); a refusal is returned at once.
-    async fn docker<T, F, Fut>(&self, call: F) -> Result<T, EngineError>
+    async fn docker<T, F, Fut>(&self, name: &'static str, call: F) -> Result<T, EngineError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, EngineError>>,
     {
-        self.retrying(call, |e| matches!(e, EngineError::Unavailable(_)))
-            .await
+        let since = Instant::now();
+        let result = self
+            .retrying(call, |e| matches!(e, EngineError::Unavailable(_)))
+            .await;
+        metrics::histogram!(telemetry::DOCKER_CALL_SECONDS, "call" => name)
+            .record(since.elapsed().as_secs_f64());
+        result
     }
 
     /// The image is present, pulling it if missing (`image_pull_failed`).
     pub(super) async fn ensure_image(&self, op: &Op<'_, L>, image: &ImageRef) -> Result<(), Halt> {
         op.check_lease()?;
         let present = self
-            .docker(|| self.engine.image_present(image))
+            .docker("image_present", || self.engine.image_present(image))
             .await
             .map_err(|e| unavailable("image inspect", &e.to_string()))?;
         if present {
             return Ok(());
         }
         op.check_lease()?;
-        self.docker(|| self.engine.pull(image))
+        self.docker("pull", || self.engine.pull(image))
             .await
             .map_err(|e| match e {
                 EngineError::Rejected(msg) => Failure::new(
@@ -64,7 +70,7 @@ where
     /// What Docker reports about the game's container.
     pub(super) async fn inspect(&self, op: &Op<'_, L>) -> Result<Option<ContainerInfo>, Halt> {
         Ok(self
-            .docker(|| self.engine.inspect(op.game()))
+            .docker("inspect", || self.engine.inspect(op.game()))
             .await
             .map_err(|e| unavailable("inspect", &e.to_string()))?)
     }
@@ -74,7 +80,7 @@ where
     pub(super) async fn halt(&self, op: &Op<'_, L>, id: &ContainerId) -> Result<(), Halt> {
         op.check_lease()?;
         let grace = self.cfg.stop_timeout;
-        self.docker(|| self.engine.stop(id, grace))
+        self.docker("stop", || self.engine.stop(id, grace))
             .await
             .map_err(|e| match e {
                 EngineError::Rejected(msg) => Failure::new(
@@ -97,7 +103,7 @@ where
     /// (`service_unavailable` on a Docker error, as the original).
     pub(super) async fn discard(&self, op: &Op<'_, L>, id: &ContainerId) -> Result<(), Halt> {
         op.check_lease()?;
-        self.docker(|| self.engine.remove(id))
+        self.docker("remove", || self.engine.remove(id))
             .await
             .map_err(|e| unavailable("remove", &e.to_string()))?;
         Ok(())
@@ -124,7 +130,7 @@ where
     ) -> Result<ContainerInfo, Halt> {
         op.check_lease()?;
         let id = self
-            .docker(|| self.engine.create(op.game(), image))
+            .docker("create", || self.engine.create(op.game(), image))
             .await
             .map_err(|e| match e {
                 EngineError::Rejected(msg) => Failure::new(
@@ -134,7 +140,7 @@ where
                 EngineError::Unavailable(msg) => unavailable("create", &msg),
             })?;
         op.check_lease()?;
-        let started = self.docker(|| self.engine.start(&id)).await;
+        let started = self.docker("start", || self.engine.start(&id)).await;
         let up = match started {
             Ok(()) => self.wait_up(op, &id).await,
             Err(EngineError::Rejected(msg)) => Err(Halt::Fail(Failure::new(
@@ -164,7 +170,11 @@ where
             op.check_lease()?;
             let info = match self.inspect(op).await? {
                 Some(info) if info.id == *id => info,
-                _ => return Err(failed(format!("container {id} disappeared during start-up"))),
+                _ => {
+                    return Err(failed(format!(
+                        "container {id} disappeared during start-up"
+                    )));
+                }
             };
             if !info.running {
                 return Err(failed(match info.exit_code {

@@ -74,8 +74,11 @@ impl<L: LeaseStore> Drop for LeaseGuard<L> {
         // is not blocked for a whole TTL.
         self.renewer.abort();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (leases, game_id, holder) =
-                (self.leases.clone(), self.game_id.clone(), self.holder.clone());
+            let (leases, game_id, holder) = (
+                self.leases.clone(),
+                self.game_id.clone(),
+                self.holder.clone(),
+            );
             runtime.spawn(async move { release(&leases, &game_id, &holder).await });
         }
     }

@@ -45,7 +45,29 @@ use crate::ports::{
     Acquired, ContainerEngine, Fence, InboxClaim, LeaseHolder, LeaseStore, OperationWrite,
     Recorded, RuntimeStore, StoreError,
 };
+use crate::telemetry;
 use lease::LeaseGuard;
+
+/// Counts an outer outcome and times it.
+fn record_metrics(event: &OutcomeEvent) {
+    let op = event.op.clone().unwrap_or_default();
+    let code = event.error_code.map_or("none", ErrorCode::as_str);
+    metrics::counter!(
+        telemetry::OPERATIONS,
+        "op" => op.clone(),
+        "outcome" => event.outcome.as_str(),
+        "error_code" => code
+    )
+    .increment(1);
+    if matches!(code, "invalid_request" | "image_not_allowed") {
+        metrics::counter!(telemetry::COMMANDS_REJECTED).increment(1);
+    }
+    let seconds = (event.finished_at - event.started_at)
+        .num_milliseconds()
+        .max(0) as f64
+        / 1000.0;
+    metrics::histogram!(telemetry::OPERATION_SECONDS, "op" => op).record(seconds);
+}
 
 /// The result of a handled command: its outer outcome event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,7 +158,11 @@ impl<L: LeaseStore> Op<'_, L> {
             address: None,
             result: EntryResult::SUCCESS,
             rolled_back: false,
-            started_at: if outer.is_none() { self.started_at } else { now },
+            started_at: if outer.is_none() {
+                self.started_at
+            } else {
+                now
+            },
             finished_at: now,
         }
     }
@@ -187,7 +213,9 @@ where
     )]
     pub async fn handle(&self, request: CommandRequest) -> Result<Handled, Interrupted> {
         let received_at = Utc::now();
-        if let InboxClaim::Finished(event) = self.store_retrying(|| self.store.claim(&request)).await? {
+        if let InboxClaim::Finished(event) =
+            self.store_retrying(|| self.store.claim(&request)).await?
+        {
             info!(outcome = %event.outcome, "duplicate of a finished command: republishing its outcome");
             return Ok(Handled {
                 event,
@@ -201,7 +229,10 @@ where
         };
 
         let holder = LeaseHolder::new(&command.command_id);
-        let lease = match self.acquire_lease(&command, &holder).await {
+        let asked = std::time::Instant::now();
+        let lease = self.acquire_lease(&command, &holder).await;
+        metrics::histogram!(telemetry::LEASE_ACQUIRE_SECONDS).record(asked.elapsed().as_secs_f64());
+        let lease = match lease {
             Ok(lease) => lease,
             Err(Halt::Fail(failure)) => return self.reject(&request, received_at, failure).await,
             Err(Halt::Interrupt(i)) => return Err(i),
@@ -244,6 +275,7 @@ where
             Action::Remove => self.remove(&op).await?,
         };
         let event = recorded.event;
+        record_metrics(&event);
         match event.error_code {
             None => info!(noop = event.noop, "operation succeeded"),
             Some(code) => warn!(
@@ -272,7 +304,10 @@ where
         let give_up = tokio::time::Instant::now() + ttl * 2;
         loop {
             let acquired = self
-                .retrying(|| self.leases.acquire(&command.game_id, holder, ttl), |_| true)
+                .retrying(
+                    || self.leases.acquire(&command.game_id, holder, ttl),
+                    |_| true,
+                )
                 .await
                 .map_err(|e| {
                     Failure::new(
@@ -289,7 +324,9 @@ where
                         ttl,
                     ));
                 }
-                Acquired::HeldBy(value) if LeaseHolder::command_of(&value) == command.command_id => {
+                Acquired::HeldBy(value)
+                    if LeaseHolder::command_of(&value) == command.command_id =>
+                {
                     if tokio::time::Instant::now() >= give_up {
                         return Err(Interrupted::StillRunning(command.game_id.to_string()).into());
                     }
@@ -304,6 +341,21 @@ where
                 }
             }
         }
+    }
+
+    /// Fails a command with `internal` after its handling panicked. The
+    /// panicked attempt's lease was released as its task unwound.
+    pub async fn fail_internal(
+        &self,
+        request: &CommandRequest,
+        message: String,
+    ) -> Result<Handled, Interrupted> {
+        self.reject(
+            request,
+            Utc::now(),
+            Failure::new(ErrorCode::Internal, message),
+        )
+        .await
     }
 
     /// Records a failure decided before the lease (validation, lease): an
@@ -340,6 +392,7 @@ where
                 record: None,
             })
             .await?;
+        record_metrics(&recorded.event);
         Ok(Handled {
             event: recorded.event,
             duplicate: false,
@@ -410,7 +463,10 @@ where
         self.load_record(op).await?.ok_or_else(|| {
             Failure::new(
                 ErrorCode::NotFound,
-                format!("runtime record for game {:?} does not exist", op.game().as_str()),
+                format!(
+                    "runtime record for game {:?} does not exist",
+                    op.game().as_str()
+                ),
             )
         })
     }
@@ -447,7 +503,9 @@ where
         call.retry(backoff)
             .sleep(tokio::time::sleep)
             .when(transient)
-            .notify(|e, delay| warn!(error = %e, retry_in = ?delay, "dependency call failed; retrying"))
+            .notify(
+                |e, delay| warn!(error = %e, retry_in = ?delay, "dependency call failed; retrying"),
+            )
             .await
     }
 }

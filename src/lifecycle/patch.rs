@@ -142,7 +142,10 @@ where
             ));
         }
         let current = record.image_ref.semver().map_err(|e| {
-            Failure::new(ErrorCode::ImageRefNotSemver, format!("current image_ref: {e}"))
+            Failure::new(
+                ErrorCode::ImageRefNotSemver,
+                format!("current image_ref: {e}"),
+            )
         })?;
         let new = new_image.semver().map_err(|e| {
             Failure::new(ErrorCode::ImageRefNotSemver, format!("new image_ref: {e}"))

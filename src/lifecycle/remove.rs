@@ -30,7 +30,9 @@ where
                 .run_stop(op, StopReason::AdminRequest, Some(OpKind::Remove), &record)
                 .await?;
             if let Err(f) = stop.result {
-                return Err(Failure::new(f.code, format!("inner stop failed: {}", f.message)).into());
+                return Err(
+                    Failure::new(f.code, format!("inner stop failed: {}", f.message)).into(),
+                );
             }
             if let Some(info) = self.inspect(op).await? {
                 entry.container_id = Some(info.id.to_string());

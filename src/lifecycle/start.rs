@@ -2,9 +2,7 @@
 //! restart, patch and a rollback reuse under their own lease.
 
 use super::{Halt, Interrupted, Lifecycle, Op};
-use crate::domain::{
-    EntryResult, ImageRef, OpKind, RecordUpdate, RuntimeRecord, RuntimeState,
-};
+use crate::domain::{EntryResult, ImageRef, OpKind, RecordUpdate, RuntimeRecord, RuntimeState};
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, ContainerInfo, LeaseStore, Recorded, RuntimeStore};
 

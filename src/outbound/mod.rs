@@ -3,3 +3,4 @@
 pub mod docker;
 pub mod postgres;
 pub mod redis_lease;
+pub mod relay;

@@ -79,22 +79,27 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         // Async drop is not a thing: drop the database from a helper thread
         // with its own runtime, so it goes away even when a test panics.
+        // The pool is not closed first: closing waits for connections that
+        // only the (now blocked) test runtime could hand back. FORCE ends
+        // them on the server side instead.
         let admin = self.admin.clone();
         let name = self.name.clone();
-        let pool = self.pool.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                pool.close().await;
-                if let Ok(mut conn) = admin.connect().await {
-                    let _ = conn
-                        .execute(
-                            sqlx::AssertSqlSafe(format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#)),
-                        )
-                        .await;
+                match admin.connect().await {
+                    Ok(mut conn) => {
+                        let drop = sqlx::AssertSqlSafe(format!(
+                            r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#
+                        ));
+                        if let Err(e) = conn.execute(drop).await {
+                            eprintln!("drop test database {name}: {e}");
+                        }
+                    }
+                    Err(e) => eprintln!("drop test database {name}: {e}"),
                 }
             });
         })

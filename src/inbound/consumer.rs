@@ -1,0 +1,443 @@
+//! The command consumer: takes messages off the quorum queue, decodes them,
+//! runs them through the lifecycle, and acks once the outcome is recorded.
+//! Ack, retry or dead-letter is decided here and nowhere else:
+//!
+//! | what happened                         | what the consumer does          |
+//! |---------------------------------------|---------------------------------|
+//! | outcome recorded (success or failure) | ack                             |
+//! | undecodable body                      | publish to the DLX with `x-rtm-reject-reason`, then ack |
+//! | interrupted (store down, lease lost)  | keep the message, retry in-process with backoff (a requeue would count toward the delivery limit) |
+//! | panic while handling                  | record `internal`, ack          |
+//! | shutdown while interrupted            | leave unacked: redelivered when the channel closes |
+//!
+//! Commands of one game run one after another in arrival order (a lane per
+//! game); different games run concurrently, at most `RTM_PREFETCH` at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::{Instrument, debug, error, info, info_span, warn};
+use uuid::Uuid;
+
+use crate::broker;
+use crate::config::{AmqpConfig, SecretUrl};
+use crate::domain::event::{REJECTED_ROUTING_KEY, SCHEMA_VERSION};
+use crate::domain::{CommandRequest, Outcome, OutcomeEvent};
+use crate::error::ErrorCode;
+use crate::inbound::http::Readiness;
+use crate::lifecycle::{Handled, Lifecycle};
+use crate::messages::{Envelope, Undecodable, decode_command};
+use crate::ports::{ContainerEngine, LeaseStore, RuntimeStore};
+use crate::shutdown::Shutdown;
+use crate::telemetry;
+
+/// Pause between in-process retries of an interrupted command.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// Pause before reconnecting after the broker went away.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+
+pub struct Consumer<S, L, E> {
+    lifecycle: Lifecycle<S, L, E>,
+    url: SecretUrl,
+    amqp: AmqpConfig,
+    readiness: Arc<Readiness>,
+    relay_wake: Arc<Notify>,
+    /// One permit per message in flight; all permits back means drained.
+    in_flight: Arc<Semaphore>,
+    lanes: Arc<Lanes>,
+    shutdown: Shutdown,
+}
+
+/// One delivery on its way through a lane.
+struct Job {
+    request: CommandRequest,
+    delivery: Delivery,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The per-game lanes: a queue and a task per game with work pending.
+#[derive(Default)]
+struct Lanes {
+    senders: Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
+}
+
+impl<S, L, E> Consumer<S, L, E>
+where
+    S: RuntimeStore,
+    L: LeaseStore,
+    E: ContainerEngine,
+{
+    pub fn new(
+        lifecycle: Lifecycle<S, L, E>,
+        url: SecretUrl,
+        amqp: AmqpConfig,
+        readiness: Arc<Readiness>,
+        relay_wake: Arc<Notify>,
+        shutdown: Shutdown,
+    ) -> Self {
+        let permits = usize::from(amqp.prefetch);
+        Self {
+            lifecycle,
+            url,
+            amqp,
+            readiness,
+            relay_wake,
+            in_flight: Arc::new(Semaphore::new(permits)),
+            lanes: Arc::new(Lanes::default()),
+            shutdown,
+        }
+    }
+
+    /// Consumes until shutdown, reconnecting whenever the broker goes away
+    /// (the consumer cancelled included), then lets the commands in flight
+    /// finish within `drain_timeout` before closing the connection.
+    pub async fn run(self, drain_timeout: Duration) {
+        let mut shutdown = self.shutdown.clone();
+        let this = Arc::new(self);
+        let mut connection: Option<Connection> = None;
+        while !shutdown.is_set() {
+            match this.clone().session(&mut shutdown).await {
+                Ok(conn) => {
+                    connection = Some(conn);
+                    break;
+                }
+                Err(e) => {
+                    Readiness::set(&this.readiness.broker, false);
+                    warn!(
+                        error = format!("{e:#}"),
+                        "command consumer lost the broker; reconnecting"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(RECONNECT_PAUSE) => {}
+                        () = shutdown.wait() => {}
+                    }
+                }
+            }
+        }
+        let permits = u32::from(this.amqp.prefetch);
+        info!("stopped consuming; waiting for the commands in flight");
+        match tokio::time::timeout(drain_timeout, this.in_flight.acquire_many(permits)).await {
+            Ok(_) => info!("all commands in flight finished"),
+            Err(_) => warn!(
+                ?drain_timeout,
+                "commands still in flight at the shutdown timeout; they will be redelivered"
+            ),
+        }
+        if let Some(conn) = connection {
+            let _ = conn.close(200, "shutdown".into()).await;
+        }
+    }
+
+    /// One connection's life: declare, consume until the stream ends (an
+    /// error) or shutdown (returns the connection, still open for acks).
+    async fn session(self: Arc<Self>, shutdown: &mut Shutdown) -> anyhow::Result<Connection> {
+        let conn = broker::connect(&self.url, "rtmanager worker").await?;
+        let channel = conn.create_channel().await?;
+        broker::declare_topology(&channel, &self.amqp).await?;
+        channel
+            .basic_qos(self.amqp.prefetch, BasicQosOptions::default())
+            .await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let mut stream = channel
+            .basic_consume(
+                self.amqp.command_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Readiness::set(&self.readiness.broker, true);
+        info!(queue = %self.amqp.command_queue, prefetch = self.amqp.prefetch, "consuming commands");
+        loop {
+            tokio::select! {
+                () = shutdown.wait() => {
+                    // Stop taking new messages; the channel stays open so the
+                    // commands in flight can still ack.
+                    let tag = stream.tag();
+                    if let Err(e) = channel.basic_cancel(tag, Default::default()).await {
+                        debug!(error = %e, "cancel the consumer");
+                    }
+                    return Ok(conn);
+                }
+                next = stream.next() => match next {
+                    None => anyhow::bail!("the broker cancelled the consumer"),
+                    Some(Err(e)) => return Err(e.into()),
+                    Some(Ok(delivery)) => {
+                        let permit = self.in_flight.clone().acquire_owned().await?;
+                        self.clone().dispatch(&channel, delivery, permit).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn dispatch(
+        self: Arc<Self>,
+        channel: &Channel,
+        delivery: Delivery,
+        permit: OwnedSemaphorePermit,
+    ) {
+        metrics::counter!(telemetry::COMMANDS_CONSUMED).increment(1);
+        let envelope = Envelope::from(&delivery.properties);
+        match decode_command(&delivery.data, &envelope) {
+            Ok(request) => self.submit(request, delivery, permit),
+            Err(undecodable) => {
+                self.dead_letter(channel, &delivery, undecodable).await;
+                drop(permit);
+            }
+        }
+    }
+
+    /// Queues a command on its game's lane, starting the lane if idle.
+    fn submit(
+        self: Arc<Self>,
+        request: CommandRequest,
+        delivery: Delivery,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let key = request.game_id.clone().unwrap_or_default();
+        let job = Job {
+            request,
+            delivery,
+            _permit: permit,
+        };
+        let mut senders = self.lanes.senders.lock().expect("lanes lock");
+        let job = match senders.get(&key) {
+            Some(tx) => match tx.send(job) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(job).ok();
+        senders.insert(key.clone(), tx);
+        drop(senders);
+        tokio::spawn(self.clone().lane(key, rx));
+    }
+
+    /// Runs one game's commands in arrival order; ends when none is pending.
+    async fn lane(self: Arc<Self>, key: String, mut rx: mpsc::UnboundedReceiver<Job>) {
+        loop {
+            let job = match rx.try_recv() {
+                Ok(job) => job,
+                Err(_) => {
+                    // Check again under the lock, so a command submitted
+                    // right now either lands here or starts a new lane.
+                    let mut senders = self.lanes.senders.lock().expect("lanes lock");
+                    match rx.try_recv() {
+                        Ok(job) => job,
+                        Err(_) => {
+                            senders.remove(&key);
+                            return;
+                        }
+                    }
+                }
+            };
+            let span = info_span!(
+                "message",
+                command_id = %job.request.command_id,
+                op = %job.request.op,
+                game_id = %key,
+                correlation_id = %job.request.correlation_id(),
+            );
+            self.process(job).instrument(span).await;
+        }
+    }
+
+    async fn process(&self, job: Job) {
+        let gauge = metrics::gauge!(telemetry::OPERATIONS_IN_FLIGHT);
+        gauge.increment(1.0);
+        let handled = self.handle_until_recorded(&job.request).await;
+        gauge.decrement(1.0);
+        self.relay_wake.notify_one();
+        let Some(handled) = handled else {
+            return; // shutdown: left unacked, redelivered later
+        };
+        if handled.duplicate {
+            // Publish the stored outcome again, with the same event_id.
+            if let Err(e) = self
+                .lifecycle
+                .store()
+                .republish(handled.event.event_id)
+                .await
+            {
+                warn!(error = %e, "could not queue the duplicate's outcome for republishing");
+            }
+            self.relay_wake.notify_one();
+        }
+        match job.delivery.acker.ack(BasicAckOptions::default()).await {
+            Ok(_) => debug!(outcome = %handled.event.outcome, "acked"),
+            // The channel is gone: the message comes back and the inbox
+            // answers it as a duplicate.
+            Err(e) => {
+                warn!(error = %e, "ack failed; the command will be redelivered and deduplicated")
+            }
+        }
+    }
+
+    /// Handles a command until its outcome is recorded; `None` if shutdown
+    /// came first. A panic fails the command with `internal`.
+    async fn handle_until_recorded(&self, request: &CommandRequest) -> Option<Handled> {
+        let mut pause = RETRY_PAUSE;
+        loop {
+            let lifecycle = self.lifecycle.clone();
+            let owned = request.clone();
+            let outcome =
+                tokio::spawn(async move { lifecycle.handle(owned).await }.in_current_span()).await;
+            match outcome {
+                Ok(Ok(handled)) => return Some(handled),
+                Ok(Err(interrupted)) => {
+                    warn!(reason = %interrupted, "command interrupted; it will be retried");
+                }
+                Err(join) if join.is_panic() => {
+                    let message = panic_message(join.into_panic());
+                    error!(panic = %message, "command handling panicked");
+                    match self
+                        .lifecycle
+                        .fail_internal(
+                            request,
+                            format!("panic while handling the command: {message}"),
+                        )
+                        .await
+                    {
+                        Ok(handled) => return Some(handled),
+                        Err(e) => warn!(error = %e, "could not record the panic; retrying"),
+                    }
+                }
+                Err(join) => warn!(error = %join, "command task cancelled; retrying"),
+            }
+            if self.in_shutdown() {
+                return None;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    fn in_shutdown(&self) -> bool {
+        self.shutdown.is_set()
+    }
+
+    /// Sends an undecodable message to the dead-letter exchange with the
+    /// reason, publishes a `runtime.rejected` event when a command_id could
+    /// be read, and acks it. If the dead-letter publish fails, the message
+    /// is returned to the queue (the broker dead-letters it at the limit).
+    async fn dead_letter(&self, channel: &Channel, delivery: &Delivery, undecodable: Undecodable) {
+        warn!(reason = %undecodable.reason, command_id = ?undecodable.command_id, "undecodable message: dead-lettering");
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            crate::broker::REJECT_REASON_HEADER.into(),
+            AMQPValue::LongString(LongString::from(undecodable.reason.as_str())),
+        );
+        let properties = delivery.properties.clone().with_headers(headers);
+        let published = async {
+            let confirm = channel
+                .basic_publish(
+                    self.amqp.dead_letter_exchange.as_str().into(),
+                    delivery.routing_key.clone(),
+                    BasicPublishOptions::default(),
+                    &delivery.data,
+                    properties,
+                )
+                .await?
+                .await?;
+            anyhow::ensure!(
+                !matches!(confirm, Confirmation::Nack(_)),
+                "the broker refused the dead letter"
+            );
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        if let Err(e) = published {
+            warn!(
+                error = format!("{e:#}"),
+                "could not dead-letter; returning the message to the queue"
+            );
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await;
+            return;
+        }
+        metrics::counter!(telemetry::COMMANDS_DEAD_LETTERED).increment(1);
+        if let Some(event) = rejected_event(&undecodable) {
+            if let Err(e) = self.lifecycle.store().append_rejected(&event).await {
+                warn!(error = %e, "could not record the runtime.rejected event");
+            }
+            self.relay_wake.notify_one();
+        }
+        if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+            warn!(error = %e, "ack of a dead-lettered message failed");
+        }
+    }
+}
+
+/// The `runtime.rejected` event of an undecodable message whose command_id
+/// could be read.
+fn rejected_event(undecodable: &Undecodable) -> Option<OutcomeEvent> {
+    let command_id = undecodable.command_id.clone()?;
+    let now = Utc::now();
+    Some(OutcomeEvent {
+        event_id: Uuid::now_v7(),
+        schema_version: SCHEMA_VERSION,
+        occurred_at: now,
+        operation_id: None,
+        correlation_id: undecodable
+            .source_ref
+            .clone()
+            .unwrap_or_else(|| command_id.clone()),
+        command_id,
+        game_id: undecodable.game_id.clone().unwrap_or_default(),
+        op: undecodable.op.clone(),
+        outer_op: None,
+        op_source: None,
+        reason: None,
+        outcome: Outcome::Failure,
+        error_code: Some(ErrorCode::InvalidRequest),
+        error_message: Some(undecodable.reason.clone()),
+        image_ref: None,
+        previous_image_ref: None,
+        container_id: None,
+        address: None,
+        noop: false,
+        rolled_back: false,
+        started_at: now,
+        finished_at: now,
+    })
+    .filter(|e| e.routing_key() == REJECTED_ROUTING_KEY)
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}
+
+impl From<&BasicProperties> for Envelope {
+    fn from(props: &BasicProperties) -> Self {
+        Envelope {
+            message_id: props.message_id().as_ref().map(ToString::to_string),
+            reply_to: props.reply_to().as_ref().map(ToString::to_string),
+            correlation_id: props.correlation_id().as_ref().map(ToString::to_string),
+        }
+    }
+}

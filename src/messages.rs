@@ -1,0 +1,281 @@
+//! Wire messages (SPEC §6): decoding a command body into a
+//! [`CommandRequest`], and the command body the CLI sends.
+//! `schemas/command.schema.json` describes the same shape; the contract
+//! tests hold the two together.
+//!
+//! Two kinds of bad input, handled differently:
+//! - a body that cannot be decoded at all (too big, not UTF-8, not JSON, not
+//!   an object, a missing or unknown `op`) is [`Undecodable`]: the consumer
+//!   dead-letters it;
+//! - a body that decodes but fails validation (a missing `game_id`, a field of
+//!   the wrong type, an unknown `op_source`, …) becomes a request the
+//!   lifecycle answers with `invalid_request`, like any other failure.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::domain::{CommandRequest, OpKind, ReplyTo};
+
+/// The largest command body accepted.
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+
+/// AMQP properties the decoder reads.
+#[derive(Debug, Clone, Default)]
+pub struct Envelope {
+    pub message_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
+}
+
+/// A body that is not a command at all, with what could still be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undecodable {
+    pub reason: String,
+    /// The body's `command_id`, else the AMQP `message_id`.
+    pub command_id: Option<String>,
+    pub op: Option<String>,
+    pub game_id: Option<String>,
+    pub source_ref: Option<String>,
+}
+
+/// Decodes a command body (SPEC §6).
+pub fn decode_command(body: &[u8], envelope: &Envelope) -> Result<CommandRequest, Undecodable> {
+    let undecodable = |reason: String, object: Option<&Map<String, Value>>| {
+        let text = |key: &str| {
+            object
+                .and_then(|o| o.get(key))
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        Undecodable {
+            reason,
+            command_id: text("command_id").or_else(|| envelope.message_id.clone()),
+            op: text("op"),
+            game_id: text("game_id"),
+            source_ref: text("source_ref"),
+        }
+    };
+
+    if body.len() > MAX_COMMAND_BYTES {
+        return Err(undecodable(
+            format!("message is {} bytes, over the 64 KiB limit", body.len()),
+            None,
+        ));
+    }
+    let text = std::str::from_utf8(body)
+        .map_err(|e| undecodable(format!("message is not UTF-8: {e}"), None))?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| undecodable(format!("message is not JSON: {e}"), None))?;
+    let Value::Object(object) = value else {
+        return Err(undecodable(
+            format!("message is a JSON {}, not an object", json_type(&value)),
+            None,
+        ));
+    };
+    let op = match object.get("op") {
+        None | Some(Value::Null) => {
+            return Err(undecodable("op is missing".into(), Some(&object)));
+        }
+        Some(Value::String(op)) => OpKind::parse(op).ok_or_else(|| {
+            undecodable(
+                format!("op {op:?} is unknown (expected start, stop, restart, patch or remove)"),
+                Some(&object),
+            )
+        })?,
+        Some(other) => {
+            return Err(undecodable(
+                format!("op must be a string, not a JSON {}", json_type(other)),
+                Some(&object),
+            ));
+        }
+    };
+
+    // From here on the message is a command; a wrongly typed field is a
+    // validation failure (`invalid_request`), not a reason to dead-letter.
+    let mut problems = Vec::new();
+    let mut text = |key: &str| match object.get(key) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => {
+            problems.push(format!(
+                "{key} must be a string, not a JSON {}",
+                json_type(other)
+            ));
+            None
+        }
+    };
+    let command_id = text("command_id");
+    let game_id = text("game_id");
+    let image_ref = match op {
+        OpKind::Start => text("image_ref"),
+        OpKind::Patch => text("new_image_ref"),
+        _ => None,
+    };
+    let op_source = text("op_source");
+    let source_ref = text("source_ref");
+    let reason = text("reason");
+    let requested_at = text("requested_at");
+    let requested_at = requested_at.and_then(|raw| match DateTime::parse_from_rfc3339(&raw) {
+        Ok(t) => Some(t.with_timezone(&Utc)),
+        Err(e) => {
+            problems.push(format!("requested_at {raw:?} is not an RFC 3339 time: {e}"));
+            None
+        }
+    });
+    let command_id = command_id
+        .filter(|id| !id.is_empty())
+        .or_else(|| envelope.message_id.clone().filter(|id| !id.is_empty()))
+        .unwrap_or_else(|| Uuid::now_v7().to_string());
+    Ok(CommandRequest {
+        command_id,
+        op,
+        game_id,
+        image_ref,
+        op_source,
+        source_ref,
+        // Only a stop has a reason; on other ops it is ignored like an
+        // unknown field.
+        reason: if op == OpKind::Stop { reason } else { None },
+        requested_at,
+        reply_to: envelope
+            .reply_to
+            .clone()
+            .filter(|q| !q.is_empty())
+            .map(|queue| ReplyTo {
+                queue,
+                correlation_id: envelope.correlation_id.clone(),
+            }),
+        malformed: (!problems.is_empty()).then(|| problems.join("; ")),
+    })
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// A command body as the CLI (or any producer) sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CommandMessage {
+    pub command_id: String,
+    pub op: OpKind,
+    pub game_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_ref: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_image_ref: Option<String>,
+    pub op_source: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_ref: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub requested_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(body: &str) -> Result<CommandRequest, Undecodable> {
+        decode_command(body.as_bytes(), &Envelope::default())
+    }
+
+    #[test]
+    fn decodes_a_patch() {
+        let r = decode(
+            r#"{"command_id":"c1","op":"patch","game_id":"g-1042",
+                "new_image_ref":"registry.example:5000/galaxy/engine:1.4.3",
+                "op_source":"lobby","source_ref":"lobby-req-77",
+                "requested_at":"2026-11-26T07:00:00Z","extra":{"ignored":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.command_id, "c1");
+        assert_eq!(r.op, OpKind::Patch);
+        assert_eq!(
+            r.image_ref.as_deref(),
+            Some("registry.example:5000/galaxy/engine:1.4.3")
+        );
+        assert_eq!(r.correlation_id(), "lobby-req-77");
+        assert!(r.malformed.is_none());
+    }
+
+    #[test]
+    fn command_id_falls_back_to_message_id() {
+        let envelope = Envelope {
+            message_id: Some("m-9".into()),
+            ..Envelope::default()
+        };
+        let r = decode_command(br#"{"op":"restart","game_id":"g"}"#, &envelope).unwrap();
+        assert_eq!(r.command_id, "m-9");
+        let r = decode(r#"{"op":"restart","game_id":"g"}"#).unwrap();
+        assert!(Uuid::parse_str(&r.command_id).is_ok(), "a fresh id");
+    }
+
+    #[test]
+    fn undecodable_bodies() {
+        let big = format!(
+            r#"{{"op":"start","pad":"{}"}}"#,
+            "x".repeat(MAX_COMMAND_BYTES)
+        );
+        let cases: [(&[u8], &str); 7] = [
+            (b"{not json", "not JSON"),
+            (b"\xff\xfe", "not UTF-8"),
+            (b"[1,2]", "array"),
+            (b"\"start\"", "string"),
+            (br#"{"game_id":"g"}"#, "op is missing"),
+            (br#"{"op":"explode","command_id":"c7"}"#, "unknown"),
+            (big.as_bytes(), "64 KiB"),
+        ];
+        for (body, why) in cases {
+            let err = decode_command(body, &Envelope::default()).unwrap_err();
+            assert!(
+                err.reason.contains(why),
+                "{:?}: {}",
+                String::from_utf8_lossy(body),
+                err.reason
+            );
+        }
+        let err = decode(r#"{"op":"explode","command_id":"c7"}"#).unwrap_err();
+        assert_eq!(err.command_id.as_deref(), Some("c7"));
+        assert_eq!(err.op.as_deref(), Some("explode"));
+    }
+
+    #[test]
+    fn wrong_types_are_validation_failures() {
+        let r =
+            decode(r#"{"op":"start","game_id":42,"image_ref":"e:1","op_source":"admin"}"#).unwrap();
+        assert!(r.malformed.unwrap().contains("game_id must be a string"));
+        let r =
+            decode(r#"{"op":"stop","game_id":"g","op_source":"admin","requested_at":"yesterday"}"#)
+                .unwrap();
+        assert!(r.malformed.unwrap().contains("requested_at"));
+    }
+
+    #[test]
+    fn the_cli_body_decodes_back() {
+        let msg = CommandMessage {
+            command_id: "c".into(),
+            op: OpKind::Start,
+            game_id: "g".into(),
+            image_ref: Some("e:1.0.0".into()),
+            new_image_ref: None,
+            op_source: "admin".into(),
+            source_ref: None,
+            reason: None,
+            requested_at: Utc::now(),
+        };
+        let body = serde_json::to_vec(&msg).unwrap();
+        let r = decode_command(&body, &Envelope::default()).unwrap();
+        assert_eq!(r.image_ref.as_deref(), Some("e:1.0.0"));
+        assert_eq!(r.op_source.as_deref(), Some("admin"));
+    }
+}

@@ -1,0 +1,234 @@
+//! The outbox relay: publishes the outcome events written with their
+//! operation-log entries, in write order, with publisher confirms and
+//! `mandatory`, then marks them sent. A broker outage delays events, never
+//! drops them.
+//!
+//! One relay publishes at a time across all workers: leadership is a
+//! session-level PostgreSQL advisory lock held on a dedicated connection, so
+//! per-game order holds with any number of workers, and a dead leader's
+//! lock goes with its connection. Publishing is at-least-once: a crash
+//! between the confirm and the mark republishes with the same `event_id`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use sqlx::Postgres;
+use sqlx::pool::PoolConnection;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use crate::broker;
+use crate::config::{AmqpConfig, SecretUrl};
+use crate::inbound::http::Readiness;
+use crate::outbound::postgres::{PendingEvent, PgStore};
+use crate::shutdown::Shutdown;
+use crate::telemetry;
+
+/// The advisory lock key of relay leadership ("rtmrelay" in ASCII).
+const RELAY_LOCK_KEY: i64 = 0x72_74_6d_72_65_6c_61_79;
+/// Events per round trip to the database.
+const BATCH: i64 = 200;
+/// How often the relay looks even without a wake-up (other workers' events,
+/// retries after an outage).
+const POLL: Duration = Duration::from_millis(500);
+
+pub struct Relay {
+    store: PgStore,
+    url: SecretUrl,
+    amqp: AmqpConfig,
+    wake: Arc<Notify>,
+    readiness: Arc<Readiness>,
+}
+
+/// A live publishing channel and the connection it lives on.
+struct Link {
+    _connection: Connection,
+    channel: Channel,
+}
+
+impl Relay {
+    pub fn new(
+        store: PgStore,
+        url: SecretUrl,
+        amqp: AmqpConfig,
+        wake: Arc<Notify>,
+        readiness: Arc<Readiness>,
+    ) -> Self {
+        Self {
+            store,
+            url,
+            amqp,
+            wake,
+            readiness,
+        }
+    }
+
+    /// Publishes until shutdown, then makes one last pass so the outcomes
+    /// of the commands that just finished go out too.
+    pub async fn run(self, mut shutdown: Shutdown) {
+        let mut link: Option<Link> = None;
+        let mut leader: Option<PoolConnection<Postgres>> = None;
+        let mut pause = POLL;
+        loop {
+            let stopping = shutdown.is_set();
+            match self.pass(&mut link, &mut leader).await {
+                Ok(()) => pause = POLL,
+                Err(e) => {
+                    warn!(error = format!("{e:#}"), "outbox relay failed; retrying");
+                    link = None;
+                    leader = None;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+            if stopping {
+                break;
+            }
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(pause) => {}
+                () = shutdown.wait() => {}
+            }
+        }
+        if let Some(link) = link {
+            let _ = link.channel.close(200, "shutdown".into()).await;
+        }
+    }
+
+    /// Publishes everything unsent, if this relay leads.
+    async fn pass(
+        &self,
+        link: &mut Option<Link>,
+        leader: &mut Option<PoolConnection<Postgres>>,
+    ) -> anyhow::Result<()> {
+        if let Ok(backlog) = self.store.outbox_backlog().await {
+            metrics::gauge!(telemetry::OUTBOX_BACKLOG).set(backlog as f64);
+            if backlog == 0 {
+                return Ok(());
+            }
+        }
+        if !self.lead(leader).await? {
+            return Ok(());
+        }
+        loop {
+            let pending = self.store.unsent_events(BATCH).await?;
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let channel = match link {
+                Some(link) if link.channel.status().connected() => link.channel.clone(),
+                _ => {
+                    let fresh = self.connect().await?;
+                    let channel = fresh.channel.clone();
+                    *link = Some(fresh);
+                    channel
+                }
+            };
+            for event in &pending {
+                self.publish(&channel, event).await?;
+                self.store.mark_sent(&[event.event.event_id]).await?;
+                metrics::counter!(telemetry::EVENTS_PUBLISHED).increment(1);
+            }
+        }
+    }
+
+    /// Takes (or keeps) relay leadership.
+    async fn lead(&self, leader: &mut Option<PoolConnection<Postgres>>) -> anyhow::Result<bool> {
+        if leader.is_some() {
+            return Ok(true);
+        }
+        let mut conn = self
+            .store
+            .pool()
+            .acquire()
+            .await
+            .context("outbox relay: connect to the database")?;
+        let locked: bool = sqlx::query_scalar("select pg_try_advisory_lock($1)")
+            .bind(RELAY_LOCK_KEY)
+            .fetch_one(&mut *conn)
+            .await
+            .context("outbox relay: take leadership")?;
+        if locked {
+            // Keep the connection out of the pool for as long as we lead.
+            info!("this worker's relay now publishes the outbox");
+            *leader = Some(conn);
+        }
+        Ok(locked)
+    }
+
+    async fn connect(&self) -> anyhow::Result<Link> {
+        let connection = broker::connect(&self.url, "rtmanager relay").await?;
+        let channel = connection.create_channel().await?;
+        broker::declare_topology(&channel, &self.amqp).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Readiness::set(&self.readiness.broker, true);
+        Ok(Link {
+            _connection: connection,
+            channel,
+        })
+    }
+
+    /// Publishes one event (and its reply, for a request/reply command) and
+    /// waits for the broker's confirm.
+    async fn publish(&self, channel: &Channel, pending: &PendingEvent) -> anyhow::Result<()> {
+        let body = serde_json::to_vec(&pending.event).context("serialize an outcome event")?;
+        let properties = BasicProperties::default()
+            .with_message_id(ShortString::from(pending.event.event_id.to_string()))
+            .with_correlation_id(ShortString::from(pending.event.correlation_id.as_str()))
+            .with_type(ShortString::from(pending.routing_key.as_str()))
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_timestamp(pending.event.occurred_at.timestamp().max(0) as u64);
+        let confirm = channel
+            .basic_publish(
+                self.amqp.event_exchange.as_str().into(),
+                pending.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                properties.clone(),
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Nack(_) => {
+                anyhow::bail!("the broker refused event {}", pending.event.event_id)
+            }
+            // Returned as unroutable: nobody subscribes to this key yet. The
+            // event is published as far as the contract goes.
+            Confirmation::Ack(Some(_)) => {
+                debug!(routing_key = %pending.routing_key, "event had no subscriber")
+            }
+            Confirmation::Ack(None) | Confirmation::NotRequested => {}
+        }
+
+        if let Some(queue) = &pending.reply_to {
+            let mut reply = properties;
+            reply = match &pending.reply_correlation_id {
+                Some(id) => reply.with_correlation_id(ShortString::from(id.as_str())),
+                None => reply,
+            };
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    reply,
+                )
+                .await?
+                .await?;
+            if matches!(confirm, Confirmation::Nack(_)) {
+                anyhow::bail!("the broker refused the reply to {queue}");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,208 @@
+//! `rtmanager serve`: wires the adapters, the lifecycle, the consumer, the
+//! outbox relay, the HTTP endpoints and the readiness probes, and runs them
+//! until `shutdown` resolves (mini-redis `server.rs` style).
+//!
+//! Shutdown order: stop consuming → let in-flight commands finish (within
+//! `RTM_SHUTDOWN_TIMEOUT`; their leases are released as they end) → one
+//! last relay pass → close the broker connections → stop HTTP.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use backon::{ExponentialBuilder, Retryable};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::inbound::consumer::Consumer;
+use crate::inbound::http::{self, Readiness};
+use crate::lifecycle::Lifecycle;
+use crate::outbound::docker::DockerEngine;
+use crate::outbound::postgres::PgStore;
+use crate::outbound::redis_lease::RedisLeases;
+use crate::outbound::relay::Relay;
+use crate::shutdown::{self, Shutdown};
+use crate::telemetry;
+
+/// How often the readiness probes run.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// Runs the worker until `shutdown` resolves, then stops gracefully.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    telemetry::describe_metrics();
+    let metrics = telemetry::metrics_handle()?;
+    let (trigger, stop) = shutdown::channel();
+    tokio::spawn(async move {
+        shutdown.await;
+        info!("shutdown requested");
+        trigger.fire();
+    });
+
+    // At start-up a dependency may still be coming up: retry for
+    // RTM_RETRY_FOR before giving up.
+    let store = at_startup(&config, "PostgreSQL", || {
+        PgStore::connect(&config.database_url)
+    })
+    .await?;
+    store.migrate().await?;
+    let leases = RedisLeases::connect_lazy(&config.redis_url, &config.redis_prefix)?;
+    let engine = at_startup(&config, "Docker", || {
+        DockerEngine::connect(config.docker.clone())
+    })
+    .await?;
+    info!(docker_api = %engine.api_version(), "connected to PostgreSQL and Docker");
+
+    let readiness = Arc::new(Readiness::default());
+    let listener = TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("listen on RTM_HTTP_ADDR {}", config.http_addr))?;
+    info!(addr = %config.http_addr, "serving /healthz, /readyz and /metrics");
+    let app = http::router(readiness.clone(), metrics);
+    let mut http_stop = stop.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { http_stop.wait().await })
+            .await
+    });
+
+    let probes = tokio::spawn(probe(
+        store.clone(),
+        leases.clone(),
+        engine.clone(),
+        readiness.clone(),
+        stop.clone(),
+    ));
+
+    let relay_wake = Arc::new(Notify::new());
+    let (relay_trigger, relay_stop) = shutdown::channel();
+    let relay = tokio::spawn(
+        Relay::new(
+            store.clone(),
+            config.amqp_url.clone(),
+            config.amqp.clone(),
+            relay_wake.clone(),
+            readiness.clone(),
+        )
+        .run(relay_stop),
+    );
+
+    let lifecycle = Lifecycle::new(store, leases, engine, config.lifecycle.clone());
+    Consumer::new(
+        lifecycle,
+        config.amqp_url.clone(),
+        config.amqp.clone(),
+        readiness,
+        relay_wake.clone(),
+        stop,
+    )
+    .run(config.shutdown_timeout)
+    .await;
+
+    // The relay outlives the consumer by one pass, so the last outcomes go out.
+    relay_trigger.fire();
+    relay_wake.notify_one();
+    if tokio::time::timeout(Duration::from_secs(10), relay)
+        .await
+        .is_err()
+    {
+        warn!("the outbox relay did not stop in time; unsent events stay in the outbox");
+    }
+    probes.abort();
+    match http.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "HTTP server error"),
+        Err(e) => warn!(error = %e, "HTTP server task failed"),
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            warn!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+async fn at_startup<T, F, Fut>(config: &Config, what: &str, connect: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let backoff = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .without_max_times()
+        .with_total_delay(Some(config.lifecycle.retry_for));
+    connect
+        .retry(backoff)
+        .sleep(tokio::time::sleep)
+        .notify(|e, delay| warn!(error = format!("{e:#}"), retry_in = ?delay, "{what} is not reachable yet"))
+        .await
+        .with_context(|| format!("{what} stayed unreachable for RTM_RETRY_FOR"))
+}
+
+/// Keeps `/readyz` current: pings each dependency every few seconds.
+async fn probe(
+    store: PgStore,
+    leases: RedisLeases,
+    engine: DockerEngine,
+    readiness: Arc<Readiness>,
+    mut stop: Shutdown,
+) {
+    loop {
+        let (db, redis, docker) = tokio::join!(store.ping(), leases.ping(), engine.ping());
+        for (flag, name, result) in [
+            (
+                &readiness.database,
+                "database",
+                db.map_err(|e| e.to_string()),
+            ),
+            (&readiness.redis, "redis", redis.map_err(|e| e.to_string())),
+            (
+                &readiness.docker,
+                "docker",
+                docker.map_err(|e| e.to_string()),
+            ),
+        ] {
+            let was_up = flag.load(std::sync::atomic::Ordering::Relaxed);
+            match &result {
+                Ok(()) if !was_up => info!(dependency = name, "dependency is up"),
+                Err(e) if was_up => warn!(dependency = name, error = %e, "dependency is down"),
+                _ => {}
+            }
+            Readiness::set(flag, result.is_ok());
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PROBE_EVERY) => {}
+            () = stop.wait() => return,
+        }
+    }
+}

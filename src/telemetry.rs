@@ -1,0 +1,103 @@
+//! Telemetry in one place: the tracing subscriber (JSON in production,
+//! pretty locally, `RUST_LOG` to filter) and the Prometheus metrics, with
+//! every metric name the service records.
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, LogFormat};
+
+/// Operations recorded, by `op`, `outcome` and `error_code` (`none` on
+/// success).
+pub const OPERATIONS: &str = "rtmanager_operations_total";
+/// Duration of outer operations, by `op`.
+pub const OPERATION_SECONDS: &str = "rtmanager_operation_duration_seconds";
+/// Time to take a game's lease.
+pub const LEASE_ACQUIRE_SECONDS: &str = "rtmanager_lease_acquire_seconds";
+/// Docker API calls, by `call`.
+pub const DOCKER_CALL_SECONDS: &str = "rtmanager_docker_call_seconds";
+/// Messages taken from the command queue.
+pub const COMMANDS_CONSUMED: &str = "rtmanager_commands_consumed_total";
+/// Commands answered with `invalid_request` or `image_not_allowed`.
+pub const COMMANDS_REJECTED: &str = "rtmanager_commands_rejected_total";
+/// Undecodable messages sent to the dead-letter exchange.
+pub const COMMANDS_DEAD_LETTERED: &str = "rtmanager_commands_dead_lettered_total";
+/// Events written but not yet published.
+pub const OUTBOX_BACKLOG: &str = "rtmanager_outbox_backlog";
+/// Events published by the relay.
+pub const EVENTS_PUBLISHED: &str = "rtmanager_events_published_total";
+/// Commands being handled right now.
+pub const OPERATIONS_IN_FLIGHT: &str = "rtmanager_operations_in_flight";
+
+/// Installs the tracing subscriber and the Prometheus recorder. Call once.
+pub fn init(config: &Config) -> anyhow::Result<PrometheusHandle> {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,sqlx=warn,bollard=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let installed = match config.log_format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Pretty => builder.compact().try_init(),
+    };
+    installed.map_err(|e| anyhow::anyhow!("install the log subscriber: {e}"))?;
+    metrics_handle()
+}
+
+/// The Prometheus recorder (installed on first call; later calls return a
+/// handle to the same one, so tests can run several workers in-process).
+pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
+    use std::sync::OnceLock;
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let buckets = [
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets(&buckets)
+        .map_err(|e| anyhow::anyhow!("metrics buckets: {e}"))?
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("install the metrics recorder: {e}"))?;
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// Describes every metric once, so `/metrics` carries HELP lines.
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        OPERATIONS,
+        "Operations recorded, by op, outcome and error_code"
+    );
+    describe_histogram!(
+        OPERATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Duration of outer operations, by op"
+    );
+    describe_histogram!(
+        LEASE_ACQUIRE_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to take a game's lease"
+    );
+    describe_histogram!(
+        DOCKER_CALL_SECONDS,
+        metrics::Unit::Seconds,
+        "Docker API calls, by call"
+    );
+    describe_counter!(COMMANDS_CONSUMED, "Messages taken from the command queue");
+    describe_counter!(
+        COMMANDS_REJECTED,
+        "Commands answered invalid_request or image_not_allowed"
+    );
+    describe_counter!(COMMANDS_DEAD_LETTERED, "Undecodable messages dead-lettered");
+    describe_gauge!(
+        OUTBOX_BACKLOG,
+        "Outcome events written but not yet published"
+    );
+    describe_counter!(EVENTS_PUBLISHED, "Outcome events published by the relay");
+    describe_gauge!(OPERATIONS_IN_FLIGHT, "Commands being handled right now");
+}

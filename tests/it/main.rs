@@ -1,0 +1,10 @@
+//! One integration-test binary against the real services (PostgreSQL, Redis,
+//! Docker). Each test isolates itself: its own database, Redis key prefix,
+//! container prefix, game ids and state directory.
+
+mod docker_support;
+mod engine;
+mod harness;
+mod lease;
+mod lifecycle;
+mod store;
