@@ -7,4 +7,7 @@ mod engine;
 mod harness;
 mod lease;
 mod lifecycle;
+#[path = "../support/schema.rs"]
+mod schema;
 mod store;
+mod worker;

@@ -1,0 +1,663 @@
+//! The worker end to end through RabbitMQ: `serve` runs in-process on this
+//! test's own exchanges, queues, database, Redis prefix and container
+//! prefix; the test talks to it only through the broker (and the CLI binary).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
+use rtmanager::broker;
+use rtmanager::config::Config;
+use rtmanager::domain::{GameId, OutcomeEvent};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+
+use crate::docker_support::ContainerGuard;
+use crate::harness::{TestDb, amqp_url, redis_url, unique};
+use crate::schema::assert_valid_event;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A published event as a consumer sees it.
+#[derive(Debug, Clone)]
+struct Seen {
+    routing_key: String,
+    body: Value,
+    event: OutcomeEvent,
+    correlation_property: Option<String>,
+    message_id: Option<String>,
+    kind: Option<String>,
+}
+
+struct WorkerRig {
+    env: HashMap<String, String>,
+    config: Config,
+    channel: Channel,
+    _conn: Connection,
+    events: Consumer,
+    worker: Option<JoinHandle<anyhow::Result<()>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    state_root: TempDir,
+    _containers: ContainerGuard,
+    _db: TestDb,
+}
+
+impl WorkerRig {
+    async fn start() -> Self {
+        let db = TestDb::new().await;
+        let id = unique("t");
+        let prefix = format!("{}-", unique("rtmt"));
+        let containers = ContainerGuard::new(&prefix);
+        let state_root = TempDir::new().unwrap();
+        let port = free_port();
+        let env: HashMap<String, String> = [
+            ("RTM_AMQP_URL", amqp_url()),
+            ("DATABASE_URL", db.url.clone()),
+            ("RTM_REDIS_URL", redis_url()),
+            ("RTM_REDIS_PREFIX", format!("rtmtest:{id}:")),
+            ("RTM_STATE_ROOT", state_root.path().display().to_string()),
+            ("RTM_CONTAINER_PREFIX", prefix.clone()),
+            ("RTM_COMMAND_EXCHANGE", format!("rtmt.{id}.commands")),
+            ("RTM_COMMAND_QUEUE", format!("rtmt.{id}.commands")),
+            ("RTM_EVENT_EXCHANGE", format!("rtmt.{id}.events")),
+            ("RTM_DEAD_LETTER_EXCHANGE", format!("rtmt.{id}.dlx")),
+            ("RTM_DEAD_LETTER_QUEUE", format!("rtmt.{id}.dead-letters")),
+            ("RTM_CPUS", "0.5".into()),
+            ("RTM_MEMORY", "128m".into()),
+            ("RTM_STOP_TIMEOUT", "2s".into()),
+            ("RTM_START_SETTLE", "800ms".into()),
+            ("RTM_HEALTH_TIMEOUT", "15s".into()),
+            ("RTM_LEASE_TTL", "6s".into()),
+            ("RTM_RETRY_FOR", "3s".into()),
+            ("RTM_SHUTDOWN_TIMEOUT", "20s".into()),
+            ("RTM_HTTP_ADDR", format!("127.0.0.1:{port}")),
+            ("RTM_LOG_FORMAT", "pretty".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let config = Config::from_lookup(|k| env.get(k).cloned()).expect("test config");
+
+        // The test declares the topology too, so it can publish before the
+        // worker is up, and binds its own event queue first: no event missed.
+        let conn = broker::connect(&config.amqp_url, "rtmanager test")
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        broker::declare_topology(&channel, &config.amqp)
+            .await
+            .unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let events = Self::bind_events(&channel, &config, "runtime.#").await;
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let worker = tokio::spawn(rtmanager::serve::run(config.clone(), async move {
+            let _ = stop_rx.await;
+        }));
+        Self {
+            env,
+            config,
+            channel,
+            _conn: conn,
+            events,
+            worker: Some(worker),
+            stop: Some(stop_tx),
+            state_root,
+            _containers: containers,
+            _db: db,
+        }
+    }
+
+    async fn bind_events(channel: &Channel, config: &Config, key: &str) -> Consumer {
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                config.amqp.event_exchange.as_str().into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+    }
+
+    fn game(&self) -> GameId {
+        GameId::parse(&unique("g")).unwrap()
+    }
+
+    /// Publishes a raw body to the command exchange.
+    async fn publish_raw(&self, routing_key: &str, body: &[u8], properties: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.config.amqp.command_exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(
+            matches!(confirm, lapin::Confirmation::Ack(None)),
+            "{confirm:?}"
+        );
+    }
+
+    /// Publishes a command; returns its command_id.
+    async fn publish(&self, mut command: Value) -> String {
+        let command_id = unique("cmd");
+        if command.get("command_id").is_none() {
+            command["command_id"] = json!(command_id);
+        }
+        if command.get("op_source").is_none() {
+            command["op_source"] = json!("lobby");
+        }
+        let op = command["op"].as_str().unwrap().to_owned();
+        let body = serde_json::to_vec(&command).unwrap();
+        self.publish_raw(&format!("runtime.{op}"), &body, BasicProperties::default())
+            .await;
+        command["command_id"].as_str().unwrap().to_owned()
+    }
+
+    /// The next event on the test's queue, checked against the schema.
+    async fn next_event(&mut self) -> Seen {
+        next_event(&mut self.events).await
+    }
+
+    /// Events until the outer event of `command_id` (inclusive).
+    async fn until_outer(&mut self, command_id: &str) -> Vec<Seen> {
+        let mut seen = Vec::new();
+        loop {
+            let event = self.next_event().await;
+            let done = event.event.command_id == command_id && event.event.outer_op.is_none();
+            seen.push(event);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    async fn run(&mut self, command: Value) -> Vec<Seen> {
+        let id = self.publish(command).await;
+        self.until_outer(&id).await
+    }
+
+    async fn http_get(&self, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(self.config.http_addr)
+            .await
+            .unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    async fn queue_depth(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    }
+
+    fn boots(&self, game: &GameId) -> String {
+        std::fs::read_to_string(self.state_root.path().join(game.as_str()).join("boots"))
+            .unwrap_or_default()
+    }
+
+    /// Stops the worker gracefully and checks it exits cleanly.
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(worker) = self.worker.take() {
+            tokio::time::timeout(WAIT, worker)
+                .await
+                .expect("the worker stops within a minute")
+                .expect("the worker task")
+                .expect("the worker exits cleanly");
+        }
+    }
+}
+
+impl Drop for WorkerRig {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        // The topology is durable: delete it from a helper thread.
+        let amqp = self.config.amqp.clone();
+        let url = self.config.amqp_url.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let Ok(conn) = broker::connect(&url, "rtmanager test cleanup").await else {
+                    return;
+                };
+                let Ok(ch) = conn.create_channel().await else {
+                    return;
+                };
+                for queue in [&amqp.command_queue, &amqp.dead_letter_queue] {
+                    let _ = ch
+                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for exchange in [
+                    &amqp.command_exchange,
+                    &amqp.event_exchange,
+                    &amqp.dead_letter_exchange,
+                ] {
+                    let _ = ch
+                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+                let _ = conn.close(200, "bye".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+async fn next_event(consumer: &mut Consumer) -> Seen {
+    let delivery = tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .expect("an event within a minute")
+        .expect("the event stream is open")
+        .expect("a delivery");
+    let body: Value = serde_json::from_slice(&delivery.data).expect("an event is JSON");
+    assert_valid_event(&body);
+    let event: OutcomeEvent = serde_json::from_value(body.clone()).expect("an OutcomeEvent");
+    let props = &delivery.properties;
+    Seen {
+        routing_key: delivery.routing_key.to_string(),
+        body,
+        event,
+        correlation_property: props.correlation_id().as_ref().map(ToString::to_string),
+        message_id: props.message_id().as_ref().map(ToString::to_string),
+        kind: props.kind().as_ref().map(ToString::to_string),
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn keys(events: &[Seen]) -> Vec<&str> {
+    events.iter().map(|e| e.routing_key.as_str()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_then_patch_publishes_three_linked_events() {
+    let mut rig = WorkerRig::start().await;
+    let game = rig.game();
+    let started = rig
+        .run(json!({"op": "start", "game_id": game, "image_ref": "rtm-test/engine:1.4.2"}))
+        .await;
+    assert_eq!(keys(&started), ["runtime.start.success"]);
+    assert!(
+        started[0].event.address.is_some(),
+        "the address is in the start event"
+    );
+
+    let patch = rig
+        .run(
+            json!({"op": "patch", "game_id": game, "new_image_ref": "rtm-test/engine:1.4.3",
+                    "source_ref": "lobby-req-77"}),
+        )
+        .await;
+    assert_eq!(
+        keys(&patch),
+        [
+            "runtime.patch.stop.success",
+            "runtime.patch.start.success",
+            "runtime.patch.success"
+        ]
+    );
+    for seen in &patch {
+        assert_eq!(seen.event.correlation_id, "lobby-req-77");
+        assert_eq!(seen.correlation_property.as_deref(), Some("lobby-req-77"));
+        assert_eq!(
+            seen.message_id.as_deref(),
+            Some(seen.event.event_id.to_string().as_str())
+        );
+        assert_eq!(seen.kind.as_deref(), Some(seen.routing_key.as_str()));
+    }
+    let outer = &patch[2].body;
+    assert_eq!(outer["op"], "patch");
+    assert_eq!(outer["outer_op"], Value::Null);
+    assert_eq!(outer["image_ref"], "rtm-test/engine:1.4.3");
+    assert_eq!(outer["previous_image_ref"], "rtm-test/engine:1.4.2");
+    assert_eq!(patch[0].body["outer_op"], "patch");
+    assert_eq!(patch[0].body["reason"], "admin_request");
+    assert_eq!(
+        rig.boots(&game),
+        "1.4.2\n1.4.3\n",
+        "the engine's state survived"
+    );
+
+    let (status, ready) = rig.http_get("/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    for dep in ["broker", "database", "redis", "docker"] {
+        assert!(ready.contains(&format!("\"{dep}\":\"up\"")), "{ready}");
+    }
+    let (status, metrics) = rig.http_get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("rtmanager_operations_total"), "{metrics}");
+    assert!(
+        metrics.contains("rtmanager_lease_acquire_seconds"),
+        "{metrics}"
+    );
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_patch_has_one_event_and_leaves_the_game_alone() {
+    let mut rig = WorkerRig::start().await;
+    let game = rig.game();
+    let started = rig
+        .run(json!({"op": "start", "game_id": game, "image_ref": "rtm-test/engine:1.4.2"}))
+        .await;
+    let container = started[0].event.container_id.clone();
+
+    let rejected = rig
+        .run(json!({"op": "patch", "game_id": game, "new_image_ref": "rtm-test/engine:1.5.0"}))
+        .await;
+    assert_eq!(keys(&rejected), ["runtime.patch.failure"]);
+    assert_eq!(rejected[0].body["error_code"], "semver_patch_only");
+
+    // The game is untouched: a no-op start confirms the same container runs.
+    let again = rig
+        .run(json!({"op": "start", "game_id": game, "image_ref": "rtm-test/engine:1.4.2"}))
+        .await;
+    assert_eq!(
+        keys(&again),
+        ["runtime.start.success"],
+        "and nothing else was published"
+    );
+    assert!(again[0].event.noop);
+    assert_eq!(again[0].event.container_id, container);
+    assert_eq!(rig.boots(&game), "1.4.2\n");
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_and_the_worker_lives_on() {
+    let mut rig = WorkerRig::start().await;
+    let big = format!(
+        r#"{{"op":"start","pad":"{}"}}"#,
+        "x".repeat(2 * 1024 * 1024)
+    );
+    let poison: [(&str, Vec<u8>); 5] = [
+        ("invalid JSON", b"{\"op\": \"start\",".to_vec()),
+        ("invalid UTF-8", b"\xff\xfe\xfd".to_vec()),
+        ("a JSON array", b"[\"start\"]".to_vec()),
+        (
+            "an unknown op",
+            br#"{"op":"explode","command_id":"poison-op","game_id":"g"}"#.to_vec(),
+        ),
+        ("a 2 MB body", big.into_bytes()),
+    ];
+    for (_, body) in &poison {
+        rig.publish_raw("runtime.start", body, BasicProperties::default())
+            .await;
+    }
+    // A good command behind them is still served.
+    let game = rig.game();
+    let ok = rig
+        .run(json!({"op": "start", "game_id": game, "image_ref": "rtm-test/engine:1.4.2"}))
+        .await;
+    let outer = ok.last().unwrap();
+    assert_eq!(outer.routing_key, "runtime.start.success");
+    let rejected: Vec<_> = ok
+        .iter()
+        .filter(|e| e.routing_key == "runtime.rejected")
+        .collect();
+    assert_eq!(rejected.len(), 1, "{:?}", keys(&ok));
+    assert_eq!(rejected[0].event.command_id, "poison-op");
+    assert_eq!(rejected[0].body["op"], "explode");
+    assert_eq!(rejected[0].body["error_code"], "invalid_request");
+
+    let dlq = rig.config.amqp.dead_letter_queue.clone();
+    let mut reasons = Vec::new();
+    for _ in 0..poison.len() {
+        let message = rig
+            .channel
+            .basic_get(dlq.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("a dead letter");
+        let headers = message
+            .delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default();
+        let reason = match headers.inner().get("x-rtm-reject-reason") {
+            Some(AMQPValue::LongString(s)) => s.to_string(),
+            other => panic!("no reject reason header: {other:?}"),
+        };
+        reasons.push(reason);
+        message
+            .delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .unwrap();
+    }
+    let all = reasons.join("\n");
+    for expected in ["not JSON", "not UTF-8", "array", "unknown", "64 KiB"] {
+        assert!(all.contains(expected), "{expected:?} in {all}");
+    }
+    assert_eq!(
+        rig.queue_depth(&rig.config.amqp.command_queue.clone())
+            .await,
+        0,
+        "drained"
+    );
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_to_receives_the_outer_event() {
+    let rig = WorkerRig::start().await;
+    let reply = rig
+        .channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut replies = rig
+        .channel
+        .basic_consume(
+            reply.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let game = rig.game();
+    let body = json!({"command_id": "rpc-cmd", "op": "start", "game_id": game,
+                      "image_ref": "rtm-test/engine:1.4.2", "op_source": "admin"});
+    rig.publish_raw(
+        "runtime.start",
+        &serde_json::to_vec(&body).unwrap(),
+        BasicProperties::default()
+            .with_reply_to(reply.name().clone())
+            .with_correlation_id("rpc-1".into()),
+    )
+    .await;
+    let answer = next_event(&mut replies).await;
+    assert_eq!(answer.correlation_property.as_deref(), Some("rpc-1"));
+    assert_eq!(answer.event.command_id, "rpc-cmd");
+    assert_eq!(answer.event.op.as_deref(), Some("start"));
+    assert!(
+        answer.event.outer_op.is_none(),
+        "only the outer event is a reply"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_then_start_back_to_back_run_in_order() {
+    let mut rig = WorkerRig::start().await;
+    let game = rig.game();
+    rig.run(json!({"op": "start", "game_id": game, "image_ref": "rtm-test/engine:1.4.2"}))
+        .await;
+    let stop = rig.publish(json!({"op": "stop", "game_id": game})).await;
+    let start = rig
+        .publish(json!({"op": "start", "game_id": game, "image_ref": "rtm-test/engine:1.4.2"}))
+        .await;
+    let events = rig.until_outer(&start).await;
+    assert_eq!(
+        keys(&events),
+        ["runtime.stop.success", "runtime.start.success"]
+    );
+    assert_eq!(events[0].event.command_id, stop);
+    assert!(!events[1].event.noop, "the start came after the stop");
+    assert_eq!(rig.boots(&game), "1.4.2\n1.4.2\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_command_gets_the_same_outcome_without_running_again() {
+    let mut rig = WorkerRig::start().await;
+    let game = rig.game();
+    let command = json!({"command_id": unique("dup"), "op": "start", "game_id": game,
+                         "image_ref": "rtm-test/engine:1.4.2"});
+    let first = rig.run(command.clone()).await;
+    let second = rig.run(command).await;
+    assert_eq!(
+        first.last().unwrap().event.event_id,
+        second.last().unwrap().event.event_id
+    );
+    assert_eq!(rig.boots(&game), "1.4.2\n", "ran once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_wait_exits_0_on_success_and_1_on_a_failure() {
+    let rig = WorkerRig::start().await;
+    let game = rig.game();
+    let send = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rtmanager"));
+        cmd.args(args)
+            .env_clear()
+            .envs(&rig.env)
+            .env("PATH", std::env::var("PATH").unwrap());
+        cmd
+    };
+    let run = |mut cmd: std::process::Command| {
+        tokio::task::spawn_blocking(move || cmd.output().expect("run rtmanager"))
+    };
+    let out = run(send(&[
+        "send",
+        "start",
+        game.as_str(),
+        "rtm-test/engine:1.4.2",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]))
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("start"), "{stdout}");
+
+    let out = run(send(&[
+        "send",
+        "patch",
+        game.as_str(),
+        "rtm-test/engine:2.0.0",
+        "--wait",
+        "--json",
+        "--timeout",
+        "60s",
+    ]))
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_valid_event(&line);
+    assert_eq!(line["error_code"], "semver_patch_only");
+}
