@@ -63,6 +63,8 @@ pub struct Consumer<S, L, E> {
 struct Job {
     request: CommandRequest,
     delivery: Delivery,
+    /// How many times the broker delivered it before (`x-delivery-count`).
+    redeliveries: u64,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -210,6 +212,7 @@ where
     ) {
         let key = request.game_id.clone().unwrap_or_default();
         let job = Job {
+            redeliveries: delivery_count(&delivery.properties),
             request,
             delivery,
             _permit: permit,
@@ -261,7 +264,23 @@ where
     async fn process(&self, job: Job) {
         let gauge = metrics::gauge!(telemetry::OPERATIONS_IN_FLIGHT);
         gauge.increment(1.0);
-        let handled = self.handle_until_recorded(&job.request).await;
+        let handled = if self.last_delivery(job.redeliveries) {
+            // Every earlier delivery ended without an outcome: the command
+            // keeps killing workers. Answer it instead of running it again;
+            // the broker would dead-letter it after this delivery anyway.
+            let message = format!(
+                "gave up after {} deliveries without an outcome (RTM_DELIVERY_LIMIT={}): the command kept interrupting its workers",
+                job.redeliveries + 1,
+                self.amqp.delivery_limit
+            );
+            error!(%message, "poison command");
+            self.lifecycle
+                .fail_internal(&job.request, message)
+                .await
+                .ok()
+        } else {
+            self.handle_until_recorded(&job.request).await
+        };
         gauge.decrement(1.0);
         self.relay_wake.notify_one();
         let Some(handled) = handled else {
@@ -326,6 +345,12 @@ where
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(10));
         }
+    }
+
+    /// The broker dead-letters a message returned more than
+    /// `RTM_DELIVERY_LIMIT` times: this delivery is its last.
+    fn last_delivery(&self, redeliveries: u64) -> bool {
+        redeliveries >= u64::from(self.amqp.delivery_limit)
     }
 
     fn in_shutdown(&self) -> bool {
@@ -422,6 +447,20 @@ fn rejected_event(undecodable: &Undecodable) -> Option<OutcomeEvent> {
         finished_at: now,
     })
     .filter(|e| e.routing_key() == REJECTED_ROUTING_KEY)
+}
+
+/// `x-delivery-count`, set by quorum queues on redeliveries (absent on the
+/// first delivery).
+fn delivery_count(props: &BasicProperties) -> u64 {
+    let headers = props.headers().as_ref();
+    match headers.and_then(|h| h.inner().get("x-delivery-count")) {
+        Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongUInt(n)) => u64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::ShortShortInt(n)) => u64::try_from(*n).unwrap_or(0),
+        _ => 0,
+    }
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {

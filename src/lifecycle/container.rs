@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use serde_json::json;
 use tokio::time::Instant;
 use tracing::warn;
 
@@ -64,6 +65,12 @@ where
                 ),
                 EngineError::Unavailable(msg) => unavailable("pull", &msg),
             })?;
+        self.journal(
+            op,
+            &format!("pull {image}"),
+            json!({ "image": image.as_str() }),
+        )
+        .await?;
         Ok(())
     }
 
@@ -106,6 +113,8 @@ where
         self.docker("remove", || self.engine.remove(id))
             .await
             .map_err(|e| unavailable("remove", &e.to_string()))?;
+        self.journal(op, "remove", json!({ "container_id": id.as_str() }))
+            .await?;
         Ok(())
     }
 
@@ -123,10 +132,12 @@ where
     /// Creates and starts the game's container and waits until it is up
     /// (SPEC §4). On failure the container's exit code and log tail go in
     /// the `container_start_failed` message and the container is removed.
+    /// `stage` names the journal steps (`start.create`, `rollback.up`, …).
     pub(super) async fn launch(
         &self,
         op: &Op<'_, L>,
         image: &ImageRef,
+        stage: &str,
     ) -> Result<ContainerInfo, Halt> {
         op.check_lease()?;
         let id = self
@@ -139,10 +150,24 @@ where
                 ),
                 EngineError::Unavailable(msg) => unavailable("create", &msg),
             })?;
+        self.journal(
+            op,
+            &format!("{stage}.create"),
+            json!({ "container_id": id.as_str() }),
+        )
+        .await?;
         op.check_lease()?;
         let started = self.docker("start", || self.engine.start(&id)).await;
         let up = match started {
-            Ok(()) => self.wait_up(op, &id).await,
+            Ok(()) => {
+                self.journal(
+                    op,
+                    &format!("{stage}.start"),
+                    json!({ "container_id": id.as_str() }),
+                )
+                .await?;
+                self.wait_up(op, &id).await
+            }
             Err(EngineError::Rejected(msg)) => Err(Halt::Fail(Failure::new(
                 ErrorCode::ContainerStartFailed,
                 format!("start container: {msg}"),
@@ -157,8 +182,36 @@ where
                 }
                 Err(Failure::new(ErrorCode::ContainerStartFailed, message).into())
             }
+            Ok(info) => {
+                let detail = json!({
+                    "container_id": info.id.as_str(),
+                    "address": info.address,
+                    "image": image.as_str(),
+                });
+                self.journal(op, &format!("{stage}.up"), detail).await?;
+                Ok(info)
+            }
             other => other,
         }
+    }
+
+    /// The container an earlier attempt journaled as up at `stage`, if
+    /// Docker still reports it running that image: the attempt died after
+    /// the up-check and before recording it, so this one records it instead
+    /// of starting the engine a second time.
+    pub(super) async fn already_up(
+        &self,
+        op: &Op<'_, L>,
+        image: &ImageRef,
+        stage: &str,
+    ) -> Result<Option<ContainerInfo>, Halt> {
+        let Some(up) = op.progress.step(&format!("{stage}.up")) else {
+            return Ok(None);
+        };
+        let journaled = up["container_id"].as_str().unwrap_or_default();
+        Ok(self.inspect(op).await?.filter(|info| {
+            info.running && info.id.as_str() == journaled && info.image_ref == image.as_str()
+        }))
     }
 
     /// Up means up: healthy within `RTM_HEALTH_TIMEOUT` when the image has a

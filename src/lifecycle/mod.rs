@@ -43,7 +43,7 @@ use crate::domain::{
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{
     Acquired, ContainerEngine, Fence, InboxClaim, LeaseHolder, LeaseStore, OperationWrite,
-    Recorded, RuntimeStore, StoreError,
+    Progress, Recorded, RuntimeStore, StoreError,
 };
 use crate::telemetry;
 use lease::LeaseGuard;
@@ -133,6 +133,8 @@ struct Op<'a, L: LeaseStore> {
     fence: Fence,
     lease: &'a LeaseGuard<L>,
     started_at: DateTime<Utc>,
+    /// What earlier attempts of this command did (empty on a first attempt).
+    progress: Progress,
 }
 
 impl<L: LeaseStore> Op<'_, L> {
@@ -213,15 +215,17 @@ where
     )]
     pub async fn handle(&self, request: CommandRequest) -> Result<Handled, Interrupted> {
         let received_at = Utc::now();
-        if let InboxClaim::Finished(event) =
-            self.store_retrying(|| self.store.claim(&request)).await?
-        {
-            info!(outcome = %event.outcome, "duplicate of a finished command: republishing its outcome");
-            return Ok(Handled {
-                event,
-                duplicate: true,
-            });
-        }
+        let fresh = match self.store_retrying(|| self.store.claim(&request)).await? {
+            InboxClaim::Fresh => true,
+            InboxClaim::Unfinished => false,
+            InboxClaim::Finished(event) => {
+                info!(outcome = %event.outcome, "duplicate of a finished command: republishing its outcome");
+                return Ok(Handled {
+                    event,
+                    duplicate: true,
+                });
+            }
+        };
 
         let command = match request.validate(&self.cfg.allowed_images) {
             Ok(command) => command,
@@ -238,7 +242,7 @@ where
             Err(Halt::Interrupt(i)) => return Err(i),
         };
 
-        let outcome = self.run_leased(&request, &command, &lease).await;
+        let outcome = self.run_leased(&request, &command, &lease, fresh).await;
         lease.release().await;
         outcome
     }
@@ -248,16 +252,34 @@ where
         request: &CommandRequest,
         command: &Command,
         lease: &LeaseGuard<L>,
+        fresh: bool,
     ) -> Result<Handled, Interrupted> {
-        // An earlier attempt may have finished while we waited for its lease.
-        if let InboxClaim::Finished(event) =
-            self.store_retrying(|| self.store.claim(request)).await?
-        {
-            return Ok(Handled {
-                event,
-                duplicate: true,
-            });
-        }
+        // A command seen before is a redelivery: an earlier attempt may have
+        // finished while we waited for its lease, or died part-way, in which
+        // case this attempt resumes from what it recorded.
+        let progress = if fresh {
+            Progress::default()
+        } else {
+            if let InboxClaim::Finished(event) =
+                self.store_retrying(|| self.store.claim(request)).await?
+            {
+                return Ok(Handled {
+                    event,
+                    duplicate: true,
+                });
+            }
+            let progress = self
+                .store_retrying(|| self.store.progress(&command.command_id))
+                .await?;
+            if !progress.is_empty() {
+                info!(
+                    entries = progress.events.len(),
+                    steps = ?progress.steps.keys().collect::<Vec<_>>(),
+                    "resuming a command an earlier attempt left unfinished"
+                );
+            }
+            progress
+        };
         let fence = self
             .store_retrying(|| self.store.advance_fence(&command.game_id))
             .await?;
@@ -266,6 +288,7 @@ where
             fence,
             lease,
             started_at: Utc::now(),
+            progress,
         };
         let recorded = match &command.action {
             Action::Start { image_ref } => self.start(&op, image_ref).await?,
@@ -343,13 +366,24 @@ where
         }
     }
 
-    /// Fails a command with `internal` after its handling panicked. The
-    /// panicked attempt's lease was released as its task unwound.
+    /// Fails a command with `internal` after its handling panicked (the
+    /// panicked attempt's lease was released as its task unwound).
+    ///
+    /// Also answers a command that keeps killing workers, on its last
+    /// delivery. A command that did finish meanwhile keeps its outcome.
     pub async fn fail_internal(
         &self,
         request: &CommandRequest,
         message: String,
     ) -> Result<Handled, Interrupted> {
+        if let InboxClaim::Finished(event) =
+            self.store_retrying(|| self.store.claim(request)).await?
+        {
+            return Ok(Handled {
+                event,
+                duplicate: true,
+            });
+        }
         self.reject(
             request,
             Utc::now(),
@@ -420,6 +454,19 @@ where
             }
             other => other,
         })
+    }
+
+    /// Journals a Docker step as done, so a redelivered command can resume
+    /// after it.
+    async fn journal(
+        &self,
+        op: &Op<'_, L>,
+        step: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), Interrupted> {
+        self.store_retrying(|| self.store.journal(&op.cmd.command_id, step, detail.clone()))
+            .await?;
+        Ok(())
     }
 
     /// Writes the outer entry as a failure.

@@ -9,6 +9,8 @@
 //! not come up (beyond the original) the previous image is started again on
 //! the same state directory.
 
+use serde_json::json;
+
 use super::start::StartPlan;
 use super::{Halt, Interrupted, Lifecycle, Op};
 use crate::domain::image_ref::same_patch_series;
@@ -34,21 +36,41 @@ where
             Ok(record) => record,
             Err(failure) => return self.fail_outer(op, entry, failure, None).await,
         };
-        let previous = &record.image_ref;
+        // The image the game ran before this patch. A resumed patch may find
+        // the record already on the new image: the first attempt journaled
+        // the previous one.
+        let previous = op
+            .progress
+            .step("begin")
+            .and_then(|d| d["previous_image"].as_str())
+            .and_then(|raw| ImageRef::parse(raw).ok())
+            .unwrap_or_else(|| record.image_ref.clone());
+        let previous = &previous;
+        self.journal(op, "begin", json!({ "previous_image": previous.as_str() }))
+            .await?;
         entry.previous_image_ref = Some(previous.to_string());
         entry.container_id = record.state.container_id().map(ToString::to_string);
 
         // Beyond the original: pull first, so a pull failure leaves the
-        // running game untouched.
-        let swapped = async {
-            self.ensure_image(op, new_image).await?;
-            self.stop_and_remove(op, OpKind::Patch, &record).await
-        }
-        .await;
-        match swapped {
-            Ok(()) => {}
-            Err(Halt::Fail(failure)) => return self.fail_outer(op, entry, failure, None).await,
-            Err(Halt::Interrupt(i)) => return Err(i),
+        // running game untouched. Skipped when resuming past the new start.
+        let resumed_past_start = op
+            .progress
+            .entry(OpKind::Start, Some(OpKind::Patch), false)
+            .is_some()
+            || op.progress.step("start.up").is_some();
+        if !resumed_past_start {
+            let swapped = async {
+                self.ensure_image(op, new_image).await?;
+                self.stop_and_remove(op, OpKind::Patch, &record).await
+            }
+            .await;
+            match swapped {
+                Ok(()) => {}
+                Err(Halt::Fail(failure)) => {
+                    return self.fail_outer(op, entry, failure, None).await;
+                }
+                Err(Halt::Interrupt(i)) => return Err(i),
+            }
         }
 
         let stopped_on_previous = RecordUpdate {
@@ -65,6 +87,7 @@ where
                     outer: Some(OpKind::Patch),
                     previous_image: Some(previous),
                     rolled_back: false,
+                    stage: "start",
                     on_failure: Some(stopped_on_previous.clone()),
                 },
             )
@@ -103,6 +126,7 @@ where
                     outer: Some(OpKind::Patch),
                     previous_image: Some(new_image),
                     rolled_back: true,
+                    stage: "rollback",
                     on_failure: Some(stopped_on_previous),
                 },
             )

@@ -2,8 +2,7 @@
 //! state directory is kept, so a later start is a new life on the old data.
 
 use super::{Halt, Interrupted, Lifecycle, Op};
-use crate::domain::{EntryResult, OpKind, RecordUpdate, RuntimeState, StopReason};
-use crate::error::Failure;
+use crate::domain::{EntryResult, OpKind, RecordUpdate, RuntimeState};
 use crate::ports::{ContainerEngine, LeaseStore, Recorded, RuntimeStore};
 
 impl<S, L, E> Lifecycle<S, L, E>
@@ -26,14 +25,7 @@ where
             if matches!(record.state, RuntimeState::Removed) && container.is_none() {
                 return Ok(true);
             }
-            let stop = self
-                .run_stop(op, StopReason::AdminRequest, Some(OpKind::Remove), &record)
-                .await?;
-            if let Err(f) = stop.result {
-                return Err(
-                    Failure::new(f.code, format!("inner stop failed: {}", f.message)).into(),
-                );
-            }
+            self.inner_stop(op, OpKind::Remove, &record).await?;
             if let Some(info) = self.inspect(op).await? {
                 entry.container_id = Some(info.id.to_string());
                 self.discard(op, &info.id).await?;

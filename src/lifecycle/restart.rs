@@ -28,10 +28,20 @@ where
             return self.fail_outer(op, entry, failure, None).await;
         }
 
-        match self.stop_and_remove(op, OpKind::Restart, &record).await {
-            Ok(()) => {}
-            Err(Halt::Fail(failure)) => return self.fail_outer(op, entry, failure, None).await,
-            Err(Halt::Interrupt(i)) => return Err(i),
+        // Skipped when resuming past the new start.
+        let resumed_past_start = op
+            .progress
+            .entry(OpKind::Start, Some(OpKind::Restart), false)
+            .is_some()
+            || op.progress.step("start.up").is_some();
+        if !resumed_past_start {
+            match self.stop_and_remove(op, OpKind::Restart, &record).await {
+                Ok(()) => {}
+                Err(Halt::Fail(failure)) => {
+                    return self.fail_outer(op, entry, failure, None).await;
+                }
+                Err(Halt::Interrupt(i)) => return Err(i),
+            }
         }
 
         let start = self
@@ -42,6 +52,7 @@ where
                     outer: Some(OpKind::Restart),
                     previous_image: None,
                     rolled_back: false,
+                    stage: "start",
                     on_failure: Some(RecordUpdate {
                         game_id: op.game().clone(),
                         image_ref: record.image_ref.clone(),

@@ -14,6 +14,8 @@ pub(super) struct StartPlan<'a> {
     pub previous_image: Option<&'a ImageRef>,
     /// This start restores the previous image after a failed patch.
     pub rolled_back: bool,
+    /// Names its journal steps: `start`, or `rollback`.
+    pub stage: &'static str,
     /// The record as a failed start leaves it; `None` leaves no record (a
     /// first start that failed: nothing runs, nothing to track).
     pub on_failure: Option<RecordUpdate>,
@@ -86,6 +88,7 @@ where
                     outer: None,
                     previous_image: record.as_ref().map(|r| &r.image_ref),
                     rolled_back: false,
+                    stage: "start",
                     on_failure,
                 },
             )
@@ -146,10 +149,48 @@ where
         entry.previous_image_ref = plan.previous_image.map(ToString::to_string);
         entry.rolled_back = plan.rolled_back;
 
+        // Resuming: an earlier attempt already recorded this step.
+        if plan.outer.is_some()
+            && let Some(done) = op
+                .progress
+                .entry(OpKind::Start, plan.outer, plan.rolled_back)
+        {
+            let recorded = Recorded {
+                operation_id: done.operation_id.unwrap_or_default(),
+                event: done.clone(),
+            };
+            match done.error_code {
+                Some(code) => {
+                    let message = done.error_message.clone().unwrap_or_default();
+                    return Ok(StartRun {
+                        recorded,
+                        result: Err(Failure::new(code, message)),
+                    });
+                }
+                None => {
+                    let running = self.inspect(op).await.ok().flatten().filter(|info| {
+                        info.running
+                            && Some(info.id.as_str()) == done.container_id.as_deref()
+                            && info.image_ref == plan.image.as_str()
+                    });
+                    // Docker no longer runs what was recorded: start again.
+                    if let Some(info) = running {
+                        return Ok(StartRun {
+                            recorded,
+                            result: Ok(info),
+                        });
+                    }
+                }
+            }
+        }
+
         let launched = async {
+            if let Some(info) = self.already_up(op, plan.image, plan.stage).await? {
+                return Ok(info);
+            }
             self.ensure_image(op, plan.image).await?;
             self.clear_leftover(op).await?;
-            self.launch(op, plan.image).await
+            self.launch(op, plan.image, plan.stage).await
         }
         .await;
 

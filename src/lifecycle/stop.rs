@@ -2,6 +2,8 @@
 //! remove reuse. A stop keeps the container; a stop of a container Docker
 //! reports as not running is a no-op (and corrects the record).
 
+use serde_json::json;
+
 use super::{Halt, Interrupted, Lifecycle, Op};
 use crate::domain::{
     ContainerId, EntryResult, OpKind, RecordUpdate, RuntimeRecord, RuntimeState, StopReason,
@@ -53,10 +55,13 @@ where
             match self.inspect(op).await? {
                 Some(info) if info.running => {
                     self.halt(op, &info.id).await?;
+                    self.journal(op, "stop", json!({ "container_id": info.id.as_str() }))
+                        .await?;
                     Ok((Some(info.id), false))
                 }
-                Some(info) => Ok((Some(info.id), true)),
-                None => Ok((None, true)),
+                // Not a no-op if an earlier attempt of this command stopped it.
+                Some(info) => Ok((Some(info.id), op.progress.step("stop").is_none())),
+                None => Ok((None, op.progress.step("stop").is_none())),
             }
         }
         .await;
@@ -103,14 +108,38 @@ where
         outer: OpKind,
         record: &RuntimeRecord,
     ) -> Result<(), Halt> {
+        self.inner_stop(op, outer, record).await?;
+        if let Some(info) = self.inspect(op).await? {
+            if info.running {
+                // Resumed after a recorded stop, yet running: stop it again.
+                self.halt(op, &info.id).await?;
+            }
+            self.discard(op, &info.id).await?;
+        }
+        Ok(())
+    }
+
+    /// The inner stop (reason `admin_request`) of `outer`, unless an earlier
+    /// attempt of this command already recorded it. Its failure becomes the
+    /// outer failure, with its code.
+    pub(super) async fn inner_stop(
+        &self,
+        op: &Op<'_, L>,
+        outer: OpKind,
+        record: &RuntimeRecord,
+    ) -> Result<(), Halt> {
+        let recorded = op
+            .progress
+            .entry(OpKind::Stop, Some(outer), false)
+            .is_some_and(|e| e.error_code.is_none());
+        if recorded {
+            return Ok(());
+        }
         let stop = self
             .run_stop(op, StopReason::AdminRequest, Some(outer), record)
             .await?;
         if let Err(f) = stop.result {
             return Err(Failure::new(f.code, format!("inner stop failed: {}", f.message)).into());
-        }
-        if let Some(info) = self.inspect(op).await? {
-            self.discard(op, &info.id).await?;
         }
         Ok(())
     }

@@ -26,7 +26,9 @@ use crate::domain::{
     CommandRequest, ContainerId, GameId, ImageRef, OutcomeEvent, RuntimeRecord, RuntimeState,
     RuntimeStatus,
 };
-use crate::ports::{Fence, InboxClaim, OperationWrite, Recorded, RuntimeStore, StoreError};
+use crate::ports::{
+    Fence, InboxClaim, OperationWrite, Progress, Recorded, RuntimeStore, StoreError,
+};
 
 /// How long a query waits for a pooled connection (including connecting)
 /// before it fails: an outage must surface as [`StoreError::Unavailable`],
@@ -217,6 +219,54 @@ impl PgStore {
 }
 
 impl RuntimeStore for PgStore {
+    async fn progress(&self, command_id: &str) -> Result<Progress, StoreError> {
+        let events: Vec<(Uuid, serde_json::Value)> = sqlx::query_as(
+            "select o.event_id, o.payload
+             from operation_log l join outbox o on o.operation_id = l.operation_id
+             where l.command_id = $1
+             order by l.operation_id",
+        )
+        .bind(command_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_error("read the command's earlier entries", e))?;
+        let steps: Vec<(String, Option<serde_json::Value>)> =
+            sqlx::query_as("select step, detail from operation_journal where command_id = $1")
+                .bind(command_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| db_error("read the operation journal", e))?;
+        Ok(Progress {
+            events: events
+                .into_iter()
+                .map(|(id, payload)| decode_event(id, payload))
+                .collect::<Result<_, _>>()?,
+            steps: steps
+                .into_iter()
+                .map(|(step, detail)| (step, detail.unwrap_or(serde_json::Value::Null)))
+                .collect(),
+        })
+    }
+
+    async fn journal(
+        &self,
+        command_id: &str,
+        step: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "insert into operation_journal (command_id, step, detail) values ($1, $2, $3)
+             on conflict (command_id, step) do nothing",
+        )
+        .bind(command_id)
+        .bind(step)
+        .bind(Json(detail))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("journal an operation step", e))?;
+        Ok(())
+    }
+
     async fn append_rejected(&self, event: &OutcomeEvent) -> Result<(), StoreError> {
         sqlx::query(
             "insert into outbox (event_id, game_id, routing_key, correlation_id, payload)

@@ -4,9 +4,11 @@
 
 mod docker_support;
 mod engine;
+mod fakes;
 mod harness;
 mod lease;
 mod lifecycle;
+mod recovery;
 #[path = "../support/schema.rs"]
 mod schema;
 mod store;

@@ -1,0 +1,220 @@
+//! A worker as a real process: the debug binary running `serve`, configured
+//! only by environment variables (SPEC §9), logging JSON to a file of its
+//! own. Killed with SIGKILL (`Child::kill`), stopped with SIGTERM, paused
+//! with SIGSTOP, and started again on the same log and settings.
+
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::procs::{Manifest, signal};
+use crate::services::tail_file;
+
+pub struct Worker {
+    pub name: String,
+    pub log: PathBuf,
+    pub http_port: u16,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    manifest: Manifest,
+    /// How many times this worker was started.
+    pub starts: u32,
+}
+
+impl Worker {
+    pub fn new(
+        name: &str,
+        log: PathBuf,
+        http_port: u16,
+        env: Vec<(String, String)>,
+        manifest: Manifest,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            log,
+            http_port,
+            env,
+            child: None,
+            manifest,
+            starts: 0,
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "{} is already running", self.name);
+        self.starts += 1;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open the worker log");
+        writeln!(
+            log,
+            "=== faults: start #{} of {} at {}",
+            self.starts,
+            self.name,
+            chrono::Utc::now().to_rfc3339()
+        )
+        .ok();
+        let child = {
+            use std::os::unix::process::CommandExt as _;
+            Command::new(env!("CARGO_BIN_EXE_rtmanager"))
+                .arg("serve")
+                .env_clear()
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("clone the log handle"))
+                .stderr(log)
+                // Its own process group: a terminal's Ctrl-C reaches the
+                // test process only, whose teardown then stops the worker.
+                .process_group(0)
+                .spawn()
+                .expect("spawn rtmanager serve")
+        };
+        self.manifest
+            .record_pid(child.id(), "KILL", &self.manifest.marker());
+        self.child = Some(child);
+    }
+
+    /// SIGKILL (`Child::kill`), reaped at once.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            self.note("SIGKILL");
+        }
+    }
+
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "STOP");
+            self.note("SIGSTOP");
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "CONT");
+            self.note("SIGCONT");
+        }
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit.
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        let Some(mut child) = self.child.take() else {
+            return Err(format!("{} is not running", self.name));
+        };
+        self.note("SIGTERM");
+        signal(child.id(), "TERM");
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "{} did not exit within {timeout:?} of SIGTERM (SIGKILLed)",
+                        self.name
+                    ));
+                }
+                Err(e) => return Err(format!("wait for {}: {e}", self.name)),
+            }
+        }
+    }
+
+    /// Exited by itself (a crash): its status.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits until `/readyz` answers 200 (every dependency up).
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                return Err(format!(
+                    "{} exited ({status}) before it was ready:\n{}",
+                    self.name,
+                    self.tail(30)
+                ));
+            }
+            if let Ok((200, _)) = self.http_get("/readyz").await {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let last = self.http_get("/readyz").await;
+                return Err(format!(
+                    "{} not ready within {timeout:?} (last /readyz: {last:?}):\n{}",
+                    self.name,
+                    self.tail(30)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn http_get(&self, path: &str) -> Result<(u16, String), String> {
+        let io = async {
+            let mut stream =
+                tokio::net::TcpStream::connect(("127.0.0.1", self.http_port)).await?;
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: faults\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await?;
+            Ok::<_, std::io::Error>(response)
+        };
+        let response = tokio::time::timeout(Duration::from_secs(3), io)
+            .await
+            .map_err(|_| "timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let status = response
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .ok_or("no HTTP status")?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
+    pub fn tail(&self, lines: usize) -> String {
+        tail_file(&self.log, lines)
+    }
+
+    /// A line in the worker's log marking what the suite did to it.
+    fn note(&self, what: &str) {
+        if let Ok(mut log) = OpenOptions::new().append(true).open(&self.log) {
+            writeln!(
+                log,
+                "=== faults: {what} to {} at {}",
+                self.name,
+                chrono::Utc::now().to_rfc3339()
+            )
+            .ok();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid() {
+            // A paused worker must be able to die.
+            signal(pid, "CONT");
+        }
+        self.kill();
+    }
+}

@@ -1,0 +1,216 @@
+//! In-process wrappers around the real adapters, for faults the real
+//! services cannot produce on demand: a step that never returns (the worker
+//! died there), a renewal that fails, a write that waits for a signal. They
+//! delegate everything else to the real PostgreSQL, Redis and Docker.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rtmanager::domain::{
+    CommandRequest, ContainerId, GameId, ImageRef, OutcomeEvent, RuntimeRecord,
+};
+use rtmanager::outbound::docker::DockerEngine;
+use rtmanager::outbound::postgres::PgStore;
+use rtmanager::outbound::redis_lease::RedisLeases;
+use rtmanager::ports::{
+    Acquired, ContainerEngine, ContainerInfo, EngineError, Fence, InboxClaim, LeaseError,
+    LeaseHolder, LeaseStore, OperationWrite, Progress, Recorded, RuntimeStore, StoreError,
+};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+/// Decides, per write, whether the store stalls before committing it.
+pub type WritePredicate = Arc<dyn Fn(&OperationWrite) -> bool + Send + Sync>;
+
+/// A store whose matching `append` stalls until `release` is notified
+/// (forever if never): the worker "dies" or "pauses" right before that write.
+#[derive(Clone)]
+pub struct StallingStore {
+    pub inner: PgStore,
+    pub stall_if: WritePredicate,
+    pub stalled: Arc<Notify>,
+    pub release: Arc<Notify>,
+}
+
+impl StallingStore {
+    pub fn new(
+        inner: PgStore,
+        stall_if: impl Fn(&OperationWrite) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            inner,
+            stall_if: Arc::new(stall_if),
+            stalled: Arc::new(Notify::new()),
+            release: Arc::new(Notify::new()),
+        }
+    }
+}
+
+impl RuntimeStore for StallingStore {
+    fn claim(
+        &self,
+        request: &CommandRequest,
+    ) -> impl Future<Output = Result<InboxClaim, StoreError>> + Send {
+        self.inner.claim(request)
+    }
+    fn load(
+        &self,
+        game_id: &GameId,
+    ) -> impl Future<Output = Result<Option<RuntimeRecord>, StoreError>> + Send {
+        self.inner.load(game_id)
+    }
+    fn advance_fence(
+        &self,
+        game_id: &GameId,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send {
+        self.inner.advance_fence(game_id)
+    }
+    async fn append(&self, write: OperationWrite, event_id: Uuid) -> Result<Recorded, StoreError> {
+        if (self.stall_if)(&write) {
+            self.stalled.notify_one();
+            self.release.notified().await;
+        }
+        self.inner.append(write, event_id).await
+    }
+    fn append_rejected(
+        &self,
+        event: &OutcomeEvent,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.inner.append_rejected(event)
+    }
+    fn progress(
+        &self,
+        command_id: &str,
+    ) -> impl Future<Output = Result<Progress, StoreError>> + Send {
+        self.inner.progress(command_id)
+    }
+    fn journal(
+        &self,
+        command_id: &str,
+        step: &str,
+        detail: serde_json::Value,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.inner.journal(command_id, step, detail)
+    }
+    fn republish(&self, event_id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.inner.republish(event_id)
+    }
+}
+
+/// An engine whose `stop` or `start` never returns once armed: the worker
+/// died in the middle of that Docker call.
+#[derive(Clone)]
+pub struct HangingEngine {
+    pub inner: DockerEngine,
+    pub hang_stop: Arc<AtomicBool>,
+    pub hang_start: Arc<AtomicBool>,
+    pub panic_on_create: Arc<AtomicBool>,
+    pub reached: Arc<Notify>,
+}
+
+impl HangingEngine {
+    pub fn new(inner: DockerEngine) -> Self {
+        Self {
+            inner,
+            hang_stop: Arc::default(),
+            hang_start: Arc::default(),
+            panic_on_create: Arc::default(),
+            reached: Arc::new(Notify::new()),
+        }
+    }
+}
+
+impl ContainerEngine for HangingEngine {
+    fn image_present(
+        &self,
+        image: &ImageRef,
+    ) -> impl Future<Output = Result<bool, EngineError>> + Send {
+        self.inner.image_present(image)
+    }
+    fn pull(&self, image: &ImageRef) -> impl Future<Output = Result<(), EngineError>> + Send {
+        self.inner.pull(image)
+    }
+    fn inspect(
+        &self,
+        game_id: &GameId,
+    ) -> impl Future<Output = Result<Option<ContainerInfo>, EngineError>> + Send {
+        self.inner.inspect(game_id)
+    }
+    async fn create(&self, game_id: &GameId, image: &ImageRef) -> Result<ContainerId, EngineError> {
+        if self.panic_on_create.load(Ordering::SeqCst) {
+            panic!("injected: the engine adapter panicked");
+        }
+        self.inner.create(game_id, image).await
+    }
+    async fn start(&self, id: &ContainerId) -> Result<(), EngineError> {
+        // The container really starts; the call just never reports back.
+        let result = self.inner.start(id).await;
+        if self.hang_start.load(Ordering::SeqCst) {
+            self.reached.notify_one();
+            std::future::pending::<()>().await;
+        }
+        result
+    }
+    async fn stop(&self, id: &ContainerId, grace: Duration) -> Result<(), EngineError> {
+        if self.hang_stop.load(Ordering::SeqCst) {
+            self.reached.notify_one();
+            std::future::pending::<()>().await;
+        }
+        self.inner.stop(id, grace).await
+    }
+    fn remove(&self, id: &ContainerId) -> impl Future<Output = Result<(), EngineError>> + Send {
+        self.inner.remove(id)
+    }
+    fn logs_tail(
+        &self,
+        id: &ContainerId,
+        lines: usize,
+    ) -> impl Future<Output = Result<String, EngineError>> + Send {
+        self.inner.logs_tail(id, lines)
+    }
+    fn state_dir(&self, game_id: &GameId) -> PathBuf {
+        self.inner.state_dir(game_id)
+    }
+}
+
+/// Leases whose renewals fail once `fail_renewals` is set (a Redis outage
+/// or a paused worker, as far as the holder can tell).
+#[derive(Clone)]
+pub struct FlakyLeases {
+    pub inner: RedisLeases,
+    pub fail_renewals: Arc<AtomicBool>,
+}
+
+impl LeaseStore for FlakyLeases {
+    fn acquire(
+        &self,
+        game_id: &GameId,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Acquired, LeaseError>> + Send {
+        self.inner.acquire(game_id, holder, ttl)
+    }
+    async fn renew(
+        &self,
+        game_id: &GameId,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<bool, LeaseError> {
+        if self.fail_renewals.load(Ordering::SeqCst) {
+            return Err(LeaseError("injected: renewal failed".into()));
+        }
+        self.inner.renew(game_id, holder, ttl).await
+    }
+    fn release(
+        &self,
+        game_id: &GameId,
+        holder: &LeaseHolder,
+    ) -> impl Future<Output = Result<bool, LeaseError>> + Send {
+        self.inner.release(game_id, holder)
+    }
+}

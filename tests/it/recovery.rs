@@ -1,0 +1,450 @@
+//! SPEC §10 at the lifecycle level: a redelivered command resumes where its
+//! dead attempt stopped, a duplicate of a running command waits for its
+//! outcome, a lost lease stops the holder before its next Docker step, and a
+//! paused holder's late write is refused by the fence.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::Utc;
+use rtmanager::config::{LifecycleConfig, SecretUrl};
+use rtmanager::domain::{AllowedImages, CommandRequest, GameId, OpKind, Outcome};
+use rtmanager::lifecycle::{Interrupted, Lifecycle};
+use rtmanager::outbound::postgres::PgStore;
+use rtmanager::outbound::redis_lease::RedisLeases;
+use rtmanager::ports::{ContainerEngine, LeaseHolder, LeaseStore, RuntimeStore};
+use uuid::Uuid;
+
+use crate::docker_support::DockerTestEnv;
+use crate::fakes::{FlakyLeases, HangingEngine, StallingStore};
+use crate::harness::{TestDb, redis_url, unique};
+
+/// The real adapters of one test; services are built from them with
+/// whichever wrappers a test needs.
+struct World {
+    db: TestDb,
+    docker: DockerTestEnv,
+    leases: RedisLeases,
+}
+
+fn config() -> LifecycleConfig {
+    LifecycleConfig {
+        lease_ttl: Duration::from_secs(3),
+        stop_timeout: Duration::from_secs(2),
+        start_settle: Duration::from_millis(800),
+        health_timeout: Duration::from_secs(15),
+        rollback: true,
+        allowed_images: AllowedImages::any(),
+        retry_for: Duration::from_secs(2),
+    }
+}
+
+impl World {
+    async fn new() -> Self {
+        let db = TestDb::new().await;
+        let docker = DockerTestEnv::new().await;
+        let prefix = format!("{}:", unique("rtmtest"));
+        let leases = RedisLeases::connect(&SecretUrl::new(redis_url()), &prefix)
+            .await
+            .unwrap();
+        Self { db, docker, leases }
+    }
+
+    fn store(&self) -> PgStore {
+        PgStore::new(self.db.pool.clone())
+    }
+
+    fn plain(&self) -> Lifecycle<PgStore, RedisLeases, rtmanager::outbound::docker::DockerEngine> {
+        Lifecycle::new(
+            self.store(),
+            self.leases.clone(),
+            self.docker.engine.clone(),
+            config(),
+        )
+    }
+
+    fn request(&self, op: OpKind, game: &GameId, image: Option<&str>) -> CommandRequest {
+        CommandRequest {
+            command_id: Uuid::new_v4().to_string(),
+            op,
+            game_id: Some(game.to_string()),
+            image_ref: image.map(str::to_owned),
+            op_source: Some("lobby".into()),
+            source_ref: None,
+            reason: None,
+            requested_at: Some(Utc::now()),
+            reply_to: None,
+            malformed: None,
+        }
+    }
+
+    async fn started(&self, image: &str) -> GameId {
+        let game = self.docker.game();
+        let handled = self
+            .plain()
+            .handle(self.request(OpKind::Start, &game, Some(image)))
+            .await
+            .unwrap();
+        assert_eq!(
+            handled.event.outcome,
+            Outcome::Success,
+            "{:?}",
+            handled.event.error_message
+        );
+        game
+    }
+
+    /// `op[.outer]:outcome` of every entry of a command, in order.
+    async fn entries(&self, command_id: &str) -> Vec<String> {
+        let rows: Vec<(String, Option<String>, String, bool)> = sqlx::query_as(
+            "select op, outer_op, outcome, rolled_back from operation_log
+             where command_id = $1 order by operation_id",
+        )
+        .bind(command_id)
+        .fetch_all(&self.db.pool)
+        .await
+        .unwrap();
+        rows.into_iter()
+            .map(|(op, outer, outcome, rolled_back)| {
+                let rb = if rolled_back { "(rollback)" } else { "" };
+                match outer {
+                    Some(outer) => format!("{outer}.{op}.{outcome}{rb}"),
+                    None => format!("{op}.{outcome}"),
+                }
+            })
+            .collect()
+    }
+
+    fn boots(&self, game: &GameId) -> String {
+        let path = self.docker.engine.state_dir(game).join("boots");
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    async fn running_image(&self, game: &GameId) -> Option<String> {
+        self.docker
+            .engine
+            .inspect(game)
+            .await
+            .unwrap()
+            .filter(|i| i.running)
+            .map(|i| i.image_ref)
+    }
+}
+
+/// Runs `handle` until `died` fires, then drops it: the worker died there.
+async fn die_at<F: Future>(handle: F, died: &tokio::sync::Notify) {
+    tokio::select! {
+        _ = handle => panic!("the attempt finished; it was meant to die"),
+        () = died.notified() => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_that_died_before_recording_its_new_start_resumes_without_a_second_boot() {
+    let world = World::new().await;
+    let game = world.started("rtm-test/engine:1.4.2").await;
+    let request = world.request(OpKind::Patch, &game, Some("rtm-test/engine:1.4.3"));
+
+    // The first attempt gets the new engine up, then dies before recording it.
+    let stalling = StallingStore::new(world.store(), |w| {
+        w.entry.op == OpKind::Start && w.entry.outer_op == Some(OpKind::Patch)
+    });
+    let first = Lifecycle::new(
+        stalling.clone(),
+        world.leases.clone(),
+        world.docker.engine.clone(),
+        config(),
+    );
+    die_at(first.handle(request.clone()), &stalling.stalled).await;
+    assert_eq!(
+        world.boots(&game),
+        "1.4.2\n1.4.3\n",
+        "the new engine booted once"
+    );
+
+    // Redelivered: the journal says the new container is up; it is recorded,
+    // not started again.
+    let handled = world.plain().handle(request.clone()).await.unwrap();
+    assert_eq!(
+        handled.event.outcome,
+        Outcome::Success,
+        "{:?}",
+        handled.event.error_message
+    );
+    assert_eq!(world.boots(&game), "1.4.2\n1.4.3\n", "no second boot");
+    assert_eq!(
+        world.entries(&request.command_id).await,
+        ["patch.stop.success", "patch.start.success", "patch.success"]
+    );
+    assert_eq!(
+        world.running_image(&game).await.as_deref(),
+        Some("rtm-test/engine:1.4.3")
+    );
+    let record = world.store().load(&game).await.unwrap().unwrap();
+    assert_eq!(record.image_ref.as_str(), "rtm-test/engine:1.4.3");
+    assert_eq!(
+        handled.event.previous_image_ref.as_deref(),
+        Some("rtm-test/engine:1.4.2")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_that_died_before_its_outer_entry_only_records_it() {
+    let world = World::new().await;
+    let game = world.started("rtm-test/engine:1.4.2").await;
+    let request = world.request(OpKind::Patch, &game, Some("rtm-test/engine:1.4.3"));
+    let stalling = StallingStore::new(world.store(), |w| {
+        w.entry.op == OpKind::Patch && w.entry.outer_op.is_none()
+    });
+    let first = Lifecycle::new(
+        stalling.clone(),
+        world.leases.clone(),
+        world.docker.engine.clone(),
+        config(),
+    );
+    die_at(first.handle(request.clone()), &stalling.stalled).await;
+    let container = world
+        .docker
+        .engine
+        .inspect(&game)
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+
+    let handled = world.plain().handle(request.clone()).await.unwrap();
+    assert_eq!(handled.event.outcome, Outcome::Success);
+    assert_eq!(
+        handled.event.container_id.as_deref(),
+        Some(container.as_str())
+    );
+    assert_eq!(
+        world.boots(&game),
+        "1.4.2\n1.4.3\n",
+        "no Docker work on resume"
+    );
+    assert_eq!(
+        world.entries(&request.command_id).await,
+        ["patch.stop.success", "patch.start.success", "patch.success"]
+    );
+    assert_eq!(
+        handled.event.previous_image_ref.as_deref(),
+        Some("rtm-test/engine:1.4.2"),
+        "the previous image comes from the journal, not the updated record"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_that_died_during_the_stop_resumes_and_finishes() {
+    let world = World::new().await;
+    let game = world.started("rtm-test/engine:1.4.2").await;
+    let request = world.request(OpKind::Patch, &game, Some("rtm-test/engine:1.4.3"));
+    let hanging = HangingEngine::new(world.docker.engine.clone());
+    hanging.hang_stop.store(true, Ordering::SeqCst);
+    let first = Lifecycle::new(
+        world.store(),
+        world.leases.clone(),
+        hanging.clone(),
+        config(),
+    );
+    die_at(first.handle(request.clone()), &hanging.reached).await;
+
+    let handled = world.plain().handle(request.clone()).await.unwrap();
+    assert_eq!(
+        handled.event.outcome,
+        Outcome::Success,
+        "{:?}",
+        handled.event.error_message
+    );
+    assert_eq!(world.boots(&game), "1.4.2\n1.4.3\n");
+    assert_eq!(
+        world.entries(&request.command_id).await,
+        ["patch.stop.success", "patch.start.success", "patch.success"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_died_after_docker_started_the_engine_ends_with_one_running_container() {
+    let world = World::new().await;
+    let game = world.docker.game();
+    let request = world.request(OpKind::Start, &game, Some("rtm-test/engine:1.4.2"));
+    let hanging = HangingEngine::new(world.docker.engine.clone());
+    hanging.hang_start.store(true, Ordering::SeqCst);
+    let first = Lifecycle::new(
+        world.store(),
+        world.leases.clone(),
+        hanging.clone(),
+        config(),
+    );
+    die_at(first.handle(request.clone()), &hanging.reached).await;
+
+    let handled = world.plain().handle(request.clone()).await.unwrap();
+    assert_eq!(
+        handled.event.outcome,
+        Outcome::Success,
+        "{:?}",
+        handled.event.error_message
+    );
+    assert_eq!(world.entries(&request.command_id).await, ["start.success"]);
+    assert_eq!(
+        world.running_image(&game).await.as_deref(),
+        Some("rtm-test/engine:1.4.2")
+    );
+    let record = world.store().load(&game).await.unwrap().unwrap();
+    assert_eq!(
+        record.state.container_id().map(|c| c.to_string()),
+        handled.event.container_id
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_attempts_lease_is_waited_out_not_a_conflict() {
+    let world = World::new().await;
+    let game = world.started("rtm-test/engine:1.4.2").await;
+    let request = world.request(OpKind::Restart, &game, None);
+    // The dead attempt's lease: same command, another token; it expires.
+    let dead = LeaseHolder::new(&request.command_id);
+    world
+        .leases
+        .acquire(&game, &dead, Duration::from_secs(2))
+        .await
+        .unwrap();
+
+    let since = std::time::Instant::now();
+    let handled = world.plain().handle(request).await.unwrap();
+    assert_eq!(
+        handled.event.outcome,
+        Outcome::Success,
+        "{:?}",
+        handled.event.error_message
+    );
+    assert!(
+        since.elapsed() >= Duration::from_millis(1500),
+        "it waited for the lease to expire"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_of_a_running_command_waits_for_its_outcome() {
+    let world = World::new().await;
+    let game = world.started("rtm-test/slow:1.4.2").await;
+    // The restart of a slow engine takes the 2 s grace period.
+    let request = world.request(OpKind::Restart, &game, None);
+    let (a, b) = (world.plain(), world.plain());
+    let first = tokio::spawn({
+        let request = request.clone();
+        async move { a.handle(request).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = b.handle(request.clone()).await;
+    let first = first.await.unwrap().unwrap();
+    let second = match second {
+        Ok(handled) => handled,
+        // Still running past two lease lifetimes: the consumer retries.
+        Err(Interrupted::StillRunning(_)) => world.plain().handle(request.clone()).await.unwrap(),
+        Err(e) => panic!("{e}"),
+    };
+    assert!(!first.duplicate);
+    assert!(
+        second.duplicate,
+        "answered with the first attempt's outcome, not conflict"
+    );
+    assert_eq!(second.event, first.event);
+    assert_eq!(
+        world.entries(&request.command_id).await.len(),
+        3,
+        "ran once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_renewals_fail_stops_before_its_next_docker_step() {
+    let world = World::new().await;
+    let game = world.started("rtm-test/slow:1.4.2").await;
+    let flaky = FlakyLeases {
+        inner: world.leases.clone(),
+        fail_renewals: Arc::default(),
+    };
+    flaky.fail_renewals.store(true, Ordering::SeqCst);
+    let mut cfg = config();
+    cfg.lease_ttl = Duration::from_millis(1500);
+    let service = Lifecycle::new(world.store(), flaky, world.docker.engine.clone(), cfg);
+    let request = world.request(OpKind::Patch, &game, Some("rtm-test/slow:1.4.3"));
+
+    // The stop of the slow engine outlasts the lease: the holder must give up
+    // instead of removing and starting containers without it.
+    let result = service.handle(request.clone()).await;
+    assert!(
+        matches!(result, Err(Interrupted::LeaseLost(_))),
+        "{result:?}"
+    );
+    assert!(
+        !world
+            .entries(&request.command_id)
+            .await
+            .iter()
+            .any(|e| e == "patch.start.success"),
+        "no start after the lease was lost"
+    );
+    assert!(
+        world.docker.engine.inspect(&game).await.unwrap().is_some(),
+        "the old container was not removed without the lease"
+    );
+
+    // Redelivered with working leases, the command resumes and finishes.
+    let handled = world.plain().handle(request.clone()).await.unwrap();
+    assert_eq!(
+        handled.event.outcome,
+        Outcome::Success,
+        "{:?}",
+        handled.event.error_message
+    );
+    assert_eq!(
+        world.running_image(&game).await.as_deref(),
+        Some("rtm-test/slow:1.4.3")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_holders_late_write_is_refused_by_the_fence() {
+    let world = World::new().await;
+    let game = world.started("rtm-test/engine:1.4.2").await;
+
+    // Holder A pauses right before writing its stop entry (a GC pause, a
+    // frozen VM): its lease expires meanwhile.
+    let stalling = StallingStore::new(world.store(), |w| w.entry.op == OpKind::Stop);
+    let flaky = FlakyLeases {
+        inner: world.leases.clone(),
+        fail_renewals: Arc::default(),
+    };
+    flaky.fail_renewals.store(true, Ordering::SeqCst);
+    let mut cfg = config();
+    cfg.lease_ttl = Duration::from_secs(1);
+    let paused = Lifecycle::new(stalling.clone(), flaky, world.docker.engine.clone(), cfg);
+    let stop_a = world.request(OpKind::Stop, &game, None);
+    let a = tokio::spawn(async move { paused.handle(stop_a).await });
+    stalling.stalled.notified().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // B takes the expired lease and a newer fence, and starts the game again.
+    let start_b = world.request(OpKind::Start, &game, Some("rtm-test/engine:1.4.2"));
+    let b = world.plain().handle(start_b).await.unwrap();
+    assert_eq!(
+        b.event.outcome,
+        Outcome::Success,
+        "{:?}",
+        b.event.error_message
+    );
+
+    // A wakes up and tries to write "stopped": refused.
+    stalling.release.notify_one();
+    let a = a.await.unwrap();
+    assert!(matches!(a, Err(Interrupted::FenceLost(_))), "{a:?}");
+    let record = world.store().load(&game).await.unwrap().unwrap();
+    assert_eq!(record.status().as_str(), "running", "B's record stands");
+    assert_eq!(
+        world.running_image(&game).await.as_deref(),
+        Some("rtm-test/engine:1.4.2")
+    );
+}
