@@ -361,7 +361,7 @@ impl SecretUrl {
         };
         let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
         let (authority, tail) = rest.split_at(authority_end);
-        match authority.rsplit_once('@') {
+        let redacted = match authority.rsplit_once('@') {
             Some((userinfo, host)) => {
                 let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
                 let masked = if userinfo.contains(':') {
@@ -372,8 +372,24 @@ impl SecretUrl {
                 format!("{scheme}://{masked}@{host}{tail}")
             }
             None => self.0.clone(),
-        }
+        };
+        redact_query_password(&redacted)
     }
+}
+
+/// `?password=…` (which libpq-style URLs accept) masked too.
+fn redact_query_password(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let masked: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", masked.join("&"))
 }
 
 impl fmt::Debug for SecretUrl {
@@ -460,6 +476,12 @@ mod tests {
         assert!(!dump.contains("hunter2"), "{dump}");
         assert!(dump.contains("amqp://lobby:***@broker:5672/%2f"), "{dump}");
         assert_eq!(c.amqp_url.expose(), url);
+
+        let query = SecretUrl::new("postgres://rtm@db/rtm?sslmode=require&password=hunter2");
+        assert_eq!(
+            query.redacted(),
+            "postgres://rtm@db/rtm?sslmode=require&password=***"
+        );
 
         let err = load(&[("RTM_AMQP_URL", "http://lobby:hunter2@x")]).unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");

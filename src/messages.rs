@@ -43,16 +43,18 @@ pub struct Undecodable {
 /// Decodes a command body (SPEC §6).
 pub fn decode_command(body: &[u8], envelope: &Envelope) -> Result<CommandRequest, Undecodable> {
     let undecodable = |reason: String, object: Option<&Map<String, Value>>| {
+        // Only values that can travel in an event and an AMQP property.
         let text = |key: &str| {
             object
                 .and_then(|o| o.get(key))
                 .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
+                .filter(|s| is_identifier(s))
                 .map(str::to_owned)
         };
         Undecodable {
             reason,
-            command_id: text("command_id").or_else(|| envelope.message_id.clone()),
+            command_id: text("command_id")
+                .or_else(|| envelope.message_id.clone().filter(|id| is_identifier(id))),
             op: text("op"),
             game_id: text("game_id"),
             source_ref: text("source_ref"),
@@ -98,6 +100,12 @@ pub fn decode_command(body: &[u8], envelope: &Envelope) -> Result<CommandRequest
     let mut problems = Vec::new();
     let mut text = |key: &str| match object.get(key) {
         None | Some(Value::Null) => None,
+        // Control characters (NUL above all) cannot be stored in a text
+        // column: the value is echoed with them replaced, and refused.
+        Some(Value::String(s)) if s.chars().any(char::is_control) => {
+            problems.push(format!("{key} must not contain control characters"));
+            Some(s.replace(char::is_control, "\u{FFFD}"))
+        }
         Some(Value::String(s)) => Some(s.clone()),
         Some(other) => {
             problems.push(format!(
@@ -125,10 +133,33 @@ pub fn decode_command(body: &[u8], envelope: &Envelope) -> Result<CommandRequest
             None
         }
     });
-    let command_id = command_id
-        .filter(|id| !id.is_empty())
-        .or_else(|| envelope.message_id.clone().filter(|id| !id.is_empty()))
-        .unwrap_or_else(|| Uuid::now_v7().to_string());
+    // The command_id and the correlation id travel as AMQP properties: at
+    // most 255 bytes. A command_id that cannot is no idempotency key at all;
+    // a source_ref that cannot is a validation failure.
+    let command_id = match command_id.filter(|id| !id.is_empty()) {
+        Some(id) if !is_identifier(&id) => {
+            return Err(undecodable(
+                "command_id must be 1 to 255 bytes without control characters".into(),
+                Some(&object),
+            ));
+        }
+        Some(id) => id,
+        None => envelope
+            .message_id
+            .clone()
+            .filter(|id| is_identifier(id))
+            .unwrap_or_else(|| Uuid::now_v7().to_string()),
+    };
+    let source_ref = match source_ref {
+        Some(r) if r.len() > MAX_IDENTIFIER_BYTES => {
+            problems.push(format!(
+                "source_ref is {} bytes, over the {MAX_IDENTIFIER_BYTES}-byte limit",
+                r.len()
+            ));
+            None
+        }
+        other => other,
+    };
     Ok(CommandRequest {
         command_id,
         op,
@@ -150,6 +181,14 @@ pub fn decode_command(body: &[u8], envelope: &Envelope) -> Result<CommandRequest
             }),
         malformed: (!problems.is_empty()).then(|| problems.join("; ")),
     })
+}
+
+/// The longest command_id or source_ref: they travel as AMQP short strings.
+pub const MAX_IDENTIFIER_BYTES: usize = 255;
+
+/// Fits an AMQP short string and a text column.
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_IDENTIFIER_BYTES && !s.chars().any(char::is_control)
 }
 
 fn json_type(value: &Value) -> &'static str {
@@ -258,6 +297,34 @@ mod tests {
             decode(r#"{"op":"stop","game_id":"g","op_source":"admin","requested_at":"yesterday"}"#)
                 .unwrap();
         assert!(r.malformed.unwrap().contains("requested_at"));
+    }
+
+    #[test]
+    fn identifiers_must_fit_an_amqp_short_string() {
+        let long = "x".repeat(300);
+        let err = decode(&format!(
+            r#"{{"op":"restart","game_id":"g","command_id":"{long}"}}"#
+        ))
+        .unwrap_err();
+        assert!(err.reason.contains("command_id"), "{}", err.reason);
+        assert_eq!(
+            err.command_id, None,
+            "not echoed: it could not be published"
+        );
+
+        let r = decode(&format!(
+            r#"{{"op":"restart","game_id":"g","op_source":"admin","command_id":"c","source_ref":"{long}"}}"#
+        ))
+        .unwrap();
+        assert!(r.malformed.as_deref().unwrap().contains("source_ref"));
+        assert_eq!(r.correlation_id(), "c");
+    }
+
+    #[test]
+    fn control_characters_are_refused_and_never_stored() {
+        let r = decode(r#"{"op":"restart","game_id":"g","op_source":"ad\u0000min"}"#).unwrap();
+        assert!(r.malformed.unwrap().contains("op_source"));
+        assert!(!r.op_source.unwrap().contains('\0'));
     }
 
     #[test]

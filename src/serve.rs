@@ -94,7 +94,7 @@ pub async fn run(
 
     let lifecycle = Lifecycle::new(store, leases, engine, config.lifecycle.clone());
     Consumer::new(
-        lifecycle,
+        lifecycle.clone(),
         config.amqp_url.clone(),
         config.amqp.clone(),
         readiness,
@@ -103,6 +103,10 @@ pub async fn run(
     )
     .run(config.shutdown_timeout)
     .await;
+    // Operations that outlived the shutdown timeout are abandoned with the
+    // process; their commands come back unacked. Their leases go now rather
+    // than blocking the games for a TTL.
+    lifecycle.release_held_leases().await;
 
     // The relay outlives the consumer by one pass, so the last outcomes go out.
     relay_trigger.fire();

@@ -100,4 +100,14 @@ pub fn describe_metrics() {
     );
     describe_counter!(EVENTS_PUBLISHED, "Outcome events published by the relay");
     describe_gauge!(OPERATIONS_IN_FLIGHT, "Commands being handled right now");
+    // Counters exist from the start (at 0), so an alert on a rate never
+    // sees a missing series.
+    for counter in [
+        COMMANDS_CONSUMED,
+        COMMANDS_REJECTED,
+        COMMANDS_DEAD_LETTERED,
+        EVENTS_PUBLISHED,
+    ] {
+        metrics::counter!(counter).increment(0);
+    }
 }

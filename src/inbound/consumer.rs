@@ -36,12 +36,19 @@ use crate::domain::event::{REJECTED_ROUTING_KEY, SCHEMA_VERSION};
 use crate::domain::{CommandRequest, Outcome, OutcomeEvent};
 use crate::error::ErrorCode;
 use crate::inbound::http::Readiness;
-use crate::lifecycle::{Handled, Lifecycle};
+use crate::lifecycle::{Handled, Interrupted, Lifecycle};
 use crate::messages::{Envelope, Undecodable, decode_command};
-use crate::ports::{ContainerEngine, LeaseStore, RuntimeStore};
+use crate::ports::{ContainerEngine, LeaseStore, RuntimeStore, StoreError};
 use crate::shutdown::Shutdown;
 use crate::telemetry;
 
+/// Why a command ends without an outcome to ack.
+enum NoOutcome {
+    /// Shutdown came first: leave it unacked, it is redelivered.
+    Shutdown,
+    /// Not even a failure could be stored: dead-letter it.
+    Unrecordable(String),
+}
 /// Pause between in-process retries of an interrupted command.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// Pause before reconnecting after the broker went away.
@@ -107,7 +114,7 @@ where
     pub async fn run(self, drain_timeout: Duration) {
         let mut shutdown = self.shutdown.clone();
         let this = Arc::new(self);
-        let mut connection: Option<Connection> = None;
+        let mut connection: Option<(Connection, Channel)> = None;
         while !shutdown.is_set() {
             match this.clone().session(&mut shutdown).await {
                 Ok(conn) => {
@@ -136,14 +143,20 @@ where
                 "commands still in flight at the shutdown timeout; they will be redelivered"
             ),
         }
-        if let Some(conn) = connection {
+        // Channel first, then the connection: closing the connection under
+        // an open channel makes lapin log errors on a clean shutdown.
+        if let Some((conn, channel)) = connection {
+            let _ = channel.close(200, "shutdown".into()).await;
             let _ = conn.close(200, "shutdown".into()).await;
         }
     }
 
     /// One connection's life: declare, consume until the stream ends (an
     /// error) or shutdown (returns the connection, still open for acks).
-    async fn session(self: Arc<Self>, shutdown: &mut Shutdown) -> anyhow::Result<Connection> {
+    async fn session(
+        self: Arc<Self>,
+        shutdown: &mut Shutdown,
+    ) -> anyhow::Result<(Connection, Channel)> {
         let conn = broker::connect(&self.url, "rtmanager worker").await?;
         let channel = conn.create_channel().await?;
         broker::declare_topology(&channel, &self.amqp).await?;
@@ -172,7 +185,7 @@ where
                     if let Err(e) = channel.basic_cancel(tag, Default::default()).await {
                         debug!(error = %e, "cancel the consumer");
                     }
-                    return Ok(conn);
+                    return Ok((conn, channel));
                 }
                 next = stream.next() => match next {
                     None => anyhow::bail!("the broker cancelled the consumer"),
@@ -277,14 +290,31 @@ where
             self.lifecycle
                 .fail_internal(&job.request, message)
                 .await
-                .ok()
+                .map_err(|e| NoOutcome::Unrecordable(e.to_string()))
         } else {
             self.handle_until_recorded(&job.request).await
         };
         gauge.decrement(1.0);
         self.relay_wake.notify_one();
-        let Some(handled) = handled else {
-            return; // shutdown: left unacked, redelivered later
+        let handled = match handled {
+            Ok(handled) => handled,
+            // Left unacked: redelivered when the channel closes.
+            Err(NoOutcome::Shutdown) => return,
+            Err(NoOutcome::Unrecordable(why)) => {
+                // Not even a failure could be recorded: let the broker
+                // dead-letter it (reason `rejected`) for an operator.
+                error!(error = %why, "command cannot be recorded; dead-lettering it");
+                metrics::counter!(telemetry::COMMANDS_DEAD_LETTERED).increment(1);
+                let _ = job
+                    .delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: false,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+                return;
+            }
         };
         if handled.duplicate {
             // Publish the stored outcome again, with the same event_id.
@@ -310,7 +340,7 @@ where
 
     /// Handles a command until its outcome is recorded; `None` if shutdown
     /// came first. A panic fails the command with `internal`.
-    async fn handle_until_recorded(&self, request: &CommandRequest) -> Option<Handled> {
+    async fn handle_until_recorded(&self, request: &CommandRequest) -> Result<Handled, NoOutcome> {
         let mut pause = RETRY_PAUSE;
         loop {
             let lifecycle = self.lifecycle.clone();
@@ -318,7 +348,19 @@ where
             let outcome =
                 tokio::spawn(async move { lifecycle.handle(owned).await }.in_current_span()).await;
             match outcome {
-                Ok(Ok(handled)) => return Some(handled),
+                Ok(Ok(handled)) => return Ok(handled),
+                // Not an outage: the database refuses what this command would
+                // write. Retrying cannot help; answer it `internal` (its own
+                // raw fields may be what is refused: if that fails too, the
+                // message goes to the dead-letter queue, see `process`).
+                Ok(Err(Interrupted::Unrecorded(StoreError::Corrupt(why)))) => {
+                    error!(error = %why, "the command's outcome cannot be stored");
+                    return self
+                        .lifecycle
+                        .fail_internal(request, format!("the outcome could not be stored: {why}"))
+                        .await
+                        .map_err(|e| NoOutcome::Unrecordable(e.to_string()));
+                }
                 Ok(Err(interrupted)) => {
                     warn!(reason = %interrupted, "command interrupted; it will be retried");
                 }
@@ -333,14 +375,14 @@ where
                         )
                         .await
                     {
-                        Ok(handled) => return Some(handled),
+                        Ok(handled) => return Ok(handled),
                         Err(e) => warn!(error = %e, "could not record the panic; retrying"),
                     }
                 }
                 Err(join) => warn!(error = %join, "command task cancelled; retrying"),
             }
             if self.in_shutdown() {
-                return None;
+                return Err(NoOutcome::Shutdown);
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(10));

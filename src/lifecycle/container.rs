@@ -16,6 +16,9 @@ use crate::telemetry;
 
 /// How many log lines a start failure carries in its message.
 const LOG_TAIL_LINES: usize = 20;
+/// The most of a log tail a failure message carries: it travels in the
+/// operation log, the outbox and the event.
+const LOG_TAIL_BYTES: usize = 4096;
 /// How often start-up is polled.
 const UP_POLL: Duration = Duration::from_millis(100);
 
@@ -260,11 +263,50 @@ where
         match self.engine.logs_tail(id, LOG_TAIL_LINES).await {
             Ok(tail) if !tail.trim().is_empty() => {
                 message.push_str("; log tail:\n");
-                message.push_str(tail.trim_end());
+                message.push_str(&printable_tail(tail.trim_end()));
             }
             Ok(_) => message.push_str("; the container logged nothing"),
             Err(e) => message.push_str(&format!("; log tail unavailable: {e}")),
         }
         message
+    }
+}
+
+/// The end of a log tail, at most `LOG_TAIL_BYTES`, cut on a character
+/// boundary, with control characters (NUL above all, which PostgreSQL text
+/// refuses) replaced; line breaks and tabs are kept.
+fn printable_tail(tail: &str) -> String {
+    let mut start = tail.len().saturating_sub(LOG_TAIL_BYTES);
+    while !tail.is_char_boundary(start) {
+        start += 1;
+    }
+    let cut = if start > 0 { "…" } else { "" };
+    let kept: String = tail[start..]
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '\u{FFFD}'
+            } else {
+                c
+            }
+        })
+        .collect();
+    format!("{cut}{kept}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_tails_are_bounded_and_storable() {
+        assert_eq!(
+            printable_tail("fatal\0error\n\tat x"),
+            "fatal\u{FFFD}error\n\tat x"
+        );
+        let long = "é".repeat(LOG_TAIL_BYTES);
+        let tail = printable_tail(&long);
+        assert!(tail.len() <= LOG_TAIL_BYTES + "…".len());
+        assert!(tail.starts_with('…'));
     }
 }

@@ -3,8 +3,9 @@
 //! checked before every Docker step, and released by its holder with its own
 //! short timeout — also when the operation's future is dropped.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -19,31 +20,57 @@ use crate::ports::{LeaseHolder, LeaseStore};
 /// cancelled, so it must not wait on anything else.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The leases this process holds, so shutdown can release whatever the
+/// in-flight operations still hold when their time is up.
+pub(super) type HeldLeases = Arc<Mutex<HashMap<GameId, LeaseHolder>>>;
+
 pub(super) struct LeaseGuard<L: LeaseStore> {
     leases: L,
+    registry: HeldLeases,
     game_id: GameId,
     holder: LeaseHolder,
     lost: Arc<AtomicBool>,
+    /// When the lease may have run out, counted from when the last good
+    /// acquire or renewal was *sent*: checked by time, not only by the
+    /// renewer's flag, so a worker that was paused for longer than the TTL
+    /// cannot take one more Docker step before its renewer wakes up.
+    valid_until: Arc<Mutex<Instant>>,
     renewer: JoinHandle<()>,
     released: bool,
 }
 
 impl<L: LeaseStore> LeaseGuard<L> {
     /// Wraps a just-acquired lease and starts renewing it.
-    pub(super) fn hold(leases: L, game_id: GameId, holder: LeaseHolder, ttl: Duration) -> Self {
+    /// `asked` is when the acquire that got it was sent.
+    pub(super) fn hold(
+        leases: L,
+        registry: HeldLeases,
+        game_id: GameId,
+        holder: LeaseHolder,
+        ttl: Duration,
+        asked: Instant,
+    ) -> Self {
         let lost = Arc::new(AtomicBool::new(false));
+        let valid_until = Arc::new(Mutex::new(asked + usable(ttl)));
         let renewer = tokio::spawn(renew_until_lost(
             leases.clone(),
             game_id.clone(),
             holder.clone(),
             ttl,
             lost.clone(),
+            valid_until.clone(),
         ));
+        registry
+            .lock()
+            .expect("lease registry")
+            .insert(game_id.clone(), holder.clone());
         Self {
             leases,
+            registry,
             game_id,
             holder,
             lost,
+            valid_until,
             renewer,
             released: false,
         }
@@ -51,7 +78,8 @@ impl<L: LeaseStore> LeaseGuard<L> {
 
     /// `Err` once the lease may have passed to someone else.
     pub(super) fn check(&self) -> Result<(), Interrupted> {
-        if self.lost.load(Ordering::Acquire) {
+        let expired = Instant::now() >= *self.valid_until.lock().expect("lease clock");
+        if expired || self.lost.load(Ordering::Acquire) {
             Err(Interrupted::LeaseLost(self.game_id.to_string()))
         } else {
             Ok(())
@@ -61,7 +89,17 @@ impl<L: LeaseStore> LeaseGuard<L> {
     pub(super) async fn release(mut self) {
         self.released = true;
         self.renewer.abort();
+        self.forget();
         release(&self.leases, &self.game_id, &self.holder).await;
+    }
+}
+
+impl<L: LeaseStore> LeaseGuard<L> {
+    fn forget(&self) {
+        let mut held = self.registry.lock().expect("lease registry");
+        if held.get(&self.game_id) == Some(&self.holder) {
+            held.remove(&self.game_id);
+        }
     }
 }
 
@@ -73,6 +111,7 @@ impl<L: LeaseStore> Drop for LeaseGuard<L> {
         // The operation was cancelled mid-flight: release anyway, so the game
         // is not blocked for a whole TTL.
         self.renewer.abort();
+        self.forget();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (leases, game_id, holder) = (
                 self.leases.clone(),
@@ -81,6 +120,16 @@ impl<L: LeaseStore> Drop for LeaseGuard<L> {
             );
             runtime.spawn(async move { release(&leases, &game_id, &holder).await });
         }
+    }
+}
+
+/// Releases every lease still registered (shutdown, after the in-flight
+/// operations had their time).
+pub(super) async fn release_all<L: LeaseStore>(leases: &L, registry: &HeldLeases) {
+    let held: Vec<(GameId, LeaseHolder)> =
+        registry.lock().expect("lease registry").drain().collect();
+    for (game_id, holder) in held {
+        release(leases, &game_id, &holder).await;
     }
 }
 
@@ -93,19 +142,28 @@ async fn release<L: LeaseStore>(leases: &L, game_id: &GameId, holder: &LeaseHold
     }
 }
 
+/// How much of a TTL the holder may use: a margin for clock drift between
+/// this process and Redis, and for the time a Docker call takes to start.
+fn usable(ttl: Duration) -> Duration {
+    ttl - ttl / 10
+}
+
 async fn renew_until_lost<L: LeaseStore>(
     leases: L,
     game_id: GameId,
     holder: LeaseHolder,
     ttl: Duration,
     lost: Arc<AtomicBool>,
+    valid_until: Arc<Mutex<Instant>>,
 ) {
     let every = ttl / 3;
-    let mut renewed_at = Instant::now();
     loop {
         tokio::time::sleep(every).await;
+        let sent = Instant::now();
         match tokio::time::timeout(every, leases.renew(&game_id, &holder, ttl)).await {
-            Ok(Ok(true)) => renewed_at = Instant::now(),
+            Ok(Ok(true)) => {
+                *valid_until.lock().expect("lease clock") = sent + usable(ttl);
+            }
             Ok(Ok(false)) => {
                 warn!(game_id = %game_id, "lease lost: it expired or was taken over");
                 lost.store(true, Ordering::Release);
@@ -114,10 +172,10 @@ async fn renew_until_lost<L: LeaseStore>(
             Ok(Err(e)) => warn!(game_id = %game_id, error = %e, "lease renewal failed"),
             Err(_) => warn!(game_id = %game_id, "lease renewal timed out"),
         }
-        // Renewals keep failing: by the time the TTL since the last good
-        // renewal is nearly spent, another worker may take the lease. Stop
-        // before that, not after.
-        if renewed_at.elapsed() + every >= ttl {
+        // Renewals keep failing: stop before the lease can pass to another
+        // worker, not after.
+        let until = *valid_until.lock().expect("lease clock");
+        if Instant::now() + every >= until {
             warn!(game_id = %game_id, "lease presumed lost: renewals failed for most of its TTL");
             lost.store(true, Ordering::Release);
             return;

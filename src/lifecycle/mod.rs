@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 pub use crate::config::LifecycleConfig;
@@ -89,6 +89,9 @@ pub enum Interrupted {
     FenceLost(String),
     #[error("an earlier attempt of this command still holds the lease of game {0}")]
     StillRunning(String),
+    /// A half-done command cannot take its lease now; it must resume later.
+    #[error("a half-done command cannot resume yet: {0}")]
+    Blocked(String),
 }
 
 impl From<StoreError> for Interrupted {
@@ -125,6 +128,7 @@ pub struct Lifecycle<S, L, E> {
     leases: L,
     engine: E,
     cfg: Arc<LifecycleConfig>,
+    held: lease::HeldLeases,
 }
 
 /// One operation running under its lease.
@@ -192,7 +196,14 @@ where
             leases,
             engine,
             cfg: Arc::new(cfg),
+            held: lease::HeldLeases::default(),
         }
+    }
+
+    /// Releases the leases operations still hold; for shutdown, once the
+    /// in-flight operations had `RTM_SHUTDOWN_TIMEOUT`.
+    pub async fn release_held_leases(&self) {
+        lease::release_all(&self.leases, &self.held).await;
     }
 
     pub fn config(&self) -> &LifecycleConfig {
@@ -238,7 +249,20 @@ where
         metrics::histogram!(telemetry::LEASE_ACQUIRE_SECONDS).record(asked.elapsed().as_secs_f64());
         let lease = match lease {
             Ok(lease) => lease,
-            Err(Halt::Fail(failure)) => return self.reject(&request, received_at, failure).await,
+            Err(Halt::Fail(failure)) => {
+                // An earlier attempt already changed the game: closing the
+                // command now with `conflict` or `service_unavailable` would
+                // strand it half-done. Keep it for a later delivery instead.
+                if !fresh
+                    && !self
+                        .store_retrying(|| self.store.progress(&command.command_id))
+                        .await?
+                        .is_empty()
+                {
+                    return Err(Interrupted::Blocked(failure.to_string()));
+                }
+                return self.reject(&request, received_at, failure).await;
+            }
             Err(Halt::Interrupt(i)) => return Err(i),
         };
 
@@ -326,6 +350,7 @@ where
         // renewing, and then this delivery is a duplicate still running.
         let give_up = tokio::time::Instant::now() + ttl * 2;
         loop {
+            let asked = tokio::time::Instant::now();
             let acquired = self
                 .retrying(
                     || self.leases.acquire(&command.game_id, holder, ttl),
@@ -342,9 +367,11 @@ where
                 Acquired::Yes => {
                     return Ok(LeaseGuard::hold(
                         self.leases.clone(),
+                        self.held.clone(),
                         command.game_id.clone(),
                         holder.clone(),
                         ttl,
+                        asked,
                     ));
                 }
                 Acquired::HeldBy(value)
@@ -534,25 +561,35 @@ where
     async fn retrying<T, Err, F, Fut>(
         &self,
         call: F,
-        transient: impl FnMut(&Err) -> bool,
+        mut transient: impl FnMut(&Err) -> bool,
     ) -> Result<T, Err>
     where
         Err: std::fmt::Display,
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Err>>,
     {
+        // backon's total delay counts sleeps only; the calls' own timeouts
+        // (seconds each) come on top, so the deadline is checked as well.
+        let since = std::time::Instant::now();
+        let retry_for = self.cfg.retry_for;
         let backoff = ExponentialBuilder::new()
             .with_min_delay(Duration::from_millis(50))
             .with_max_delay(Duration::from_secs(2))
             .with_jitter()
             .without_max_times()
-            .with_total_delay(Some(self.cfg.retry_for));
-        call.retry(backoff)
+            .with_total_delay(Some(retry_for));
+        let outcome = call
+            .retry(backoff)
             .sleep(tokio::time::sleep)
-            .when(transient)
-            .notify(
-                |e, delay| warn!(error = %e, retry_in = ?delay, "dependency call failed; retrying"),
-            )
-            .await
+            .when(|e| transient(e) && since.elapsed() < retry_for)
+            // One line per outage, not per attempt: attempts go to debug.
+            .notify(|e, delay| debug!(error = %e, retry_in = ?delay, "dependency call failed; retrying"))
+            .await;
+        if let Err(e) = &outcome
+            && since.elapsed() >= retry_for
+        {
+            warn!(error = %e, waited = ?since.elapsed(), "dependency still failing after RTM_RETRY_FOR; giving up");
+        }
+        outcome
     }
 }

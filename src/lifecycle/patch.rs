@@ -30,12 +30,16 @@ where
         new_image: &ImageRef,
     ) -> Result<Recorded, Interrupted> {
         let mut entry = op.outer_entry();
-        entry.image_ref = Some(new_image.to_string());
 
         let record = match self.patchable_record(op, new_image).await {
             Ok(record) => record,
-            Err(failure) => return self.fail_outer(op, entry, failure, None).await,
+            Err((failure, image_ref)) => {
+                // As the original: the image the failure is about, if any.
+                entry.image_ref = image_ref;
+                return self.fail_outer(op, entry, failure, None).await;
+            }
         };
+        entry.image_ref = Some(new_image.to_string());
         // The image the game ran before this patch. A resumed patch may find
         // the record already on the new image: the first attempt journaled
         // the previous one.
@@ -152,32 +156,46 @@ where
         self.fail_outer(op, entry, failure, None).await
     }
 
-    /// The record checks and semver pre-checks of SPEC §3 steps 3-4.
+    /// The record checks and semver pre-checks of SPEC §3 steps 3-4. A
+    /// failure comes with the image it is about (the current one, the new
+    /// one, or none), which the outer entry records.
     async fn patchable_record(
         &self,
         op: &Op<'_, L>,
         new_image: &ImageRef,
-    ) -> Result<RuntimeRecord, Failure> {
-        let record = self.load_existing(op).await?;
+    ) -> Result<RuntimeRecord, (Failure, Option<String>)> {
+        let record = self.load_existing(op).await.map_err(|f| (f, None))?;
         if matches!(record.state, RuntimeState::Removed) {
-            return Err(Failure::new(
-                ErrorCode::Conflict,
-                format!("runtime for game {} is removed; cannot patch", op.game()),
+            return Err((
+                Failure::new(
+                    ErrorCode::Conflict,
+                    format!("runtime for game {} is removed; cannot patch", op.game()),
+                ),
+                None,
             ));
         }
         let current = record.image_ref.semver().map_err(|e| {
-            Failure::new(
-                ErrorCode::ImageRefNotSemver,
-                format!("current image_ref: {e}"),
+            (
+                Failure::new(
+                    ErrorCode::ImageRefNotSemver,
+                    format!("current image_ref: {e}"),
+                ),
+                Some(record.image_ref.to_string()),
             )
         })?;
         let new = new_image.semver().map_err(|e| {
-            Failure::new(ErrorCode::ImageRefNotSemver, format!("new image_ref: {e}"))
+            (
+                Failure::new(ErrorCode::ImageRefNotSemver, format!("new image_ref: {e}")),
+                Some(new_image.to_string()),
+            )
         })?;
         if !same_patch_series(&current, &new) {
-            return Err(Failure::new(
-                ErrorCode::SemverPatchOnly,
-                format!("patch must keep major.minor; current={current} new={new}"),
+            return Err((
+                Failure::new(
+                    ErrorCode::SemverPatchOnly,
+                    format!("patch must keep major.minor; current={current} new={new}"),
+                ),
+                Some(new_image.to_string()),
             ));
         }
         Ok(record)

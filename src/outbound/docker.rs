@@ -56,6 +56,8 @@ pub const DEFAULT_SOCKET: &str = "unix:///var/run/docker.sock";
 /// Timeout of one API request (bollard counts it until the response headers
 /// arrive; it has a resolution of whole seconds). Every call but `stop` and
 /// `pull` answers well within it; a hung daemon is `Unavailable` after it.
+/// The longest a pull may take; past it the pull fails (`image_pull_failed`).
+const PULL_TIMEOUT: Duration = Duration::from_secs(600);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// `ping` answers `/readyz`: it must not hang for long.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
@@ -249,10 +251,20 @@ impl ContainerEngine for DockerEngine {
         // The request timeout only bounds the wait for the response headers,
         // which the daemon sends at once; the download itself may take long.
         let mut progress = self.docker.create_image(Some(options.build()), None, None);
-        while let Some(item) = progress.next().await {
-            item.map_err(|e| map_err(&context, e))?;
-        }
-        Ok(())
+        let download = async {
+            while let Some(item) = progress.next().await {
+                item.map_err(|e| map_err(&context, e))?;
+            }
+            Ok(())
+        };
+        // A stalled registry must not hold the game's lease forever.
+        tokio::time::timeout(PULL_TIMEOUT, download)
+            .await
+            .unwrap_or_else(|_| {
+                Err(EngineError::Rejected(format!(
+                    "{context}: no progress within {PULL_TIMEOUT:?}"
+                )))
+            })
     }
 
     async fn inspect(&self, game_id: &GameId) -> Result<Option<ContainerInfo>, EngineError> {

@@ -405,6 +405,21 @@ impl RuntimeStore for PgStore {
             .await
             .map_err(|e| db_error("begin the append transaction", e))?;
 
+        // A retry of a write whose COMMIT went through but whose reply was
+        // lost: the event id is fixed per write, so it finds its own row.
+        let done: Option<(Option<i64>, serde_json::Value)> =
+            sqlx::query_as("select operation_id, payload from outbox where event_id = $1")
+                .bind(event_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| db_error("look for an earlier attempt of this write", e))?;
+        if let Some((Some(operation_id), payload)) = done {
+            return Ok(Recorded {
+                operation_id,
+                event: decode_event(event_id, payload)?,
+            });
+        }
+
         if let Some(Fence(expected)) = fence {
             // The fence check must hold until commit, not just at the moment
             // it is read: `for share` locks the game's fence row for the rest

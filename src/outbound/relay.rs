@@ -80,7 +80,11 @@ impl Relay {
                 Err(e) => {
                     warn!(error = format!("{e:#}"), "outbox relay failed; retrying");
                     link = None;
-                    leader = None;
+                    // Never hand a connection holding the advisory lock back
+                    // to the pool: closing it releases the lock.
+                    if let Some(mut conn) = leader.take() {
+                        conn.close_on_drop();
+                    }
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }
             }
@@ -95,6 +99,9 @@ impl Relay {
         }
         if let Some(link) = link {
             let _ = link.channel.close(200, "shutdown".into()).await;
+        }
+        if let Some(mut conn) = leader.take() {
+            conn.close_on_drop();
         }
     }
 
@@ -137,8 +144,17 @@ impl Relay {
 
     /// Takes (or keeps) relay leadership.
     async fn lead(&self, leader: &mut Option<PoolConnection<Postgres>>) -> anyhow::Result<bool> {
-        if leader.is_some() {
-            return Ok(true);
+        if let Some(conn) = leader.as_mut() {
+            // Leadership lives as long as this session: check it is still
+            // there, so a killed backend (failover, idle timeout) ends it
+            // here rather than letting two relays publish at once.
+            if sqlx::query("select 1").execute(&mut **conn).await.is_ok() {
+                return Ok(true);
+            }
+            if let Some(mut conn) = leader.take() {
+                conn.close_on_drop();
+            }
+            anyhow::bail!("outbox relay: lost the database session that held leadership");
         }
         let mut conn = self
             .store
@@ -177,17 +193,25 @@ impl Relay {
     /// waits for the broker's confirm.
     async fn publish(&self, channel: &Channel, pending: &PendingEvent) -> anyhow::Result<()> {
         let body = serde_json::to_vec(&pending.event).context("serialize an outcome event")?;
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_message_id(ShortString::from(pending.event.event_id.to_string()))
-            .with_correlation_id(ShortString::from(pending.event.correlation_id.as_str()))
-            .with_type(ShortString::from(pending.routing_key.as_str()))
+            .with_type(short(&pending.routing_key)?);
+        // The decoder caps correlation ids at 255 bytes; an older row that
+        // does not fit still goes out, with the id in its body only.
+        match ShortString::try_new(pending.event.correlation_id.as_str()) {
+            Ok(id) => properties = properties.with_correlation_id(id),
+            Err(e) => {
+                warn!(event_id = %pending.event.event_id, error = %e, "correlation id too long for the AMQP property")
+            }
+        }
+        let properties = properties
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_timestamp(pending.event.occurred_at.timestamp().max(0) as u64);
         let confirm = channel
             .basic_publish(
                 self.amqp.event_exchange.as_str().into(),
-                pending.routing_key.as_str().into(),
+                short(&pending.routing_key)?,
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -212,13 +236,13 @@ impl Relay {
         if let Some(queue) = &pending.reply_to {
             let mut reply = properties;
             reply = match &pending.reply_correlation_id {
-                Some(id) => reply.with_correlation_id(ShortString::from(id.as_str())),
+                Some(id) => reply.with_correlation_id(short(id)?),
                 None => reply,
             };
             let confirm = channel
                 .basic_publish(
                     "".into(),
-                    queue.as_str().into(),
+                    short(queue)?,
                     BasicPublishOptions::default(),
                     &body,
                     reply,
@@ -231,4 +255,10 @@ impl Relay {
         }
         Ok(())
     }
+}
+
+/// An AMQP short string, or an error instead of lapin's panic.
+fn short(s: &str) -> anyhow::Result<ShortString> {
+    ShortString::try_new(s)
+        .map_err(|e| anyhow::anyhow!("{s:?} does not fit an AMQP short string: {e}"))
 }

@@ -52,7 +52,8 @@ struct WorkerRig {
 }
 
 impl WorkerRig {
-    async fn start() -> Self {
+    /// Everything but the worker: topology declared, event queue bound.
+    async fn prepare() -> Self {
         let db = TestDb::new().await;
         let id = unique("t");
         let prefix = format!("{}-", unique("rtmt"));
@@ -79,6 +80,7 @@ impl WorkerRig {
             ("RTM_LEASE_TTL", "6s".into()),
             ("RTM_RETRY_FOR", "3s".into()),
             ("RTM_SHUTDOWN_TIMEOUT", "20s".into()),
+            ("RTM_DELIVERY_LIMIT", "3".into()),
             ("RTM_HTTP_ADDR", format!("127.0.0.1:{port}")),
             ("RTM_LOG_FORMAT", "pretty".into()),
         ]
@@ -102,22 +104,89 @@ impl WorkerRig {
             .unwrap();
         let events = Self::bind_events(&channel, &config, "runtime.#").await;
 
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let worker = tokio::spawn(rtmanager::serve::run(config.clone(), async move {
-            let _ = stop_rx.await;
-        }));
         Self {
             env,
             config,
             channel,
             _conn: conn,
             events,
-            worker: Some(worker),
-            stop: Some(stop_tx),
+            worker: None,
+            stop: None,
             state_root,
             _containers: containers,
             _db: db,
         }
+    }
+
+    async fn start() -> Self {
+        let mut rig = Self::prepare().await;
+        rig.launch();
+        rig
+    }
+
+    /// Runs `serve` in-process.
+    fn launch(&mut self) {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        self.worker = Some(tokio::spawn(rtmanager::serve::run(
+            self.config.clone(),
+            async move {
+                let _ = stop_rx.await;
+            },
+        )));
+        self.stop = Some(stop_tx);
+    }
+
+    /// The same worker parts as `serve`, over an engine that panics when it
+    /// creates a container.
+    async fn launch_with_panicking_engine(&mut self) {
+        use rtmanager::inbound::consumer::Consumer as CommandConsumer;
+        use rtmanager::inbound::http::Readiness;
+        use rtmanager::lifecycle::Lifecycle;
+        use rtmanager::outbound::docker::DockerEngine;
+        use rtmanager::outbound::postgres::PgStore;
+        use rtmanager::outbound::redis_lease::RedisLeases;
+        use rtmanager::outbound::relay::Relay;
+
+        let config = self.config.clone();
+        let store = PgStore::connect(&config.database_url).await.unwrap();
+        let leases = RedisLeases::connect(&config.redis_url, &config.redis_prefix)
+            .await
+            .unwrap();
+        let engine = crate::fakes::HangingEngine::new(
+            DockerEngine::connect(config.docker.clone()).await.unwrap(),
+        );
+        engine
+            .panic_on_create
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let readiness = std::sync::Arc::new(Readiness::default());
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (trigger, stop) = rtmanager::shutdown::channel();
+        let relay = Relay::new(
+            store.clone(),
+            config.amqp_url.clone(),
+            config.amqp.clone(),
+            wake.clone(),
+            readiness.clone(),
+        );
+        let consumer = CommandConsumer::new(
+            Lifecycle::new(store, leases, engine, config.lifecycle.clone()),
+            config.amqp_url.clone(),
+            config.amqp.clone(),
+            readiness,
+            wake,
+            stop.clone(),
+        );
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        self.worker = Some(tokio::spawn(async move {
+            let relay = tokio::spawn(relay.run(stop));
+            let consumer = tokio::spawn(consumer.run(Duration::from_secs(10)));
+            let _ = stop_rx.await;
+            trigger.fire();
+            consumer.await?;
+            relay.await?;
+            Ok(())
+        }));
+        self.stop = Some(stop_tx);
     }
 
     async fn bind_events(channel: &Channel, config: &Config, key: &str) -> Consumer {
@@ -660,4 +729,121 @@ async fn send_wait_exits_0_on_success_and_1_on_a_failure() {
     let line: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_valid_event(&line);
     assert_eq!(line["error_code"], "semver_patch_only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_fails_that_command_with_internal_and_the_worker_lives_on() {
+    let mut rig = WorkerRig::prepare().await;
+    rig.launch_with_panicking_engine().await;
+    let game = rig.game();
+    let events = rig
+        .run(json!({"op": "start", "game_id": game, "image_ref": "rtm-test/engine:1.4.2"}))
+        .await;
+    assert_eq!(keys(&events), ["runtime.start.failure"]);
+    assert_eq!(events[0].body["error_code"], "internal");
+    let message = events[0].event.error_message.clone().unwrap_or_default();
+    assert!(message.contains("panic"), "{message}");
+    // The same worker still answers the next command.
+    let events = rig.run(json!({"op": "stop", "game_id": game})).await;
+    assert_eq!(keys(&events), ["runtime.stop.failure"]);
+    assert_eq!(events[0].body["error_code"], "not_found");
+    let (status, _) = (
+        rig.queue_depth(&rig.config.amqp.command_queue.clone())
+            .await,
+        (),
+    );
+    assert_eq!(status, 0);
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_keeps_killing_workers_is_answered_internal_on_its_last_delivery() {
+    let mut rig = WorkerRig::prepare().await;
+    let game = rig.game();
+    let command_id = rig
+        .publish(json!({"op": "start", "game_id": game, "image_ref": "rtm-test/engine:1.4.2"}))
+        .await;
+    // Three workers took it and died before answering (RTM_DELIVERY_LIMIT=3).
+    let queue = rig.config.amqp.command_queue.clone();
+    for _ in 0..3 {
+        let message = loop {
+            if let Some(m) = rig
+                .channel
+                .basic_get(queue.as_str().into(), BasicGetOptions::default())
+                .await
+                .unwrap()
+            {
+                break m;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        message
+            .delivery
+            .acker
+            .nack(lapin::options::BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    rig.launch();
+    let events = rig.until_outer(&command_id).await;
+    assert_eq!(keys(&events), ["runtime.start.failure"]);
+    assert_eq!(events[0].body["error_code"], "internal");
+    let message = events[0].event.error_message.clone().unwrap_or_default();
+    assert!(message.contains("gave up after 4 deliveries"), "{message}");
+    assert_eq!(rig.boots(&game), "", "it was not run again");
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_operation_in_flight_finish_and_exits_0() {
+    let mut rig = WorkerRig::prepare().await;
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_rtmanager"))
+        .arg("serve")
+        .env_clear()
+        .envs(&rig.env)
+        .env("PATH", std::env::var("PATH").unwrap())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start rtmanager serve");
+    let game = rig.game();
+    rig.run(json!({"op": "start", "game_id": game, "image_ref": "rtm-test/slow:1.4.2"}))
+        .await;
+    // The patch's inner stop of the slow engine takes the 2 s grace period:
+    // SIGTERM lands in the middle of it.
+    let patch = rig
+        .publish(json!({"op": "patch", "game_id": game, "new_image_ref": "rtm-test/slow:1.4.3"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let events = rig.until_outer(&patch).await;
+    assert_eq!(
+        keys(&events),
+        [
+            "runtime.patch.stop.success",
+            "runtime.patch.start.success",
+            "runtime.patch.success"
+        ],
+        "the operation in flight finished"
+    );
+    let status = tokio::task::spawn_blocking(move || worker.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "graceful exit");
+    // Its lease was released on the way out.
+    let leases = rtmanager::outbound::redis_lease::RedisLeases::connect(
+        &rig.config.redis_url,
+        &rig.config.redis_prefix,
+    )
+    .await
+    .unwrap();
+    assert_eq!(leases.holder_of(&game).await.unwrap(), None);
 }
