@@ -317,14 +317,25 @@ where
             }
         };
         if handled.duplicate {
-            // Publish the stored outcome again, with the same event_id.
+            // Publish the stored outcome again, with the same event_id. If
+            // that cannot be queued, the duplicate is not acked: it comes
+            // back and is answered then.
             if let Err(e) = self
                 .lifecycle
                 .store()
                 .republish(handled.event.event_id)
                 .await
             {
-                warn!(error = %e, "could not queue the duplicate's outcome for republishing");
+                warn!(error = %e, "could not queue the duplicate's outcome for republishing; returning it to the queue");
+                let _ = job
+                    .delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+                return;
             }
             self.relay_wake.notify_one();
         }

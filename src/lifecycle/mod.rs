@@ -30,8 +30,11 @@ mod stop;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::panic::AssertUnwindSafe;
+
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
+use futures_util::FutureExt;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
@@ -266,9 +269,17 @@ where
             Err(Halt::Interrupt(i)) => return Err(i),
         };
 
-        let outcome = self.run_leased(&request, &command, &lease, fresh).await;
+        // A panic inside the op must not outlive the lease's release: catch
+        // it, release in order, then let it continue to the caller (which
+        // answers the command `internal`).
+        let outcome = AssertUnwindSafe(self.run_leased(&request, &command, &lease, fresh))
+            .catch_unwind()
+            .await;
         lease.release().await;
-        outcome
+        match outcome {
+            Ok(outcome) => outcome,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 
     async fn run_leased(
