@@ -54,13 +54,18 @@ struct WorkerRig {
 impl WorkerRig {
     /// Everything but the worker: topology declared, event queue bound.
     async fn prepare() -> Self {
+        Self::prepare_with(|_| {}).await
+    }
+
+    /// Like `prepare`, with the worker's environment edited first.
+    async fn prepare_with(edit: impl FnOnce(&mut HashMap<String, String>)) -> Self {
         let db = TestDb::new().await;
         let id = unique("t");
         let prefix = format!("{}-", unique("rtmt"));
         let containers = ContainerGuard::new(&prefix);
         let state_root = TempDir::new().unwrap();
         let port = free_port();
-        let env: HashMap<String, String> = [
+        let mut env: HashMap<String, String> = [
             ("RTM_AMQP_URL", amqp_url()),
             ("DATABASE_URL", db.url.clone()),
             ("RTM_REDIS_URL", redis_url()),
@@ -87,6 +92,7 @@ impl WorkerRig {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+        edit(&mut env);
         let config = Config::from_lookup(|k| env.get(k).cloned()).expect("test config");
 
         // The test declares the topology too, so it can publish before the
@@ -846,4 +852,38 @@ async fn sigterm_lets_the_operation_in_flight_finish_and_exits_0() {
     .await
     .unwrap();
     assert_eq!(leases.holder_of(&game).await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_the_dependency_that_is_down() {
+    // Redis on a port nothing listens on: the worker starts anyway and says so.
+    let dead = format!("redis://127.0.0.1:{}", free_port());
+    let mut rig = WorkerRig::prepare_with(|env| {
+        env.insert("RTM_REDIS_URL".into(), dead);
+    })
+    .await;
+    rig.launch();
+    let deadline = std::time::Instant::now() + WAIT;
+    let body = loop {
+        if let Ok(Ok(mut stream)) = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect(rig.config.http_addr),
+        )
+        .await
+        {
+            drop(stream.shutdown().await);
+            let (status, body) = rig.http_get("/readyz").await;
+            if body.contains("\"broker\":\"up\"") && body.contains("\"database\":\"up\"") {
+                assert_eq!(status, 503, "{body}");
+                break body;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no readiness answer");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(body.contains("\"redis\":\"down\""), "{body}");
+    assert!(body.contains("\"docker\":\"up\""), "{body}");
+    let (status, _) = rig.http_get("/healthz").await;
+    assert_eq!(status, 200, "alive even when not ready");
+    rig.shutdown().await;
 }
