@@ -111,6 +111,14 @@ mod tests {
         Cli::try_parse_from(std::iter::once("rtmanager").chain(args.iter().copied()))
     }
 
+    #[test]
+    fn identifiers_that_cannot_travel_as_amqp_short_strings_are_refused() {
+        let long = "x".repeat(256);
+        assert!(parse(&["send", "restart", "g", "--command-id", &long]).is_err());
+        assert!(parse(&["send", "restart", "g", "--source-ref", &long]).is_err());
+        assert!(parse(&["send", "restart", "g", "--source-ref", &"x".repeat(255)]).is_ok());
+    }
+
     fn send(args: &[&str]) -> SendArgs {
         match parse(&[&["send"], args].concat()).unwrap().command {
             Command::Send(send) => send,

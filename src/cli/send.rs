@@ -506,6 +506,14 @@ impl Waiter {
 fn non_empty(raw: &str) -> Result<String, String> {
     if raw.trim().is_empty() {
         Err("must not be empty".into())
+    } else if raw.len() > crate::messages::MAX_IDENTIFIER_BYTES {
+        // It travels as an AMQP short string (message_id, correlation_id).
+        Err(format!(
+            "must be at most {} bytes",
+            crate::messages::MAX_IDENTIFIER_BYTES
+        ))
+    } else if raw.chars().any(char::is_control) {
+        Err("must not contain control characters".into())
     } else {
         Ok(raw.to_owned())
     }
