@@ -305,14 +305,7 @@ where
                 // dead-letter it (reason `rejected`) for an operator.
                 error!(error = %why, "command cannot be recorded; dead-lettering it");
                 metrics::counter!(telemetry::COMMANDS_DEAD_LETTERED).increment(1);
-                let _ = job
-                    .delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: false,
-                        ..BasicNackOptions::default()
-                    })
-                    .await;
+                nack(&job.delivery, false).await;
                 return;
             }
         };
@@ -327,14 +320,7 @@ where
                 .await
             {
                 warn!(error = %e, "could not queue the duplicate's outcome for republishing; returning it to the queue");
-                let _ = job
-                    .delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await;
+                nack(&job.delivery, true).await;
                 return;
             }
             self.relay_wake.notify_one();
@@ -445,13 +431,7 @@ where
                 error = format!("{e:#}"),
                 "could not dead-letter; returning the message to the queue"
             );
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await;
+            nack(delivery, true).await;
             return;
         }
         metrics::counter!(telemetry::COMMANDS_DEAD_LETTERED).increment(1);
@@ -500,6 +480,19 @@ fn rejected_event(undecodable: &Undecodable) -> Option<OutcomeEvent> {
         finished_at: now,
     })
     .filter(|e| e.routing_key() == REJECTED_ROUTING_KEY)
+}
+
+/// Returns the message to the queue (`requeue`), or has the broker
+/// dead-letter it. A failure means the channel is gone, which returns it
+/// anyway.
+async fn nack(delivery: &Delivery, requeue: bool) {
+    let options = BasicNackOptions {
+        requeue,
+        ..BasicNackOptions::default()
+    };
+    if let Err(e) = delivery.acker.nack(options).await {
+        debug!(error = %e, "nack failed; the channel is gone and the message returns");
+    }
 }
 
 /// `x-delivery-count`, set by quorum queues on redeliveries (absent on the

@@ -106,3 +106,23 @@ impl Drop for TestDb {
         .join();
     }
 }
+
+/// A decoded command as the lobby would send it, with a fresh command_id.
+pub fn command_request(
+    op: rtmanager::domain::OpKind,
+    game: &rtmanager::domain::GameId,
+    image: Option<&str>,
+) -> rtmanager::domain::CommandRequest {
+    rtmanager::domain::CommandRequest {
+        command_id: Uuid::new_v4().to_string(),
+        op,
+        game_id: Some(game.to_string()),
+        image_ref: image.map(str::to_owned),
+        op_source: Some("lobby".into()),
+        source_ref: None,
+        reason: None,
+        requested_at: Some(chrono::Utc::now()),
+        reply_to: None,
+        malformed: None,
+    }
+}

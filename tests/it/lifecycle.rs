@@ -14,10 +14,9 @@ use rtmanager::outbound::docker::DockerEngine;
 use rtmanager::outbound::postgres::PgStore;
 use rtmanager::outbound::redis_lease::RedisLeases;
 use rtmanager::ports::{Acquired, ContainerEngine, LeaseHolder, LeaseStore, RuntimeStore};
-use uuid::Uuid;
 
 use crate::docker_support::DockerTestEnv;
-use crate::harness::{TestDb, redis_url, unique};
+use crate::harness::{TestDb, command_request, redis_url, unique};
 
 const ENGINE_142: &str = "rtm-test/engine:1.4.2";
 const ENGINE_143: &str = "rtm-test/engine:1.4.3";
@@ -91,18 +90,7 @@ impl Rig {
     }
 
     fn request(&self, op: OpKind, game: &GameId, image: Option<&str>) -> CommandRequest {
-        CommandRequest {
-            command_id: Uuid::new_v4().to_string(),
-            op,
-            game_id: Some(game.to_string()),
-            image_ref: image.map(str::to_owned),
-            op_source: Some("lobby".into()),
-            source_ref: None,
-            reason: None,
-            requested_at: Some(Utc::now()),
-            reply_to: None,
-            malformed: None,
-        }
+        command_request(op, game, image)
     }
 
     /// Runs a request to its outcome; the lease is free afterwards, always.

@@ -7,18 +7,16 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use chrono::Utc;
 use rtmanager::config::{LifecycleConfig, SecretUrl};
 use rtmanager::domain::{AllowedImages, CommandRequest, GameId, OpKind, Outcome};
 use rtmanager::lifecycle::{Interrupted, Lifecycle};
 use rtmanager::outbound::postgres::PgStore;
 use rtmanager::outbound::redis_lease::RedisLeases;
 use rtmanager::ports::{ContainerEngine, LeaseHolder, LeaseStore, RuntimeStore};
-use uuid::Uuid;
 
 use crate::docker_support::DockerTestEnv;
 use crate::fakes::{FlakyLeases, HangingEngine, StallingStore};
-use crate::harness::{TestDb, redis_url, unique};
+use crate::harness::{TestDb, command_request, redis_url, unique};
 
 /// The real adapters of one test; services are built from them with
 /// whichever wrappers a test needs.
@@ -65,18 +63,7 @@ impl World {
     }
 
     fn request(&self, op: OpKind, game: &GameId, image: Option<&str>) -> CommandRequest {
-        CommandRequest {
-            command_id: Uuid::new_v4().to_string(),
-            op,
-            game_id: Some(game.to_string()),
-            image_ref: image.map(str::to_owned),
-            op_source: Some("lobby".into()),
-            source_ref: None,
-            reason: None,
-            requested_at: Some(Utc::now()),
-            reply_to: None,
-            malformed: None,
-        }
+        command_request(op, game, image)
     }
 
     async fn started(&self, image: &str) -> GameId {
