@@ -54,3 +54,7 @@ clean-docker: ## Remove every container labelled rtmanager.managed=true (and not
 	@ids=$$($(DOCKER) ps -aq --filter label=rtmanager.managed=true); \
 	if [ -n "$$ids" ]; then echo "removing $$(echo $$ids | wc -w) container(s)"; $(DOCKER) rm -f $$ids >/dev/null; \
 	else echo "no rtmanager.managed=true containers"; fi
+
+.PHONY: faults
+faults: deps images ## Run the fault suite (worker processes killed, private dependencies restarted); writes FAULTS.md
+	env -u RUST_LOG $(CARGO) test --test faults -- --test-threads=1

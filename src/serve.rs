@@ -29,6 +29,18 @@ use crate::telemetry;
 
 /// How often the readiness probes run.
 const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// How long one probe may take before its dependency counts as down.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn within<E: std::fmt::Display>(
+    limit: Duration,
+    probe: impl Future<Output = Result<(), E>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(limit, probe).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {limit:?}")),
+    }
+}
 
 /// Runs the worker until `shutdown` resolves, then stops gracefully.
 pub async fn run(
@@ -182,7 +194,13 @@ async fn probe(
     mut stop: Shutdown,
 ) {
     loop {
-        let (db, redis, docker) = tokio::join!(store.ping(), leases.ping(), engine.ping());
+        // Each probe is time-boxed, so one slow dependency (a pool waiting
+        // for a connection) cannot hide the state of the others.
+        let (db, redis, docker) = tokio::join!(
+            within(PROBE_TIMEOUT, store.ping()),
+            within(PROBE_TIMEOUT, leases.ping()),
+            within(PROBE_TIMEOUT, engine.ping()),
+        );
         for (flag, name, result) in [
             (
                 &readiness.database,

@@ -19,6 +19,20 @@ const LOG_TAIL_LINES: usize = 20;
 /// The most of a log tail a failure message carries: it travels in the
 /// operation log, the outbox and the event.
 const LOG_TAIL_BYTES: usize = 4096;
+/// How `bring_up` ends early.
+pub(super) enum BringUp {
+    Halt(Halt),
+    /// The engine refuses to start a container whose task survived an
+    /// engine restart: recreate it.
+    Stale(String),
+}
+
+impl From<Halt> for BringUp {
+    fn from(h: Halt) -> Self {
+        BringUp::Halt(h)
+    }
+}
+
 /// How often start-up is polled.
 const UP_POLL: Duration = Duration::from_millis(100);
 
@@ -142,6 +156,37 @@ where
         image: &ImageRef,
         stage: &str,
     ) -> Result<ContainerInfo, Halt> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let id = self.create(op, image, stage).await?;
+            match self.bring_up(op, &id, image, stage, false).await {
+                // A start cut short by an engine restart leaves a task
+                // behind that the engine refuses to start again ("already
+                // exists", "id already in use"): replace the container once.
+                Err(BringUp::Stale(msg)) if attempt == 1 => {
+                    warn!(container_id = %id, error = %msg, "the engine kept a stale task; recreating the container");
+                    self.discard(op, &id).await?;
+                }
+                Err(BringUp::Stale(msg)) => {
+                    let failure = Failure::new(
+                        ErrorCode::ContainerStartFailed,
+                        format!("start container: {msg}"),
+                    );
+                    return Err(self.failed_start(&id, failure).await);
+                }
+                Err(BringUp::Halt(halt)) => return Err(halt),
+                Ok(info) => return Ok(info),
+            }
+        }
+    }
+
+    async fn create(
+        &self,
+        op: &Op<'_, L>,
+        image: &ImageRef,
+        stage: &str,
+    ) -> Result<ContainerId, Halt> {
         op.check_lease()?;
         let id = self
             .docker("create", || self.engine.create(op.game(), image))
@@ -159,62 +204,112 @@ where
             json!({ "container_id": id.as_str() }),
         )
         .await?;
-        op.check_lease()?;
-        let started = self.docker("start", || self.engine.start(&id)).await;
-        let up = match started {
-            Ok(()) => {
-                self.journal(
-                    op,
-                    &format!("{stage}.start"),
-                    json!({ "container_id": id.as_str() }),
-                )
-                .await?;
-                self.wait_up(op, &id).await
-            }
-            Err(EngineError::Rejected(msg)) => Err(Halt::Fail(Failure::new(
-                ErrorCode::ContainerStartFailed,
-                format!("start container: {msg}"),
-            ))),
-            Err(EngineError::Unavailable(msg)) => Err(unavailable("start", &msg).into()),
-        };
-        match up {
-            Err(Halt::Fail(failure)) if failure.code == ErrorCode::ContainerStartFailed => {
-                let message = self.diagnose(&id, &failure.message).await;
-                if let Err(e) = self.engine.remove(&id).await {
-                    warn!(container_id = %id, error = %e, "could not remove the failed container");
-                }
-                Err(Failure::new(ErrorCode::ContainerStartFailed, message).into())
-            }
-            Ok(info) => {
-                let detail = json!({
-                    "container_id": info.id.as_str(),
-                    "address": info.address,
-                    "image": image.as_str(),
-                });
-                self.journal(op, &format!("{stage}.up"), detail).await?;
-                Ok(info)
-            }
-            other => other,
-        }
+        Ok(id)
     }
 
-    /// The container an earlier attempt journaled as up at `stage`, if
-    /// Docker still reports it running that image: the attempt died after
-    /// the up-check and before recording it, so this one records it instead
-    /// of starting the engine a second time.
-    pub(super) async fn already_up(
+    /// Starts a created container (unless `running` already) and waits
+    /// until it is up; journals both.
+    async fn bring_up(
+        &self,
+        op: &Op<'_, L>,
+        id: &ContainerId,
+        image: &ImageRef,
+        stage: &str,
+        running: bool,
+    ) -> Result<ContainerInfo, BringUp> {
+        if !running {
+            op.check_lease().map_err(Halt::from)?;
+            match self.docker("start", || self.engine.start(id)).await {
+                Ok(()) => {}
+                Err(EngineError::Unavailable(msg)) => {
+                    return Err(Halt::from(unavailable("start", &msg)).into());
+                }
+                Err(EngineError::Rejected(msg)) => {
+                    // The refused start may be a retry of one that took
+                    // effect before the engine went away: judge by Docker.
+                    let now = self.inspect(op).await?;
+                    if !now.is_some_and(|info| info.id == *id && info.running) {
+                        if msg.contains("already exists") || msg.contains("already in use") {
+                            return Err(BringUp::Stale(msg));
+                        }
+                        let failure = Failure::new(
+                            ErrorCode::ContainerStartFailed,
+                            format!("start container: {msg}"),
+                        );
+                        return Err(self.failed_start(id, failure).await.into());
+                    }
+                }
+            }
+            self.journal(
+                op,
+                &format!("{stage}.start"),
+                json!({ "container_id": id.as_str() }),
+            )
+            .await
+            .map_err(Halt::from)?;
+        }
+        let info = match self.wait_up(op, id).await {
+            Ok(info) => info,
+            Err(Halt::Fail(failure)) if failure.code == ErrorCode::ContainerStartFailed => {
+                return Err(self.failed_start(id, failure).await.into());
+            }
+            Err(other) => return Err(other.into()),
+        };
+        let detail = json!({
+            "container_id": info.id.as_str(),
+            "address": info.address,
+            "image": image.as_str(),
+        });
+        self.journal(op, &format!("{stage}.up"), detail)
+            .await
+            .map_err(Halt::from)?;
+        Ok(info)
+    }
+
+    /// A failed start: the diagnosis (exit code, log tail) in the message,
+    /// and the container removed.
+    async fn failed_start(&self, id: &ContainerId, failure: Failure) -> Halt {
+        let message = self.diagnose(id, &failure.message).await;
+        if let Err(e) = self.engine.remove(id).await {
+            warn!(container_id = %id, error = %e, "could not remove the failed container");
+        }
+        Failure::new(ErrorCode::ContainerStartFailed, message).into()
+    }
+
+    /// Resuming a start an earlier attempt left at `stage`: the container it
+    /// journaled, if Docker still has it with the right image, is brought up
+    /// (started only if it is not running yet) instead of being replaced —
+    /// so an engine that was already booting is not booted twice.
+    pub(super) async fn resume_launch(
         &self,
         op: &Op<'_, L>,
         image: &ImageRef,
         stage: &str,
     ) -> Result<Option<ContainerInfo>, Halt> {
-        let Some(up) = op.progress.step(&format!("{stage}.up")) else {
+        let journaled = ["up", "start", "create"].iter().find_map(|step| {
+            op.progress
+                .step(&format!("{stage}.{step}"))
+                .and_then(|d| d["container_id"].as_str())
+        });
+        let Some(journaled) = journaled else {
             return Ok(None);
         };
-        let journaled = up["container_id"].as_str().unwrap_or_default();
-        Ok(self.inspect(op).await?.filter(|info| {
-            info.running && info.id.as_str() == journaled && info.image_ref == image.as_str()
-        }))
+        let Some(info) = self
+            .inspect(op)
+            .await?
+            .filter(|info| info.id.as_str() == journaled && info.image_ref == image.as_str())
+        else {
+            return Ok(None);
+        };
+        match self
+            .bring_up(op, &info.id, image, stage, info.running)
+            .await
+        {
+            Ok(info) => Ok(Some(info)),
+            // Could not resume it: start afresh.
+            Err(BringUp::Stale(_)) => Ok(None),
+            Err(BringUp::Halt(halt)) => Err(halt),
+        }
     }
 
     /// Up means up: healthy within `RTM_HEALTH_TIMEOUT` when the image has a

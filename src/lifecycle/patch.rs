@@ -61,7 +61,8 @@ where
             .progress
             .entry(OpKind::Start, Some(OpKind::Patch), false)
             .is_some()
-            || op.progress.step("start.up").is_some();
+            // The new container was created: the old one is gone already.
+            || op.progress.step("start.create").is_some();
         if !resumed_past_start {
             let swapped = async {
                 self.ensure_image(op, new_image).await?;

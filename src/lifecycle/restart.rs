@@ -33,7 +33,8 @@ where
             .progress
             .entry(OpKind::Start, Some(OpKind::Restart), false)
             .is_some()
-            || op.progress.step("start.up").is_some();
+            // The new container was created: the old one is gone already.
+            || op.progress.step("start.create").is_some();
         if !resumed_past_start {
             match self.stop_and_remove(op, OpKind::Restart, &record).await {
                 Ok(()) => {}

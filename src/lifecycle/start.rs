@@ -185,7 +185,7 @@ where
         }
 
         let launched = async {
-            if let Some(info) = self.already_up(op, plan.image, plan.stage).await? {
+            if let Some(info) = self.resume_launch(op, plan.image, plan.stage).await? {
                 return Ok(info);
             }
             self.ensure_image(op, plan.image).await?;

@@ -150,15 +150,18 @@ impl PgStore {
             .collect()
     }
 
-    /// Marks events as published (the broker confirmed them). Marking an
-    /// event twice keeps its first `sent_at`. Returns how many were marked
-    /// now.
+    /// Records confirmed publications: each consumes the original
+    /// publication or one pending replay (a duplicate's), and an event is
+    /// sent once none is left. Returns how many events are now sent.
     pub async fn mark_sent(&self, event_ids: &[Uuid]) -> Result<u64, StoreError> {
         if event_ids.is_empty() {
             return Ok(0);
         }
         let done = sqlx::query(
-            "update outbox set sent_at = now() where event_id = any($1) and sent_at is null",
+            "update outbox
+             set sent_at = case when pending_replays = 0 then now() end,
+                 pending_replays = greatest(pending_replays - 1, 0)
+             where event_id = any($1) and sent_at is null",
         )
         .bind(event_ids)
         .execute(&self.pool)
@@ -285,13 +288,20 @@ impl RuntimeStore for PgStore {
     }
 
     async fn republish(&self, event_id: Uuid) -> Result<(), StoreError> {
-        // Back in the queue with its original seq: the relay publishes it
-        // again, same event_id, ahead of anything newer.
-        sqlx::query("update outbox set sent_at = null where event_id = $1")
-            .bind(event_id)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| db_error("queue an event for republishing", e))?;
+        // One more publication owed, same event_id, with its original seq
+        // (ahead of anything newer). See migration 0005.
+        sqlx::query(
+            // Already sent: one publication is owed again. Still unsent: one
+            // more on top of the one pending. (SET sees the old `sent_at`.)
+            "update outbox
+             set pending_replays = pending_replays + (case when sent_at is null then 1 else 0 end),
+                 sent_at = null
+             where event_id = $1",
+        )
+        .bind(event_id)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("queue an event for republishing", e))?;
         Ok(())
     }
 

@@ -177,8 +177,11 @@ impl ScenarioDir {
         fs::create_dir_all(&dir).expect("create a scenario subdirectory");
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).ok();
         if let Some(user) = owner {
-            run(Command::new("chown").arg("-R").arg(format!("{user}:{user}")).arg(&dir))
-                .expect("chown a scenario subdirectory");
+            run(Command::new("chown")
+                .arg("-R")
+                .arg(format!("{user}:{user}"))
+                .arg(&dir))
+            .expect("chown a scenario subdirectory");
         }
         dir
     }
@@ -225,7 +228,10 @@ impl Manifest {
     /// The scenario directory, which every process started for the
     /// scenario mentions (in its command line or environment).
     pub fn marker(&self) -> String {
-        self.0.parent().map(|p| p.display().to_string()).unwrap_or_default()
+        self.0
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
     }
 }
 
@@ -253,10 +259,22 @@ pub fn teardown_dir(dir: &Path) {
             stop_pid(pid, sig, needle, Duration::from_secs(15));
         }
     }
+    // Network links the scenario created (the private engine's bridge).
+    for parts in lines.iter().filter(|p| p.first() == Some(&"link")) {
+        if let Some(name) = parts.get(1)
+            && name.starts_with("rtmf")
+            && run(Command::new("ip").args(["link", "show", name])).is_ok()
+        {
+            let _ = run(Command::new("ip").args(["link", "del", name]));
+        }
+    }
     // Anything else still naming this directory (a containerd shim).
     if let Ok(entries) = fs::read_dir("/proc") {
         for entry in entries.flatten() {
-            if let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok())
+            if let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
                 && pid != std::process::id()
                 && fs::read(format!("/proc/{pid}/cmdline"))
                     .map(|b| String::from_utf8_lossy(&b).contains(&marker))
@@ -281,6 +299,8 @@ pub fn teardown_dir(dir: &Path) {
     if let Err(e) = fs::remove_dir_all(dir) {
         eprintln!("faults: could not remove {}: {e}", dir.display());
     }
+    // The base goes too once no scenario directory is left in it.
+    let _ = fs::remove_dir(BASE);
 }
 
 /// Force-removes the containers whose names start with `prefix` (`*`: all
@@ -325,7 +345,10 @@ fn sweep_stale() {
             None => true,
         };
         if orphaned && dir.is_dir() {
-            eprintln!("faults: sweeping leftovers of a dead run: {}", dir.display());
+            eprintln!(
+                "faults: sweeping leftovers of a dead run: {}",
+                dir.display()
+            );
             teardown_dir(&dir);
         }
     }

@@ -12,8 +12,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::procs::{
-    Manifest, ScenarioDir, docker_cli, free_port, pid_alive, poll_until, read_pid, run,
-    run_async, signal, tcp_open,
+    Manifest, ScenarioDir, docker_cli, free_port, pid_alive, poll_until, read_pid, run, run_async,
+    signal, tcp_open,
 };
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -31,6 +31,16 @@ pub enum Dep {
 }
 
 impl Dep {
+    /// Its name in `/readyz`.
+    pub fn readyz_name(self) -> &'static str {
+        match self {
+            Dep::RabbitMq => "broker",
+            Dep::Redis => "redis",
+            Dep::Postgres => "database",
+            Dep::Docker => "docker",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Dep::RabbitMq => "RabbitMQ",
@@ -87,7 +97,8 @@ impl Redis {
         let pidfile = self.pidfile();
         poll_until(Duration::from_secs(5), || read_pid(&pidfile).is_some()).await;
         let pid = read_pid(&pidfile).ok_or("redis wrote no pid file")?;
-        self.manifest.record_pid(pid, "TERM", &self.manifest.marker());
+        self.manifest
+            .record_pid(pid, "TERM", &self.manifest.marker());
         Ok(())
     }
 
@@ -275,12 +286,18 @@ impl Rabbit {
 
 // ----------------------------------------------------- a private dockerd
 
-/// A second Docker engine (own data root, exec root, socket, pid file and
-/// containerd; no iptables, no default bridge; live-restore) with the test
-/// images copied in and one user-defined network.
+/// A second Docker engine (own data root, exec root, socket, pid file,
+/// containerd and default bridge; no iptables; live-restore) with the test
+/// images copied in.
+///
+/// Never `--bridge=none`: on start-up dockerd then *deletes* the host's
+/// `docker0`, the shared engine's bridge. The private engine gets a bridge
+/// of its own (`-b`), created here and deleted at teardown, and the
+/// shared `docker0` is checked after every start and stop of it.
 pub struct PrivateDocker {
     pub host: String,
-    pub network: String,
+    bridge: String,
+    shared_bridge: Option<String>,
     dir: PathBuf,
     child: Mutex<Option<Child>>,
     manifest: Manifest,
@@ -292,11 +309,22 @@ impl PrivateDocker {
         std::fs::write(dir.join("daemon.json"), "{}\n").map_err(|e| e.to_string())?;
         let docker = Self {
             host: format!("unix://{}", dir.join("docker.sock").display()),
-            network: format!("rtmfnet-{id}"),
+            bridge: format!("rtmfb{id}"),
+            shared_bridge: docker0_address(),
             dir,
             child: Mutex::new(None),
             manifest: sd.manifest(),
         };
+        // A subnet of its own, clear of the shared engine's docker0.
+        let subnet = format!("10.251.{}.1/24", 1 + rand_byte() % 250);
+        docker.manifest.record(&format!("link {}", docker.bridge));
+        for args in [
+            vec!["link", "add", "name", &docker.bridge, "type", "bridge"],
+            vec!["addr", "add", &subnet, "dev", &docker.bridge],
+            vec!["link", "set", &docker.bridge, "up"],
+        ] {
+            run(Command::new("ip").args(&args))?;
+        }
         docker.manifest.record(&format!("docker {} *", docker.host));
         docker.start().await?;
         // `docker save | docker -H … load`: the test images, no registry.
@@ -309,14 +337,27 @@ impl PrivateDocker {
         let mut load = Command::new("bash");
         load.args(["-o", "pipefail", "-c", &save]);
         run_async(load).await?;
-        // A subnet of its own, so no route clashes with the shared engine's
-        // docker0 (172.17/16).
-        let subnet = format!("10.251.{}.0/24", 1 + rand_byte() % 250);
-        let mut net = Command::new(docker_cli());
-        net.args(["-H", &docker.host, "network", "create", "--subnet", &subnet])
-            .arg(&docker.network);
-        run_async(net).await?;
         Ok(docker)
+    }
+
+    /// Errs (after putting it back) if the shared engine's docker0 is gone.
+    fn check_shared_bridge(&self) -> Result<(), String> {
+        let Some(address) = &self.shared_bridge else {
+            return Ok(());
+        };
+        if docker0_address().is_some() {
+            return Ok(());
+        }
+        for args in [
+            vec!["link", "add", "name", "docker0", "type", "bridge"],
+            vec!["addr", "add", address.as_str(), "dev", "docker0"],
+            vec!["link", "set", "docker0", "up"],
+        ] {
+            let _ = run(Command::new("ip").args(&args));
+        }
+        Err(format!(
+            "the private dockerd removed the shared engine's docker0 (restored it with {address})"
+        ))
     }
 
     pub async fn start(&self) -> Result<(), String> {
@@ -331,7 +372,8 @@ impl PrivateDocker {
             Command::new("dockerd")
                 .args(["--data-root", &d("data"), "--exec-root", &d("exec")])
                 .args(["-H", &self.host, "--pidfile", &d("docker.pid")])
-                .args(["--iptables=false", "--ip-masq=false", "--bridge=none", "--live-restore"])
+                .args(["--iptables=false", "--ip-masq=false", "--ip-forward=false"])
+                .args(["-b", &self.bridge, "--live-restore"])
                 .args(["--config-file", &d("daemon.json")])
                 .env(MARK_VAR, self.manifest.marker())
                 .stdin(Stdio::null())
@@ -354,6 +396,7 @@ impl PrivateDocker {
                 .is_ok_and(|s| s.success())
         })
         .await;
+        self.check_shared_bridge()?;
         if up {
             Ok(())
         } else {
@@ -374,7 +417,7 @@ impl PrivateDocker {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(_)) = child.try_wait() {
-                return Ok(());
+                return self.check_shared_bridge();
             }
             if std::time::Instant::now() >= deadline {
                 let _ = child.kill();
@@ -393,6 +436,15 @@ impl Drop for PrivateDocker {
             let _ = child.try_wait();
         }
     }
+}
+
+/// The shared engine's bridge address (`172.17.0.1/16`), if it exists.
+fn docker0_address() -> Option<String> {
+    let out = run(Command::new("ip").args(["-4", "-o", "addr", "show", "dev", "docker0"])).ok()?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .map(str::to_owned)
 }
 
 fn rand_byte() -> u8 {

@@ -7,6 +7,8 @@ use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -19,10 +21,10 @@ pub struct Worker {
     pub log: PathBuf,
     pub http_port: u16,
     env: Vec<(String, String)>,
-    child: Option<Child>,
+    child: Mutex<Option<Child>>,
     manifest: Manifest,
     /// How many times this worker was started.
-    pub starts: u32,
+    starts: AtomicU32,
 }
 
 impl Worker {
@@ -38,19 +40,24 @@ impl Worker {
             log,
             http_port,
             env,
-            child: None,
+            child: Mutex::new(None),
             manifest,
-            starts: 0,
+            starts: AtomicU32::new(0),
         }
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+    pub fn starts(&self) -> u32 {
+        self.starts.load(Ordering::Relaxed)
     }
 
-    pub fn spawn(&mut self) {
-        assert!(self.child.is_none(), "{} is already running", self.name);
-        self.starts += 1;
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().unwrap().as_ref().map(Child::id)
+    }
+
+    pub fn spawn(&self) {
+        let mut slot = self.child.lock().unwrap();
+        assert!(slot.is_none(), "{} is already running", self.name);
+        let starts = self.starts.fetch_add(1, Ordering::Relaxed) + 1;
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -59,7 +66,7 @@ impl Worker {
         writeln!(
             log,
             "=== faults: start #{} of {} at {}",
-            self.starts,
+            starts,
             self.name,
             chrono::Utc::now().to_rfc3339()
         )
@@ -81,12 +88,13 @@ impl Worker {
         };
         self.manifest
             .record_pid(child.id(), "KILL", &self.manifest.marker());
-        self.child = Some(child);
+        *slot = Some(child);
     }
 
     /// SIGKILL (`Child::kill`), reaped at once.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
+    pub fn kill(&self) {
+        let taken = self.child.lock().unwrap().take();
+        if let Some(mut child) = taken {
             let _ = child.kill();
             let _ = child.wait();
             self.note("SIGKILL");
@@ -108,8 +116,9 @@ impl Worker {
     }
 
     /// SIGTERM, then waits up to `timeout` for the exit.
-    pub async fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
-        let Some(mut child) = self.child.take() else {
+    pub async fn terminate(&self, timeout: Duration) -> Result<ExitStatus, String> {
+        let taken = self.child.lock().unwrap().take();
+        let Some(mut child) = taken else {
             return Err(format!("{} is not running", self.name));
         };
         self.note("SIGTERM");
@@ -135,12 +144,16 @@ impl Worker {
     }
 
     /// Exited by itself (a crash): its status.
-    pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    pub fn exited(&self) -> Option<ExitStatus> {
+        self.child
+            .lock()
+            .unwrap()
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Waits until `/readyz` answers 200 (every dependency up).
-    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.exited() {
@@ -167,8 +180,7 @@ impl Worker {
 
     pub async fn http_get(&self, path: &str) -> Result<(u16, String), String> {
         let io = async {
-            let mut stream =
-                tokio::net::TcpStream::connect(("127.0.0.1", self.http_port)).await?;
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port)).await?;
             let request =
                 format!("GET {path} HTTP/1.1\r\nHost: faults\r\nConnection: close\r\n\r\n");
             stream.write_all(request.as_bytes()).await?;

@@ -909,6 +909,27 @@ async fn rejected_events_and_republished_events_reach_the_relay() {
     let again = store.unsent_events(10).await.unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].event, recorded.event, "same event, same event_id");
+
+    // Each republish owes one publication, also when the previous one has
+    // not gone out yet (a duplicate arriving before the relay ran).
+    let id = recorded.event.event_id;
+    assert_eq!(store.mark_sent(&[id]).await.unwrap(), 1);
+    assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+    store.republish(id).await.unwrap();
+    store.republish(id).await.unwrap();
+    for publication in 1..=2 {
+        assert_eq!(
+            store.unsent_events(10).await.unwrap().len(),
+            1,
+            "publication {publication} is owed"
+        );
+        store.mark_sent(&[id]).await.unwrap();
+    }
+    assert_eq!(
+        store.outbox_backlog().await.unwrap(),
+        0,
+        "two publications, no more"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,616 @@
+//! The checks every scenario ends with (SPEC §10), measured against the
+//! database, the events the observer received, and what Docker reports.
+//! Nothing here is tuned to what the code happens to do: a violation is
+//! reported as found.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use sqlx::Row as _;
+
+use crate::report::Row;
+use crate::rig::{Cmd, Rig, Sent};
+use crate::schema::{event_schema_validator, validation_errors};
+
+/// What a scenario accepts as a legitimate failure outcome.
+#[derive(Debug, Clone, Default)]
+pub struct Expect {
+    /// Error codes that are correct answers in this scenario (lease
+    /// contention between workers: `conflict`; a reordered stream:
+    /// `not_found`). Any other failure is a violation.
+    pub allowed_failures: &'static [&'static str],
+    /// A failed patch that restored the previous image (`rolled_back`) is
+    /// an accepted end of a crash mid-patch (SPEC §10).
+    pub allow_rolled_back: bool,
+}
+
+impl Expect {
+    pub fn all_success() -> Self {
+        Self::default()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    operation_id: i64,
+    game_id: String,
+    op: String,
+    outer_op: Option<String>,
+    command_id: String,
+    outcome: String,
+    error_code: Option<String>,
+    error_message: Option<String>,
+    noop: bool,
+    rolled_back: bool,
+    started_at: DateTime<Utc>,
+    finished_at: DateTime<Utc>,
+    fence: Option<i64>,
+    image_ref: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub status: String,
+    pub image: String,
+    pub container_id: Option<String>,
+}
+
+async fn entries(rig: &Rig) -> Result<Vec<Entry>, String> {
+    let rows = sqlx::query(
+        "select operation_id, game_id, op, outer_op, command_id, outcome, error_code,
+                error_message, noop, rolled_back, started_at, finished_at, fence, image_ref
+           from operation_log order by operation_id",
+    )
+    .fetch_all(&rig.db)
+    .await
+    .map_err(|e| format!("read operation_log: {e}"))?;
+    Ok(rows
+        .iter()
+        .map(|r| Entry {
+            operation_id: r.get("operation_id"),
+            game_id: r.get("game_id"),
+            op: r.get("op"),
+            outer_op: r.get("outer_op"),
+            command_id: r.get("command_id"),
+            outcome: r.get("outcome"),
+            error_code: r.get("error_code"),
+            error_message: r.get("error_message"),
+            noop: r.get("noop"),
+            rolled_back: r.get("rolled_back"),
+            started_at: r.get("started_at"),
+            finished_at: r.get("finished_at"),
+            fence: r.get("fence"),
+            image_ref: r.get("image_ref"),
+        })
+        .collect())
+}
+
+pub async fn records(rig: &Rig) -> Result<HashMap<String, Record>, String> {
+    let rows = sqlx::query(
+        "select game_id, status, current_image_ref, current_container_id from runtime_records",
+    )
+    .fetch_all(&rig.db)
+    .await
+    .map_err(|e| format!("read runtime_records: {e}"))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<String, _>("game_id"),
+                Record {
+                    status: r.get("status"),
+                    image: r.get("current_image_ref"),
+                    container_id: r.get("current_container_id"),
+                },
+            )
+        })
+        .collect())
+}
+
+async fn unsent(rig: &Rig) -> Result<i64, String> {
+    sqlx::query_scalar::<_, i64>("select count(*) from outbox where sent_at is null")
+        .fetch_one(&rig.db)
+        .await
+        .map_err(|e| format!("count unsent outbox rows: {e}"))
+}
+
+/// `rtmanager_operations_in_flight` summed over the running workers.
+async fn in_flight(rig: &Rig) -> f64 {
+    let mut total = 0.0;
+    for w in rig.workers.iter().filter(|w| w.pid().is_some()) {
+        if let Ok((200, body)) = w.http_get("/metrics").await {
+            total += body
+                .lines()
+                .filter(|l| l.starts_with("rtmanager_operations_in_flight"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+    }
+    total
+}
+
+impl Rig {
+    /// Waits until every sent command has its outer outcome recorded and
+    /// observed, the outbox is drained, the command queue is empty and no
+    /// worker has an operation in flight; then lets late duplicates land.
+    pub async fn wait_quiet(&self, timeout: Duration) -> Result<Duration, String> {
+        let since = Instant::now();
+        let deadline = since + timeout;
+        let mut settled_once = false;
+        loop {
+            let pending = self.pending().await;
+            match pending {
+                Ok(()) if settled_once => return Ok(since.elapsed()),
+                Ok(()) => {
+                    settled_once = true;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    continue;
+                }
+                Err(why) if Instant::now() >= deadline => {
+                    return Err(format!("not quiet after {timeout:?}: {why}"));
+                }
+                Err(_) => settled_once = false,
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn pending(&self) -> Result<(), String> {
+        let ids: Vec<String> = self
+            .ledger
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.command_id.clone())
+            .collect();
+        let recorded: BTreeSet<String> = sqlx::query_scalar::<_, String>(
+            "select distinct command_id from operation_log where outer_op is null",
+        )
+        .fetch_all(&self.db)
+        .await
+        .map_err(|e| format!("database: {e}"))?
+        .into_iter()
+        .collect();
+        let missing = ids.iter().filter(|id| !recorded.contains(*id)).count();
+        if missing > 0 {
+            return Err(format!("{missing} command(s) without a recorded outcome"));
+        }
+        let unsent = unsent(self).await?;
+        if unsent > 0 {
+            return Err(format!("{unsent} unsent outbox row(s)"));
+        }
+        let seen: BTreeSet<String> = self
+            .observer
+            .snapshot()
+            .iter()
+            .filter(|s| s.is_outer())
+            .filter_map(|s| s.str("command_id").map(str::to_owned))
+            .collect();
+        let unseen = ids.iter().filter(|id| !seen.contains(*id)).count();
+        if unseen > 0 {
+            return Err(format!(
+                "{unseen} command(s) without an observed outer event"
+            ));
+        }
+        match self.queue_ready().await {
+            Some(0) => {}
+            Some(n) => return Err(format!("{n} message(s) ready in the command queue")),
+            None => return Err("command queue depth unknown".into()),
+        }
+        let busy = in_flight(self).await;
+        if busy > 0.0 {
+            return Err(format!("{busy} operation(s) in flight"));
+        }
+        Ok(())
+    }
+
+    /// Ends a scenario: waits for quiet, checks every guarantee, stops the
+    /// workers with SIGTERM (each must exit 0), and returns the row.
+    pub async fn finish(&self, title: &str, expect: Expect) -> Row {
+        let mut row = Row::new(&self.key, title);
+        if let Err(e) = self.wait_quiet(Duration::from_secs(150)).await {
+            row.violations.push(e);
+        }
+        if let Err(e) = self.verify(&expect, &mut row).await {
+            row.violations.push(format!("could not verify: {e}"));
+        }
+        for w in &self.workers {
+            if w.pid().is_none() {
+                continue;
+            }
+            match w.terminate(Duration::from_secs(75)).await {
+                Ok(status) if status.success() => {}
+                Ok(status) => row
+                    .violations
+                    .push(format!("{} exited with {status} after SIGTERM", w.name)),
+                Err(e) => row.violations.push(e),
+            }
+        }
+        // Log health: panics and errors the workers logged.
+        for w in &self.workers {
+            let text = std::fs::read_to_string(&w.log).unwrap_or_default();
+            let panics = text.lines().filter(|l| l.contains("panicked")).count();
+            let errors = text
+                .lines()
+                .filter(|l| l.contains("\"level\":\"ERROR\""))
+                .count();
+            let warns = text
+                .lines()
+                .filter(|l| l.contains("\"level\":\"WARN\""))
+                .count();
+            if panics > 0 {
+                row.violations
+                    .push(format!("{}: {panics} panic line(s) in its log", w.name));
+            }
+            row.notes.push(format!(
+                "{}: started {} time(s); log: {errors} ERROR, {warns} WARN line(s)",
+                w.name,
+                w.starts()
+            ));
+        }
+        row.notes.extend(self.notes.lock().unwrap().iter().cloned());
+        row.wall = self.started.elapsed();
+        if !row.violations.is_empty() {
+            eprintln!(
+                "\n[{}] violations:\n  {}",
+                self.key,
+                row.violations.join("\n  ")
+            );
+            for w in &self.workers {
+                eprintln!("\n[{}] last lines of {}:\n{}", self.key, w.name, w.tail(40));
+            }
+            eprintln!(
+                "[{}] full logs: {}",
+                self.key,
+                self.kept_logs_dir().display()
+            );
+        }
+        row
+    }
+
+    async fn verify(&self, expect: &Expect, row: &mut Row) -> Result<(), String> {
+        let ledger: Vec<Sent> = self.ledger.lock().unwrap().clone();
+        let log = entries(self).await?;
+        let records = records(self).await?;
+        let seen = self.observer.snapshot();
+        let inbox: HashMap<String, Option<uuid::Uuid>> =
+            sqlx::query("select command_id, outcome_event_id from inbox")
+                .fetch_all(&self.db)
+                .await
+                .map_err(|e| format!("read inbox: {e}"))?
+                .iter()
+                .map(|r| (r.get("command_id"), r.get("outcome_event_id")))
+                .collect();
+
+        row.commands = ledger.len();
+        row.copies = ledger.iter().map(|s| s.copies as usize).sum();
+
+        // Events are schema-valid.
+        let validator = event_schema_validator();
+        let invalid: Vec<String> = seen
+            .iter()
+            .filter_map(|s| {
+                let errors = validation_errors(&validator, &s.body);
+                (!errors.is_empty()).then(|| format!("{}: {}", s.routing_key, errors.join("; ")))
+            })
+            .collect();
+        if !invalid.is_empty() {
+            row.violations.push(format!(
+                "{} event(s) do not match the schema, e.g. {}",
+                invalid.len(),
+                invalid[0]
+            ));
+        }
+
+        let mut outer_of: HashMap<&str, Vec<&Entry>> = HashMap::new();
+        for e in log.iter().filter(|e| e.outer_op.is_none()) {
+            outer_of.entry(e.command_id.as_str()).or_default().push(e);
+        }
+        for sent in &ledger {
+            let id = sent.command_id.as_str();
+            let what = format!("{} {} {}", sent.cmd.op(), sent.game, short(id));
+            let outer = outer_of.get(id).cloned().unwrap_or_default();
+
+            // Exactly one outer outcome.
+            match outer.len() {
+                1 => {
+                    let e = outer[0];
+                    if e.outcome == "success" {
+                        row.success += 1;
+                    } else {
+                        row.failure += 1;
+                        let code = e.error_code.clone().unwrap_or_default();
+                        *row.failure_codes.entry(code.clone()).or_default() += 1;
+                        let accepted = expect.allowed_failures.contains(&code.as_str())
+                            || (expect.allow_rolled_back && e.rolled_back);
+                        if !accepted {
+                            row.violations.push(format!(
+                                "{what}: unexpected failure {code}: {}",
+                                e.error_message.as_deref().unwrap_or("")
+                            ));
+                        }
+                    }
+                }
+                0 => row
+                    .violations
+                    .push(format!("{what}: no outer outcome recorded")),
+                n => row
+                    .violations
+                    .push(format!("{what}: {n} outer outcomes recorded")),
+            }
+
+            // Observed outer events: at least one, all with one event_id,
+            // the one the inbox holds; one delivery per copy at least.
+            let outer_seen: Vec<_> = seen
+                .iter()
+                .filter(|s| s.is_outer() && s.str("command_id") == Some(id))
+                .collect();
+            let ids: BTreeSet<&str> = outer_seen
+                .iter()
+                .filter_map(|s| s.str("event_id"))
+                .collect();
+            if outer_seen.is_empty() {
+                row.events_lost += 1;
+                row.violations
+                    .push(format!("{what}: no outer event observed"));
+            } else if ids.len() > 1 {
+                row.violations.push(format!(
+                    "{what}: outer events with {} different event_ids: {ids:?}",
+                    ids.len()
+                ));
+            } else {
+                let event_id = ids.iter().next().copied().unwrap_or_default();
+                match inbox.get(id) {
+                    Some(Some(stored)) if stored.to_string() == event_id => {}
+                    Some(stored) => row.violations.push(format!(
+                        "{what}: observed event_id {event_id}, inbox holds {stored:?}"
+                    )),
+                    None => row.violations.push(format!("{what}: no inbox row")),
+                }
+                if outer_seen
+                    .iter()
+                    .any(|s| s.message_id.as_deref() != Some(event_id))
+                {
+                    row.violations.push(format!(
+                        "{what}: an outer event's message_id is not its event_id"
+                    ));
+                }
+            }
+            if (outer_seen.len() as u32) < sent.copies {
+                row.violations.push(format!(
+                    "{what}: sent {} time(s) but its outcome was published {} time(s) \
+                     (a duplicate must get the stored outcome again)",
+                    sent.copies,
+                    outer_seen.len()
+                ));
+            }
+
+            // Duplicates executed: more than one effective start, or more
+            // than one outer entry.
+            let starts = log
+                .iter()
+                .filter(|e| {
+                    e.command_id == id
+                        && e.op == "start"
+                        && e.outcome == "success"
+                        && !e.noop
+                        && !e.rolled_back
+                })
+                .count();
+            if starts > 1 || outer.len() > 1 {
+                row.duplicates_executed += 1;
+                row.violations.push(format!(
+                    "{what}: executed more than once ({starts} successful starts, {} outer entries)",
+                    outer.len()
+                ));
+            }
+        }
+
+        // No two operations on one game overlapped (outer entries that
+        // held the lease, i.e. carry a fence).
+        let mut by_game: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
+        for e in log
+            .iter()
+            .filter(|e| e.outer_op.is_none() && e.fence.is_some())
+        {
+            by_game.entry(e.game_id.as_str()).or_default().push(e);
+        }
+        let mut overlaps = 0;
+        for (game, mut ops) in by_game {
+            ops.sort_by_key(|e| e.started_at);
+            let mut latest: Option<&Entry> = None;
+            for e in ops {
+                if let Some(prev) = latest {
+                    if e.started_at < prev.finished_at && e.command_id != prev.command_id {
+                        overlaps += 1;
+                        row.violations.push(format!(
+                            "{game}: {} {} ({}..{}) overlapped {} {} ({}..{})",
+                            e.op,
+                            short(&e.command_id),
+                            e.started_at.format("%T%.3f"),
+                            e.finished_at.format("%T%.3f"),
+                            prev.op,
+                            short(&prev.command_id),
+                            prev.started_at.format("%T%.3f"),
+                            prev.finished_at.format("%T%.3f"),
+                        ));
+                    }
+                    if e.finished_at > prev.finished_at {
+                        latest = Some(e);
+                    }
+                } else {
+                    latest = Some(e);
+                }
+            }
+        }
+        row.overlaps = overlaps;
+
+        // Every record matches Docker, and Docker runs nothing unrecorded.
+        let games: BTreeSet<String> = ledger.iter().map(|s| s.game.clone()).collect();
+        for game in &games {
+            let observed = self.inspect(game).await?;
+            let record = records.get(game);
+            let mismatch = match (record, &observed) {
+                (None, None) => None,
+                (None, Some(c)) => Some(format!(
+                    "no record, but container {} exists (running={})",
+                    short(&c.id),
+                    c.running
+                )),
+                (Some(r), obs) => match (r.status.as_str(), obs) {
+                    ("running", Some(c))
+                        if c.running
+                            && c.image == r.image
+                            && r.container_id.as_deref() == Some(c.id.as_str()) =>
+                    {
+                        None
+                    }
+                    ("running", Some(c)) => Some(format!(
+                        "record running {} in {}, Docker: {} running={} image {}",
+                        r.image,
+                        r.container_id.as_deref().map(short).unwrap_or("-"),
+                        short(&c.id),
+                        c.running,
+                        c.image
+                    )),
+                    ("running", None) => Some(format!(
+                        "record running {} in {}, Docker: no container",
+                        r.image,
+                        r.container_id.as_deref().map(short).unwrap_or("-")
+                    )),
+                    ("stopped", Some(c)) if c.running => Some(format!(
+                        "record stopped, Docker: {} running {}",
+                        short(&c.id),
+                        c.image
+                    )),
+                    ("stopped", _) => None,
+                    ("removed", None) => None,
+                    ("removed", Some(c)) => Some(format!(
+                        "record removed, Docker: container {} (running={})",
+                        short(&c.id),
+                        c.running
+                    )),
+                    (other, _) => Some(format!("unknown status {other}")),
+                },
+            };
+            if let Some(m) = mismatch {
+                row.records_mismatched += 1;
+                row.violations.push(format!("{game}: {m}"));
+            }
+        }
+
+        // The outbox is drained.
+        let unsent = unsent(self).await?;
+        if unsent > 0 {
+            row.violations
+                .push(format!("{unsent} outbox row(s) never marked sent"));
+        }
+
+        // Boots: what the engines recorded versus what the final outcomes
+        // call for (informational).
+        let mut expected: BTreeMap<&str, i64> = BTreeMap::new();
+        for sent in &ledger {
+            let Some(e) = outer_of
+                .get(sent.command_id.as_str())
+                .and_then(|o| o.first())
+            else {
+                continue;
+            };
+            let boots = if e.outcome == "success" {
+                match sent.cmd {
+                    Cmd::Start(_) if !e.noop => 1,
+                    Cmd::Restart | Cmd::Patch(_) => 1,
+                    _ => 0,
+                }
+            } else {
+                log.iter()
+                    .filter(|i| {
+                        i.command_id == sent.command_id && i.outer_op.is_some() && i.op == "start"
+                    })
+                    .count() as i64
+            };
+            *expected.entry(sent.game.as_str()).or_default() += boots;
+        }
+        let mut extra_detail = Vec::new();
+        for game in &games {
+            let actual = std::fs::read_to_string(self.state_root.join(game).join("boots"))
+                .map(|t| t.lines().count() as i64)
+                .unwrap_or(0);
+            let want = expected.get(game.as_str()).copied().unwrap_or(0);
+            row.boots_actual += actual;
+            row.boots_expected += want;
+            if actual != want {
+                extra_detail.push(format!("{game}: {actual} boots, {want} expected"));
+            }
+        }
+        if !extra_detail.is_empty() {
+            let line = format!("boots differ: {}", extra_detail.join("; "));
+            if row.boots_actual > row.boots_expected {
+                row.findings.push(format!(
+                    "{} engine boot(s) more than the outcomes call for: a start was redone \
+                     ({line})",
+                    row.boots_actual - row.boots_expected
+                ));
+            } else {
+                row.notes.push(line);
+            }
+        }
+
+        // The journal, for failed or repeated commands (evidence).
+        for sent in &ledger {
+            let outer = outer_of.get(sent.command_id.as_str());
+            let failed = outer.is_none_or(|o| o.len() != 1 || o[0].outcome != "success");
+            if failed {
+                let trail: Vec<String> = log
+                    .iter()
+                    .filter(|e| e.command_id == sent.command_id)
+                    .map(|e| {
+                        format!(
+                            "#{} {}{} {}{}{}",
+                            e.operation_id,
+                            e.outer_op
+                                .as_deref()
+                                .map(|o| format!("{o}."))
+                                .unwrap_or_default(),
+                            e.op,
+                            e.outcome,
+                            e.error_code
+                                .as_deref()
+                                .map(|c| format!(" {c}"))
+                                .unwrap_or_default(),
+                            e.image_ref
+                                .as_deref()
+                                .map(|i| format!(" {i}"))
+                                .unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                row.notes.push(format!(
+                    "{} {} {}: log entries [{}]",
+                    sent.cmd.op(),
+                    sent.game,
+                    short(&sent.command_id),
+                    trail.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The journal steps recorded for a command, if the table exists.
+    pub async fn journal(&self, command_id: &str) -> Vec<String> {
+        sqlx::query_scalar::<_, String>(
+            "select step from operation_journal where command_id = $1 order by done_at",
+        )
+        .bind(command_id)
+        .fetch_all(&self.db)
+        .await
+        .unwrap_or_default()
+    }
+}
+
+/// The tail of an id, enough to tell commands apart in a message.
+pub fn short(id: &str) -> &str {
+    &id[id.len().saturating_sub(8)..]
+}

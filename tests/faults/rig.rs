@@ -1,0 +1,692 @@
+//! One scenario's world: private Redis, PostgreSQL and RabbitMQ (and
+//! optionally a private dockerd), worker processes, an observer bound to
+//! the events exchange before anything is published, a publisher that rides
+//! out broker restarts, and the ledger of every command sent.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use futures_util::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use rtmanager::config::{AmqpConfig, Config};
+use serde_json::{Value, json};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection as _, Executor as _, PgPool};
+use tokio::task::JoinHandle;
+
+use crate::procs::{ScenarioDir, free_port};
+use crate::services::{Dep, Postgres, PrivateDocker, Rabbit, Redis};
+use crate::worker::Worker;
+
+/// The images a private engine gets copied in.
+pub const PRIVATE_IMAGES: &[&str] = &["rtm-test/engine:1.4.2", "rtm-test/engine:1.4.3"];
+
+#[derive(Debug, Clone)]
+pub struct RigOptions {
+    pub workers: usize,
+    pub lease_ttl: &'static str,
+    pub stop_timeout: &'static str,
+    pub retry_for: &'static str,
+    pub prefetch: Option<&'static str>,
+    pub private_docker: bool,
+}
+
+impl Default for RigOptions {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            lease_ttl: "6s",
+            stop_timeout: "2s",
+            retry_for: "30s",
+            prefetch: None,
+            private_docker: false,
+        }
+    }
+}
+
+/// A lifecycle command as the lobby sends it.
+#[derive(Debug, Clone)]
+pub enum Cmd {
+    Start(&'static str),
+    Stop,
+    Restart,
+    Patch(&'static str),
+    Remove,
+}
+
+impl Cmd {
+    pub fn op(&self) -> &'static str {
+        match self {
+            Cmd::Start(_) => "start",
+            Cmd::Stop => "stop",
+            Cmd::Restart => "restart",
+            Cmd::Patch(_) => "patch",
+            Cmd::Remove => "remove",
+        }
+    }
+}
+
+/// One command of the ledger.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub command_id: String,
+    pub game: String,
+    pub cmd: Cmd,
+    pub copies: u32,
+}
+
+/// An event as the observer received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub routing_key: String,
+    pub body: Value,
+    pub message_id: Option<String>,
+}
+
+impl Seen {
+    pub fn str(&self, field: &str) -> Option<&str> {
+        self.body.get(field).and_then(Value::as_str)
+    }
+
+    pub fn is_outer(&self) -> bool {
+        self.body.get("outer_op").is_some_and(Value::is_null)
+    }
+}
+
+/// What Docker reports about a container.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub id: String,
+    pub running: bool,
+    pub image: String,
+    pub health: Option<String>,
+}
+
+pub struct Rig {
+    pub key: String,
+    pub started: Instant,
+    pub workers: Vec<Worker>,
+    pub observer: Observer,
+    pub docker: Docker,
+    pub db: PgPool,
+    pub amqp: AmqpConfig,
+    pub prefix: String,
+    pub redis_prefix: String,
+    pub state_root: PathBuf,
+    pub ledger: Mutex<Vec<Sent>>,
+    pub notes: Mutex<Vec<String>>,
+    publisher: tokio::sync::Mutex<Option<(Connection, Channel)>>,
+    pub redis: Redis,
+    pub pg: Postgres,
+    pub rmq: Rabbit,
+    pub dockerd: Option<PrivateDocker>,
+    /// Dropped last: its teardown removes containers, processes and files.
+    dir: ScenarioDir,
+}
+
+impl Rig {
+    pub async fn new(key: &str, opts: RigOptions) -> Result<Self, String> {
+        crate::services::preflight()?;
+        let started = Instant::now();
+        let dir = ScenarioDir::new(key);
+        let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let prefix = format!("rtmf-{id}-");
+        let shared_docker_host = std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty());
+        dir.manifest().record(&format!(
+            "docker {} {prefix}",
+            shared_docker_host.as_deref().unwrap_or("-")
+        ));
+        let state_root = dir.subdir("state", None);
+
+        // The three services boot concurrently (RabbitMQ takes ~5 s).
+        let (redis, pg, rmq, dockerd) = tokio::join!(
+            Redis::launch(&dir),
+            Postgres::launch(&dir),
+            Rabbit::launch(&dir, &id),
+            async {
+                if opts.private_docker {
+                    Some(PrivateDocker::launch(&dir, &id, PRIVATE_IMAGES).await)
+                } else {
+                    None
+                }
+            }
+        );
+        let (redis, pg, rmq) = (redis?, pg?, rmq?);
+        let dockerd = dockerd.transpose()?;
+
+        // The database exists before any worker starts.
+        let mut admin = sqlx::PgConnection::connect(&pg.url("postgres"))
+            .await
+            .map_err(|e| format!("connect to the private PostgreSQL: {e}"))?;
+        admin
+            .execute("create database rtmanager")
+            .await
+            .map_err(|e| format!("create database: {e}"))?;
+        admin.close().await.ok();
+        let db = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(&pg.url("rtmanager"))
+            .await
+            .map_err(|e| format!("connect to the scenario database: {e}"))?;
+
+        let docker_host = match &dockerd {
+            Some(d) => Some(d.host.clone()),
+            None => shared_docker_host.clone(),
+        };
+        let docker = match &docker_host {
+            Some(h) => Docker::connect_with_host(h),
+            None => Docker::connect_with_local_defaults(),
+        }
+        .map_err(|e| format!("docker client: {e}"))?
+        .negotiate_version()
+        .await
+        .map_err(|e| format!("docker is not reachable: {e}"))?;
+
+        let redis_prefix = format!("rtmf:{id}:");
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH", std::env::var("PATH").unwrap_or_default()),
+            ("RUST_LOG", "info".into()),
+            ("RTM_FAULTS_DIR", dir.path.display().to_string()),
+            ("RTM_AMQP_URL", rmq.url()),
+            ("DATABASE_URL", pg.url("rtmanager")),
+            ("RTM_REDIS_URL", redis.url()),
+            ("RTM_REDIS_PREFIX", redis_prefix.clone()),
+            ("RTM_STATE_ROOT", state_root.display().to_string()),
+            ("RTM_CONTAINER_PREFIX", prefix.clone()),
+            ("RTM_CPUS", "0.5".into()),
+            ("RTM_MEMORY", "128m".into()),
+            ("RTM_PIDS_LIMIT", "64".into()),
+            ("RTM_STOP_TIMEOUT", opts.stop_timeout.into()),
+            ("RTM_START_SETTLE", "800ms".into()),
+            ("RTM_HEALTH_TIMEOUT", "20s".into()),
+            ("RTM_LEASE_TTL", opts.lease_ttl.into()),
+            ("RTM_RETRY_FOR", opts.retry_for.into()),
+            ("RTM_SHUTDOWN_TIMEOUT", "60s".into()),
+            ("RTM_LOG_FORMAT", "json".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        if let Some(h) = &docker_host {
+            env.push(("DOCKER_HOST".into(), h.clone()));
+        }
+        if let Some(p) = opts.prefetch {
+            env.push(("RTM_PREFETCH".into(), p.into()));
+        }
+        let lookup: HashMap<String, String> = env.iter().cloned().collect();
+        let config = Config::from_lookup(|k| lookup.get(k).cloned())
+            .map_err(|e| format!("the suite's worker settings are invalid: {e}"))?;
+        let amqp = config.amqp.clone();
+
+        let observer = Observer::start(rmq.url(), amqp.event_exchange.clone()).await?;
+
+        let logs = dir.subdir("logs", None);
+        let workers = (1..=opts.workers)
+            .map(|n| {
+                let port = free_port();
+                let mut env = env.clone();
+                env.push(("RTM_HTTP_ADDR".into(), format!("127.0.0.1:{port}")));
+                Worker::new(
+                    &format!("w{n}"),
+                    logs.join(format!("w{n}.log")),
+                    port,
+                    env,
+                    dir.manifest(),
+                )
+            })
+            .collect();
+
+        let rig = Self {
+            key: key.to_owned(),
+            started,
+            workers,
+            observer,
+            docker,
+            db,
+            amqp,
+            prefix,
+            redis_prefix,
+            state_root,
+            ledger: Mutex::new(Vec::new()),
+            notes: Mutex::new(Vec::new()),
+            publisher: tokio::sync::Mutex::new(None),
+            redis,
+            pg,
+            rmq,
+            dockerd,
+            dir,
+        };
+        // The topology exists before the first publish (the worker declares
+        // the same, idempotently).
+        rig.publish_raw("runtime.none", None).await?;
+        Ok(rig)
+    }
+
+    /// Starts every worker and waits until each reports ready.
+    pub async fn start_workers(&self) -> Result<(), String> {
+        for w in &self.workers {
+            w.spawn();
+        }
+        for w in &self.workers {
+            w.wait_ready(Duration::from_secs(90)).await?;
+        }
+        Ok(())
+    }
+
+    pub fn note(&self, line: impl Into<String>) {
+        let line = line.into();
+        println!("[{}] {line}", self.key);
+        self.notes.lock().unwrap().push(line);
+    }
+
+    pub fn container_name(&self, game: &str) -> String {
+        format!("{}{game}", self.prefix)
+    }
+
+    // -------------------------------------------------------- publishing
+
+    pub fn command_body(command_id: &str, game: &str, cmd: &Cmd) -> Value {
+        let mut body = json!({
+            "command_id": command_id,
+            "op": cmd.op(),
+            "game_id": game,
+            "op_source": "lobby",
+            "requested_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        });
+        match cmd {
+            Cmd::Start(image) => body["image_ref"] = json!(image),
+            Cmd::Patch(image) => body["new_image_ref"] = json!(image),
+            Cmd::Stop => body["reason"] = json!("lobby_request"),
+            Cmd::Restart | Cmd::Remove => {}
+        }
+        body
+    }
+
+    /// Publishes a command `copies` times (same command_id, back to back)
+    /// and enters it in the ledger; returns its command_id.
+    pub async fn send(&self, game: &str, cmd: Cmd, copies: u32) -> String {
+        let command_id = uuid::Uuid::now_v7().to_string();
+        let body = Self::command_body(&command_id, game, &cmd);
+        self.ledger.lock().unwrap().push(Sent {
+            command_id: command_id.clone(),
+            game: game.to_owned(),
+            cmd: cmd.clone(),
+            copies,
+        });
+        for _ in 0..copies {
+            if let Err(e) = self
+                .publish_raw(&format!("runtime.{}", cmd.op()), Some(&body))
+                .await
+            {
+                panic!("could not publish {command_id}: {e}");
+            }
+        }
+        command_id
+    }
+
+    /// Publishes to the command exchange with a confirm, reconnecting
+    /// through broker restarts, for up to three minutes. `None` only
+    /// declares the topology.
+    async fn publish_raw(&self, routing_key: &str, body: Option<&Value>) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let bytes = body.map(|b| serde_json::to_vec(b).expect("a command serializes"));
+        let mut last;
+        loop {
+            let attempt = async {
+                let mut link = self.publisher.lock().await;
+                if link.is_none() {
+                    let conn = Connection::connect(
+                        &self.rmq.url(),
+                        ConnectionProperties::default()
+                            .with_connection_name("rtmanager faults publisher".into()),
+                    )
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+                    channel
+                        .confirm_select(ConfirmSelectOptions::default())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    rtmanager::broker::declare_topology(&channel, &self.amqp)
+                        .await
+                        .map_err(|e| format!("{e:#}"))?;
+                    *link = Some((conn, channel));
+                }
+                let Some(bytes) = &bytes else { return Ok(()) };
+                let (_, channel) = link.as_ref().expect("just connected");
+                let result = async {
+                    let confirm = channel
+                        .basic_publish(
+                            self.amqp.command_exchange.as_str().into(),
+                            routing_key.into(),
+                            BasicPublishOptions::default(),
+                            bytes,
+                            BasicProperties::default()
+                                .with_content_type("application/json".into())
+                                .with_delivery_mode(2),
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match confirm {
+                        lapin::Confirmation::Ack(None) => Ok(()),
+                        other => Err(format!("not confirmed: {other:?}")),
+                    }
+                }
+                .await;
+                if result.is_err() {
+                    *link = None;
+                }
+                result
+            };
+            match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => last = e,
+                Err(_) => {
+                    last = "publish timed out".into();
+                    *self.publisher.lock().await = None;
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(last);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Ready messages in the command queue (unacked ones are not counted).
+    pub async fn queue_ready(&self) -> Option<u32> {
+        let link = self.publisher.lock().await;
+        let (_, channel) = link.as_ref()?;
+        let q = tokio::time::timeout(
+            Duration::from_secs(5),
+            channel.queue_declare(
+                self.amqp.command_queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        Some(q.message_count())
+    }
+
+    // --------------------------------------------------------- observing
+
+    /// The first outer event of `command_id`, waiting up to `timeout`.
+    pub async fn wait_outer(&self, command_id: &str, timeout: Duration) -> Option<Seen> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(seen) = self
+                .observer
+                .snapshot()
+                .into_iter()
+                .find(|s| s.is_outer() && s.str("command_id") == Some(command_id))
+            {
+                return Some(seen);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn inspect(&self, game: &str) -> Result<Option<Observed>, String> {
+        match self
+            .docker
+            .inspect_container(&self.container_name(game), None)
+            .await
+        {
+            Ok(c) => {
+                let state = c.state.unwrap_or_default();
+                Ok(Some(Observed {
+                    id: c.id.unwrap_or_default(),
+                    running: state.running.unwrap_or(false),
+                    image: c.config.and_then(|c| c.image).unwrap_or_default(),
+                    health: state.health.and_then(|h| h.status).map(|s| s.to_string()),
+                }))
+            }
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Polls the game's lease key every 2 ms until it exists; returns when
+    /// it appeared and its value.
+    pub async fn wait_lease(&self, game: &str, timeout: Duration) -> Option<(Instant, String)> {
+        let client = redis::Client::open(self.redis.url()).ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        let key = format!("{}lease:{game}", self.redis_prefix);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value: Option<String> = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .ok()
+                .flatten();
+            if let Some(v) = value {
+                return Some((Instant::now(), v));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Takes a dependency away and brings it back after `down`.
+    pub async fn stop_dep(&self, dep: Dep) -> Result<(), String> {
+        match dep {
+            Dep::RabbitMq => self.rmq.stop().await,
+            Dep::Redis => self.redis.stop().await,
+            Dep::Postgres => self.pg.stop().await,
+            Dep::Docker => match &self.dockerd {
+                Some(d) => d.stop().await,
+                None => Err("no private dockerd in this rig".into()),
+            },
+        }
+    }
+
+    pub async fn start_dep(&self, dep: Dep) -> Result<(), String> {
+        match dep {
+            Dep::RabbitMq => self.rmq.start().await,
+            Dep::Redis => self.redis.start().await,
+            Dep::Postgres => self.pg.start().await,
+            Dep::Docker => match &self.dockerd {
+                Some(d) => d.start().await,
+                None => Err("no private dockerd in this rig".into()),
+            },
+        }
+    }
+
+    /// Where the worker logs of this scenario are kept after the run.
+    pub fn kept_logs_dir(&self) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("target")
+            .join("faults-logs")
+            .join(&self.key)
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        // Keep the logs (the scenario directory goes away): worker logs and
+        // the private services' logs, under target/faults-logs/<scenario>/.
+        let keep = self.kept_logs_dir();
+        let _ = std::fs::remove_dir_all(&keep);
+        if std::fs::create_dir_all(&keep).is_ok() {
+            for w in &self.workers {
+                let _ = std::fs::copy(&w.log, keep.join(w.log.file_name().unwrap_or_default()));
+            }
+            let base = &self.dir.path;
+            for (from, to) in [
+                (base.join("redis/redis.log"), "redis.log"),
+                (base.join("pg/postgres.log"), "postgres.log"),
+                (base.join("dk/dockerd.log"), "dockerd.log"),
+            ] {
+                let _ = std::fs::copy(from, keep.join(to));
+            }
+            if let Ok(entries) = std::fs::read_dir(base.join("rmq/log")) {
+                for e in entries.flatten() {
+                    let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+                }
+            }
+        }
+        for w in &self.workers {
+            w.kill();
+        }
+        self.observer.stop();
+    }
+}
+
+// ---------------------------------------------------------------- observer
+
+/// A durable queue bound to `runtime.#` on the events exchange, consumed
+/// with acks and reconnected through broker restarts, so the suite sees
+/// every event the workers publish (duplicates included).
+pub struct Observer {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stopping: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+const OBSERVER_QUEUE: &str = "rtmfaults.observer";
+
+impl Observer {
+    async fn start(url: String, exchange: String) -> Result<Self, String> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn({
+            let (seen, stopping) = (seen.clone(), stopping.clone());
+            async move {
+                let mut ready = Some(ready_tx);
+                while !stopping.load(Ordering::Relaxed) {
+                    if let Err(e) = observe(&url, &exchange, &seen, &mut ready).await
+                        && let Some(tx) = ready.take()
+                    {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        });
+        match tokio::time::timeout(Duration::from_secs(30), ready_rx).await {
+            Ok(Ok(Ok(()))) => Ok(Self {
+                seen,
+                stopping,
+                task,
+            }),
+            Ok(Ok(Err(e))) => Err(format!("the event observer could not bind: {e}")),
+            _ => Err("the event observer did not bind within 30 s".into()),
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.task.abort();
+    }
+}
+
+async fn observe(
+    url: &str,
+    exchange: &str,
+    seen: &Mutex<Vec<Seen>>,
+    ready: &mut Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+) -> Result<(), String> {
+    let conn = Connection::connect(
+        url,
+        ConnectionProperties::default().with_connection_name("rtmanager faults observer".into()),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    channel
+        .queue_declare(
+            OBSERVER_QUEUE.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    channel
+        .queue_bind(
+            OBSERVER_QUEUE.into(),
+            exchange.into(),
+            "runtime.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut consumer = channel
+        .basic_consume(
+            OBSERVER_QUEUE.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(tx) = ready.take() {
+        let _ = tx.send(Ok(()));
+    }
+    while let Some(delivery) = consumer.next().await {
+        let delivery = delivery.map_err(|e| e.to_string())?;
+        let body = serde_json::from_slice(&delivery.data)
+            .unwrap_or_else(|_| json!({"unparsable": String::from_utf8_lossy(&delivery.data)}));
+        seen.lock().unwrap().push(Seen {
+            routing_key: delivery.routing_key.to_string(),
+            body,
+            message_id: delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(ToString::to_string),
+        });
+        delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Err("the observer's consumer was cancelled".into())
+}
