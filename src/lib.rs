@@ -13,16 +13,26 @@
 //! - [`ports`]: the traits the domain owns — `RuntimeStore` (PostgreSQL),
 //!   `LeaseStore` (Redis), `ContainerEngine` (Docker).
 //! - [`lifecycle`]: one service per op (start, stop, restart, patch, remove),
-//!   generic over the ports; callable without a broker.
-//! - [`outbound`]: the adapters — `postgres`, `redis_lease`, `docker`.
-//! - [`config`]: the typed settings, loaded once from the environment.
+//!   generic over the ports; callable without a broker. Holds the lease,
+//!   the fence, the operation journal and resume.
+//! - [`messages`]: the wire command, decoded (or refused) at the boundary.
+//! - [`inbound`]: the AMQP command consumer (ack, retry or dead-letter is
+//!   decided there) and HTTP (`/healthz`, `/readyz`, `/metrics`).
+//! - [`outbound`]: the adapters — `postgres`, `redis_lease`, `docker` — and
+//!   the outbox `relay` that publishes the events.
+//! - [`broker`]: the RabbitMQ topology of SPEC §6.
+//! - [`serve`]: wires it all and runs the worker until shutdown
+//!   ([`shutdown`]); [`telemetry`]: logs and metric names; [`config`]: the
+//!   typed settings, loaded once from the environment.
+//! - [`cli`]: the operator commands (`send`, `status`, `log`, `migrate`).
 //!
 //! # The path of one command
 //!
 //! decode (wire → `CommandRequest`) → inbox claim → validate (→ `Command`) →
 //! lease + fence → run the op (Docker steps, each checked against what Docker
 //! reports; every step's entry + outbox event in one fenced transaction) →
-//! outer entry (marks the inbox) → release the lease → publish → ack.
+//! outer entry (marks the inbox) → release the lease → ack; the relay then
+//! publishes the outbox rows with publisher confirms.
 
 pub mod broker;
 pub mod cli;
