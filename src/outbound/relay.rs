@@ -3,11 +3,12 @@
 //! `mandatory`, then marks them sent. A broker outage delays events, never
 //! drops them.
 //!
-//! One relay publishes at a time across all workers: leadership is a
-//! session-level PostgreSQL advisory lock held on a dedicated connection, so
-//! per-game order holds with any number of workers, and a dead leader's
-//! lock goes with its connection. Publishing is at-least-once: a crash
-//! between the confirm and the mark republishes with the same `event_id`.
+//! One relay publishes at a time across all workers, so per-game order
+//! holds with any number of workers: leadership is a lease in PostgreSQL
+//! (`relay_leader`, migration 0006), renewed on every pass and given up when
+//! it runs out, so a dead or paused leader is replaced within
+//! `LEADER_TTL`. Publishing is at-least-once: a crash between the confirm
+//! and the mark republishes with the same `event_id`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +17,10 @@ use anyhow::Context as _;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
-use sqlx::Postgres;
-use sqlx::pool::PoolConnection;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
+use uuid::Uuid;
 
 use crate::broker;
 use crate::config::{AmqpConfig, SecretUrl};
@@ -28,8 +29,8 @@ use crate::outbound::postgres::{PendingEvent, PgStore};
 use crate::shutdown::Shutdown;
 use crate::telemetry;
 
-/// The advisory lock key of relay leadership ("rtmrelay" in ASCII).
-const RELAY_LOCK_KEY: i64 = 0x72_74_6d_72_65_6c_61_79;
+/// How long relay leadership lasts without renewal.
+const LEADER_TTL: Duration = Duration::from_secs(10);
 /// Events per round trip to the database.
 const BATCH: i64 = 200;
 /// How often the relay looks even without a wake-up (other workers' events,
@@ -42,6 +43,19 @@ pub struct Relay {
     amqp: AmqpConfig,
     wake: Arc<Notify>,
     readiness: Arc<Readiness>,
+}
+
+/// This relay's claim to publish.
+struct Leadership {
+    holder: Uuid,
+    /// Until when it may publish, by this process's clock.
+    valid_until: Option<Instant>,
+}
+
+impl Leadership {
+    fn holds(&self) -> bool {
+        self.valid_until.is_some_and(|until| Instant::now() < until)
+    }
 }
 
 /// A live publishing channel and the connection it lives on.
@@ -71,7 +85,10 @@ impl Relay {
     /// of the commands that just finished go out too.
     pub async fn run(self, mut shutdown: Shutdown) {
         let mut link: Option<Link> = None;
-        let mut leader: Option<PoolConnection<Postgres>> = None;
+        let mut leader = Leadership {
+            holder: Uuid::new_v4(),
+            valid_until: None,
+        };
         let mut pause = POLL;
         loop {
             let stopping = shutdown.is_set();
@@ -80,11 +97,6 @@ impl Relay {
                 Err(e) => {
                     warn!(error = format!("{e:#}"), "outbox relay failed; retrying");
                     link = None;
-                    // Never hand a connection holding the advisory lock back
-                    // to the pool: closing it releases the lock.
-                    if let Some(mut conn) = leader.take() {
-                        conn.close_on_drop();
-                    }
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }
             }
@@ -100,27 +112,27 @@ impl Relay {
         if let Some(link) = link {
             let _ = link.channel.close(200, "shutdown".into()).await;
         }
-        if let Some(mut conn) = leader.take() {
-            conn.close_on_drop();
+        // Hand over at once rather than after the TTL.
+        if leader.valid_until.is_some() {
+            let _ = sqlx::query("delete from relay_leader where holder = $1")
+                .bind(leader.holder)
+                .execute(self.store.pool())
+                .await;
         }
     }
 
     /// Publishes everything unsent, if this relay leads.
-    async fn pass(
-        &self,
-        link: &mut Option<Link>,
-        leader: &mut Option<PoolConnection<Postgres>>,
-    ) -> anyhow::Result<()> {
+    async fn pass(&self, link: &mut Option<Link>, leader: &mut Leadership) -> anyhow::Result<()> {
         if let Ok(backlog) = self.store.outbox_backlog().await {
             metrics::gauge!(telemetry::OUTBOX_BACKLOG).set(backlog as f64);
             if backlog == 0 {
                 return Ok(());
             }
         }
-        if !self.lead(leader).await? {
-            return Ok(());
-        }
         loop {
+            if !self.lead(leader).await? {
+                return Ok(());
+            }
             let pending = self.store.unsent_events(BATCH).await?;
             if pending.is_empty() {
                 return Ok(());
@@ -135,6 +147,11 @@ impl Relay {
                 }
             };
             for event in &pending {
+                // A leader that was paused past its lease must not publish:
+                // another relay may be on these rows already.
+                if !leader.holds() {
+                    return Ok(());
+                }
                 self.publish(&channel, event).await?;
                 self.store.mark_sent(&[event.event.event_id]).await?;
                 metrics::counter!(telemetry::EVENTS_PUBLISHED).increment(1);
@@ -142,37 +159,37 @@ impl Relay {
         }
     }
 
-    /// Takes (or keeps) relay leadership.
-    async fn lead(&self, leader: &mut Option<PoolConnection<Postgres>>) -> anyhow::Result<bool> {
-        if let Some(conn) = leader.as_mut() {
-            // Leadership lives as long as this session: check it is still
-            // there, so a killed backend (failover, idle timeout) ends it
-            // here rather than letting two relays publish at once.
-            if sqlx::query("select 1").execute(&mut **conn).await.is_ok() {
-                return Ok(true);
+    /// Takes or renews relay leadership; `false` while another relay
+    /// holds it.
+    async fn lead(&self, leader: &mut Leadership) -> anyhow::Result<bool> {
+        let asked = Instant::now();
+        let won: Option<Uuid> = sqlx::query_scalar(
+            "insert into relay_leader (id, holder, expires_at)
+             values (true, $1, now() + make_interval(secs => $2))
+             on conflict (id) do update
+                 set holder = excluded.holder, expires_at = excluded.expires_at
+                 where relay_leader.holder = excluded.holder
+                    or relay_leader.expires_at < now()
+             returning holder",
+        )
+        .bind(leader.holder)
+        .bind(LEADER_TTL.as_secs_f64())
+        .fetch_optional(self.store.pool())
+        .await
+        .context("outbox relay: take or renew leadership")?;
+        if won.is_some() {
+            if leader.valid_until.is_none() {
+                info!("this worker's relay now publishes the outbox");
             }
-            if let Some(mut conn) = leader.take() {
-                conn.close_on_drop();
+            // Counted from when we asked, with a margin for clock drift.
+            leader.valid_until = Some(asked + LEADER_TTL - LEADER_TTL / 5);
+            Ok(true)
+        } else {
+            if leader.valid_until.take().is_some() {
+                warn!("another worker's relay took over publishing the outbox");
             }
-            anyhow::bail!("outbox relay: lost the database session that held leadership");
+            Ok(false)
         }
-        let mut conn = self
-            .store
-            .pool()
-            .acquire()
-            .await
-            .context("outbox relay: connect to the database")?;
-        let locked: bool = sqlx::query_scalar("select pg_try_advisory_lock($1)")
-            .bind(RELAY_LOCK_KEY)
-            .fetch_one(&mut *conn)
-            .await
-            .context("outbox relay: take leadership")?;
-        if locked {
-            // Keep the connection out of the pool for as long as we lead.
-            info!("this worker's relay now publishes the outbox");
-            *leader = Some(conn);
-        }
-        Ok(locked)
     }
 
     async fn connect(&self) -> anyhow::Result<Link> {

@@ -126,3 +126,14 @@ pub fn command_request(
         malformed: None,
     }
 }
+
+/// Logs of the code under test, only when asked (`RUST_LOG=…`): tests are
+/// quiet by default.
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}

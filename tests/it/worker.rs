@@ -59,6 +59,7 @@ impl WorkerRig {
 
     /// Like `prepare`, with the worker's environment edited first.
     async fn prepare_with(edit: impl FnOnce(&mut HashMap<String, String>)) -> Self {
+        crate::harness::init_logs();
         let db = TestDb::new().await;
         let id = unique("t");
         let prefix = format!("{}-", unique("rtmt"));
