@@ -402,6 +402,18 @@ where
     /// is returned to the queue (the broker dead-letters it at the limit).
     async fn dead_letter(&self, channel: &Channel, delivery: &Delivery, undecodable: Undecodable) {
         warn!(reason = %undecodable.reason, command_id = ?undecodable.command_id, "undecodable message: dead-lettering");
+        // The event first: if it cannot be stored, the message goes back to
+        // the queue and is handled again, rather than dead-lettered with its
+        // event lost. Its id is derived from the command_id, so handling the
+        // message twice stores it once.
+        if let Some(event) = rejected_event(&undecodable) {
+            if let Err(e) = self.lifecycle.store().append_rejected(&event).await {
+                warn!(error = %e, "could not record the runtime.rejected event; returning the message to the queue");
+                nack(delivery, true).await;
+                return;
+            }
+            self.relay_wake.notify_one();
+        }
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(
             crate::broker::REJECT_REASON_HEADER.into(),
@@ -435,17 +447,14 @@ where
             return;
         }
         metrics::counter!(telemetry::COMMANDS_DEAD_LETTERED).increment(1);
-        if let Some(event) = rejected_event(&undecodable) {
-            if let Err(e) = self.lifecycle.store().append_rejected(&event).await {
-                warn!(error = %e, "could not record the runtime.rejected event");
-            }
-            self.relay_wake.notify_one();
-        }
         if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
             warn!(error = %e, "ack of a dead-lettered message failed");
         }
     }
 }
+
+/// The namespace of `runtime.rejected` event ids (UUID v5 of the command_id).
+const REJECTED_EVENTS: Uuid = Uuid::from_u128(0x5f1c_2a4e_9b7d_4c1a_8e3f_6d2b_0a9c_7e41);
 
 /// The `runtime.rejected` event of an undecodable message whose command_id
 /// could be read.
@@ -453,7 +462,7 @@ fn rejected_event(undecodable: &Undecodable) -> Option<OutcomeEvent> {
     let command_id = undecodable.command_id.clone()?;
     let now = Utc::now();
     Some(OutcomeEvent {
-        event_id: Uuid::now_v7(),
+        event_id: Uuid::new_v5(&REJECTED_EVENTS, command_id.as_bytes()),
         schema_version: SCHEMA_VERSION,
         occurred_at: now,
         operation_id: None,
@@ -524,5 +533,41 @@ impl From<&BasicProperties> for Envelope {
             reply_to: props.reply_to().as_ref().map(ToString::to_string),
             correlation_id: props.correlation_id().as_ref().map(ToString::to_string),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn undecodable(command_id: Option<&str>) -> Undecodable {
+        Undecodable {
+            reason: "op \"explode\" is unknown".into(),
+            command_id: command_id.map(str::to_owned),
+            op: Some("explode".into()),
+            game_id: Some("g-1".into()),
+            source_ref: None,
+        }
+    }
+
+    #[test]
+    fn a_rejected_event_is_the_same_event_each_time_it_is_handled() {
+        let first = rejected_event(&undecodable(Some("c-7"))).unwrap();
+        let again = rejected_event(&undecodable(Some("c-7"))).unwrap();
+        assert_eq!(
+            first.event_id, again.event_id,
+            "stored once, however often handled"
+        );
+        assert_ne!(
+            first.event_id,
+            rejected_event(&undecodable(Some("c-8"))).unwrap().event_id
+        );
+        assert_eq!(first.routing_key(), "runtime.rejected");
+        assert_eq!(first.correlation_id, "c-7");
+        assert_eq!(first.error_code, Some(ErrorCode::InvalidRequest));
+        assert!(
+            rejected_event(&undecodable(None)).is_none(),
+            "no command_id, no event"
+        );
     }
 }
