@@ -148,7 +148,9 @@ pub fn decode_command(body: &[u8], envelope: &Envelope) -> Result<CommandRequest
             .message_id
             .clone()
             .filter(|id| is_identifier(id))
-            .unwrap_or_else(|| Uuid::now_v7().to_string()),
+            // Derived from the body, so a redelivery keeps its idempotency
+            // key and resumes instead of starting over.
+            .unwrap_or_else(|| Uuid::new_v5(&BODY_IDS, body).to_string()),
     };
     let source_ref = match source_ref {
         Some(r) if r.len() > MAX_IDENTIFIER_BYTES => {
@@ -182,6 +184,9 @@ pub fn decode_command(body: &[u8], envelope: &Envelope) -> Result<CommandRequest
         malformed: (!problems.is_empty()).then(|| problems.join("; ")),
     })
 }
+
+/// The namespace of command ids derived from a body without one.
+const BODY_IDS: Uuid = Uuid::from_u128(0x8d3e_61a2_47c9_4b0f_9a15_c2e7_3f08_b6d4);
 
 /// The longest command_id or source_ref: they travel as AMQP short strings.
 pub const MAX_IDENTIFIER_BYTES: usize = 255;
@@ -256,7 +261,9 @@ mod tests {
         let r = decode_command(br#"{"op":"restart","game_id":"g"}"#, &envelope).unwrap();
         assert_eq!(r.command_id, "m-9");
         let r = decode(r#"{"op":"restart","game_id":"g"}"#).unwrap();
-        assert!(Uuid::parse_str(&r.command_id).is_ok(), "a fresh id");
+        assert!(Uuid::parse_str(&r.command_id).is_ok(), "a derived id");
+        let again = decode(r#"{"op":"restart","game_id":"g"}"#).unwrap();
+        assert_eq!(r.command_id, again.command_id, "the same on redelivery");
     }
 
     #[test]

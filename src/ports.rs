@@ -86,7 +86,8 @@ impl Progress {
         outer: Option<crate::domain::OpKind>,
         rolled_back: bool,
     ) -> Option<&OutcomeEvent> {
-        self.events.iter().find(|e| {
+        // The latest: a later attempt's entry supersedes an earlier one's.
+        self.events.iter().rev().find(|e| {
             e.op.as_deref() == Some(op.as_str())
                 && e.outer_op.as_deref() == outer.map(|o| o.as_str())
                 && e.rolled_back == rolled_back
@@ -153,7 +154,8 @@ pub trait RuntimeStore: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Progress, StoreError>> + Send;
 
     /// Journals a Docker step of `command_id` as done (recording a step
-    /// twice keeps the first). Errors: `Unavailable`.
+    /// again replaces its detail: the latest attempt's container counts).
+    /// Errors: `Unavailable`.
     fn journal(
         &self,
         command_id: &str,

@@ -287,10 +287,7 @@ where
                 self.amqp.delivery_limit
             );
             error!(%message, "poison command");
-            self.lifecycle
-                .fail_internal(&job.request, message)
-                .await
-                .map_err(|e| NoOutcome::Unrecordable(e.to_string()))
+            self.record_internal(&job.request, message).await
         } else {
             self.handle_until_recorded(&job.request).await
         };
@@ -353,10 +350,8 @@ where
                 Ok(Err(Interrupted::Unrecorded(StoreError::Corrupt(why)))) => {
                     error!(error = %why, "the command's outcome cannot be stored");
                     return self
-                        .lifecycle
-                        .fail_internal(request, format!("the outcome could not be stored: {why}"))
-                        .await
-                        .map_err(|e| NoOutcome::Unrecordable(e.to_string()));
+                        .record_internal(request, format!("the outcome could not be stored: {why}"))
+                        .await;
                 }
                 Ok(Err(interrupted)) => {
                     warn!(reason = %interrupted, "command interrupted; it will be retried");
@@ -364,19 +359,42 @@ where
                 Err(join) if join.is_panic() => {
                     let message = panic_message(join.into_panic());
                     error!(panic = %message, "command handling panicked");
-                    match self
-                        .lifecycle
-                        .fail_internal(
+                    // Never run the op that panicked again: answer it.
+                    return self
+                        .record_internal(
                             request,
                             format!("panic while handling the command: {message}"),
                         )
-                        .await
-                    {
-                        Ok(handled) => return Ok(handled),
-                        Err(e) => warn!(error = %e, "could not record the panic; retrying"),
-                    }
+                        .await;
                 }
                 Err(join) => warn!(error = %join, "command task cancelled; retrying"),
+            }
+            if self.in_shutdown() {
+                return Err(NoOutcome::Shutdown);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// Answers a command `internal`, retrying while the database is out
+    /// (a command that cannot even be recorded stays unacknowledged); only
+    /// a write the database refuses outright makes it unrecordable.
+    async fn record_internal(
+        &self,
+        request: &CommandRequest,
+        message: String,
+    ) -> Result<Handled, NoOutcome> {
+        let mut pause = RETRY_PAUSE;
+        loop {
+            match self.lifecycle.fail_internal(request, message.clone()).await {
+                Ok(handled) => return Ok(handled),
+                Err(Interrupted::Unrecorded(StoreError::Corrupt(why))) => {
+                    return Err(NoOutcome::Unrecordable(why));
+                }
+                Err(e) => {
+                    warn!(error = %e, "could not record the command's internal failure yet; retrying")
+                }
             }
             if self.in_shutdown() {
                 return Err(NoOutcome::Shutdown);

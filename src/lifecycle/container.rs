@@ -173,7 +173,7 @@ where
                         ErrorCode::ContainerStartFailed,
                         format!("start container: {msg}"),
                     );
-                    return Err(self.failed_start(&id, failure).await);
+                    return Err(self.failed_start(op, &id, failure).await);
                 }
                 Err(BringUp::Halt(halt)) => return Err(halt),
                 Ok(info) => return Ok(info),
@@ -236,7 +236,7 @@ where
                             ErrorCode::ContainerStartFailed,
                             format!("start container: {msg}"),
                         );
-                        return Err(self.failed_start(id, failure).await.into());
+                        return Err(self.failed_start(op, id, failure).await.into());
                     }
                 }
             }
@@ -251,7 +251,7 @@ where
         let info = match self.wait_up(op, id).await {
             Ok(info) => info,
             Err(Halt::Fail(failure)) if failure.code == ErrorCode::ContainerStartFailed => {
-                return Err(self.failed_start(id, failure).await.into());
+                return Err(self.failed_start(op, id, failure).await.into());
             }
             Err(other) => return Err(other.into()),
         };
@@ -268,7 +268,11 @@ where
 
     /// A failed start: the diagnosis (exit code, log tail) in the message,
     /// and the container removed.
-    async fn failed_start(&self, id: &ContainerId, failure: Failure) -> Halt {
+    async fn failed_start(&self, op: &Op<'_, L>, id: &ContainerId, failure: Failure) -> Halt {
+        // No Docker step without the lease, not even this clean-up.
+        if let Err(lost) = op.check_lease() {
+            return lost.into();
+        }
         let message = self.diagnose(id, &failure.message).await;
         if let Err(e) = self.engine.remove(id).await {
             warn!(container_id = %id, error = %e, "could not remove the failed container");

@@ -22,7 +22,8 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The leases this process holds, so shutdown can release whatever the
 /// in-flight operations still hold when their time is up.
-pub(super) type HeldLeases = Arc<Mutex<HashMap<GameId, LeaseHolder>>>;
+/// Each with its `lost` flag, so releasing one also stops its holder.
+pub(super) type HeldLeases = Arc<Mutex<HashMap<GameId, (LeaseHolder, Arc<AtomicBool>)>>>;
 
 pub(super) struct LeaseGuard<L: LeaseStore> {
     leases: L,
@@ -63,7 +64,7 @@ impl<L: LeaseStore> LeaseGuard<L> {
         registry
             .lock()
             .expect("lease registry")
-            .insert(game_id.clone(), holder.clone());
+            .insert(game_id.clone(), (holder.clone(), lost.clone()));
         Self {
             leases,
             registry,
@@ -97,7 +98,10 @@ impl<L: LeaseStore> LeaseGuard<L> {
 impl<L: LeaseStore> LeaseGuard<L> {
     fn forget(&self) {
         let mut held = self.registry.lock().expect("lease registry");
-        if held.get(&self.game_id) == Some(&self.holder) {
+        if held
+            .get(&self.game_id)
+            .is_some_and(|(h, _)| *h == self.holder)
+        {
             held.remove(&self.game_id);
         }
     }
@@ -126,9 +130,11 @@ impl<L: LeaseStore> Drop for LeaseGuard<L> {
 /// Releases every lease still registered (shutdown, after the in-flight
 /// operations had their time).
 pub(super) async fn release_all<L: LeaseStore>(leases: &L, registry: &HeldLeases) {
-    let held: Vec<(GameId, LeaseHolder)> =
+    let held: Vec<(GameId, (LeaseHolder, Arc<AtomicBool>))> =
         registry.lock().expect("lease registry").drain().collect();
-    for (game_id, holder) in held {
+    for (game_id, (holder, lost)) in held {
+        // Its operation, still running, stops before its next Docker step.
+        lost.store(true, Ordering::Release);
         release(leases, &game_id, &holder).await;
     }
 }

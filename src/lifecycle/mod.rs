@@ -289,6 +289,11 @@ where
         lease: &LeaseGuard<L>,
         fresh: bool,
     ) -> Result<Handled, Interrupted> {
+        // The fence first: a paused earlier attempt can no longer write once
+        // it moved, so what is read below is all it will ever have done.
+        let fence = self
+            .store_retrying(|| self.store.advance_fence(&command.game_id))
+            .await?;
         // A command seen before is a redelivery: an earlier attempt may have
         // finished while we waited for its lease, or died part-way, in which
         // case this attempt resumes from what it recorded.
@@ -315,9 +320,6 @@ where
             }
             progress
         };
-        let fence = self
-            .store_retrying(|| self.store.advance_fence(&command.game_id))
-            .await?;
         let op = Op {
             cmd: command,
             fence,
@@ -404,16 +406,19 @@ where
         }
     }
 
-    /// Fails a command with `internal` after its handling panicked (the
-    /// panicked attempt's lease was released as its task unwound).
-    ///
-    /// Also answers a command that keeps killing workers, on its last
-    /// delivery. A command that did finish meanwhile keeps its outcome.
+    /// Fails a command with `internal`: after its handling panicked (the
+    /// panicked attempt's lease was released as it unwound), when its
+    /// outcome cannot be stored, or on the last delivery of a command that
+    /// keeps interrupting its workers. A command that did finish keeps its
+    /// outcome. The answer is written under the game's lease and a new fence,
+    /// so an attempt still running elsewhere finishes first (`StillRunning`
+    /// while it does) and cannot write after it.
     pub async fn fail_internal(
         &self,
         request: &CommandRequest,
         message: String,
     ) -> Result<Handled, Interrupted> {
+        let failure = Failure::new(ErrorCode::Internal, message);
         if let InboxClaim::Finished(event) =
             self.store_retrying(|| self.store.claim(request)).await?
         {
@@ -422,12 +427,48 @@ where
                 duplicate: true,
             });
         }
-        self.reject(
-            request,
-            Utc::now(),
-            Failure::new(ErrorCode::Internal, message),
-        )
-        .await
+        let Ok(command) = request.validate(&self.cfg.allowed_images) else {
+            return self.reject(request, Utc::now(), failure).await;
+        };
+        let holder = LeaseHolder::new(&command.command_id);
+        let lease = match self.acquire_lease(&command, &holder).await {
+            Ok(lease) => lease,
+            // Another command holds the game, or the lease store is down:
+            // no attempt of this command is running, so nothing can race.
+            Err(Halt::Fail(_)) => return self.reject(request, Utc::now(), failure).await,
+            Err(Halt::Interrupt(i)) => return Err(i),
+        };
+        let answered = async {
+            let fence = self
+                .store_retrying(|| self.store.advance_fence(&command.game_id))
+                .await?;
+            if let InboxClaim::Finished(event) =
+                self.store_retrying(|| self.store.claim(request)).await?
+            {
+                return Ok(Handled {
+                    event,
+                    duplicate: true,
+                });
+            }
+            let op = Op {
+                cmd: &command,
+                fence,
+                lease: &lease,
+                started_at: Utc::now(),
+                progress: Progress::default(),
+            };
+            let mut entry = op.outer_entry();
+            entry.image_ref = request.image_ref.clone();
+            let recorded = self.fail_outer(&op, entry, failure, None).await?;
+            record_metrics(&recorded.event);
+            Ok(Handled {
+                event: recorded.event,
+                duplicate: false,
+            })
+        }
+        .await;
+        lease.release().await;
+        answered
     }
 
     /// Records a failure decided before the lease (validation, lease): an

@@ -23,7 +23,8 @@ where
             let container = self.inspect(op).await?;
             // A no-op is decided from what Docker reports, not the record alone.
             if matches!(record.state, RuntimeState::Removed) && container.is_none() {
-                return Ok(true);
+                // A no-op, unless an earlier attempt of this command did it.
+                return Ok(op.progress.is_empty());
             }
             self.inner_stop(op, OpKind::Remove, &record).await?;
             if let Some(info) = self.inspect(op).await? {

@@ -51,7 +51,11 @@ where
             match self.start_rule(op, record, image).await {
                 Ok(StartRule::Go) => {}
                 Ok(StartRule::Noop(info)) => {
-                    entry.result = EntryResult::NOOP;
+                    // Running as asked; a no-op unless an earlier attempt of
+                    // this command is what started it.
+                    entry.result = EntryResult::Success {
+                        noop: op.progress.is_empty(),
+                    };
                     entry.previous_image_ref = None;
                     entry.container_id = Some(info.id.to_string());
                     entry.address = info.address.clone();

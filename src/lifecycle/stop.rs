@@ -54,14 +54,17 @@ where
         let halted: Result<(Option<ContainerId>, bool), Halt> = async {
             match self.inspect(op).await? {
                 Some(info) if info.running => {
-                    self.halt(op, &info.id).await?;
+                    // Journaled before the stop: if this worker dies during
+                    // the grace period, Docker still finishes the stop and
+                    // the redelivery must not call it a no-op.
                     self.journal(op, "stop", json!({ "container_id": info.id.as_str() }))
                         .await?;
+                    self.halt(op, &info.id).await?;
                     Ok((Some(info.id), false))
                 }
-                // Not a no-op if an earlier attempt of this command stopped it.
-                Some(info) => Ok((Some(info.id), op.progress.step("stop").is_none())),
-                None => Ok((None, op.progress.step("stop").is_none())),
+                // Not a no-op if an earlier attempt of this command did work.
+                Some(info) => Ok((Some(info.id), op.progress.is_empty())),
+                None => Ok((None, op.progress.is_empty())),
             }
         }
         .await;

@@ -259,7 +259,8 @@ impl RuntimeStore for PgStore {
     ) -> Result<(), StoreError> {
         sqlx::query(
             "insert into operation_journal (command_id, step, detail) values ($1, $2, $3)
-             on conflict (command_id, step) do nothing",
+             on conflict (command_id, step)
+                 do update set detail = excluded.detail, done_at = now()",
         )
         .bind(command_id)
         .bind(step)
@@ -556,7 +557,9 @@ impl RuntimeStore for PgStore {
                  values ($1, $2, $3, now(), $4)
                  on conflict (command_id) do update set
                      finished_at = now(),
-                     outcome_event_id = excluded.outcome_event_id",
+                     outcome_event_id = excluded.outcome_event_id
+                 -- The first outcome stands: a duplicate gets that one.
+                 where inbox.outcome_event_id is null",
             )
             .bind(&entry.command_id)
             .bind(&entry.game_id)
