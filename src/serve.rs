@@ -93,16 +93,30 @@ pub async fn run(
 
     let relay_wake = Arc::new(Notify::new());
     let (relay_trigger, relay_stop) = shutdown::channel();
-    let relay = tokio::spawn(
-        Relay::new(
-            store.clone(),
-            config.amqp_url.clone(),
-            config.amqp.clone(),
-            relay_wake.clone(),
-            readiness.clone(),
-        )
-        .run(relay_stop),
-    );
+    // Supervised: a relay that panics (a bug) is started again, so events
+    // never stop for every game because of one bad pass.
+    let relay = {
+        let (store, url, amqp) = (store.clone(), config.amqp_url.clone(), config.amqp.clone());
+        let (wake, readiness) = (relay_wake.clone(), readiness.clone());
+        tokio::spawn(async move {
+            loop {
+                let relay = Relay::new(
+                    store.clone(),
+                    url.clone(),
+                    amqp.clone(),
+                    wake.clone(),
+                    readiness.clone(),
+                );
+                match tokio::spawn(relay.run(relay_stop.clone())).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the outbox relay crashed; restarting it");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        })
+    };
 
     let lifecycle = Lifecycle::new(store, leases, engine, config.lifecycle.clone());
     Consumer::new(
