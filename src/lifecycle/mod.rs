@@ -40,8 +40,8 @@ use uuid::Uuid;
 
 pub use crate::config::LifecycleConfig;
 use crate::domain::{
-    Action, Command, CommandRequest, EntryResult, GameId, OpKind, OperationEntry, OutcomeEvent,
-    RecordUpdate, RuntimeRecord,
+    Action, Command, CommandRequest, EntryResult, GameId, ImageRef, OpKind, OperationEntry,
+    OutcomeEvent, RecordUpdate, RuntimeRecord, RuntimeState,
 };
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{
@@ -459,7 +459,10 @@ where
             };
             let mut entry = op.outer_entry();
             entry.image_ref = request.image_ref.clone();
-            let recorded = self.fail_outer(&op, entry, failure, None).await?;
+            // The interrupted attempt may have changed the game: the record
+            // is set to what Docker reports, so they agree again.
+            let record = self.observed_record(&op).await;
+            let recorded = self.fail_outer(&op, entry, failure, record).await?;
             record_metrics(&recorded.event);
             Ok(Handled {
                 event: recorded.event,
@@ -469,6 +472,43 @@ where
         .await;
         lease.release().await;
         answered
+    }
+
+    /// The game's record as Docker reports it now, for a command answered
+    /// without running to the end; `None` (leave it) when there is no
+    /// record, Docker cannot be asked, or they already agree.
+    async fn observed_record(&self, op: &Op<'_, L>) -> Option<RecordUpdate> {
+        let record = self.store.load(op.game()).await.ok().flatten()?;
+        let info = self.engine.inspect(op.game()).await.ok()?;
+        let (image_ref, state) = match info {
+            Some(info) if info.running => (
+                ImageRef::parse(&info.image_ref).unwrap_or_else(|_| record.image_ref.clone()),
+                RuntimeState::Running {
+                    container_id: info.id,
+                    address: info.address,
+                },
+            ),
+            Some(info) => (
+                record.image_ref.clone(),
+                RuntimeState::Stopped {
+                    container_id: Some(info.id),
+                },
+            ),
+            None if matches!(record.state, RuntimeState::Removed) => return None,
+            None => (
+                record.image_ref.clone(),
+                RuntimeState::Stopped { container_id: None },
+            ),
+        };
+        if state == record.state && image_ref == record.image_ref {
+            return None;
+        }
+        Some(RecordUpdate {
+            game_id: op.game().clone(),
+            image_ref,
+            state,
+            state_dir: record.state_dir,
+        })
     }
 
     /// Records a failure decided before the lease (validation, lease): an

@@ -435,3 +435,31 @@ async fn a_paused_holders_late_write_is_refused_by_the_fence() {
         Some("rtm-test/engine:1.4.2")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_internal_answer_leaves_the_record_matching_docker() {
+    let world = World::new().await;
+    let game = world.started("rtm-test/engine:1.4.2").await;
+    let request = world.request(OpKind::Restart, &game, None);
+    // The attempt dies once its new container runs, before recording it: the
+    // record still says stopped (its inner stop was recorded).
+    let hanging = HangingEngine::new(world.docker.engine.clone());
+    hanging.hang_start.store(true, Ordering::SeqCst);
+    let first = Lifecycle::new(world.store(), world.leases.clone(), hanging.clone(), config());
+    die_at(first.handle(request.clone()), &hanging.reached).await;
+    let stale = world.store().load(&game).await.unwrap().unwrap();
+    assert_eq!(stale.status().as_str(), "stopped");
+
+    // The command is given up on (say it kept killing workers).
+    let handled = world
+        .plain()
+        .fail_internal(&request, "gave up".into())
+        .await
+        .unwrap();
+    assert_eq!(handled.event.error_code, Some(rtmanager::error::ErrorCode::Internal));
+    let record = world.store().load(&game).await.unwrap().unwrap();
+    let running = world.docker.engine.inspect(&game).await.unwrap().unwrap();
+    assert!(running.running);
+    assert_eq!(record.status().as_str(), "running", "the record follows Docker");
+    assert_eq!(record.state.container_id(), Some(&running.id));
+}
