@@ -445,7 +445,12 @@ async fn an_internal_answer_leaves_the_record_matching_docker() {
     // record still says stopped (its inner stop was recorded).
     let hanging = HangingEngine::new(world.docker.engine.clone());
     hanging.hang_start.store(true, Ordering::SeqCst);
-    let first = Lifecycle::new(world.store(), world.leases.clone(), hanging.clone(), config());
+    let first = Lifecycle::new(
+        world.store(),
+        world.leases.clone(),
+        hanging.clone(),
+        config(),
+    );
     die_at(first.handle(request.clone()), &hanging.reached).await;
     let stale = world.store().load(&game).await.unwrap().unwrap();
     assert_eq!(stale.status().as_str(), "stopped");
@@ -456,10 +461,17 @@ async fn an_internal_answer_leaves_the_record_matching_docker() {
         .fail_internal(&request, "gave up".into())
         .await
         .unwrap();
-    assert_eq!(handled.event.error_code, Some(rtmanager::error::ErrorCode::Internal));
+    assert_eq!(
+        handled.event.error_code,
+        Some(rtmanager::error::ErrorCode::Internal)
+    );
     let record = world.store().load(&game).await.unwrap().unwrap();
     let running = world.docker.engine.inspect(&game).await.unwrap().unwrap();
     assert!(running.running);
-    assert_eq!(record.status().as_str(), "running", "the record follows Docker");
+    assert_eq!(
+        record.status().as_str(),
+        "running",
+        "the record follows Docker"
+    );
     assert_eq!(record.state.container_id(), Some(&running.id));
 }
