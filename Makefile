@@ -36,8 +36,8 @@ build: ## Build the release binary
 	$(CARGO) build --release
 
 .PHONY: test
-test: deps images ## Run the whole test suite against the local services
-	env -u RUST_LOG $(CARGO) test
+test: deps images ## Run the test suite (unit, contract, integration) against the local services
+	env -u RUST_LOG $(CARGO) test --lib --bins --test contract --test it
 
 .PHONY: lint
 lint: ## Check formatting and run clippy (warnings are errors)
