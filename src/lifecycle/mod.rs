@@ -103,6 +103,15 @@ impl From<StoreError> for Interrupted {
     }
 }
 
+/// What taking the lease gave. Returned once per command: boxing the
+/// event would buy nothing.
+#[allow(clippy::large_enum_variant)]
+enum Leased<L: LeaseStore> {
+    Held(LeaseGuard<L>),
+    /// Another attempt of the same command finished while this one waited.
+    Finished(OutcomeEvent),
+}
+
 /// How an op's step ended early: a business failure to record, or an
 /// interruption to hand back.
 #[derive(Debug)]
@@ -248,10 +257,16 @@ where
 
         let holder = LeaseHolder::new(&command.command_id);
         let asked = std::time::Instant::now();
-        let lease = self.acquire_lease(&command, &holder).await;
+        let lease = self.acquire_lease(&request, &command, &holder).await;
         metrics::histogram!(telemetry::LEASE_ACQUIRE_SECONDS).record(asked.elapsed().as_secs_f64());
         let lease = match lease {
-            Ok(lease) => lease,
+            Ok(Leased::Held(lease)) => lease,
+            Ok(Leased::Finished(event)) => {
+                return Ok(Handled {
+                    event,
+                    duplicate: true,
+                });
+            }
             Err(Halt::Fail(failure)) => {
                 // An earlier attempt already changed the game: closing the
                 // command now with `conflict` or `service_unavailable` would
@@ -355,9 +370,10 @@ where
     /// an earlier attempt of this same command (its worker died): waited out.
     async fn acquire_lease(
         &self,
+        request: &CommandRequest,
         command: &Command,
         holder: &LeaseHolder,
-    ) -> Result<LeaseGuard<L>, Halt> {
+    ) -> Result<Leased<L>, Halt> {
         let ttl = self.cfg.lease_ttl;
         // A dead attempt's lease expires within one TTL; a live one keeps
         // renewing, and then this delivery is a duplicate still running.
@@ -378,14 +394,14 @@ where
                 })?;
             match acquired {
                 Acquired::Yes => {
-                    return Ok(LeaseGuard::hold(
+                    return Ok(Leased::Held(LeaseGuard::hold(
                         self.leases.clone(),
                         self.held.clone(),
                         command.game_id.clone(),
                         holder.clone(),
                         ttl,
                         asked,
-                    ));
+                    )));
                 }
                 Acquired::HeldBy(value)
                     if LeaseHolder::command_of(&value) == command.command_id =>
@@ -394,6 +410,17 @@ where
                         return Err(Interrupted::StillRunning(command.game_id.to_string()).into());
                     }
                     tokio::time::sleep(Duration::from_millis(250)).await;
+                    // The other attempt may have finished meanwhile: answer
+                    // with its outcome rather than take the lease to find
+                    // out, which would make the game's next command a
+                    // `conflict` for that moment.
+                    if let InboxClaim::Finished(event) = self
+                        .store_retrying(|| self.store.claim(request))
+                        .await
+                        .map_err(Interrupted::from)?
+                    {
+                        return Ok(Leased::Finished(event));
+                    }
                 }
                 Acquired::HeldBy(_) => {
                     return Err(Failure::new(
@@ -431,8 +458,14 @@ where
             return self.reject(request, Utc::now(), failure).await;
         };
         let holder = LeaseHolder::new(&command.command_id);
-        let lease = match self.acquire_lease(&command, &holder).await {
-            Ok(lease) => lease,
+        let lease = match self.acquire_lease(request, &command, &holder).await {
+            Ok(Leased::Held(lease)) => lease,
+            Ok(Leased::Finished(event)) => {
+                return Ok(Handled {
+                    event,
+                    duplicate: true,
+                });
+            }
             // Another command holds the game, or the lease store is down:
             // no attempt of this command is running, so nothing can race.
             Err(Halt::Fail(_)) => return self.reject(request, Utc::now(), failure).await,
