@@ -9,7 +9,9 @@
 //! ```
 
 use anyhow::Context as _;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
@@ -120,4 +122,49 @@ pub async fn declare_topology(channel: &Channel, cfg: &AmqpConfig) -> anyhow::Re
         .await
         .with_context(|| format!("declare exchange {}", cfg.event_exchange))?;
     Ok(())
+}
+
+/// A private (exclusive, auto-delete) queue bound to `event_exchange` with
+/// `binding`, consumed without acks: how a watcher (`send --wait`, tests)
+/// sees outcome events. Bind before publishing, so no event is missed.
+pub async fn subscribe_events(
+    channel: &Channel,
+    event_exchange: &str,
+    binding: &str,
+) -> anyhow::Result<lapin::Consumer> {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .context("declare a private event queue")?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            event_exchange.into(),
+            binding.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("bind the event queue to {event_exchange} with {binding}"))?;
+    channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            // The queue is the watcher's alone and dies with it: nothing to ack.
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .context("consume the event queue")
 }

@@ -16,11 +16,7 @@ use chrono::Utc;
 use clap::builder::PossibleValuesParser;
 use clap::{Args, Subcommand};
 use futures_util::StreamExt as _;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use serde::Deserialize;
 use uuid::Uuid;
@@ -344,39 +340,7 @@ async fn publish_and_wait(
 
 /// Declares the private event queue, binds it and starts consuming it.
 async fn subscribe(channel: &Channel, event_exchange: &str) -> anyhow::Result<lapin::Consumer> {
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions::exclusive().auto_delete(),
-            FieldTable::default(),
-        )
-        .await
-        .context("declare a private event queue")?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            event_exchange.into(),
-            EVENT_BINDING.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| {
-            format!("bind the event queue to {event_exchange} with {EVENT_BINDING}")
-        })?;
-    channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            // The queue is ours alone and dies with us: nothing to ack.
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .context("consume the event queue")
+    broker::subscribe_events(channel, event_exchange, EVENT_BINDING).await
 }
 
 /// Publishes persistently to `runtime.<op>` and waits for the broker's
