@@ -58,11 +58,46 @@ pub enum InboxClaim {
 #[derive(Debug, Clone)]
 pub struct OperationWrite {
     pub entry: OperationEntry,
-    /// The writer's fence; `None` only for entries written without the lease
-    /// (an invalid request, a lease conflict), which touch no record.
-    pub fence: Option<Fence>,
-    /// The game's record as this step leaves it.
+    /// What the write is checked against before it commits.
+    pub fence: WriteFence,
+    /// The game's record as this step leaves it; only with
+    /// [`WriteFence::Held`].
     pub record: Option<RecordUpdate>,
+}
+
+/// How a write is kept from landing after a newer operation took the game.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteFence {
+    /// Written under the game's lease with this fence (stored with the
+    /// entry): refused once a newer operation advanced the fence.
+    Held(Fence),
+    /// Written without the lease by a command that was refused it (a
+    /// `conflict`, the lease store down) after it read this fence: refused
+    /// if any operation took the game since. That operation may be another
+    /// attempt of this very command, which must then be the one to answer
+    /// it; otherwise one command would be answered `conflict` while its
+    /// effect happened all the same.
+    Seen(Fence),
+    /// Not checked: an invalid request, which every attempt rejects alike.
+    Unchecked,
+}
+
+impl WriteFence {
+    /// The fence stored with the entry: only a lease holder's.
+    pub fn held(self) -> Option<Fence> {
+        match self {
+            WriteFence::Held(f) => Some(f),
+            WriteFence::Seen(_) | WriteFence::Unchecked => None,
+        }
+    }
+
+    /// The fence the game must still have when the write commits.
+    pub fn expected(self) -> Option<Fence> {
+        match self {
+            WriteFence::Held(f) | WriteFence::Seen(f) => Some(f),
+            WriteFence::Unchecked => None,
+        }
+    }
 }
 
 /// What earlier attempts of a command already did: the entries they wrote
@@ -104,6 +139,9 @@ impl Progress {
 pub struct Recorded {
     pub operation_id: i64,
     pub event: OutcomeEvent,
+    /// Nothing was written: another attempt of the command had answered it
+    /// without the lease first, and this is that answer.
+    pub answered_before: bool,
 }
 
 pub trait RuntimeStore: Clone + Send + Sync + 'static {
@@ -128,11 +166,24 @@ pub trait RuntimeStore: Clone + Send + Sync + 'static {
         game_id: &GameId,
     ) -> impl Future<Output = Result<Fence, StoreError>> + Send;
 
+    /// The game's current fence, without advancing it (`Fence(0)` before
+    /// any operation took the game), read before asking for the lease so a
+    /// refused command can answer under [`WriteFence::Seen`]. Errors:
+    /// `Unavailable`.
+    fn observe_fence(
+        &self,
+        game_id: &GameId,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send;
+
     /// In one transaction: appends the entry, stores its outcome event in
     /// the outbox with `event_id`, applies the record update, and for an
-    /// outer entry marks the command finished in the inbox. With a fence,
-    /// everything is refused (`FenceLost`) when the game's fence moved on.
-    /// Errors: `Unavailable`, `FenceLost`.
+    /// outer entry marks the command finished in the inbox. Everything is
+    /// refused (`FenceLost`) when the game's fence is no longer the one the
+    /// write expects. An outer entry written without the lease for a command
+    /// another attempt already answered writes nothing and returns that
+    /// answer, so a command never has two outer outcomes.
+    /// Errors: `Unavailable`, `FenceLost`, `Corrupt` (a record update
+    /// without the lease).
     fn append(
         &self,
         write: OperationWrite,

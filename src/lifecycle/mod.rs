@@ -46,7 +46,7 @@ use crate::domain::{
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{
     Acquired, ContainerEngine, Fence, InboxClaim, LeaseHolder, LeaseStore, OperationWrite,
-    Progress, Recorded, RuntimeStore, StoreError,
+    Progress, Recorded, RuntimeStore, StoreError, WriteFence,
 };
 use crate::telemetry;
 use lease::LeaseGuard;
@@ -110,6 +110,13 @@ enum Leased<L: LeaseStore> {
     Held(LeaseGuard<L>),
     /// Another attempt of the same command finished while this one waited.
     Finished(OutcomeEvent),
+}
+
+/// Whether a command got its game's lease or was answered without it.
+#[allow(clippy::large_enum_variant)]
+enum Gate<L: LeaseStore> {
+    Held(LeaseGuard<L>),
+    Answered(Handled),
 }
 
 /// How an op's step ended early: a business failure to record, or an
@@ -238,9 +245,11 @@ where
     )]
     pub async fn handle(&self, request: CommandRequest) -> Result<Handled, Interrupted> {
         let received_at = Utc::now();
-        let fresh = match self.store_retrying(|| self.store.claim(&request)).await? {
-            InboxClaim::Fresh => true,
-            InboxClaim::Unfinished => false,
+        match self.store_retrying(|| self.store.claim(&request)).await? {
+            InboxClaim::Fresh => {}
+            InboxClaim::Unfinished => {
+                debug!("command seen before: a redelivery or another copy of it");
+            }
             InboxClaim::Finished(event) => {
                 info!(outcome = %event.outcome, "duplicate of a finished command: republishing its outcome");
                 return Ok(Handled {
@@ -248,46 +257,29 @@ where
                     duplicate: true,
                 });
             }
-        };
+        }
 
         let command = match request.validate(&self.cfg.allowed_images) {
             Ok(command) => command,
-            Err(failure) => return self.reject(&request, received_at, failure).await,
+            Err(failure) => {
+                return self
+                    .reject(&request, received_at, failure, WriteFence::Unchecked)
+                    .await;
+            }
         };
 
-        let holder = LeaseHolder::new(&command.command_id);
-        let asked = std::time::Instant::now();
-        let lease = self.acquire_lease(&request, &command, &holder).await;
-        metrics::histogram!(telemetry::LEASE_ACQUIRE_SECONDS).record(asked.elapsed().as_secs_f64());
-        let lease = match lease {
-            Ok(Leased::Held(lease)) => lease,
-            Ok(Leased::Finished(event)) => {
-                return Ok(Handled {
-                    event,
-                    duplicate: true,
-                });
-            }
-            Err(Halt::Fail(failure)) => {
-                // An earlier attempt already changed the game: closing the
-                // command now with `conflict` or `service_unavailable` would
-                // strand it half-done. Keep it for a later delivery instead.
-                if !fresh
-                    && !self
-                        .store_retrying(|| self.store.progress(&command.command_id))
-                        .await?
-                        .is_empty()
-                {
-                    return Err(Interrupted::Blocked(failure.to_string()));
-                }
-                return self.reject(&request, received_at, failure).await;
-            }
-            Err(Halt::Interrupt(i)) => return Err(i),
+        let lease = match self
+            .lease_or_refusal(&request, &command, received_at, None)
+            .await?
+        {
+            Gate::Held(lease) => lease,
+            Gate::Answered(handled) => return Ok(handled),
         };
 
         // A panic inside the op must not outlive the lease's release: catch
         // it, release in order, then let it continue to the caller (which
         // answers the command `internal`).
-        let outcome = AssertUnwindSafe(self.run_leased(&request, &command, &lease, fresh))
+        let outcome = AssertUnwindSafe(self.run_leased(&request, &command, &lease))
             .catch_unwind()
             .await;
         lease.release().await;
@@ -302,39 +294,35 @@ where
         request: &CommandRequest,
         command: &Command,
         lease: &LeaseGuard<L>,
-        fresh: bool,
     ) -> Result<Handled, Interrupted> {
         // The fence first: a paused earlier attempt can no longer write once
         // it moved, so what is read below is all it will ever have done.
         let fence = self
             .store_retrying(|| self.store.advance_fence(&command.game_id))
             .await?;
-        // A command seen before is a redelivery: an earlier attempt may have
-        // finished while we waited for its lease, or died part-way, in which
-        // case this attempt resumes from what it recorded.
-        let progress = if fresh {
-            Progress::default()
-        } else {
-            if let InboxClaim::Finished(event) =
-                self.store_retrying(|| self.store.claim(request)).await?
-            {
-                return Ok(Handled {
-                    event,
-                    duplicate: true,
-                });
-            }
-            let progress = self
-                .store_retrying(|| self.store.progress(&command.command_id))
-                .await?;
-            if !progress.is_empty() {
-                info!(
-                    entries = progress.events.len(),
-                    steps = ?progress.steps.keys().collect::<Vec<_>>(),
-                    "resuming a command an earlier attempt left unfinished"
-                );
-            }
-            progress
-        };
+        // Another attempt of this command (a copy on another worker, or an
+        // earlier delivery) may have answered it while this one waited for
+        // the lease, or died part-way, in which case this attempt resumes
+        // from what it recorded. Asked even by the attempt that claimed the
+        // command first: a copy may have overtaken it.
+        if let InboxClaim::Finished(event) =
+            self.store_retrying(|| self.store.claim(request)).await?
+        {
+            return Ok(Handled {
+                event,
+                duplicate: true,
+            });
+        }
+        let progress = self
+            .store_retrying(|| self.store.progress(&command.command_id))
+            .await?;
+        if !progress.is_empty() {
+            info!(
+                entries = progress.events.len(),
+                steps = ?progress.steps.keys().collect::<Vec<_>>(),
+                "resuming a command an earlier attempt left unfinished"
+            );
+        }
         let op = Op {
             cmd: command,
             fence,
@@ -364,6 +352,67 @@ where
             event,
             duplicate: false,
         })
+    }
+
+    /// Takes the game's lease, or answers the command without it when it is
+    /// refused: with the refusal itself (`conflict`, `service_unavailable`),
+    /// or with `answer` when given. The answer is written under the fence
+    /// seen before asking ([`WriteFence::Seen`]): if any operation took the
+    /// game meanwhile (perhaps another copy of this command, about to run
+    /// it), the answer is dropped and the lease asked for again.
+    async fn lease_or_refusal(
+        &self,
+        request: &CommandRequest,
+        command: &Command,
+        received_at: DateTime<Utc>,
+        answer: Option<&Failure>,
+    ) -> Result<Gate<L>, Interrupted> {
+        let holder = LeaseHolder::new(&command.command_id);
+        loop {
+            let seen = self
+                .store_retrying(|| self.store.observe_fence(&command.game_id))
+                .await?;
+            let asked = std::time::Instant::now();
+            let leased = self.acquire_lease(request, command, &holder).await;
+            metrics::histogram!(telemetry::LEASE_ACQUIRE_SECONDS)
+                .record(asked.elapsed().as_secs_f64());
+            let refusal = match leased {
+                Ok(Leased::Held(lease)) => return Ok(Gate::Held(lease)),
+                Ok(Leased::Finished(event)) => {
+                    return Ok(Gate::Answered(Handled {
+                        event,
+                        duplicate: true,
+                    }));
+                }
+                Err(Halt::Interrupt(i)) => return Err(i),
+                Err(Halt::Fail(refusal)) => refusal,
+            };
+            let failure = match answer {
+                Some(answer) => answer.clone(),
+                None => {
+                    // An earlier attempt already changed the game: closing
+                    // the command now would strand it half-done. Keep it for
+                    // a later delivery instead.
+                    if !self
+                        .store_retrying(|| self.store.progress(&command.command_id))
+                        .await?
+                        .is_empty()
+                    {
+                        return Err(Interrupted::Blocked(refusal.to_string()));
+                    }
+                    refusal
+                }
+            };
+            match self
+                .reject(request, received_at, failure, WriteFence::Seen(seen))
+                .await
+            {
+                Err(Interrupted::Unrecorded(StoreError::FenceLost(_))) => {
+                    debug!("the game was taken while this command was refused; asking again");
+                }
+                answered => return answered.map(Gate::Answered),
+            }
+        }
     }
 
     /// Takes the game's lease. Held by another command: `conflict`. Held by
@@ -455,21 +504,16 @@ where
             });
         }
         let Ok(command) = request.validate(&self.cfg.allowed_images) else {
-            return self.reject(request, Utc::now(), failure).await;
+            return self
+                .reject(request, Utc::now(), failure, WriteFence::Unchecked)
+                .await;
         };
-        let holder = LeaseHolder::new(&command.command_id);
-        let lease = match self.acquire_lease(request, &command, &holder).await {
-            Ok(Leased::Held(lease)) => lease,
-            Ok(Leased::Finished(event)) => {
-                return Ok(Handled {
-                    event,
-                    duplicate: true,
-                });
-            }
-            // Another command holds the game, or the lease store is down:
-            // no attempt of this command is running, so nothing can race.
-            Err(Halt::Fail(_)) => return self.reject(request, Utc::now(), failure).await,
-            Err(Halt::Interrupt(i)) => return Err(i),
+        let lease = match self
+            .lease_or_refusal(request, &command, Utc::now(), Some(&failure))
+            .await?
+        {
+            Gate::Held(lease) => lease,
+            Gate::Answered(handled) => return Ok(handled),
         };
         let answered = async {
             let fence = self
@@ -544,13 +588,15 @@ where
         })
     }
 
-    /// Records a failure decided before the lease (validation, lease): an
-    /// outer entry echoing the request as sent; no record is touched.
+    /// Records a failure decided without the lease (validation, a refused
+    /// lease): an outer entry echoing the request as sent; no record is
+    /// touched. Another attempt's earlier answer is returned as a duplicate.
     async fn reject(
         &self,
         request: &CommandRequest,
         received_at: DateTime<Utc>,
         failure: Failure,
+        fence: WriteFence,
     ) -> Result<Handled, Interrupted> {
         warn!(error_code = %failure.code, error_message = %failure.message, "command rejected");
         let now = Utc::now();
@@ -574,10 +620,16 @@ where
         let recorded = self
             .append(OperationWrite {
                 entry,
-                fence: None,
+                fence,
                 record: None,
             })
             .await?;
+        if recorded.answered_before {
+            return Ok(Handled {
+                event: recorded.event,
+                duplicate: true,
+            });
+        }
         record_metrics(&recorded.event);
         Ok(Handled {
             event: recorded.event,
@@ -596,7 +648,7 @@ where
         entry.finished_at = Utc::now();
         self.append(OperationWrite {
             entry,
-            fence: Some(op.fence),
+            fence: WriteFence::Held(op.fence),
             record,
         })
         .await

@@ -162,6 +162,7 @@ where
             let recorded = Recorded {
                 operation_id: done.operation_id.unwrap_or_default(),
                 event: done.clone(),
+                answered_before: false,
             };
             match done.error_code {
                 Some(code) => {

@@ -27,7 +27,7 @@ use crate::domain::{
     RuntimeStatus,
 };
 use crate::ports::{
-    Fence, InboxClaim, OperationWrite, Progress, Recorded, RuntimeStore, StoreError,
+    Fence, InboxClaim, OperationWrite, Progress, Recorded, RuntimeStore, StoreError, WriteFence,
 };
 
 /// How long a query waits for a pooled connection (including connecting)
@@ -390,6 +390,26 @@ impl RuntimeStore for PgStore {
         Ok(Fence(fence))
     }
 
+    async fn observe_fence(&self, game_id: &GameId) -> Result<Fence, StoreError> {
+        // The row is created (at 0) if missing: the `for share` check of a
+        // `Seen` write needs a row to lock, or a first `advance_fence` could
+        // insert one between that check and the commit.
+        sqlx::query(
+            "insert into game_fences (game_id, fence) values ($1, 0)
+             on conflict (game_id) do nothing",
+        )
+        .bind(game_id.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("create the game's fence", e))?;
+        let fence: i64 = sqlx::query_scalar("select fence from game_fences where game_id = $1")
+            .bind(game_id.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| db_error("read the game's fence", e))?;
+        Ok(Fence(fence))
+    }
+
     async fn append(&self, write: OperationWrite, event_id: Uuid) -> Result<Recorded, StoreError> {
         let OperationWrite {
             entry,
@@ -428,10 +448,17 @@ impl RuntimeStore for PgStore {
             return Ok(Recorded {
                 operation_id,
                 event: decode_event(event_id, payload)?,
+                answered_before: false,
             });
         }
 
-        if let Some(Fence(expected)) = fence {
+        if record.is_some() && !matches!(fence, WriteFence::Held(_)) {
+            return Err(StoreError::Corrupt(format!(
+                "an entry of game {:?} changes the record without holding the lease",
+                entry.game_id
+            )));
+        }
+        if let Some(Fence(expected)) = fence.expected() {
             // The fence check must hold until commit, not just at the moment
             // it is read: `for share` locks the game's fence row for the rest
             // of this transaction, and `advance_fence` (an upsert, which needs
@@ -450,6 +477,36 @@ impl RuntimeStore for PgStore {
                 // Dropping `tx` rolls back; say so explicitly all the same.
                 tx.rollback().await.ok();
                 return Err(StoreError::FenceLost(expected));
+            }
+        }
+
+        // An answer given without the lease (a refusal, an invalid request)
+        // stands only if no other attempt of the command answered it first:
+        // two copies refused at once give one outcome. The inbox row is
+        // locked after the fence row, in the order every append takes them.
+        if entry.is_outer() && fence.held().is_none() {
+            // Locked by itself: a join would, after waiting for the lock,
+            // still miss an outbox row committed by the attempt it waited for.
+            let answered: Option<Option<Uuid>> = sqlx::query_scalar(
+                "select outcome_event_id from inbox where command_id = $1 for update",
+            )
+            .bind(&entry.command_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| db_error("check whether the command was answered", e))?;
+            if let Some(Some(event_id)) = answered {
+                let (payload, operation_id): (serde_json::Value, Option<i64>) =
+                    sqlx::query_as("select payload, operation_id from outbox where event_id = $1")
+                        .bind(event_id)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(|e| db_error("read the command's outcome", e))?;
+                tx.rollback().await.ok();
+                return Ok(Recorded {
+                    operation_id: operation_id.unwrap_or_default(),
+                    event: decode_event(event_id, payload)?,
+                    answered_before: true,
+                });
             }
         }
 
@@ -481,7 +538,7 @@ impl RuntimeStore for PgStore {
         .bind(entry.rolled_back)
         .bind(entry.started_at)
         .bind(entry.finished_at)
-        .bind(fence.map(|f| f.0))
+        .bind(fence.held().map(|f| f.0))
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| db_error("append to the operation log", e))?;
@@ -520,8 +577,6 @@ impl RuntimeStore for PgStore {
         .map_err(|e| db_error("store the outcome event in the outbox", e))?;
 
         if let (Some(record), Some(state_dir)) = (&record, &state_dir) {
-            // Without a fence (not expected: such writes touch no record)
-            // the row keeps the fence it had, or 0 when it is new.
             sqlx::query(
                 "insert into runtime_records (game_id, status, current_image_ref,
                      current_container_id, address, state_dir, fence)
@@ -541,7 +596,7 @@ impl RuntimeStore for PgStore {
             .bind(record.state.container_id().map(ContainerId::as_str))
             .bind(record.state.address())
             .bind(state_dir)
-            .bind(fence.map(|f| f.0))
+            .bind(fence.held().map(|f| f.0))
             .execute(&mut *tx)
             .await
             .map_err(|e| db_error("write the runtime record", e))?;
@@ -576,6 +631,7 @@ impl RuntimeStore for PgStore {
         Ok(Recorded {
             operation_id,
             event,
+            answered_before: false,
         })
     }
 }

@@ -70,6 +70,12 @@ impl RuntimeStore for StallingStore {
     ) -> impl Future<Output = Result<Fence, StoreError>> + Send {
         self.inner.advance_fence(game_id)
     }
+    fn observe_fence(
+        &self,
+        game_id: &GameId,
+    ) -> impl Future<Output = Result<Fence, StoreError>> + Send {
+        self.inner.observe_fence(game_id)
+    }
     async fn append(&self, write: OperationWrite, event_id: Uuid) -> Result<Recorded, StoreError> {
         if (self.stall_if)(&write) {
             self.stalled.notify_one();
@@ -205,6 +211,58 @@ impl LeaseStore for FlakyLeases {
             return Err(LeaseError("injected: renewal failed".into()));
         }
         self.inner.renew(game_id, holder, ttl).await
+    }
+    fn release(
+        &self,
+        game_id: &GameId,
+        holder: &LeaseHolder,
+    ) -> impl Future<Output = Result<bool, LeaseError>> + Send {
+        self.inner.release(game_id, holder)
+    }
+}
+
+/// Leases whose next `acquire`, once armed, waits for `release` first: the
+/// attempt was slow to ask (a Redis blip, a busy worker) while another copy
+/// of its command went ahead.
+#[derive(Clone)]
+pub struct SlowLeases {
+    pub inner: RedisLeases,
+    pub armed: Arc<AtomicBool>,
+    pub waiting: Arc<Notify>,
+    pub release: Arc<Notify>,
+}
+
+impl SlowLeases {
+    pub fn armed(inner: RedisLeases) -> Self {
+        Self {
+            inner,
+            armed: Arc::new(AtomicBool::new(true)),
+            waiting: Arc::new(Notify::new()),
+            release: Arc::new(Notify::new()),
+        }
+    }
+}
+
+impl LeaseStore for SlowLeases {
+    async fn acquire(
+        &self,
+        game_id: &GameId,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> Result<Acquired, LeaseError> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.waiting.notify_one();
+            self.release.notified().await;
+        }
+        self.inner.acquire(game_id, holder, ttl).await
+    }
+    fn renew(
+        &self,
+        game_id: &GameId,
+        holder: &LeaseHolder,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, LeaseError>> + Send {
+        self.inner.renew(game_id, holder, ttl)
     }
     fn release(
         &self,

@@ -15,7 +15,7 @@ use rtmanager::outbound::redis_lease::RedisLeases;
 use rtmanager::ports::{ContainerEngine, LeaseHolder, LeaseStore, RuntimeStore};
 
 use crate::docker_support::DockerTestEnv;
-use crate::fakes::{FlakyLeases, HangingEngine, StallingStore};
+use crate::fakes::{FlakyLeases, HangingEngine, SlowLeases, StallingStore};
 use crate::harness::{TestDb, command_request, redis_url, unique};
 
 /// The real adapters of one test; services are built from them with
@@ -342,6 +342,106 @@ async fn a_duplicate_of_a_running_command_waits_for_its_outcome() {
         world.entries(&request.command_id).await.len(),
         3,
         "ran once"
+    );
+}
+
+/// Two copies of one command on two workers: the first is refused the lease
+/// (another command holds the game) and is about to record `conflict` when
+/// the game frees up and the second copy takes it and runs the command. The
+/// refusal must not stand, or the command would be answered `conflict`
+/// while its effect happened all the same: the first copy answers with the
+/// second's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_refused_the_lease_yields_to_a_copy_that_ran_the_command() {
+    let world = World::new().await;
+    let game = world.started("rtm-test/engine:1.4.2").await;
+    let request = world.request(OpKind::Stop, &game, None);
+    let other = LeaseHolder::new("another-command");
+    world
+        .leases
+        .acquire(&game, &other, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    let stalling = StallingStore::new(world.store(), |w| {
+        w.entry.outer_op.is_none()
+            && w.entry.result.error_code() == Some(rtmanager::error::ErrorCode::Conflict)
+    });
+    let refused = Lifecycle::new(
+        stalling.clone(),
+        world.leases.clone(),
+        world.docker.engine.clone(),
+        config(),
+    );
+    let first = tokio::spawn({
+        let request = request.clone();
+        async move { refused.handle(request).await }
+    });
+    stalling.stalled.notified().await;
+
+    world.leases.release(&game, &other).await.unwrap();
+    let second = world.plain().handle(request.clone()).await.unwrap();
+    assert_eq!(
+        second.event.outcome,
+        Outcome::Success,
+        "{:?}",
+        second.event.error_message
+    );
+
+    stalling.release.notify_one();
+    let first = first.await.unwrap().unwrap();
+    assert!(first.duplicate, "the refusal gave way");
+    assert_eq!(first.event, second.event);
+    assert_eq!(world.entries(&request.command_id).await, ["stop.success"]);
+}
+
+/// The copy that claimed a command first but was slow to ask for the lease
+/// finds it already run by another copy: it answers with that outcome, it
+/// does not run the command a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_overtaken_by_another_does_not_run_the_command_again() {
+    let world = World::new().await;
+    let game = world.started("rtm-test/engine:1.4.2").await;
+    let request = world.request(OpKind::Restart, &game, None);
+
+    let slow = SlowLeases::armed(world.leases.clone());
+    let late = Lifecycle::new(
+        world.store(),
+        slow.clone(),
+        world.docker.engine.clone(),
+        config(),
+    );
+    let first = tokio::spawn({
+        let request = request.clone();
+        async move { late.handle(request).await }
+    });
+    slow.waiting.notified().await;
+
+    let second = world.plain().handle(request.clone()).await.unwrap();
+    assert!(!second.duplicate);
+    assert_eq!(
+        second.event.outcome,
+        Outcome::Success,
+        "{:?}",
+        second.event.error_message
+    );
+
+    slow.release.notify_one();
+    let first = first.await.unwrap().unwrap();
+    assert!(first.duplicate, "answered with the other copy's outcome");
+    assert_eq!(first.event, second.event);
+    assert_eq!(
+        world.entries(&request.command_id).await,
+        [
+            "restart.stop.success",
+            "restart.start.success",
+            "restart.success"
+        ]
+    );
+    assert_eq!(
+        world.boots(&game),
+        "1.4.2\n1.4.2\n",
+        "one restart, one boot"
     );
 }
 

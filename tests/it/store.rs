@@ -13,7 +13,7 @@ use rtmanager::domain::{
 };
 use rtmanager::error::{ErrorCode, Failure};
 use rtmanager::outbound::postgres::PgStore;
-use rtmanager::ports::{Fence, InboxClaim, OperationWrite, RuntimeStore, StoreError};
+use rtmanager::ports::{Fence, InboxClaim, OperationWrite, RuntimeStore, StoreError, WriteFence};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor};
 use uuid::Uuid;
@@ -84,6 +84,7 @@ fn running(container: &str) -> RuntimeState {
     }
 }
 
+/// A write under the lease (`Some(fence)`) or an unchecked one (`None`).
 fn write(
     entry: OperationEntry,
     fence: Option<Fence>,
@@ -91,7 +92,7 @@ fn write(
 ) -> OperationWrite {
     OperationWrite {
         entry,
-        fence,
+        fence: fence.map_or(WriteFence::Unchecked, WriteFence::Held),
         record,
     }
 }
@@ -481,6 +482,102 @@ async fn a_fence_never_taken_is_refused() {
     assert_eq!(refused.unwrap_err(), StoreError::FenceLost(1));
     assert_eq!(log_rows(&db).await, 0);
     assert_eq!(store.load(&game("g-1")).await.unwrap(), None);
+}
+
+fn conflict(game_id: &str, command_id: &str) -> OperationEntry {
+    let mut e = entry(game_id, command_id, OpKind::Stop, None);
+    e.result = EntryResult::Failure(Failure::new(ErrorCode::Conflict, "busy"));
+    e
+}
+
+/// A refusal written without the lease stands only if no operation took
+/// the game since the fence it saw; it stores no fence of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_is_dropped_once_an_operation_took_the_game() {
+    let db = TestDb::new().await;
+    let store = PgStore::new(db.pool.clone());
+    let g = game("g-1");
+    let seen = store.observe_fence(&g).await.unwrap();
+    assert_eq!(seen, Fence(0), "a game no operation took yet");
+    assert_eq!(
+        store.observe_fence(&g).await.unwrap(),
+        Fence(0),
+        "not advanced"
+    );
+    assert_eq!(store.advance_fence(&g).await.unwrap(), Fence(1));
+
+    let unseen = OperationWrite {
+        entry: conflict("g-1", "cmd-1"),
+        fence: WriteFence::Seen(seen),
+        record: None,
+    };
+    assert_eq!(
+        store.append(unseen, Uuid::new_v4()).await.unwrap_err(),
+        StoreError::FenceLost(0)
+    );
+    assert_eq!(log_rows(&db).await, 0);
+
+    let current = OperationWrite {
+        entry: conflict("g-1", "cmd-1"),
+        fence: WriteFence::Seen(Fence(1)),
+        record: None,
+    };
+    let recorded = store.append(current, Uuid::new_v4()).await.unwrap();
+    assert!(!recorded.answered_before);
+    let fence: Option<i64> =
+        sqlx::query_scalar("select fence from operation_log where command_id = 'cmd-1'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(fence, None, "a refusal did not hold the lease");
+}
+
+/// Two copies of a command answered without the lease at once: the second
+/// writes nothing and gets the first's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_answer_without_the_lease_returns_the_first() {
+    let db = TestDb::new().await;
+    let store = PgStore::new(db.pool.clone());
+    store
+        .claim(&request("cmd-1", Some("g-1"), None))
+        .await
+        .unwrap();
+    let answer = || OperationWrite {
+        entry: conflict("g-1", "cmd-1"),
+        fence: WriteFence::Unchecked,
+        record: None,
+    };
+    let first = store.append(answer(), Uuid::new_v4()).await.unwrap();
+    let second = store.append(answer(), Uuid::new_v4()).await.unwrap();
+    assert!(!first.answered_before);
+    assert!(second.answered_before);
+    assert_eq!(second.event, first.event);
+    assert_eq!(second.operation_id, first.operation_id);
+    assert_eq!(log_rows(&db).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_change_without_the_lease_is_refused() {
+    let db = TestDb::new().await;
+    let store = PgStore::new(db.pool.clone());
+    let g = game("g-1");
+    let seen = store.observe_fence(&g).await.unwrap();
+    let refused = store
+        .append(
+            OperationWrite {
+                entry: entry("g-1", "cmd-1", OpKind::Start, None),
+                fence: WriteFence::Seen(seen),
+                record: Some(record("g-1", IMAGE, running("c-1"))),
+            },
+            Uuid::new_v4(),
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Corrupt(_))),
+        "{refused:?}"
+    );
+    assert_eq!(log_rows(&db).await, 0);
+    assert_eq!(store.load(&g).await.unwrap(), None);
 }
 
 /// What `append` relies on: a transaction holding the fence row `for share`

@@ -1,0 +1,12 @@
+-- A game's fence row may now exist at 0, "seen but never taken".
+--
+-- A command refused the game's lease (`conflict`) answers without holding
+-- it, so its answer is checked against the fence it read before asking: if
+-- any operation took the game since, the answer is dropped, because that
+-- operation may be another copy of the same command, which must be the one
+-- to answer it. The check locks the fence row `for share` until commit, so
+-- the row must exist even for a game no operation has taken yet; reading the
+-- fence creates it at 0. The first `advance_fence` still hands out 1.
+alter table game_fences
+    drop constraint game_fences_fence_check,
+    add constraint game_fences_fence_check check (fence >= 0);
