@@ -36,8 +36,9 @@ build: ## Build the release binary
 	$(CARGO) build --release
 
 .PHONY: test
-test: deps images ## Run the test suite (unit, contract, integration) against the local services
+test: deps images ## Run the whole suite: unit, contract, integration, then the fault suite (about 5 min)
 	env -u RUST_LOG $(CARGO) test --lib --bins --test contract --test it
+	env -u RUST_LOG $(CARGO) test --test faults -- --test-threads=1
 
 .PHONY: lint
 lint: ## Check formatting and run clippy (warnings are errors)
