@@ -53,12 +53,29 @@ pub struct PgStore {
 pub struct PendingEvent {
     /// Publish order (per game, the order the entries were written).
     pub seq: i64,
-    pub event: OutcomeEvent,
+    pub event_id: Uuid,
+    /// The event as stored, published without being decoded: an event this
+    /// build cannot read (a newer worker's, with an error code added since,
+    /// during a rolling upgrade) still goes out instead of stopping the
+    /// relay at that row, and every game's events behind it.
+    pub payload: serde_json::Value,
+    pub correlation_id: String,
     pub routing_key: String,
     /// For an outer event of a request/reply command: the caller's queue.
     pub reply_to: Option<String>,
     /// The AMQP `correlation_id` the caller asked to get back.
     pub reply_correlation_id: Option<String>,
+}
+
+impl PendingEvent {
+    /// When the event happened, as its payload says (`None` if it does not
+    /// say so readably: the AMQP timestamp is then left out).
+    pub fn occurred_at(&self) -> Option<DateTime<Utc>> {
+        let text = self.payload.get("occurred_at")?.as_str()?;
+        DateTime::parse_from_rfc3339(text)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
+    }
 }
 
 impl PgStore {
@@ -127,7 +144,8 @@ impl PgStore {
     /// order.
     pub async fn unsent_events(&self, limit: i64) -> Result<Vec<PendingEvent>, StoreError> {
         let rows: Vec<UnsentRow> = sqlx::query_as(
-            "select seq, event_id, payload, routing_key, reply_to, reply_correlation_id
+            "select seq, event_id, payload, correlation_id, routing_key, reply_to,
+                    reply_correlation_id
              from outbox
              where sent_at is null
              order by seq
@@ -137,17 +155,18 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| db_error("read unsent outbox events", e))?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(PendingEvent {
-                    seq: row.seq,
-                    event: decode_event(row.event_id, row.payload)?,
-                    routing_key: row.routing_key,
-                    reply_to: row.reply_to,
-                    reply_correlation_id: row.reply_correlation_id,
-                })
+        Ok(rows
+            .into_iter()
+            .map(|row| PendingEvent {
+                seq: row.seq,
+                event_id: row.event_id,
+                payload: row.payload,
+                correlation_id: row.correlation_id,
+                routing_key: row.routing_key,
+                reply_to: row.reply_to,
+                reply_correlation_id: row.reply_correlation_id,
             })
-            .collect()
+            .collect())
     }
 
     /// Records confirmed publications: each consumes the original
@@ -642,6 +661,7 @@ struct UnsentRow {
     seq: i64,
     event_id: Uuid,
     payload: serde_json::Value,
+    correlation_id: String,
     routing_key: String,
     reply_to: Option<String>,
     reply_correlation_id: Option<String>,

@@ -153,7 +153,7 @@ impl Relay {
                     return Ok(());
                 }
                 self.publish(&channel, event).await?;
-                self.store.mark_sent(&[event.event.event_id]).await?;
+                self.store.mark_sent(&[event.event_id]).await?;
                 metrics::counter!(telemetry::EVENTS_PUBLISHED).increment(1);
             }
         }
@@ -209,22 +209,23 @@ impl Relay {
     /// Publishes one event (and its reply, for a request/reply command) and
     /// waits for the broker's confirm.
     async fn publish(&self, channel: &Channel, pending: &PendingEvent) -> anyhow::Result<()> {
-        let body = serde_json::to_vec(&pending.event).context("serialize an outcome event")?;
+        let body = serde_json::to_vec(&pending.payload).context("serialize an outcome event")?;
         let mut properties = BasicProperties::default()
-            .with_message_id(ShortString::from(pending.event.event_id.to_string()))
-            .with_type(short(&pending.routing_key)?);
+            .with_message_id(ShortString::from(pending.event_id.to_string()))
+            .with_type(short(&pending.routing_key)?)
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
         // The decoder caps correlation ids at 255 bytes; an older row that
         // does not fit still goes out, with the id in its body only.
-        match ShortString::try_new(pending.event.correlation_id.as_str()) {
+        match ShortString::try_new(pending.correlation_id.as_str()) {
             Ok(id) => properties = properties.with_correlation_id(id),
             Err(e) => {
-                warn!(event_id = %pending.event.event_id, error = %e, "correlation id too long for the AMQP property")
+                warn!(event_id = %pending.event_id, error = %e, "correlation id too long for the AMQP property")
             }
         }
-        let properties = properties
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_timestamp(pending.event.occurred_at.timestamp().max(0) as u64);
+        if let Some(at) = pending.occurred_at() {
+            properties = properties.with_timestamp(at.timestamp().max(0) as u64);
+        }
         let confirm = channel
             .basic_publish(
                 self.amqp.event_exchange.as_str().into(),
@@ -240,7 +241,7 @@ impl Relay {
             .await?;
         match confirm {
             Confirmation::Nack(_) => {
-                anyhow::bail!("the broker refused event {}", pending.event.event_id)
+                anyhow::bail!("the broker refused event {}", pending.event_id)
             }
             // Returned as unroutable: nobody subscribes to this key yet. The
             // event is published as far as the contract goes.
