@@ -65,6 +65,14 @@ pub struct OperationWrite {
     pub record: Option<RecordUpdate>,
 }
 
+/// A game's current fence, as read before asking for its lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FenceView {
+    pub fence: Fence,
+    /// The command whose attempt took it; `None` before any did.
+    pub taken_by: Option<String>,
+}
+
 /// How a write is kept from landing after a newer operation took the game.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteFence {
@@ -159,21 +167,22 @@ pub trait RuntimeStore: Clone + Send + Sync + 'static {
         game_id: &GameId,
     ) -> impl Future<Output = Result<Option<RuntimeRecord>, StoreError>> + Send;
 
-    /// Takes the game's next fence; called right after the lease is taken.
-    /// Errors: `Unavailable`.
+    /// Takes the game's next fence for an attempt of `command_id`; called
+    /// right after the lease is taken. Errors: `Unavailable`.
     fn advance_fence(
         &self,
         game_id: &GameId,
+        command_id: &str,
     ) -> impl Future<Output = Result<Fence, StoreError>> + Send;
 
-    /// The game's current fence, without advancing it (`Fence(0)` before
-    /// any operation took the game), read before asking for the lease so a
-    /// refused command can answer under [`WriteFence::Seen`]. Errors:
-    /// `Unavailable`.
+    /// The game's current fence and the command that took it, without
+    /// advancing it (`Fence(0)`, taken by none, before any operation took
+    /// the game); read before asking for the lease so a refused command can
+    /// answer under [`WriteFence::Seen`]. Errors: `Unavailable`.
     fn observe_fence(
         &self,
         game_id: &GameId,
-    ) -> impl Future<Output = Result<Fence, StoreError>> + Send;
+    ) -> impl Future<Output = Result<FenceView, StoreError>> + Send;
 
     /// In one transaction: appends the entry, stores its outcome event in
     /// the outbox with `event_id`, applies the record update, and for an
@@ -204,11 +213,14 @@ pub trait RuntimeStore: Clone + Send + Sync + 'static {
         command_id: &str,
     ) -> impl Future<Output = Result<Progress, StoreError>> + Send;
 
-    /// Journals a Docker step of `command_id` as done (recording a step
-    /// again replaces its detail: the latest attempt's container counts).
-    /// Errors: `Unavailable`.
+    /// Journals a Docker step of `command_id` as done by the attempt holding
+    /// `fence` on `game_id` (recording a step again replaces its detail: the
+    /// latest attempt's container counts, so an attempt fenced out must not
+    /// write). Errors: `Unavailable`, `FenceLost`.
     fn journal(
         &self,
+        game_id: &GameId,
+        fence: Fence,
         command_id: &str,
         step: &str,
         detail: serde_json::Value,

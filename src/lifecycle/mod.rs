@@ -92,8 +92,10 @@ pub enum Interrupted {
     FenceLost(String),
     #[error("an earlier attempt of this command still holds the lease of game {0}")]
     StillRunning(String),
-    /// A half-done command cannot take its lease now; it must resume later.
-    #[error("a half-done command cannot resume yet: {0}")]
+    /// Refused its lease, but an attempt of the command already touched
+    /// the game: answering now could strand it half-done or answer it
+    /// twice, so it resumes later.
+    #[error("the command cannot go on yet: {0}")]
     Blocked(String),
 }
 
@@ -298,7 +300,10 @@ where
         // The fence first: a paused earlier attempt can no longer write once
         // it moved, so what is read below is all it will ever have done.
         let fence = self
-            .store_retrying(|| self.store.advance_fence(&command.game_id))
+            .store_retrying(|| {
+                self.store
+                    .advance_fence(&command.game_id, &command.command_id)
+            })
             .await?;
         // Another attempt of this command (a copy on another worker, or an
         // earlier delivery) may have answered it while this one waited for
@@ -359,7 +364,9 @@ where
     /// or with `answer` when given. The answer is written under the fence
     /// seen before asking ([`WriteFence::Seen`]): if any operation took the
     /// game meanwhile (perhaps another copy of this command, about to run
-    /// it), the answer is dropped and the lease asked for again.
+    /// it), the answer is dropped and the lease asked for again. A command
+    /// an attempt of which took the game last, or left steps done, is not
+    /// answered here at all ([`Interrupted::Blocked`]).
     async fn lease_or_refusal(
         &self,
         request: &CommandRequest,
@@ -387,6 +394,15 @@ where
                 Err(Halt::Interrupt(i)) => return Err(i),
                 Err(Halt::Fail(refusal)) => refusal,
             };
+            // An attempt of this very command took the game last: it is
+            // running (the lease store could not tell us who holds it) or
+            // died holding it, and its outcome or a resumption answers the
+            // command; answering here as well would give it two outcomes.
+            if seen.taken_by.as_deref() == Some(command.command_id.as_str()) {
+                return Err(Interrupted::Blocked(format!(
+                    "{refusal}; an attempt of this command took the game last"
+                )));
+            }
             let failure = match answer {
                 Some(answer) => answer.clone(),
                 None => {
@@ -404,11 +420,12 @@ where
                 }
             };
             match self
-                .reject(request, received_at, failure, WriteFence::Seen(seen))
+                .reject(request, received_at, failure, WriteFence::Seen(seen.fence))
                 .await
             {
                 Err(Interrupted::Unrecorded(StoreError::FenceLost(_))) => {
                     debug!("the game was taken while this command was refused; asking again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 answered => return answered.map(Gate::Answered),
             }
@@ -517,7 +534,10 @@ where
         };
         let answered = async {
             let fence = self
-                .store_retrying(|| self.store.advance_fence(&command.game_id))
+                .store_retrying(|| {
+                    self.store
+                        .advance_fence(&command.game_id, &command.command_id)
+                })
                 .await?;
             if let InboxClaim::Finished(event) =
                 self.store_retrying(|| self.store.claim(request)).await?
@@ -668,9 +688,20 @@ where
         step: &str,
         detail: serde_json::Value,
     ) -> Result<(), Interrupted> {
-        self.store_retrying(|| self.store.journal(&op.cmd.command_id, step, detail.clone()))
-            .await?;
-        Ok(())
+        self.store_retrying(|| {
+            self.store.journal(
+                op.game(),
+                op.fence,
+                &op.cmd.command_id,
+                step,
+                detail.clone(),
+            )
+        })
+        .await
+        .map_err(|e| match e {
+            StoreError::FenceLost(_) => Interrupted::FenceLost(op.game().to_string()),
+            other => Interrupted::Unrecorded(other),
+        })
     }
 
     /// Writes the outer entry as a failure.

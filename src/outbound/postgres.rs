@@ -27,7 +27,8 @@ use crate::domain::{
     RuntimeStatus,
 };
 use crate::ports::{
-    Fence, InboxClaim, OperationWrite, Progress, Recorded, RuntimeStore, StoreError, WriteFence,
+    Fence, FenceView, InboxClaim, OperationWrite, Progress, Recorded, RuntimeStore, StoreError,
+    WriteFence,
 };
 
 /// How long a query waits for a pooled connection (including connecting)
@@ -272,21 +273,32 @@ impl RuntimeStore for PgStore {
 
     async fn journal(
         &self,
+        game_id: &GameId,
+        fence: Fence,
         command_id: &str,
         step: &str,
         detail: serde_json::Value,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "insert into operation_journal (command_id, step, detail) values ($1, $2, $3)
+        // Written only while `fence` is the game's: the fence row is locked
+        // `for share` for the statement, as `append` does for its commit.
+        let written = sqlx::query(
+            "insert into operation_journal (command_id, step, detail)
+             select $1, $2, $3
+             where (select fence from game_fences where game_id = $4 for share) = $5
              on conflict (command_id, step)
                  do update set detail = excluded.detail, done_at = now()",
         )
         .bind(command_id)
         .bind(step)
         .bind(Json(detail))
+        .bind(game_id.as_str())
+        .bind(fence.0)
         .execute(&self.pool)
         .await
         .map_err(|e| db_error("journal an operation step", e))?;
+        if written.rows_affected() == 0 {
+            return Err(StoreError::FenceLost(fence.0));
+        }
         Ok(())
     }
 
@@ -393,23 +405,25 @@ impl RuntimeStore for PgStore {
         row.map(|row| row.into_record(game_id)).transpose()
     }
 
-    async fn advance_fence(&self, game_id: &GameId) -> Result<Fence, StoreError> {
+    async fn advance_fence(&self, game_id: &GameId, command_id: &str) -> Result<Fence, StoreError> {
         // One statement, so two workers racing for the same game each get a
         // distinct, larger number; the row lock it takes also waits for any
         // `append` holding the row `for share` (see `append`).
         let fence: i64 = sqlx::query_scalar(
-            "insert into game_fences (game_id, fence) values ($1, 1)
-             on conflict (game_id) do update set fence = game_fences.fence + 1
+            "insert into game_fences (game_id, fence, command_id) values ($1, 1, $2)
+             on conflict (game_id) do update
+                 set fence = game_fences.fence + 1, command_id = excluded.command_id
              returning fence",
         )
         .bind(game_id.as_str())
+        .bind(command_id)
         .fetch_one(&self.pool)
         .await
         .map_err(|e| db_error("advance the game's fence", e))?;
         Ok(Fence(fence))
     }
 
-    async fn observe_fence(&self, game_id: &GameId) -> Result<Fence, StoreError> {
+    async fn observe_fence(&self, game_id: &GameId) -> Result<FenceView, StoreError> {
         // The row is created (at 0) if missing: the `for share` check of a
         // `Seen` write needs a row to lock, or a first `advance_fence` could
         // insert one between that check and the commit.
@@ -421,12 +435,16 @@ impl RuntimeStore for PgStore {
         .execute(&self.pool)
         .await
         .map_err(|e| db_error("create the game's fence", e))?;
-        let fence: i64 = sqlx::query_scalar("select fence from game_fences where game_id = $1")
-            .bind(game_id.as_str())
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| db_error("read the game's fence", e))?;
-        Ok(Fence(fence))
+        let (fence, taken_by): (i64, Option<String>) =
+            sqlx::query_as("select fence, command_id from game_fences where game_id = $1")
+                .bind(game_id.as_str())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| db_error("read the game's fence", e))?;
+        Ok(FenceView {
+            fence: Fence(fence),
+            taken_by,
+        })
     }
 
     async fn append(&self, write: OperationWrite, event_id: Uuid) -> Result<Recorded, StoreError> {

@@ -18,8 +18,9 @@ use rtmanager::outbound::docker::DockerEngine;
 use rtmanager::outbound::postgres::PgStore;
 use rtmanager::outbound::redis_lease::RedisLeases;
 use rtmanager::ports::{
-    Acquired, ContainerEngine, ContainerInfo, EngineError, Fence, InboxClaim, LeaseError,
-    LeaseHolder, LeaseStore, OperationWrite, Progress, Recorded, RuntimeStore, StoreError,
+    Acquired, ContainerEngine, ContainerInfo, EngineError, Fence, FenceView, InboxClaim,
+    LeaseError, LeaseHolder, LeaseStore, OperationWrite, Progress, Recorded, RuntimeStore,
+    StoreError,
 };
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -67,13 +68,14 @@ impl RuntimeStore for StallingStore {
     fn advance_fence(
         &self,
         game_id: &GameId,
+        command_id: &str,
     ) -> impl Future<Output = Result<Fence, StoreError>> + Send {
-        self.inner.advance_fence(game_id)
+        self.inner.advance_fence(game_id, command_id)
     }
     fn observe_fence(
         &self,
         game_id: &GameId,
-    ) -> impl Future<Output = Result<Fence, StoreError>> + Send {
+    ) -> impl Future<Output = Result<FenceView, StoreError>> + Send {
         self.inner.observe_fence(game_id)
     }
     async fn append(&self, write: OperationWrite, event_id: Uuid) -> Result<Recorded, StoreError> {
@@ -97,24 +99,27 @@ impl RuntimeStore for StallingStore {
     }
     fn journal(
         &self,
+        game_id: &GameId,
+        fence: Fence,
         command_id: &str,
         step: &str,
         detail: serde_json::Value,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.inner.journal(command_id, step, detail)
+        self.inner.journal(game_id, fence, command_id, step, detail)
     }
     fn republish(&self, event_id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.inner.republish(event_id)
     }
 }
 
-/// An engine whose `stop` or `start` never returns once armed: the worker
+/// An engine whose `stop`, `start` or `create` never returns once armed: the worker
 /// died in the middle of that Docker call.
 #[derive(Clone)]
 pub struct HangingEngine {
     pub inner: DockerEngine,
     pub hang_stop: Arc<AtomicBool>,
     pub hang_start: Arc<AtomicBool>,
+    pub hang_create: Arc<AtomicBool>,
     pub panic_on_create: Arc<AtomicBool>,
     pub reached: Arc<Notify>,
 }
@@ -125,6 +130,7 @@ impl HangingEngine {
             inner,
             hang_stop: Arc::default(),
             hang_start: Arc::default(),
+            hang_create: Arc::default(),
             panic_on_create: Arc::default(),
             reached: Arc::new(Notify::new()),
         }
@@ -150,6 +156,10 @@ impl ContainerEngine for HangingEngine {
     async fn create(&self, game_id: &GameId, image: &ImageRef) -> Result<ContainerId, EngineError> {
         if self.panic_on_create.load(Ordering::SeqCst) {
             panic!("injected: the engine adapter panicked");
+        }
+        if self.hang_create.load(Ordering::SeqCst) {
+            self.reached.notify_one();
+            std::future::pending::<()>().await;
         }
         self.inner.create(game_id, image).await
     }
@@ -185,21 +195,38 @@ impl ContainerEngine for HangingEngine {
 }
 
 /// Leases whose renewals fail once `fail_renewals` is set (a Redis outage
-/// or a paused worker, as far as the holder can tell).
+/// or a paused worker, as far as the holder can tell), and whose every call
+/// fails once `down` is set (Redis unreachable from this worker).
 #[derive(Clone)]
 pub struct FlakyLeases {
     pub inner: RedisLeases,
     pub fail_renewals: Arc<AtomicBool>,
+    pub down: Arc<AtomicBool>,
+}
+
+impl FlakyLeases {
+    pub fn new(inner: RedisLeases) -> Self {
+        Self {
+            inner,
+            fail_renewals: Arc::default(),
+            down: Arc::default(),
+        }
+    }
 }
 
 impl LeaseStore for FlakyLeases {
-    fn acquire(
+    async fn acquire(
         &self,
         game_id: &GameId,
         holder: &LeaseHolder,
         ttl: Duration,
-    ) -> impl Future<Output = Result<Acquired, LeaseError>> + Send {
-        self.inner.acquire(game_id, holder, ttl)
+    ) -> Result<Acquired, LeaseError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(LeaseError(
+                "injected: the lease store is unreachable".into(),
+            ));
+        }
+        self.inner.acquire(game_id, holder, ttl).await
     }
     async fn renew(
         &self,

@@ -3,7 +3,6 @@
 //! outcome, a lost lease stops the holder before its next Docker step, and a
 //! paused holder's late write is refused by the fence.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -445,14 +444,51 @@ async fn a_copy_overtaken_by_another_does_not_run_the_command_again() {
     );
 }
 
+/// A copy cut off from the lease store cannot tell who holds the game. When
+/// an attempt of its own command took the game last (here another copy,
+/// still creating the container, nothing journaled yet), it must not answer
+/// `service_unavailable` over it: it leaves the command for later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_cut_off_from_the_lease_store_does_not_answer_over_a_running_copy() {
+    let world = World::new().await;
+    let game = world.docker.game();
+    let request = world.request(OpKind::Start, &game, Some("rtm-test/engine:1.4.2"));
+
+    let hanging = HangingEngine::new(world.docker.engine.clone());
+    hanging.hang_create.store(true, Ordering::SeqCst);
+    let running = Lifecycle::new(
+        world.store(),
+        world.leases.clone(),
+        hanging.clone(),
+        config(),
+    );
+    let holder = tokio::spawn({
+        let request = request.clone();
+        async move { running.handle(request).await }
+    });
+    hanging.reached.notified().await;
+
+    let flaky = FlakyLeases::new(world.leases.clone());
+    flaky.down.store(true, Ordering::SeqCst);
+    let cut_off = Lifecycle::new(world.store(), flaky, world.docker.engine.clone(), config());
+    let answered = cut_off.handle(request.clone()).await;
+    assert!(
+        matches!(answered, Err(Interrupted::Blocked(_))),
+        "{answered:?}"
+    );
+    assert_eq!(
+        world.entries(&request.command_id).await,
+        Vec::<String>::new(),
+        "not answered"
+    );
+    holder.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_whose_renewals_fail_stops_before_its_next_docker_step() {
     let world = World::new().await;
     let game = world.started("rtm-test/slow:1.4.2").await;
-    let flaky = FlakyLeases {
-        inner: world.leases.clone(),
-        fail_renewals: Arc::default(),
-    };
+    let flaky = FlakyLeases::new(world.leases.clone());
     flaky.fail_renewals.store(true, Ordering::SeqCst);
     let mut cfg = config();
     cfg.lease_ttl = Duration::from_millis(1500);
@@ -501,10 +537,7 @@ async fn a_paused_holders_late_write_is_refused_by_the_fence() {
     // Holder A pauses right before writing its stop entry (a GC pause, a
     // frozen VM): its lease expires meanwhile.
     let stalling = StallingStore::new(world.store(), |w| w.entry.op == OpKind::Stop);
-    let flaky = FlakyLeases {
-        inner: world.leases.clone(),
-        fail_renewals: Arc::default(),
-    };
+    let flaky = FlakyLeases::new(world.leases.clone());
     flaky.fail_renewals.store(true, Ordering::SeqCst);
     let mut cfg = config();
     cfg.lease_ttl = Duration::from_secs(1);

@@ -13,7 +13,9 @@ use rtmanager::domain::{
 };
 use rtmanager::error::{ErrorCode, Failure};
 use rtmanager::outbound::postgres::PgStore;
-use rtmanager::ports::{Fence, InboxClaim, OperationWrite, RuntimeStore, StoreError, WriteFence};
+use rtmanager::ports::{
+    Fence, FenceView, InboxClaim, OperationWrite, RuntimeStore, StoreError, WriteFence,
+};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor};
 use uuid::Uuid;
@@ -141,7 +143,7 @@ async fn claim_is_fresh_then_unfinished_then_finished() {
     assert_eq!(store.claim(&req).await.unwrap(), InboxClaim::Fresh);
     assert_eq!(store.claim(&req).await.unwrap(), InboxClaim::Unfinished);
 
-    let fence = store.advance_fence(&game("g-1")).await.unwrap();
+    let fence = store.advance_fence(&game("g-1"), "cmd-test").await.unwrap();
     let recorded = store
         .append(
             write(
@@ -223,7 +225,7 @@ async fn outer_append_writes_log_outbox_record_and_finishes_the_inbox() {
         .claim(&request("cmd-1", Some("g-1"), Some(reply)))
         .await
         .unwrap();
-    let fence = store.advance_fence(&game("g-1")).await.unwrap();
+    let fence = store.advance_fence(&game("g-1"), "cmd-test").await.unwrap();
     let event_id = Uuid::new_v4();
     let mut e = entry("g-1", "cmd-1", OpKind::Start, None);
     e.container_id = Some("c-1".into());
@@ -319,7 +321,7 @@ async fn inner_append_neither_finishes_the_command_nor_replies() {
     };
     let req = request("cmd-1", Some("g-1"), Some(reply));
     store.claim(&req).await.unwrap();
-    let fence = store.advance_fence(&game("g-1")).await.unwrap();
+    let fence = store.advance_fence(&game("g-1"), "cmd-test").await.unwrap();
 
     let recorded = store
         .append(
@@ -383,11 +385,14 @@ async fn fences_count_up_per_game() {
     let store = PgStore::new(db.pool.clone());
     for expected in 1..=3 {
         assert_eq!(
-            store.advance_fence(&game("g-1")).await.unwrap(),
+            store.advance_fence(&game("g-1"), "cmd-test").await.unwrap(),
             Fence(expected)
         );
     }
-    assert_eq!(store.advance_fence(&game("g-2")).await.unwrap(), Fence(1));
+    assert_eq!(
+        store.advance_fence(&game("g-2"), "cmd-test").await.unwrap(),
+        Fence(1)
+    );
 }
 
 /// The SPEC §10 proof: once a newer operation took the fence, the older one
@@ -398,7 +403,7 @@ async fn a_stale_fence_cannot_overwrite_a_record() {
     let store = PgStore::new(db.pool.clone());
     let g = game("g-1");
 
-    let old = store.advance_fence(&g).await.unwrap();
+    let old = store.advance_fence(&g, "cmd-test").await.unwrap();
     store
         .append(
             write(
@@ -413,7 +418,7 @@ async fn a_stale_fence_cannot_overwrite_a_record() {
     let before = store.load(&g).await.unwrap().unwrap();
 
     // A newer operation takes the lease and the fence...
-    let new = store.advance_fence(&g).await.unwrap();
+    let new = store.advance_fence(&g, "cmd-test").await.unwrap();
     assert!(new > old);
 
     // ...and the old one, unaware, tries to record a stop.
@@ -498,13 +503,28 @@ async fn a_refusal_is_dropped_once_an_operation_took_the_game() {
     let store = PgStore::new(db.pool.clone());
     let g = game("g-1");
     let seen = store.observe_fence(&g).await.unwrap();
-    assert_eq!(seen, Fence(0), "a game no operation took yet");
+    assert_eq!(
+        seen,
+        FenceView {
+            fence: Fence(0),
+            taken_by: None
+        },
+        "a game no operation took yet"
+    );
+    assert_eq!(store.observe_fence(&g).await.unwrap(), seen, "not advanced");
+    assert_eq!(
+        store.advance_fence(&g, "cmd-other").await.unwrap(),
+        Fence(1)
+    );
     assert_eq!(
         store.observe_fence(&g).await.unwrap(),
-        Fence(0),
-        "not advanced"
+        FenceView {
+            fence: Fence(1),
+            taken_by: Some("cmd-other".into())
+        },
+        "the fence names the command that took it"
     );
-    assert_eq!(store.advance_fence(&g).await.unwrap(), Fence(1));
+    let seen = seen.fence;
 
     let unseen = OperationWrite {
         entry: conflict("g-1", "cmd-1"),
@@ -530,6 +550,52 @@ async fn a_refusal_is_dropped_once_an_operation_took_the_game() {
             .await
             .unwrap();
     assert_eq!(fence, None, "a refusal did not hold the lease");
+}
+
+/// A step journaled by an attempt that was fenced out is refused: the
+/// journal names the latest attempt's containers, and a resumption trusts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_out_attempt_cannot_journal() {
+    let db = TestDb::new().await;
+    let store = PgStore::new(db.pool.clone());
+    let g = game("g-1");
+    let old = store.advance_fence(&g, "cmd-1").await.unwrap();
+    store
+        .journal(
+            &g,
+            old,
+            "cmd-1",
+            "create",
+            serde_json::json!({"container_id": "c-old"}),
+        )
+        .await
+        .unwrap();
+    let new = store.advance_fence(&g, "cmd-1").await.unwrap();
+    store
+        .journal(
+            &g,
+            new,
+            "cmd-1",
+            "create",
+            serde_json::json!({"container_id": "c-new"}),
+        )
+        .await
+        .unwrap();
+    let late = store
+        .journal(
+            &g,
+            old,
+            "cmd-1",
+            "create",
+            serde_json::json!({"container_id": "c-late"}),
+        )
+        .await;
+    assert_eq!(late, Err(StoreError::FenceLost(old.0)));
+    let progress = store.progress("cmd-1").await.unwrap();
+    assert_eq!(
+        progress.steps["create"],
+        serde_json::json!({"container_id": "c-new"})
+    );
 }
 
 /// Two copies of a command answered without the lease at once: the second
@@ -561,7 +627,7 @@ async fn a_record_change_without_the_lease_is_refused() {
     let db = TestDb::new().await;
     let store = PgStore::new(db.pool.clone());
     let g = game("g-1");
-    let seen = store.observe_fence(&g).await.unwrap();
+    let seen = store.observe_fence(&g).await.unwrap().fence;
     let refused = store
         .append(
             OperationWrite {
@@ -588,7 +654,7 @@ async fn advance_fence_waits_for_a_transaction_holding_the_fence() {
     let db = TestDb::new().await;
     let store = PgStore::new(db.pool.clone());
     let g = game("g-1");
-    store.advance_fence(&g).await.unwrap();
+    store.advance_fence(&g, "cmd-test").await.unwrap();
 
     let mut tx = db.pool.begin().await.unwrap();
     let held: i64 =
@@ -601,7 +667,7 @@ async fn advance_fence_waits_for_a_transaction_holding_the_fence() {
     let advancing = tokio::spawn({
         let store = store.clone();
         let g = g.clone();
-        async move { store.advance_fence(&g).await }
+        async move { store.advance_fence(&g, "cmd-test").await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
@@ -643,7 +709,7 @@ async fn a_fence_taken_during_an_append_waits_for_its_commit() {
     .await
     .unwrap();
 
-    let old = store.advance_fence(&g).await.unwrap();
+    let old = store.advance_fence(&g, "cmd-test").await.unwrap();
     let appending = tokio::spawn({
         let store = store.clone();
         async move {
@@ -678,7 +744,7 @@ async fn a_fence_taken_during_an_append_waits_for_its_commit() {
     .await
     .expect("the append reaches its log insert");
 
-    let new = store.advance_fence(&g).await.unwrap();
+    let new = store.advance_fence(&g, "cmd-test").await.unwrap();
     assert_eq!(
         log_rows(&db).await,
         1,
@@ -735,7 +801,7 @@ async fn racing_writers_never_write_with_an_older_fence() {
         tasks.push(tokio::spawn(async move {
             let mut results = Vec::new();
             for round in 0..ROUNDS {
-                let fence = store.advance_fence(&g).await.unwrap();
+                let fence = store.advance_fence(&g, "cmd-test").await.unwrap();
                 // Vary the gap between taking the fence and writing, so the
                 // other workers get to advance in between.
                 if (worker + round) % 3 == 0 {
@@ -826,7 +892,7 @@ async fn load_maps_every_status() {
         RuntimeState::Removed,
     ];
     for state in states {
-        let fence = store.advance_fence(&g).await.unwrap();
+        let fence = store.advance_fence(&g, "cmd-test").await.unwrap();
         let update = record("g-1", IMAGE, state.clone());
         store
             .append(
@@ -917,7 +983,10 @@ async fn unsent_events_come_in_write_order_until_marked_sent() {
     let store = PgStore::new(db.pool.clone());
     let mut events = Vec::new();
     for (game_id, command) in [("g-1", "c-1"), ("g-2", "c-2"), ("g-1", "c-3")] {
-        let fence = store.advance_fence(&game(game_id)).await.unwrap();
+        let fence = store
+            .advance_fence(&game(game_id), "cmd-test")
+            .await
+            .unwrap();
         let recorded = store
             .append(
                 write(
@@ -989,7 +1058,7 @@ async fn an_event_this_build_cannot_read_is_still_relayed() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let fence = store.advance_fence(&game("g-2")).await.unwrap();
+    let fence = store.advance_fence(&game("g-2"), "cmd-test").await.unwrap();
     let behind = store
         .append(
             write(entry("g-2", "c-2", OpKind::Start, None), Some(fence), None),
@@ -1036,7 +1105,7 @@ async fn rejected_events_and_republished_events_reach_the_relay() {
     assert_eq!(store.history("", None, 10).await.unwrap(), []);
 
     // A finished command's outcome, sent, then asked for again.
-    let fence = store.advance_fence(&game("g-1")).await.unwrap();
+    let fence = store.advance_fence(&game("g-1"), "cmd-test").await.unwrap();
     let recorded = store
         .append(
             write(
@@ -1096,7 +1165,7 @@ async fn history_is_newest_first_and_filters_by_correlation() {
         entry("g-1", "cmd-p", OpKind::Start, Some(OpKind::Patch)),
         entry("g-1", "cmd-p", OpKind::Patch, None),
     ];
-    let fence = store.advance_fence(&g).await.unwrap();
+    let fence = store.advance_fence(&g, "cmd-test").await.unwrap();
     for e in patch {
         written.push(
             store
@@ -1106,7 +1175,7 @@ async fn history_is_newest_first_and_filters_by_correlation() {
                 .event,
         );
     }
-    let fence = store.advance_fence(&g).await.unwrap();
+    let fence = store.advance_fence(&g, "cmd-test").await.unwrap();
     written.push(
         store
             .append(
@@ -1118,7 +1187,7 @@ async fn history_is_newest_first_and_filters_by_correlation() {
             .event,
     );
     // Another game's entry stays out of this history.
-    let other = store.advance_fence(&game("g-2")).await.unwrap();
+    let other = store.advance_fence(&game("g-2"), "cmd-test").await.unwrap();
     store
         .append(
             write(entry("g-2", "cmd-p", OpKind::Stop, None), Some(other), None),
@@ -1186,6 +1255,9 @@ async fn an_unreachable_server_is_unavailable_not_a_hang() {
     let err = store.ping().await.unwrap_err();
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
-    let err = store.advance_fence(&game("g-1")).await.unwrap_err();
+    let err = store
+        .advance_fence(&game("g-1"), "cmd-test")
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
 }
