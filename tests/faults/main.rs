@@ -7,14 +7,15 @@
 //! a paused worker), then checks the outcome against the database, the
 //! events it observed and Docker. Results go to `FAULTS.md`.
 //!
-//! `make faults` runs it (`cargo test --test faults -- --test-threads=1`);
-//! `make test` leaves it out while scenario 4b has a known race (see the
-//! README). Scenarios take a
-//! process-wide lock, so they never overlap whatever the thread count. Worker and service logs of the last run stay under
+//! `make faults` runs it (`cargo test --test faults -- --test-threads=1`),
+//! and `make test` runs it after the other tests. Scenarios take a
+//! process-wide lock, so they never overlap whatever the thread count.
+//! Worker and service logs of the last run stay under
 //! `target/faults-logs/<scenario>/`.
 
 mod checks;
 mod procs;
+mod registry;
 mod report;
 mod rig;
 mod scenarios;
@@ -100,6 +101,14 @@ fn kill_after_lease() {
     run(
         "kill_after_lease",
         scenarios::kill_mid_patch(KillAt::AfterLease),
+    );
+}
+
+#[test]
+fn kill_during_pull() {
+    run(
+        "kill_during_pull",
+        scenarios::kill_mid_patch(KillAt::DuringPull),
     );
 }
 

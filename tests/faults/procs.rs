@@ -211,8 +211,9 @@ pub struct Manifest(PathBuf);
 
 impl Manifest {
     /// Appends a line: `pid <pid> <signal> <marker>` (stopped last-in
-    /// first-out, only if the process still mentions `<marker>`) or
-    /// `docker <host|-> <name-prefix|*>`.
+    /// first-out, only if the process still mentions `<marker>`),
+    /// `docker <host|-> <name-prefix|*>` (containers), or
+    /// `image <host|-> <reference>` (removed after the containers).
     pub fn record(&self, line: &str) {
         let mut f = fs::OpenOptions::new()
             .append(true)
@@ -249,6 +250,17 @@ pub fn teardown_dir(dir: &Path) {
     for parts in lines.iter().filter(|p| p.first() == Some(&"docker")) {
         let (host, prefix) = (parts.get(1).copied(), parts.get(2).copied());
         remove_containers(host.filter(|h| *h != "-"), prefix.unwrap_or("*"));
+    }
+    for parts in lines.iter().filter(|p| p.first() == Some(&"image")) {
+        if let (Some(host), Some(image)) = (parts.get(1), parts.get(2)) {
+            let mut rmi = Command::new(docker_cli());
+            if *host != "-" {
+                rmi.arg("-H").arg(host);
+            }
+            if let Err(e) = run(rmi.args(["rmi", "-f", image])) {
+                eprintln!("faults: image cleanup: {e}");
+            }
+        }
     }
     for parts in lines.iter().rev().filter(|p| p.first() == Some(&"pid")) {
         if let (Some(pid), Some(sig), Some(needle)) = (

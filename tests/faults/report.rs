@@ -49,23 +49,27 @@ impl Row {
 pub const SCENARIOS: &[(&str, &str)] = &[
     (
         "kill_after_lease",
-        "1a. SIGKILL the worker as soon as the patch's lease appears (the pull step; images are local), restart it",
+        "1a. SIGKILL the worker as soon as the patch's lease appears (before its first Docker call), restart it",
+    ),
+    (
+        "kill_during_pull",
+        "1b. SIGKILL while Docker pulls the new image from a local registry that sends its layer slowly (~4 s), restart",
     ),
     (
         "kill_during_inner_stop",
-        "1b. SIGKILL 0.7 s into the inner stop of a SIGTERM-ignoring engine (RTM_STOP_TIMEOUT=3s), restart",
+        "1c. SIGKILL 0.7 s into the inner stop of a SIGTERM-ignoring engine (RTM_STOP_TIMEOUT=3s), restart",
     ),
     (
         "kill_after_old_removed",
-        "1c. SIGKILL when Docker reports the old container destroyed, restart",
+        "1d. SIGKILL when Docker reports the old container destroyed, restart",
     ),
     (
         "kill_after_create",
-        "1d. SIGKILL when Docker reports the new (HEALTHCHECK) container created, before it is started, restart",
+        "1e. SIGKILL when Docker reports the new (HEALTHCHECK) container created, before it is started, restart",
     ),
     (
         "kill_during_start",
-        "1e. SIGKILL when Docker reports the new (HEALTHCHECK) container started, before it is healthy (~1.3 s), restart",
+        "1f. SIGKILL when Docker reports the new (HEALTHCHECK) container started, before it is healthy (~1.3 s), restart",
     ),
     (
         "restart_rabbitmq",

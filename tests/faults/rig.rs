@@ -134,6 +134,16 @@ pub struct Rig {
 }
 
 impl Rig {
+    /// Has the scenario's teardown remove `image` from the shared engine
+    /// (after the scenario's containers).
+    pub fn remove_image_at_teardown(&self, image: &str) {
+        let host = std::env::var("DOCKER_HOST")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "-".into());
+        self.dir.manifest().record(&format!("image {host} {image}"));
+    }
+
     pub async fn new(key: &str, opts: RigOptions) -> Result<Self, String> {
         crate::services::preflight()?;
         let started = Instant::now();

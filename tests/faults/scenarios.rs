@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::checks::{Expect, records, short};
+use crate::registry::Registry;
 use crate::report::Row;
 use crate::rig::{Cmd, Rig, RigOptions};
 use crate::services::Dep;
@@ -78,6 +79,8 @@ async fn closed_stream(rig: &Rig, games: &[String], copies: u32) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KillAt {
     AfterLease,
+    /// Docker is downloading the new image's layer from a local registry.
+    DuringPull,
     InnerStop,
     OldRemoved,
     /// The new container exists (created), not started yet.
@@ -142,6 +145,14 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
             "rtm-test/engine:1.4.3",
             "2s",
         ),
+        // The new image is the registry's name for rtm-test/engine:1.4.3,
+        // known once it listens.
+        KillAt::DuringPull => (
+            "kill_during_pull",
+            "rtm-test/engine:1.4.2",
+            "rtm-test/engine:1.4.3",
+            "2s",
+        ),
         KillAt::InnerStop => (
             "kill_during_inner_stop",
             "rtm-test/slow:1.4.2",
@@ -176,6 +187,20 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
         },
     )
     .await?;
+    let registry = match at {
+        KillAt::DuringPull => {
+            Some(Registry::serve(&rig.docker, new, "rtm-test/engine", "1.4.3").await?)
+        }
+        _ => None,
+    };
+    // Leaked: `Cmd` holds static names, and this is one string per run.
+    let new: &'static str = match &registry {
+        Some(registry) => registry.image("rtm-test/engine", "1.4.3").leak(),
+        None => new,
+    };
+    if registry.is_some() {
+        rig.remove_image_at_teardown(new);
+    }
     rig.start_workers().await?;
     let game = "g1";
     let start = rig.send(game, Cmd::Start(old), 1).await;
@@ -198,13 +223,25 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
         .wait_lease(game, Duration::from_secs(30))
         .await
         .ok_or("the patch never took the game's lease")?;
-    let trigger = match at {
-        KillAt::AfterLease => "the lease appeared".to_owned(),
-        KillAt::InnerStop => {
+    let trigger = match (at, &registry) {
+        (KillAt::DuringPull, Some(registry)) => {
+            if !registry.wait_mid_layer(Duration::from_secs(30)).await {
+                return Err("Docker never began downloading the new image's layer".into());
+            }
+            // Part of the layer is on its way.
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            let (begun, done) = registry.layer_downloads();
+            format!(
+                "the registry was sending the layer ({begun} download(s) begun, {done} finished)"
+            )
+        }
+        (KillAt::DuringPull, None) => return Err("no registry to pull from".into()),
+        (KillAt::AfterLease, _) => "the lease appeared".to_owned(),
+        (KillAt::InnerStop, _) => {
             tokio::time::sleep_until((lease_at + Duration::from_millis(700)).into()).await;
             "0.7 s after the lease appeared".to_owned()
         }
-        KillAt::OldRemoved => {
+        (KillAt::OldRemoved, _) => {
             let old_id = old_c.id.clone();
             wait_event(&mut docker_events, Duration::from_secs(30), |a, id| {
                 a == "destroy" && id == old_id
@@ -213,7 +250,7 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
             .ok_or("Docker never reported the old container destroyed")?;
             "Docker reported the old container destroyed".to_owned()
         }
-        KillAt::NewCreated | KillAt::NewStarting => {
+        (KillAt::NewCreated | KillAt::NewStarting, _) => {
             let old_id = old_c.id.clone();
             let action = if at == KillAt::NewCreated {
                 "create"
@@ -273,7 +310,15 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
             "scenario did not hit its step: the patch had already finished when w1 was killed ({trigger})"
         ));
     }
-    if at == KillAt::InnerStop
+    if let Some(registry) = &registry {
+        let (begun, done) = registry.layer_downloads();
+        if begun <= done {
+            invalid.push(format!(
+                "scenario did not hit its step: no layer download was under way at the kill ({begun} begun, {done} finished)"
+            ));
+        }
+    }
+    if matches!(at, KillAt::InnerStop | KillAt::DuringPull)
         && !at_kill
             .as_ref()
             .is_some_and(|c| c.id == old_c.id && c.running)
@@ -357,6 +402,12 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
         "patch journal at the end: [{}]",
         rig.journal(&patch).await.join(", ")
     ));
+    if let Some(registry) = &registry {
+        let (begun, done) = registry.layer_downloads();
+        row.notes.push(format!(
+            "registry: {begun} layer download(s) begun, {done} finished"
+        ));
+    }
     Ok(row)
 }
 
