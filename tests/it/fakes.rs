@@ -194,14 +194,20 @@ impl ContainerEngine for HangingEngine {
     }
 }
 
-/// Leases whose renewals fail once `fail_renewals` is set (a Redis outage
-/// or a paused worker, as far as the holder can tell), and whose every call
-/// fails once `down` is set (Redis unreachable from this worker).
+/// Real leases with faults to switch on: renewals that fail
+/// (`fail_renewals`: a Redis outage or a paused worker, as far as the holder
+/// can tell), acquisitions that fail (`down`: Redis unreachable from this
+/// worker), and a next acquisition that first waits for `release`
+/// (`slow_next_acquire`: the attempt was slow to ask while another copy of
+/// its command went ahead; `waiting` fires when it starts waiting).
 #[derive(Clone)]
 pub struct FlakyLeases {
     pub inner: RedisLeases,
     pub fail_renewals: Arc<AtomicBool>,
     pub down: Arc<AtomicBool>,
+    pub slow_next_acquire: Arc<AtomicBool>,
+    pub waiting: Arc<Notify>,
+    pub release: Arc<Notify>,
 }
 
 impl FlakyLeases {
@@ -210,6 +216,9 @@ impl FlakyLeases {
             inner,
             fail_renewals: Arc::default(),
             down: Arc::default(),
+            slow_next_acquire: Arc::default(),
+            waiting: Arc::new(Notify::new()),
+            release: Arc::new(Notify::new()),
         }
     }
 }
@@ -226,6 +235,10 @@ impl LeaseStore for FlakyLeases {
                 "injected: the lease store is unreachable".into(),
             ));
         }
+        if self.slow_next_acquire.swap(false, Ordering::SeqCst) {
+            self.waiting.notify_one();
+            self.release.notified().await;
+        }
         self.inner.acquire(game_id, holder, ttl).await
     }
     async fn renew(
@@ -238,58 +251,6 @@ impl LeaseStore for FlakyLeases {
             return Err(LeaseError("injected: renewal failed".into()));
         }
         self.inner.renew(game_id, holder, ttl).await
-    }
-    fn release(
-        &self,
-        game_id: &GameId,
-        holder: &LeaseHolder,
-    ) -> impl Future<Output = Result<bool, LeaseError>> + Send {
-        self.inner.release(game_id, holder)
-    }
-}
-
-/// Leases whose next `acquire`, once armed, waits for `release` first: the
-/// attempt was slow to ask (a Redis blip, a busy worker) while another copy
-/// of its command went ahead.
-#[derive(Clone)]
-pub struct SlowLeases {
-    pub inner: RedisLeases,
-    pub armed: Arc<AtomicBool>,
-    pub waiting: Arc<Notify>,
-    pub release: Arc<Notify>,
-}
-
-impl SlowLeases {
-    pub fn armed(inner: RedisLeases) -> Self {
-        Self {
-            inner,
-            armed: Arc::new(AtomicBool::new(true)),
-            waiting: Arc::new(Notify::new()),
-            release: Arc::new(Notify::new()),
-        }
-    }
-}
-
-impl LeaseStore for SlowLeases {
-    async fn acquire(
-        &self,
-        game_id: &GameId,
-        holder: &LeaseHolder,
-        ttl: Duration,
-    ) -> Result<Acquired, LeaseError> {
-        if self.armed.swap(false, Ordering::SeqCst) {
-            self.waiting.notify_one();
-            self.release.notified().await;
-        }
-        self.inner.acquire(game_id, holder, ttl).await
-    }
-    fn renew(
-        &self,
-        game_id: &GameId,
-        holder: &LeaseHolder,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<bool, LeaseError>> + Send {
-        self.inner.renew(game_id, holder, ttl)
     }
     fn release(
         &self,

@@ -14,7 +14,7 @@ use rtmanager::outbound::redis_lease::RedisLeases;
 use rtmanager::ports::{ContainerEngine, LeaseHolder, LeaseStore, RuntimeStore};
 
 use crate::docker_support::DockerTestEnv;
-use crate::fakes::{FlakyLeases, HangingEngine, SlowLeases, StallingStore};
+use crate::fakes::{FlakyLeases, HangingEngine, StallingStore};
 use crate::harness::{TestDb, command_request, redis_url, unique};
 
 /// The real adapters of one test; services are built from them with
@@ -403,7 +403,8 @@ async fn a_copy_overtaken_by_another_does_not_run_the_command_again() {
     let game = world.started("rtm-test/engine:1.4.2").await;
     let request = world.request(OpKind::Restart, &game, None);
 
-    let slow = SlowLeases::armed(world.leases.clone());
+    let slow = FlakyLeases::new(world.leases.clone());
+    slow.slow_next_acquire.store(true, Ordering::SeqCst);
     let late = Lifecycle::new(
         world.store(),
         slow.clone(),
