@@ -2,7 +2,7 @@
 --
 -- A command refused the game's lease (`conflict`, or the lease store down)
 -- answers without holding it, so its answer is checked against the fence it
--- read before asking: if any operation took the game since, the answer is
+-- read once refused: if any operation took the game since, the answer is
 -- dropped, because that operation may be another copy of the same command,
 -- which must be the one to answer it. The check locks the fence row `for
 -- share` until commit, so the row must exist even for a game no operation

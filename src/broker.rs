@@ -124,14 +124,10 @@ pub async fn declare_topology(channel: &Channel, cfg: &AmqpConfig) -> anyhow::Re
     Ok(())
 }
 
-/// A private (exclusive, auto-delete) queue bound to `event_exchange` with
-/// `binding`, consumed without acks: how a watcher (`send --wait`, tests)
-/// sees outcome events. Bind before publishing, so no event is missed.
-pub async fn subscribe_events(
-    channel: &Channel,
-    event_exchange: &str,
-    binding: &str,
-) -> anyhow::Result<lapin::Consumer> {
+/// A private (exclusive, auto-delete, server-named) queue, consumed without
+/// acks: a watcher's own queue, or a request/reply caller's reply queue.
+/// Returns its name and its consumer.
+pub async fn private_queue(channel: &Channel) -> anyhow::Result<(String, lapin::Consumer)> {
     let queue = channel
         .queue_declare(
             "".into(),
@@ -143,18 +139,8 @@ pub async fn subscribe_events(
             FieldTable::default(),
         )
         .await
-        .context("declare a private event queue")?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            event_exchange.into(),
-            binding.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("bind the event queue to {event_exchange} with {binding}"))?;
-    channel
+        .context("declare a private queue")?;
+    let consumer = channel
         .basic_consume(
             queue.name().clone(),
             "".into(),
@@ -166,5 +152,28 @@ pub async fn subscribe_events(
             FieldTable::default(),
         )
         .await
-        .context("consume the event queue")
+        .context("consume the private queue")?;
+    Ok((queue.name().to_string(), consumer))
+}
+
+/// A [`private_queue`] bound to `event_exchange` with `binding`: how a
+/// watcher (`send --wait`, tests) sees outcome events. Subscribe before
+/// publishing, so no event is missed.
+pub async fn subscribe_events(
+    channel: &Channel,
+    event_exchange: &str,
+    binding: &str,
+) -> anyhow::Result<lapin::Consumer> {
+    let (queue, consumer) = private_queue(channel).await?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            event_exchange.into(),
+            binding.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("bind the event queue to {event_exchange} with {binding}"))?;
+    Ok(consumer)
 }

@@ -191,8 +191,9 @@ const BODY_IDS: Uuid = Uuid::from_u128(0x8d3e_61a2_47c9_4b0f_9a15_c2e7_3f08_b6d4
 /// The longest command_id or source_ref: they travel as AMQP short strings.
 pub const MAX_IDENTIFIER_BYTES: usize = 255;
 
-/// Fits an AMQP short string and a text column.
-fn is_identifier(s: &str) -> bool {
+/// Fits an AMQP short string and a text column: 1 to
+/// [`MAX_IDENTIFIER_BYTES`] bytes, no control characters.
+pub fn is_identifier(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_IDENTIFIER_BYTES && !s.chars().any(char::is_control)
 }
 

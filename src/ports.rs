@@ -65,7 +65,7 @@ pub struct OperationWrite {
     pub record: Option<RecordUpdate>,
 }
 
-/// A game's current fence, as read before asking for its lease.
+/// A game's current fence, as read by a command refused its lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FenceView {
     pub fence: Fence,
@@ -80,7 +80,7 @@ pub enum WriteFence {
     /// entry): refused once a newer operation advanced the fence.
     Held(Fence),
     /// Written without the lease by a command that was refused it (a
-    /// `conflict`, the lease store down) after it read this fence: refused
+    /// `conflict`, the lease store down) and then read this fence: refused
     /// if any operation took the game since. That operation may be another
     /// attempt of this very command, which must then be the one to answer
     /// it; otherwise one command would be answered `conflict` while its
@@ -177,8 +177,8 @@ pub trait RuntimeStore: Clone + Send + Sync + 'static {
 
     /// The game's current fence and the command that took it, without
     /// advancing it (`Fence(0)`, taken by none, before any operation took
-    /// the game); read before asking for the lease so a refused command can
-    /// answer under [`WriteFence::Seen`]. Errors: `Unavailable`.
+    /// the game); read by a command refused the lease, so it can answer
+    /// under [`WriteFence::Seen`]. Errors: `Unavailable`.
     fn observe_fence(
         &self,
         game_id: &GameId,

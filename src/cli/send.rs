@@ -470,14 +470,13 @@ impl Waiter {
 fn non_empty(raw: &str) -> Result<String, String> {
     if raw.trim().is_empty() {
         Err("must not be empty".into())
-    } else if raw.len() > crate::messages::MAX_IDENTIFIER_BYTES {
-        // It travels as an AMQP short string (message_id, correlation_id).
+    } else if !crate::messages::is_identifier(raw) {
+        // It travels as an AMQP short string (message_id, correlation_id),
+        // and the worker refuses what would not.
         Err(format!(
-            "must be at most {} bytes",
+            "must be at most {} bytes, without control characters",
             crate::messages::MAX_IDENTIFIER_BYTES
         ))
-    } else if raw.chars().any(char::is_control) {
-        Err("must not contain control characters".into())
     } else {
         Ok(raw.to_owned())
     }

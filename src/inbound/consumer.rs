@@ -49,6 +49,7 @@ enum NoOutcome {
     /// Not even a failure could be stored: dead-letter it.
     Unrecordable(String),
 }
+
 /// Pause between in-process retries of an interrupted command.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// Pause before reconnecting after the broker went away.
@@ -369,11 +370,7 @@ where
                 }
                 Err(join) => warn!(error = %join, "command task cancelled; retrying"),
             }
-            if self.in_shutdown() {
-                return Err(NoOutcome::Shutdown);
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(10));
+            self.pause_before_retry(&mut pause).await?;
         }
     }
 
@@ -396,12 +393,20 @@ where
                     warn!(error = %e, "could not record the command's internal failure yet; retrying")
                 }
             }
-            if self.in_shutdown() {
-                return Err(NoOutcome::Shutdown);
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(10));
+            self.pause_before_retry(&mut pause).await?;
         }
+    }
+
+    /// Waits `pause` before the next in-process retry, doubling it for the
+    /// one after (up to 10 s); gives up at shutdown, leaving the message
+    /// unacked.
+    async fn pause_before_retry(&self, pause: &mut Duration) -> Result<(), NoOutcome> {
+        if self.in_shutdown() {
+            return Err(NoOutcome::Shutdown);
+        }
+        tokio::time::sleep(*pause).await;
+        *pause = (*pause * 2).min(Duration::from_secs(10));
+        Ok(())
     }
 
     /// The broker dead-letters a message returned more than

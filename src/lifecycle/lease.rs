@@ -93,9 +93,9 @@ impl<L: LeaseStore> LeaseGuard<L> {
         self.forget();
         release(&self.leases, &self.game_id, &self.holder).await;
     }
-}
 
-impl<L: LeaseStore> LeaseGuard<L> {
+    /// Takes this lease out of the process's registry (if it is still this
+    /// holder's entry).
     fn forget(&self) {
         let mut held = self.registry.lock().expect("lease registry");
         if held

@@ -27,10 +27,10 @@ mod restart;
 mod start;
 mod stop;
 
+use std::ops::ControlFlow;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::panic::AssertUnwindSafe;
 
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
@@ -78,6 +78,24 @@ pub struct Handled {
     pub event: OutcomeEvent,
     /// A finished duplicate: the stored outcome, republished as is.
     pub duplicate: bool,
+}
+
+impl Handled {
+    /// An outcome this attempt recorded.
+    fn recorded(event: OutcomeEvent) -> Self {
+        Self {
+            event,
+            duplicate: false,
+        }
+    }
+
+    /// The outcome another attempt of the command recorded.
+    fn duplicate(event: OutcomeEvent) -> Self {
+        Self {
+            event,
+            duplicate: true,
+        }
+    }
 }
 
 /// Why a command was left unfinished; the caller must not acknowledge it,
@@ -199,6 +217,16 @@ impl<L: LeaseStore> Op<'_, L> {
         self.entry(self.cmd.action.op(), None)
     }
 
+    /// Whether an earlier attempt of this `outer` op (restart, patch) got
+    /// past its new start, so the old container is gone already: its inner
+    /// start was recorded, or the new container created.
+    fn resumed_past_start(&self, outer: OpKind) -> bool {
+        self.progress
+            .entry(OpKind::Start, Some(outer), false)
+            .is_some()
+            || self.progress.step("start.create").is_some()
+    }
+
     /// Stops before the next Docker step if the lease is gone.
     fn check_lease(&self) -> Result<(), Interrupted> {
         self.lease.check()
@@ -254,10 +282,7 @@ where
             }
             InboxClaim::Finished(event) => {
                 info!(outcome = %event.outcome, "duplicate of a finished command: republishing its outcome");
-                return Ok(Handled {
-                    event,
-                    duplicate: true,
-                });
+                return Ok(Handled::duplicate(event));
             }
         }
 
@@ -297,27 +322,12 @@ where
         command: &Command,
         lease: &LeaseGuard<L>,
     ) -> Result<Handled, Interrupted> {
-        // The fence first: a paused earlier attempt can no longer write once
-        // it moved, so what is read below is all it will ever have done.
-        let fence = self
-            .store_retrying(|| {
-                self.store
-                    .advance_fence(&command.game_id, &command.command_id)
-            })
-            .await?;
-        // Another attempt of this command (a copy on another worker, or an
-        // earlier delivery) may have answered it while this one waited for
-        // the lease, or died part-way, in which case this attempt resumes
-        // from what it recorded. Asked even by the attempt that claimed the
-        // command first: a copy may have overtaken it.
-        if let InboxClaim::Finished(event) =
-            self.store_retrying(|| self.store.claim(request)).await?
-        {
-            return Ok(Handled {
-                event,
-                duplicate: true,
-            });
-        }
+        let fence = match self.take_fence(request, command).await? {
+            ControlFlow::Continue(fence) => fence,
+            ControlFlow::Break(answered) => return Ok(answered),
+        };
+        // An earlier attempt may have died part-way: this one resumes from
+        // what it recorded.
         let progress = self
             .store_retrying(|| self.store.progress(&command.command_id))
             .await?;
@@ -353,16 +363,37 @@ where
                 "operation failed"
             ),
         }
-        Ok(Handled {
-            event,
-            duplicate: false,
-        })
+        Ok(Handled::recorded(event))
+    }
+
+    /// Takes the game's next fence for this attempt (under its lease), then
+    /// asks the inbox whether another attempt of the command answered it
+    /// meanwhile: `Break` with that answer. The fence first: an earlier
+    /// attempt can no longer write once it moved, so what is read after it
+    /// is all that attempt will ever have done. Asked by every attempt, the
+    /// one that claimed the command first included: a copy may have
+    /// overtaken it.
+    async fn take_fence(
+        &self,
+        request: &CommandRequest,
+        command: &Command,
+    ) -> Result<ControlFlow<Handled, Fence>, Interrupted> {
+        let fence = self
+            .store_retrying(|| {
+                self.store
+                    .advance_fence(&command.game_id, &command.command_id)
+            })
+            .await?;
+        match self.store_retrying(|| self.store.claim(request)).await? {
+            InboxClaim::Finished(event) => Ok(ControlFlow::Break(Handled::duplicate(event))),
+            InboxClaim::Fresh | InboxClaim::Unfinished => Ok(ControlFlow::Continue(fence)),
+        }
     }
 
     /// Takes the game's lease, or answers the command without it when it is
     /// refused: with the refusal itself (`conflict`, `service_unavailable`),
     /// or with `answer` when given. The answer is written under the fence
-    /// seen before asking ([`WriteFence::Seen`]): if any operation took the
+    /// seen once refused ([`WriteFence::Seen`]): if any operation took the
     /// game meanwhile (perhaps another copy of this command, about to run
     /// it), the answer is dropped and the lease asked for again. A command
     /// an attempt of which took the game last, or left steps done, is not
@@ -376,9 +407,6 @@ where
     ) -> Result<Gate<L>, Interrupted> {
         let holder = LeaseHolder::new(&command.command_id);
         loop {
-            let seen = self
-                .store_retrying(|| self.store.observe_fence(&command.game_id))
-                .await?;
             let asked = std::time::Instant::now();
             let leased = self.acquire_lease(request, command, &holder).await;
             metrics::histogram!(telemetry::LEASE_ACQUIRE_SECONDS)
@@ -386,14 +414,18 @@ where
             let refusal = match leased {
                 Ok(Leased::Held(lease)) => return Ok(Gate::Held(lease)),
                 Ok(Leased::Finished(event)) => {
-                    return Ok(Gate::Answered(Handled {
-                        event,
-                        duplicate: true,
-                    }));
+                    return Ok(Gate::Answered(Handled::duplicate(event)));
                 }
                 Err(Halt::Interrupt(i)) => return Err(i),
                 Err(Halt::Fail(refusal)) => refusal,
             };
+            // Read once refused, not before asking: only refused commands
+            // pay for it, and whatever took the game before this read shows
+            // in it (below), whatever takes it after makes the answer's
+            // fence check fail.
+            let seen = self
+                .store_retrying(|| self.store.observe_fence(&command.game_id))
+                .await?;
             // An attempt of this very command took the game last: it is
             // running (the lease store could not tell us who holds it) or
             // died holding it, and its outcome or a resumption answers the
@@ -515,10 +547,7 @@ where
         if let InboxClaim::Finished(event) =
             self.store_retrying(|| self.store.claim(request)).await?
         {
-            return Ok(Handled {
-                event,
-                duplicate: true,
-            });
+            return Ok(Handled::duplicate(event));
         }
         let Ok(command) = request.validate(&self.cfg.allowed_images) else {
             return self
@@ -533,20 +562,10 @@ where
             Gate::Answered(handled) => return Ok(handled),
         };
         let answered = async {
-            let fence = self
-                .store_retrying(|| {
-                    self.store
-                        .advance_fence(&command.game_id, &command.command_id)
-                })
-                .await?;
-            if let InboxClaim::Finished(event) =
-                self.store_retrying(|| self.store.claim(request)).await?
-            {
-                return Ok(Handled {
-                    event,
-                    duplicate: true,
-                });
-            }
+            let fence = match self.take_fence(request, &command).await? {
+                ControlFlow::Continue(fence) => fence,
+                ControlFlow::Break(answered) => return Ok(answered),
+            };
             let op = Op {
                 cmd: &command,
                 fence,
@@ -561,10 +580,7 @@ where
             let record = self.observed_record(&op).await;
             let recorded = self.fail_outer(&op, entry, failure, record).await?;
             record_metrics(&recorded.event);
-            Ok(Handled {
-                event: recorded.event,
-                duplicate: false,
-            })
+            Ok(Handled::recorded(recorded.event))
         }
         .await;
         lease.release().await;
@@ -645,16 +661,10 @@ where
             })
             .await?;
         if recorded.answered_before {
-            return Ok(Handled {
-                event: recorded.event,
-                duplicate: true,
-            });
+            return Ok(Handled::duplicate(recorded.event));
         }
         record_metrics(&recorded.event);
-        Ok(Handled {
-            event: recorded.event,
-            duplicate: false,
-        })
+        Ok(Handled::recorded(recorded.event))
     }
 
     /// Writes an entry of `op` (with its event and record update) under the

@@ -57,13 +57,7 @@ where
 
         // Beyond the original: pull first, so a pull failure leaves the
         // running game untouched. Skipped when resuming past the new start.
-        let resumed_past_start = op
-            .progress
-            .entry(OpKind::Start, Some(OpKind::Patch), false)
-            .is_some()
-            // The new container was created: the old one is gone already.
-            || op.progress.step("start.create").is_some();
-        if !resumed_past_start {
+        if !op.resumed_past_start(OpKind::Patch) {
             let swapped = async {
                 self.ensure_image(op, new_image).await?;
                 self.stop_and_remove(op, OpKind::Patch, &record).await

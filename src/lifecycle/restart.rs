@@ -29,13 +29,7 @@ where
         }
 
         // Skipped when resuming past the new start.
-        let resumed_past_start = op
-            .progress
-            .entry(OpKind::Start, Some(OpKind::Restart), false)
-            .is_some()
-            // The new container was created: the old one is gone already.
-            || op.progress.step("start.create").is_some();
-        if !resumed_past_start {
+        if !op.resumed_past_start(OpKind::Restart) {
             match self.stop_and_remove(op, OpKind::Restart, &record).await {
                 Ok(()) => {}
                 Err(Halt::Fail(failure)) => {

@@ -56,9 +56,10 @@ pub const DEFAULT_SOCKET: &str = "unix:///var/run/docker.sock";
 /// Timeout of one API request (bollard counts it until the response headers
 /// arrive; it has a resolution of whole seconds). Every call but `stop` and
 /// `pull` answers well within it; a hung daemon is `Unavailable` after it.
-/// The longest a pull may take; past it the pull fails (`image_pull_failed`).
-const PULL_TIMEOUT: Duration = Duration::from_secs(600);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a whole pull may take; past it the pull fails
+/// (`image_pull_failed`).
+const PULL_TIMEOUT: Duration = Duration::from_secs(600);
 /// `ping` answers `/readyz`: it must not hang for long.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// `stop` answers only once the container is gone: its timeout is the grace
@@ -262,7 +263,7 @@ impl ContainerEngine for DockerEngine {
             .await
             .unwrap_or_else(|_| {
                 Err(EngineError::Rejected(format!(
-                    "{context}: no progress within {PULL_TIMEOUT:?}"
+                    "{context}: not done within {PULL_TIMEOUT:?}"
                 )))
             })
     }

@@ -424,26 +424,38 @@ impl RuntimeStore for PgStore {
     }
 
     async fn observe_fence(&self, game_id: &GameId) -> Result<FenceView, StoreError> {
-        // The row is created (at 0) if missing: the `for share` check of a
-        // `Seen` write needs a row to lock, or a first `advance_fence` could
-        // insert one between that check and the commit.
-        sqlx::query(
-            "insert into game_fences (game_id, fence) values ($1, 0)
-             on conflict (game_id) do nothing",
-        )
-        .bind(game_id.as_str())
-        .execute(&self.pool)
-        .await
-        .map_err(|e| db_error("create the game's fence", e))?;
-        let (fence, taken_by): (i64, Option<String>) =
-            sqlx::query_as("select fence, command_id from game_fences where game_id = $1")
+        let read = || async {
+            sqlx::query_as::<_, (i64, Option<String>)>(
+                "select fence, command_id from game_fences where game_id = $1",
+            )
+            .bind(game_id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| db_error("read the game's fence", e))
+        };
+        let row = match read().await? {
+            Some(row) => row,
+            None => {
+                // Created at 0 when missing: the `for share` check of a
+                // `Seen` write needs a row to lock, or a first
+                // `advance_fence` could insert one between that check and
+                // the commit.
+                sqlx::query(
+                    "insert into game_fences (game_id, fence) values ($1, 0)
+                     on conflict (game_id) do nothing",
+                )
                 .bind(game_id.as_str())
-                .fetch_one(&self.pool)
+                .execute(&self.pool)
                 .await
-                .map_err(|e| db_error("read the game's fence", e))?;
+                .map_err(|e| db_error("create the game's fence", e))?;
+                read().await?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("the fence row of game {game_id} vanished"))
+                })?
+            }
+        };
         Ok(FenceView {
-            fence: Fence(fence),
-            taken_by,
+            fence: Fence(row.0),
+            taken_by: row.1,
         })
     }
 
@@ -475,16 +487,10 @@ impl RuntimeStore for PgStore {
 
         // A retry of a write whose COMMIT went through but whose reply was
         // lost: the event id is fixed per write, so it finds its own row.
-        let done: Option<(Option<i64>, serde_json::Value)> =
-            sqlx::query_as("select operation_id, payload from outbox where event_id = $1")
-                .bind(event_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| db_error("look for an earlier attempt of this write", e))?;
-        if let Some((Some(operation_id), payload)) = done {
+        if let Some((Some(operation_id), event)) = stored_outcome(&mut tx, event_id).await? {
             return Ok(Recorded {
                 operation_id,
-                event: decode_event(event_id, payload)?,
+                event,
                 answered_before: false,
             });
         }
@@ -532,16 +538,17 @@ impl RuntimeStore for PgStore {
             .await
             .map_err(|e| db_error("check whether the command was answered", e))?;
             if let Some(Some(event_id)) = answered {
-                let (payload, operation_id): (serde_json::Value, Option<i64>) =
-                    sqlx::query_as("select payload, operation_id from outbox where event_id = $1")
-                        .bind(event_id)
-                        .fetch_one(&mut *tx)
-                        .await
-                        .map_err(|e| db_error("read the command's outcome", e))?;
+                // The inbox's foreign key keeps its outcome in the outbox.
+                let (operation_id, event) =
+                    stored_outcome(&mut tx, event_id).await?.ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "outcome event {event_id} is not in the outbox"
+                        ))
+                    })?;
                 tx.rollback().await.ok();
                 return Ok(Recorded {
                     operation_id: operation_id.unwrap_or_default(),
-                    event: decode_event(event_id, payload)?,
+                    event,
                     answered_before: true,
                 });
             }
@@ -796,6 +803,22 @@ fn db_error(doing: &str, error: sqlx::Error) -> StoreError {
 }
 
 /// An outbox payload back as the event it was written from.
+/// An event stored in the outbox, with the id of the entry it reports
+/// (none for a rejected message's event).
+async fn stored_outcome(
+    conn: &mut sqlx::PgConnection,
+    event_id: Uuid,
+) -> Result<Option<(Option<i64>, OutcomeEvent)>, StoreError> {
+    let row: Option<(Option<i64>, serde_json::Value)> =
+        sqlx::query_as("select operation_id, payload from outbox where event_id = $1")
+            .bind(event_id)
+            .fetch_optional(conn)
+            .await
+            .map_err(|e| db_error("read a stored outcome event", e))?;
+    row.map(|(operation_id, payload)| Ok((operation_id, decode_event(event_id, payload)?)))
+        .transpose()
+}
+
 fn decode_event(event_id: Uuid, payload: serde_json::Value) -> Result<OutcomeEvent, StoreError> {
     serde_json::from_value(payload).map_err(|e| {
         StoreError::Corrupt(format!(
