@@ -109,8 +109,8 @@ pub async fn records(rig: &Rig) -> Result<HashMap<String, Record>, String> {
 }
 
 async fn unsent(rig: &Rig) -> Result<i64, String> {
-    sqlx::query_scalar::<_, i64>("select count(*) from outbox where sent_at is null")
-        .fetch_one(&rig.db)
+    rtmanager::outbound::postgres::PgStore::new(rig.db.clone())
+        .outbox_backlog()
         .await
         .map_err(|e| format!("count unsent outbox rows: {e}"))
 }
@@ -122,7 +122,7 @@ async fn in_flight(rig: &Rig) -> f64 {
         if let Ok((200, body)) = w.http_get("/metrics").await {
             total += body
                 .lines()
-                .filter(|l| l.starts_with("rtmanager_operations_in_flight"))
+                .filter(|l| l.starts_with(rtmanager::telemetry::OPERATIONS_IN_FLIGHT))
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum::<f64>();
         }
@@ -416,14 +416,12 @@ impl Rig {
         {
             by_game.entry(e.game_id.as_str()).or_default().push(e);
         }
-        let mut overlaps = 0;
         for (game, mut ops) in by_game {
             ops.sort_by_key(|e| e.started_at);
             let mut latest: Option<&Entry> = None;
             for e in ops {
                 if let Some(prev) = latest {
                     if e.started_at < prev.finished_at && e.command_id != prev.command_id {
-                        overlaps += 1;
                         row.violations.push(format!(
                             "{game}: {} {} ({}..{}) overlapped {} {} ({}..{})",
                             e.op,
@@ -444,7 +442,6 @@ impl Rig {
                 }
             }
         }
-        row.overlaps = overlaps;
 
         // Every record matches Docker, and Docker runs nothing unrecorded.
         let games: BTreeSet<String> = ledger.iter().map(|s| s.game.clone()).collect();

@@ -62,10 +62,7 @@ where
 {
     report::suite_started();
     let started = Instant::now();
-    let title = report::SCENARIOS
-        .iter()
-        .find(|(k, _)| *k == key)
-        .map_or("", |(_, t)| t);
+    let title = report::title(key);
     let row = match tokio::spawn(body).await {
         Ok(Ok(row)) => row,
         Ok(Err(setup)) => {

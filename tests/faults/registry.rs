@@ -35,8 +35,7 @@ const LAYER_CHUNKS: usize = 40;
 struct Content {
     /// `<name>:<tag>` → the manifest's bytes and digest.
     manifests: HashMap<String, (Bytes, String)>,
-    /// digest → (bytes, is a layer).
-    blobs: HashMap<String, (Bytes, bool)>,
+    blobs: Blobs,
     /// Layer downloads begun, and finished (every byte sent).
     layers_begun: AtomicUsize,
     layers_done: AtomicUsize,
@@ -150,8 +149,10 @@ impl Registry {
 /// A schema-2 manifest for the image unpacked under `dir` (the layout
 /// `docker save` writes: `manifest.json`, a config file, `<id>/layer.tar`),
 /// and its blobs by digest.
-#[allow(clippy::type_complexity)]
-fn build_manifest(dir: &Path) -> Result<(Vec<u8>, HashMap<String, (Bytes, bool)>), String> {
+/// Blobs by digest: their bytes, and whether each is a layer.
+type Blobs = HashMap<String, (Bytes, bool)>;
+
+fn build_manifest(dir: &Path) -> Result<(Vec<u8>, Blobs), String> {
     let read = |rel: &str| {
         std::fs::read(dir.join(rel)).map_err(|e| format!("read {rel} of the saved image: {e}"))
     };

@@ -479,21 +479,23 @@ impl Rig {
         }
     }
 
-    /// Polls the game's lease key every 2 ms until it exists; returns when
-    /// it appeared and its value.
-    pub async fn wait_lease(&self, game: &str, timeout: Duration) -> Option<(Instant, String)> {
-        let client = redis::Client::open(self.redis.url()).ok()?;
-        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        let key = format!("{}lease:{game}", self.redis_prefix);
+    /// Polls the game's lease key every 2 ms until an attempt of
+    /// `command_id` holds it (not the previous command's lease, which may
+    /// still be there a moment after its outcome was published); returns
+    /// when it was seen and its value.
+    pub async fn wait_lease(
+        &self,
+        game: &str,
+        command_id: &str,
+        timeout: Duration,
+    ) -> Option<(Instant, String)> {
+        let mut conn = self.lease_conn().await.ok()?;
         let deadline = Instant::now() + timeout;
         loop {
-            let value: Option<String> = redis::cmd("GET")
-                .arg(&key)
-                .query_async(&mut conn)
-                .await
-                .ok()
-                .flatten();
-            if let Some(v) = value {
+            // A read error counts as "not yet".
+            if let Ok(Some(v)) = self.lease_value(&mut conn, game).await
+                && rtmanager::ports::LeaseHolder::command_of(&v) == command_id
+            {
                 return Some((Instant::now(), v));
             }
             if Instant::now() >= deadline {
@@ -501,6 +503,43 @@ impl Rig {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+    }
+
+    /// Waits until the game's lease key is gone (expired or released);
+    /// `false` if it is still there at `timeout`. A read error is not
+    /// "gone".
+    pub async fn wait_lease_gone(&self, game: &str, timeout: Duration) -> Result<bool, String> {
+        let mut conn = self.lease_conn().await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(None) = self.lease_value(&mut conn, game).await {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn lease_conn(&self) -> Result<redis::aio::MultiplexedConnection, String> {
+        redis::Client::open(self.redis.url())
+            .map_err(|e| format!("redis client: {e}"))?
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| format!("connect to the private redis: {e}"))
+    }
+
+    async fn lease_value(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        game: &str,
+    ) -> Result<Option<String>, String> {
+        redis::cmd("GET")
+            .arg(format!("{}lease:{game}", self.redis_prefix))
+            .query_async(conn)
+            .await
+            .map_err(|e| format!("read the lease: {e}"))
     }
 
     /// Takes a dependency away and brings it back after `down`.

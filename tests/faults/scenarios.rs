@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::checks::{Expect, records, short};
 use crate::registry::Registry;
-use crate::report::Row;
+use crate::report::{Row, title};
 use crate::rig::{Cmd, Rig, RigOptions};
 use crate::services::Dep;
 
@@ -27,13 +27,6 @@ const STREAM: [Cmd; 4] = [
 
 fn games(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("g{i:02}")).collect()
-}
-
-fn title(key: &str) -> &'static str {
-    crate::report::SCENARIOS
-        .iter()
-        .find(|(k, _)| *k == key)
-        .map_or("", |(_, t)| t)
 }
 
 /// Sends the stream round-robin over `games`, `pause` apart (open loop: no
@@ -216,11 +209,11 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
         .await?
         .ok_or("no container after the initial start")?;
 
+    // The watcher replays from a second before it started.
     let (mut docker_events, watcher) = watch_container(&rig, game);
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let patch = rig.send(game, Cmd::Patch(new), 1).await;
     let (lease_at, lease) = rig
-        .wait_lease(game, Duration::from_secs(30))
+        .wait_lease(game, &patch, Duration::from_secs(30))
         .await
         .ok_or("the patch never took the game's lease")?;
     let trigger = match (at, &registry) {
@@ -238,8 +231,16 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
         (KillAt::DuringPull, None) => return Err("no registry to pull from".into()),
         (KillAt::AfterLease, _) => "the lease appeared".to_owned(),
         (KillAt::InnerStop, _) => {
-            tokio::time::sleep_until((lease_at + Duration::from_millis(700)).into()).await;
-            "0.7 s after the lease appeared".to_owned()
+            // `docker stop` sends SIGTERM (a `kill` event), which this engine
+            // ignores: the stop now waits out its 3 s grace period.
+            let old_id = old_c.id.clone();
+            wait_event(&mut docker_events, Duration::from_secs(30), |a, id| {
+                a == "kill" && id == old_id
+            })
+            .await
+            .ok_or("Docker never reported the inner stop's SIGTERM")?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            "0.3 s after Docker reported the inner stop's SIGTERM".to_owned()
         }
         (KillAt::OldRemoved, _) => {
             let old_id = old_c.id.clone();
@@ -602,7 +603,7 @@ pub async fn paused_worker_fenced() -> Result<Row, String> {
     }
     let patch = rig.send(game, Cmd::Patch("rtm-test/engine:1.4.3"), 1).await;
     let (lease_at, _) = rig
-        .wait_lease(game, Duration::from_secs(30))
+        .wait_lease(game, &patch, Duration::from_secs(30))
         .await
         .ok_or("the patch never took the game's lease")?;
     w1.pause();
@@ -616,19 +617,7 @@ pub async fn paused_worker_fenced() -> Result<Row, String> {
     w2.spawn();
     w2.wait_ready(Duration::from_secs(90)).await?;
     // Wait for the paused holder's lease to expire.
-    let key_gone = {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if rig.wait_lease(game, Duration::ZERO).await.is_none() {
-                break true;
-            }
-            if Instant::now() >= deadline {
-                break false;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    if !key_gone {
+    if !rig.wait_lease_gone(game, Duration::from_secs(20)).await? {
         return Err("the paused worker's lease did not expire within 20 s".into());
     }
     let restart = rig.send(game, Cmd::Restart, 1).await;

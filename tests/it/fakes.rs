@@ -112,7 +112,8 @@ impl RuntimeStore for StallingStore {
     }
 }
 
-/// An engine whose `stop`, `start` or `create` never returns once armed: the worker
+/// An engine whose `stop`, `start` or `create` never returns once armed (or
+/// whose `create` panics, with `panic_on_create`): the worker
 /// died in the middle of that Docker call.
 #[derive(Clone)]
 pub struct HangingEngine {

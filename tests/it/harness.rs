@@ -137,3 +137,37 @@ pub fn init_logs() {
             .try_init();
     }
 }
+
+/// Waits (up to 30 s) until an attempt of `command_id` holds the game's
+/// lease: the command is under way, so what the test does next lands in the
+/// middle of it rather than before it.
+pub async fn wait_for_lease(
+    leases: &rtmanager::outbound::redis_lease::RedisLeases,
+    game: &rtmanager::domain::GameId,
+    command_id: &str,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let holder = leases.holder_of(game).await.expect("read the lease");
+        if holder.is_some_and(|v| rtmanager::ports::LeaseHolder::command_of(&v) == command_id) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "command {command_id} never took the lease of {game}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The event is a success (else the error code and message say why not).
+#[track_caller]
+pub fn assert_success(event: &rtmanager::domain::OutcomeEvent) {
+    assert_eq!(
+        event.outcome,
+        rtmanager::domain::Outcome::Success,
+        "expected success, got {:?}: {:?}",
+        event.error_code,
+        event.error_message
+    );
+}

@@ -16,7 +16,7 @@ use rtmanager::outbound::redis_lease::RedisLeases;
 use rtmanager::ports::{Acquired, ContainerEngine, LeaseHolder, LeaseStore, RuntimeStore};
 
 use crate::docker_support::DockerTestEnv;
-use crate::harness::{TestDb, command_request, redis_url, unique};
+use crate::harness::{TestDb, assert_success, command_request, redis_url, unique};
 
 const ENGINE_142: &str = "rtm-test/engine:1.4.2";
 const ENGINE_143: &str = "rtm-test/engine:1.4.3";
@@ -180,17 +180,6 @@ impl Rig {
         let path = self.docker.engine.state_dir(game).join("boots");
         tokio::fs::read_to_string(&path).await.unwrap_or_default()
     }
-}
-
-#[track_caller]
-fn assert_success(event: &OutcomeEvent) {
-    assert_eq!(
-        event.outcome,
-        Outcome::Success,
-        "expected success, got {:?}: {:?}",
-        event.error_code,
-        event.error_message
-    );
 }
 
 #[track_caller]

@@ -15,7 +15,7 @@ use rtmanager::ports::{ContainerEngine, LeaseHolder, LeaseStore, RuntimeStore};
 
 use crate::docker_support::DockerTestEnv;
 use crate::fakes::{FlakyLeases, HangingEngine, StallingStore};
-use crate::harness::{TestDb, command_request, redis_url, unique};
+use crate::harness::{TestDb, assert_success, command_request, redis_url, unique, wait_for_lease};
 
 /// The real adapters of one test; services are built from them with
 /// whichever wrappers a test needs.
@@ -72,12 +72,7 @@ impl World {
             .handle(self.request(OpKind::Start, &game, Some(image)))
             .await
             .unwrap();
-        assert_eq!(
-            handled.event.outcome,
-            Outcome::Success,
-            "{:?}",
-            handled.event.error_message
-        );
+        assert_success(&handled.event);
         game
     }
 
@@ -152,12 +147,7 @@ async fn a_patch_that_died_before_recording_its_new_start_resumes_without_a_seco
     // Redelivered: the journal says the new container is up; it is recorded,
     // not started again.
     let handled = world.plain().handle(request.clone()).await.unwrap();
-    assert_eq!(
-        handled.event.outcome,
-        Outcome::Success,
-        "{:?}",
-        handled.event.error_message
-    );
+    assert_success(&handled.event);
     assert_eq!(world.boots(&game), "1.4.2\n1.4.3\n", "no second boot");
     assert_eq!(
         world.entries(&request.command_id).await,
@@ -237,12 +227,7 @@ async fn a_patch_that_died_during_the_stop_resumes_and_finishes() {
     die_at(first.handle(request.clone()), &hanging.reached).await;
 
     let handled = world.plain().handle(request.clone()).await.unwrap();
-    assert_eq!(
-        handled.event.outcome,
-        Outcome::Success,
-        "{:?}",
-        handled.event.error_message
-    );
+    assert_success(&handled.event);
     assert_eq!(world.boots(&game), "1.4.2\n1.4.3\n");
     assert_eq!(
         world.entries(&request.command_id).await,
@@ -266,12 +251,7 @@ async fn a_start_that_died_after_docker_started_the_engine_ends_with_one_running
     die_at(first.handle(request.clone()), &hanging.reached).await;
 
     let handled = world.plain().handle(request.clone()).await.unwrap();
-    assert_eq!(
-        handled.event.outcome,
-        Outcome::Success,
-        "{:?}",
-        handled.event.error_message
-    );
+    assert_success(&handled.event);
     assert_eq!(world.entries(&request.command_id).await, ["start.success"]);
     assert_eq!(
         world.running_image(&game).await.as_deref(),
@@ -299,12 +279,7 @@ async fn a_dead_attempts_lease_is_waited_out_not_a_conflict() {
 
     let since = std::time::Instant::now();
     let handled = world.plain().handle(request).await.unwrap();
-    assert_eq!(
-        handled.event.outcome,
-        Outcome::Success,
-        "{:?}",
-        handled.event.error_message
-    );
+    assert_success(&handled.event);
     assert!(
         since.elapsed() >= Duration::from_millis(1500),
         "it waited for the lease to expire"
@@ -322,7 +297,7 @@ async fn a_duplicate_of_a_running_command_waits_for_its_outcome() {
         let request = request.clone();
         async move { a.handle(request).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for_lease(&world.leases, &game, &request.command_id).await;
     let second = b.handle(request.clone()).await;
     let first = first.await.unwrap().unwrap();
     let second = match second {
@@ -380,12 +355,7 @@ async fn a_copy_refused_the_lease_yields_to_a_copy_that_ran_the_command() {
 
     world.leases.release(&game, &other).await.unwrap();
     let second = world.plain().handle(request.clone()).await.unwrap();
-    assert_eq!(
-        second.event.outcome,
-        Outcome::Success,
-        "{:?}",
-        second.event.error_message
-    );
+    assert_success(&second.event);
 
     stalling.release.notify_one();
     let first = first.await.unwrap().unwrap();
@@ -419,12 +389,7 @@ async fn a_copy_overtaken_by_another_does_not_run_the_command_again() {
 
     let second = world.plain().handle(request.clone()).await.unwrap();
     assert!(!second.duplicate);
-    assert_eq!(
-        second.event.outcome,
-        Outcome::Success,
-        "{:?}",
-        second.event.error_message
-    );
+    assert_success(&second.event);
 
     slow.release.notify_one();
     let first = first.await.unwrap().unwrap();
@@ -518,12 +483,7 @@ async fn a_holder_whose_renewals_fail_stops_before_its_next_docker_step() {
 
     // Redelivered with working leases, the command resumes and finishes.
     let handled = world.plain().handle(request.clone()).await.unwrap();
-    assert_eq!(
-        handled.event.outcome,
-        Outcome::Success,
-        "{:?}",
-        handled.event.error_message
-    );
+    assert_success(&handled.event);
     assert_eq!(
         world.running_image(&game).await.as_deref(),
         Some("rtm-test/slow:1.4.3")
@@ -551,12 +511,7 @@ async fn a_paused_holders_late_write_is_refused_by_the_fence() {
     // B takes the expired lease and a newer fence, and starts the game again.
     let start_b = world.request(OpKind::Start, &game, Some("rtm-test/engine:1.4.2"));
     let b = world.plain().handle(start_b).await.unwrap();
-    assert_eq!(
-        b.event.outcome,
-        Outcome::Success,
-        "{:?}",
-        b.event.error_message
-    );
+    assert_success(&b.event);
 
     // A wakes up and tries to write "stopped": refused.
     stalling.release.notify_one();
