@@ -3,7 +3,7 @@
 # (run as root): Docker engine (with live-restore and docker-init), static
 # busybox (for the test images), PostgreSQL, Redis and RabbitMQ on 127.0.0.1.
 # Idempotent: every step is skipped quickly when its service already answers.
-# usage: scripts/bootstrap.sh [busybox|docker|postgres|redis|rabbitmq ...]  (default: all)
+# usage: scripts/bootstrap.sh [tools|busybox|docker|postgres|redis|rabbitmq ...]  (default: all)
 set -euo pipefail
 
 say() { printf '==> %s\n' "$*"; }
@@ -234,6 +234,19 @@ ensure_redis() {
     say "redis: ok"
 }
 
+# ---------------------------------------------------------------- tools
+# What the fault suite runs besides the services: `ip` (its private engine's
+# bridge; iproute2 is not essential in Debian, so a minimal image may lack
+# it), and tar, sha256sum and runuser (essential, checked all the same).
+ensure_tools() {
+    command -v ip >/dev/null 2>&1 || apt_install iproute2
+    local tool
+    for tool in ip tar sha256sum runuser; do
+        command -v "$tool" >/dev/null 2>&1 || die "tools: $tool is missing"
+    done
+    say "tools: ok"
+}
+
 # ---------------------------------------------------------------- rabbitmq
 amqp_ready() { tcp_open 127.0.0.1 5672; }
 
@@ -254,12 +267,12 @@ ensure_rabbitmq() {
     say "rabbitmq: ok"
 }
 
-# usage: scripts/bootstrap.sh [busybox|docker|postgres|redis|rabbitmq ...]  (default: all)
+# usage: scripts/bootstrap.sh [tools|busybox|docker|postgres|redis|rabbitmq ...]  (default: all)
 steps=("$@")
-((${#steps[@]})) || steps=(busybox docker postgres redis rabbitmq)
+((${#steps[@]})) || steps=(tools busybox docker postgres redis rabbitmq)
 for step in "${steps[@]}"; do
     case $step in
-    busybox | docker | postgres | redis | rabbitmq) "ensure_$step" ;;
-    *) die "unknown step: $step (busybox, docker, postgres, redis, rabbitmq)" ;;
+    tools | busybox | docker | postgres | redis | rabbitmq) "ensure_$step" ;;
+    *) die "unknown step: $step (tools, busybox, docker, postgres, redis, rabbitmq)" ;;
     esac
 done

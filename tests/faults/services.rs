@@ -463,6 +463,9 @@ pub fn preflight() -> Result<(), String> {
     for tool in [
         "redis-server",
         "runuser",
+        "ip",
+        "tar",
+        "sha256sum",
         "/usr/sbin/rabbitmq-server",
         "/usr/sbin/rabbitmqctl",
         &format!("{PG_BIN}/initdb"),
