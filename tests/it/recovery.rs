@@ -9,6 +9,7 @@ use std::time::Duration;
 use rtmanager::config::{LifecycleConfig, SecretUrl};
 use rtmanager::domain::{AllowedImages, CommandRequest, GameId, OpKind, Outcome};
 use rtmanager::lifecycle::{Interrupted, Lifecycle};
+use rtmanager::outbound::docker::DockerEngine;
 use rtmanager::outbound::postgres::PgStore;
 use rtmanager::outbound::redis_lease::RedisLeases;
 use rtmanager::ports::{ContainerEngine, LeaseHolder, LeaseStore, RuntimeStore};
@@ -52,13 +53,29 @@ impl World {
         PgStore::new(self.db.pool.clone())
     }
 
-    fn plain(&self) -> Lifecycle<PgStore, RedisLeases, rtmanager::outbound::docker::DockerEngine> {
+    /// The lifecycle on the real adapters.
+    fn plain(&self) -> Lifecycle<PgStore, RedisLeases, DockerEngine> {
+        self.with_engine(self.docker.engine.clone())
+    }
+
+    /// The lifecycle with `store` in place of the real one.
+    fn with_store<S: RuntimeStore>(&self, store: S) -> Lifecycle<S, RedisLeases, DockerEngine> {
         Lifecycle::new(
-            self.store(),
+            store,
             self.leases.clone(),
             self.docker.engine.clone(),
             config(),
         )
+    }
+
+    /// The lifecycle with `leases` in place of the real ones.
+    fn with_leases<L: LeaseStore>(&self, leases: L) -> Lifecycle<PgStore, L, DockerEngine> {
+        Lifecycle::new(self.store(), leases, self.docker.engine.clone(), config())
+    }
+
+    /// The lifecycle with `engine` in place of the real one.
+    fn with_engine<E: ContainerEngine>(&self, engine: E) -> Lifecycle<PgStore, RedisLeases, E> {
+        Lifecycle::new(self.store(), self.leases.clone(), engine, config())
     }
 
     fn request(&self, op: OpKind, game: &GameId, image: Option<&str>) -> CommandRequest {
@@ -131,12 +148,7 @@ async fn a_patch_that_died_before_recording_its_new_start_resumes_without_a_seco
     let stalling = StallingStore::new(world.store(), |w| {
         w.entry.op == OpKind::Start && w.entry.outer_op == Some(OpKind::Patch)
     });
-    let first = Lifecycle::new(
-        stalling.clone(),
-        world.leases.clone(),
-        world.docker.engine.clone(),
-        config(),
-    );
+    let first = world.with_store(stalling.clone());
     die_at(first.handle(request.clone()), &stalling.stalled).await;
     assert_eq!(
         world.boots(&game),
@@ -173,12 +185,7 @@ async fn a_patch_that_died_before_its_outer_entry_only_records_it() {
     let stalling = StallingStore::new(world.store(), |w| {
         w.entry.op == OpKind::Patch && w.entry.outer_op.is_none()
     });
-    let first = Lifecycle::new(
-        stalling.clone(),
-        world.leases.clone(),
-        world.docker.engine.clone(),
-        config(),
-    );
+    let first = world.with_store(stalling.clone());
     die_at(first.handle(request.clone()), &stalling.stalled).await;
     let container = world
         .docker
@@ -218,12 +225,7 @@ async fn a_patch_that_died_during_the_stop_resumes_and_finishes() {
     let request = world.request(OpKind::Patch, &game, Some("rtm-test/engine:1.4.3"));
     let hanging = HangingEngine::new(world.docker.engine.clone());
     hanging.hang_stop.store(true, Ordering::SeqCst);
-    let first = Lifecycle::new(
-        world.store(),
-        world.leases.clone(),
-        hanging.clone(),
-        config(),
-    );
+    let first = world.with_engine(hanging.clone());
     die_at(first.handle(request.clone()), &hanging.reached).await;
 
     let handled = world.plain().handle(request.clone()).await.unwrap();
@@ -242,12 +244,7 @@ async fn a_start_that_died_after_docker_started_the_engine_ends_with_one_running
     let request = world.request(OpKind::Start, &game, Some("rtm-test/engine:1.4.2"));
     let hanging = HangingEngine::new(world.docker.engine.clone());
     hanging.hang_start.store(true, Ordering::SeqCst);
-    let first = Lifecycle::new(
-        world.store(),
-        world.leases.clone(),
-        hanging.clone(),
-        config(),
-    );
+    let first = world.with_engine(hanging.clone());
     die_at(first.handle(request.clone()), &hanging.reached).await;
 
     let handled = world.plain().handle(request.clone()).await.unwrap();
@@ -341,12 +338,7 @@ async fn a_copy_refused_the_lease_yields_to_a_copy_that_ran_the_command() {
         w.entry.outer_op.is_none()
             && w.entry.result.error_code() == Some(rtmanager::error::ErrorCode::Conflict)
     });
-    let refused = Lifecycle::new(
-        stalling.clone(),
-        world.leases.clone(),
-        world.docker.engine.clone(),
-        config(),
-    );
+    let refused = world.with_store(stalling.clone());
     let first = tokio::spawn({
         let request = request.clone();
         async move { refused.handle(request).await }
@@ -375,12 +367,7 @@ async fn a_copy_overtaken_by_another_does_not_run_the_command_again() {
 
     let slow = FlakyLeases::new(world.leases.clone());
     slow.slow_next_acquire.store(true, Ordering::SeqCst);
-    let late = Lifecycle::new(
-        world.store(),
-        slow.clone(),
-        world.docker.engine.clone(),
-        config(),
-    );
+    let late = world.with_leases(slow.clone());
     let first = tokio::spawn({
         let request = request.clone();
         async move { late.handle(request).await }
@@ -422,12 +409,7 @@ async fn a_copy_cut_off_from_the_lease_store_does_not_answer_over_a_running_copy
 
     let hanging = HangingEngine::new(world.docker.engine.clone());
     hanging.hang_create.store(true, Ordering::SeqCst);
-    let running = Lifecycle::new(
-        world.store(),
-        world.leases.clone(),
-        hanging.clone(),
-        config(),
-    );
+    let running = world.with_engine(hanging.clone());
     let holder = tokio::spawn({
         let request = request.clone();
         async move { running.handle(request).await }
@@ -436,7 +418,7 @@ async fn a_copy_cut_off_from_the_lease_store_does_not_answer_over_a_running_copy
 
     let flaky = FlakyLeases::new(world.leases.clone());
     flaky.down.store(true, Ordering::SeqCst);
-    let cut_off = Lifecycle::new(world.store(), flaky, world.docker.engine.clone(), config());
+    let cut_off = world.with_leases(flaky);
     let answered = cut_off.handle(request.clone()).await;
     assert!(
         matches!(answered, Err(Interrupted::Blocked(_))),
@@ -534,12 +516,7 @@ async fn an_internal_answer_leaves_the_record_matching_docker() {
     // record still says stopped (its inner stop was recorded).
     let hanging = HangingEngine::new(world.docker.engine.clone());
     hanging.hang_start.store(true, Ordering::SeqCst);
-    let first = Lifecycle::new(
-        world.store(),
-        world.leases.clone(),
-        hanging.clone(),
-        config(),
-    );
+    let first = world.with_engine(hanging.clone());
     die_at(first.handle(request.clone()), &hanging.reached).await;
     let stale = world.store().load(&game).await.unwrap().unwrap();
     assert_eq!(stale.status().as_str(), "stopped");
