@@ -8,6 +8,8 @@
 //! rtmanager.events (topic)   <- outcome events, runtime.<op>.<outcome>
 //! ```
 
+use std::time::Duration;
+
 use anyhow::Context as _;
 use lapin::options::{
     BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -22,12 +24,30 @@ pub const REJECT_REASON_HEADER: &str = "x-rtm-reject-reason";
 /// The binding of the command queue: every `runtime.<op>`.
 pub const COMMAND_BINDING: &str = "runtime.#";
 
+/// How long the TCP connect plus the AMQP handshake may take. lapin puts no
+/// bound on the handshake: a broker that accepts the socket but never
+/// answers (still booting, wedged, a wrong port) would otherwise stall the
+/// consumer's and the relay's reconnect loops for good. Once connected,
+/// heartbeats bound every later wait.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Connects to the broker; `name` shows in the management UI.
 pub async fn connect(url: &SecretUrl, name: &str) -> anyhow::Result<Connection> {
+    connect_within(url, name, CONNECT_TIMEOUT).await
+}
+
+async fn connect_within(
+    url: &SecretUrl,
+    name: &str,
+    limit: Duration,
+) -> anyhow::Result<Connection> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url.expose(), properties)
-        .await
-        .with_context(|| format!("cannot connect to RabbitMQ at {url}"))
+    match tokio::time::timeout(limit, Connection::connect(url.expose(), properties)).await {
+        Ok(connected) => connected.with_context(|| format!("cannot connect to RabbitMQ at {url}")),
+        Err(_) => {
+            anyhow::bail!("cannot connect to RabbitMQ at {url}: no AMQP handshake within {limit:?}")
+        }
+    }
 }
 
 /// Declares every exchange, queue and binding (idempotent). A queue that
@@ -176,4 +196,37 @@ pub async fn subscribe_events(
         .await
         .with_context(|| format!("bind the event queue to {event_exchange} with {binding}"))?;
     Ok(consumer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener that never accepts still completes the TCP handshake (the
+    /// kernel's backlog does), so the client waits on the AMQP handshake:
+    /// the case lapin leaves unbounded.
+    #[tokio::test]
+    async fn a_silent_broker_fails_the_connect_within_the_limit() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a local port");
+        let port = silent.local_addr().expect("local addr").port();
+        let url = SecretUrl::new(format!("amqp://guest:secret@127.0.0.1:{port}/%2f"));
+
+        // The outer bound only keeps a regression from hanging the suite.
+        let attempt = connect_within(&url, "test", Duration::from_millis(300));
+        let err = tokio::time::timeout(Duration::from_secs(30), attempt)
+            .await
+            .expect("connect_within ignored its limit")
+            .expect_err("nothing answers the handshake");
+
+        let message = format!("{err:#}");
+        assert!(
+            message.contains("no AMQP handshake within 300ms"),
+            "{message}"
+        );
+        assert!(
+            !message.contains("secret"),
+            "the password leaked: {message}"
+        );
+        drop(silent);
+    }
 }

@@ -16,8 +16,8 @@ use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use rtmanager::config::{AmqpConfig, Config};
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use rtmanager::config::{AmqpConfig, Config, SecretUrl};
 use serde_json::{Value, json};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection as _, Executor as _, PgPool};
@@ -355,13 +355,12 @@ impl Rig {
             let attempt = async {
                 let mut link = self.publisher.lock().await;
                 if link.is_none() {
-                    let conn = Connection::connect(
-                        &self.rmq.url(),
-                        ConnectionProperties::default()
-                            .with_connection_name("rtmanager faults publisher".into()),
+                    let conn = rtmanager::broker::connect(
+                        &SecretUrl::new(self.rmq.url()),
+                        "rtmanager faults publisher",
                     )
                     .await
-                    .map_err(|e| format!("connect: {e}"))?;
+                    .map_err(|e| format!("{e:#}"))?;
                     let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
                     channel
                         .confirm_select(ConfirmSelectOptions::default())
@@ -621,34 +620,40 @@ pub struct Observer {
 const OBSERVER_QUEUE: &str = "rtmfaults.observer";
 
 impl Observer {
+    /// Binds within a minute or fails naming the last error. Every attempt
+    /// (connect, declare, bind, consume) is bounded, so a broker that
+    /// accepts the socket but never answers is retried rather than waited
+    /// on for good, both here and when the observer reconnects after a
+    /// broker restart.
     async fn start(url: String, exchange: String) -> Result<Self, String> {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stopping = Arc::new(AtomicBool::new(false));
+        let last_error = Arc::new(Mutex::new(String::from("no attempt finished")));
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn({
-            let (seen, stopping) = (seen.clone(), stopping.clone());
+            let (seen, stopping, last_error) = (seen.clone(), stopping.clone(), last_error.clone());
             async move {
                 let mut ready = Some(ready_tx);
                 while !stopping.load(Ordering::Relaxed) {
-                    if let Err(e) = observe(&url, &exchange, &seen, &mut ready).await
-                        && let Some(tx) = ready.take()
-                    {
-                        let _ = tx.send(Err(e));
-                        return;
+                    if let Err(e) = observe(&url, &exchange, &seen, &mut ready).await {
+                        *last_error.lock().unwrap() = e;
                     }
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
             }
         });
-        match tokio::time::timeout(Duration::from_secs(30), ready_rx).await {
-            Ok(Ok(Ok(()))) => Ok(Self {
+        if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(60), ready_rx).await {
+            return Ok(Self {
                 seen,
                 stopping,
                 task,
-            }),
-            Ok(Ok(Err(e))) => Err(format!("the event observer could not bind: {e}")),
-            _ => Err("the event observer did not bind within 30 s".into()),
+            });
         }
+        task.abort();
+        let last = last_error.lock().unwrap().clone();
+        Err(format!(
+            "the event observer did not bind within 60 s: {last}"
+        ))
     }
 
     pub fn snapshot(&self) -> Vec<Seen> {
@@ -661,18 +666,11 @@ impl Observer {
     }
 }
 
-async fn observe(
-    url: &str,
-    exchange: &str,
-    seen: &Mutex<Vec<Seen>>,
-    ready: &mut Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
-) -> Result<(), String> {
-    let conn = Connection::connect(
-        url,
-        ConnectionProperties::default().with_connection_name("rtmanager faults observer".into()),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+/// The observer's durable queue, bound to every outcome, being consumed.
+async fn bind(url: &str, exchange: &str) -> Result<(Connection, lapin::Consumer), String> {
+    let conn = rtmanager::broker::connect(&SecretUrl::new(url), "rtmanager faults observer")
+        .await
+        .map_err(|e| format!("{e:#}"))?;
     let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
     channel
         .exchange_declare(
@@ -707,7 +705,7 @@ async fn observe(
         )
         .await
         .map_err(|e| e.to_string())?;
-    let mut consumer = channel
+    let consumer = channel
         .basic_consume(
             OBSERVER_QUEUE.into(),
             "".into(),
@@ -716,8 +714,20 @@ async fn observe(
         )
         .await
         .map_err(|e| e.to_string())?;
+    Ok((conn, consumer))
+}
+
+async fn observe(
+    url: &str,
+    exchange: &str,
+    seen: &Mutex<Vec<Seen>>,
+    ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
+) -> Result<(), String> {
+    let (_conn, mut consumer) = tokio::time::timeout(Duration::from_secs(20), bind(url, exchange))
+        .await
+        .map_err(|_| "binding took over 20 s".to_owned())??;
     if let Some(tx) = ready.take() {
-        let _ = tx.send(Ok(()));
+        let _ = tx.send(());
     }
     while let Some(delivery) = consumer.next().await {
         let delivery = delivery.map_err(|e| e.to_string())?;
