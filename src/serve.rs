@@ -24,6 +24,7 @@ use crate::outbound::docker::DockerEngine;
 use crate::outbound::postgres::PgStore;
 use crate::outbound::redis_lease::RedisLeases;
 use crate::outbound::relay::Relay;
+use crate::ports::ContainerEngine;
 use crate::shutdown::{self, Shutdown};
 use crate::telemetry;
 
@@ -47,6 +48,17 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_with(config, |docker| docker, shutdown).await
+}
+
+/// [`run`], with the lifecycle's engine made from the Docker adapter by
+/// `engine`: how tests put a fault-injecting engine inside an otherwise
+/// real worker. The readiness probe still pings Docker itself.
+pub async fn run_with<E: ContainerEngine>(
+    config: Config,
+    engine: impl FnOnce(DockerEngine) -> E,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     telemetry::describe_metrics();
     let metrics = telemetry::metrics_handle()?;
     let (trigger, stop) = shutdown::channel();
@@ -64,11 +76,11 @@ pub async fn run(
     .await?;
     store.migrate().await?;
     let leases = RedisLeases::connect_lazy(&config.redis_url, &config.redis_prefix)?;
-    let engine = at_startup(&config, "Docker", || {
+    let docker = at_startup(&config, "Docker", || {
         DockerEngine::connect(config.docker.clone())
     })
     .await?;
-    info!(docker_api = %engine.api_version(), "connected to PostgreSQL and Docker");
+    info!(docker_api = %docker.api_version(), "connected to PostgreSQL and Docker");
 
     let readiness = Arc::new(Readiness::default());
     let listener = TcpListener::bind(config.http_addr)
@@ -86,7 +98,7 @@ pub async fn run(
     let probes = tokio::spawn(probe(
         store.clone(),
         leases.clone(),
-        engine.clone(),
+        docker.clone(),
         readiness.clone(),
         stop.clone(),
     ));
@@ -118,7 +130,7 @@ pub async fn run(
         })
     };
 
-    let lifecycle = Lifecycle::new(store, leases, engine, config.lifecycle.clone());
+    let lifecycle = Lifecycle::new(store, leases, engine(docker), config.lifecycle.clone());
     Consumer::new(
         lifecycle.clone(),
         config.amqp_url.clone(),

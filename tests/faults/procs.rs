@@ -48,15 +48,31 @@ pub fn tcp_open(port: u16) -> bool {
 
 /// Polls `ready` every 100 ms until it holds or `timeout` passes.
 pub async fn poll_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    poll_for(timeout, Duration::from_millis(100), || {
+        std::future::ready(ready().then_some(()))
+    })
+    .await
+    .is_some()
+}
+
+/// Runs `probe` every `every` until it yields a value or `timeout` passes
+/// (the probe always runs at least once). A plain closure returning a
+/// future rather than an async closure: the futures of the latter are not
+/// provably `Send` yet, which the scenarios' spawned tasks need.
+pub async fn poll_for<T, F: Future<Output = Option<T>>>(
+    timeout: Duration,
+    every: Duration,
+    mut probe: impl FnMut() -> F,
+) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
-        if ready() {
-            return true;
+        if let Some(found) = probe().await {
+            return Some(found);
         }
         if Instant::now() >= deadline {
-            return false;
+            return None;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(every).await;
     }
 }
 

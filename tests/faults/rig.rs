@@ -23,7 +23,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection as _, Executor as _, PgPool};
 use tokio::task::JoinHandle;
 
-use crate::procs::{ScenarioDir, free_port};
+use crate::procs::{ScenarioDir, free_port, poll_for};
 use crate::services::{Dep, Postgres, PrivateDocker, Rabbit, Redis};
 use crate::worker::Worker;
 
@@ -439,21 +439,13 @@ impl Rig {
 
     /// The first outer event of `command_id`, waiting up to `timeout`.
     pub async fn wait_outer(&self, command_id: &str, timeout: Duration) -> Option<Seen> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(seen) = self
-                .observer
-                .snapshot()
-                .into_iter()
-                .find(|s| s.is_outer() && s.str("command_id") == Some(command_id))
-            {
-                return Some(seen);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        poll_for(timeout, Duration::from_millis(50), || {
+            std::future::ready(
+                self.observer
+                    .find(|s| s.is_outer() && s.str("command_id") == Some(command_id)),
+            )
+        })
+        .await
     }
 
     pub async fn inspect(&self, game: &str) -> Result<Option<Observed>, String> {
@@ -488,37 +480,30 @@ impl Rig {
         command_id: &str,
         timeout: Duration,
     ) -> Option<(Instant, String)> {
-        let mut conn = self.lease_conn().await.ok()?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            // A read error counts as "not yet".
-            if let Ok(Some(v)) = self.lease_value(&mut conn, game).await
-                && rtmanager::ports::LeaseHolder::command_of(&v) == command_id
-            {
-                return Some((Instant::now(), v));
+        let conn = self.lease_conn().await.ok()?;
+        poll_for(timeout, Duration::from_millis(2), || {
+            let mut conn = conn.clone();
+            async move {
+                // A read error counts as "not yet".
+                let value = self.lease_value(&mut conn, game).await.ok().flatten()?;
+                (rtmanager::ports::LeaseHolder::command_of(&value) == command_id)
+                    .then(|| (Instant::now(), value))
             }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        })
+        .await
     }
 
     /// Waits until the game's lease key is gone (expired or released);
     /// `false` if it is still there at `timeout`. A read error is not
     /// "gone".
     pub async fn wait_lease_gone(&self, game: &str, timeout: Duration) -> Result<bool, String> {
-        let mut conn = self.lease_conn().await?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(None) = self.lease_value(&mut conn, game).await {
-                return Ok(true);
-            }
-            if Instant::now() >= deadline {
-                return Ok(false);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let conn = self.lease_conn().await?;
+        let gone = poll_for(timeout, Duration::from_millis(100), || {
+            let mut conn = conn.clone();
+            async move { matches!(self.lease_value(&mut conn, game).await, Ok(None)).then_some(()) }
+        })
+        .await;
+        Ok(gone.is_some())
     }
 
     async fn lease_conn(&self) -> Result<redis::aio::MultiplexedConnection, String> {
@@ -658,6 +643,16 @@ impl Observer {
 
     pub fn snapshot(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// The first event seen that matches, without copying the others.
+    pub fn find(&self, matches: impl Fn(&Seen) -> bool) -> Option<Seen> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| matches(s))
+            .cloned()
     }
 
     pub fn stop(&self) {

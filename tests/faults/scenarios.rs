@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::checks::{Expect, records, short};
+use crate::procs::poll_for;
 use crate::registry::Registry;
 use crate::report::{Row, title};
 use crate::rig::{Cmd, Rig, RigOptions};
@@ -623,24 +624,23 @@ pub async fn paused_worker_fenced() -> Result<Row, String> {
     let restart = rig.send(game, Cmd::Restart, 1).await;
     let sent_at = Instant::now();
     // The restart's outcome as recorded, then as published.
-    let recorded = {
-        let deadline = Instant::now() + Duration::from_secs(40);
-        loop {
+    let recorded = poll_for(
+        Duration::from_secs(40),
+        Duration::from_millis(100),
+        async || {
             let row: Option<(String, Option<String>)> = sqlx::query_as(
                 "select outcome, error_code from operation_log
-                  where command_id = $1 and outer_op is null",
+              where command_id = $1 and outer_op is null",
             )
             .bind(&restart)
             .fetch_optional(&rig.db)
             .await
             .ok()
             .flatten();
-            if row.is_some() || Instant::now() >= deadline {
-                break row.map(|r| (r, sent_at.elapsed()));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
+            row.map(|r| (r, sent_at.elapsed()))
+        },
+    )
+    .await;
     let published = rig.wait_outer(&restart, Duration::from_secs(10)).await;
     let mut findings = Vec::new();
     match &recorded {

@@ -142,56 +142,24 @@ impl WorkerRig {
         self.stop = Some(stop_tx);
     }
 
-    /// The same worker parts as `serve`, over an engine that panics when it
-    /// creates a container.
-    async fn launch_with_panicking_engine(&mut self) {
-        use rtmanager::inbound::consumer::Consumer as CommandConsumer;
-        use rtmanager::inbound::http::Readiness;
-        use rtmanager::lifecycle::Lifecycle;
-        use rtmanager::outbound::docker::DockerEngine;
-        use rtmanager::outbound::postgres::PgStore;
-        use rtmanager::outbound::redis_lease::RedisLeases;
-        use rtmanager::outbound::relay::Relay;
-
-        let config = self.config.clone();
-        let store = PgStore::connect(&config.database_url).await.unwrap();
-        let leases = RedisLeases::connect(&config.redis_url, &config.redis_prefix)
-            .await
-            .unwrap();
-        let engine = crate::fakes::HangingEngine::new(
-            DockerEngine::connect(config.docker.clone()).await.unwrap(),
-        );
-        engine
-            .panic_on_create
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let readiness = std::sync::Arc::new(Readiness::default());
-        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
-        let (trigger, stop) = rtmanager::shutdown::channel();
-        let relay = Relay::new(
-            store.clone(),
-            config.amqp_url.clone(),
-            config.amqp.clone(),
-            wake.clone(),
-            readiness.clone(),
-        );
-        let consumer = CommandConsumer::new(
-            Lifecycle::new(store, leases, engine, config.lifecycle.clone()),
-            config.amqp_url.clone(),
-            config.amqp.clone(),
-            readiness,
-            wake,
-            stop.clone(),
-        );
+    /// `serve` in-process, over an engine that panics when it creates a
+    /// container.
+    fn launch_with_panicking_engine(&mut self) {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        self.worker = Some(tokio::spawn(async move {
-            let relay = tokio::spawn(relay.run(stop));
-            let consumer = tokio::spawn(consumer.run(Duration::from_secs(10)));
-            let _ = stop_rx.await;
-            trigger.fire();
-            consumer.await?;
-            relay.await?;
-            Ok(())
-        }));
+        let panicking = |docker| {
+            let engine = crate::fakes::HangingEngine::new(docker);
+            engine
+                .panic_on_create
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            engine
+        };
+        self.worker = Some(tokio::spawn(rtmanager::serve::run_with(
+            self.config.clone(),
+            panicking,
+            async move {
+                let _ = stop_rx.await;
+            },
+        )));
         self.stop = Some(stop_tx);
     }
 
@@ -683,7 +651,7 @@ async fn send_wait_exits_0_on_success_and_1_on_a_failure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_fails_that_command_with_internal_and_the_worker_lives_on() {
     let mut rig = WorkerRig::prepare().await;
-    rig.launch_with_panicking_engine().await;
+    rig.launch_with_panicking_engine();
     let game = rig.game();
     let events = rig
         .run(json!({"op": "start", "game_id": game, "image_ref": "rtm-test/engine:1.4.2"}))
