@@ -3,6 +3,7 @@
 //! the events exchange before anything is published, a publisher that rides
 //! out broker restarts, and the ledger of every command sent.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +19,8 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use rtmanager::config::{AmqpConfig, Config, SecretUrl};
+use rtmanager::domain::OpKind;
+use rtmanager::messages::CommandMessage;
 use serde_json::{Value, json};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection as _, Executor as _, PgPool};
@@ -56,21 +59,21 @@ impl Default for RigOptions {
 /// A lifecycle command as the lobby sends it.
 #[derive(Debug, Clone)]
 pub enum Cmd {
-    Start(&'static str),
+    Start(Cow<'static, str>),
     Stop,
     Restart,
-    Patch(&'static str),
+    Patch(Cow<'static, str>),
     Remove,
 }
 
 impl Cmd {
-    pub fn op(&self) -> &'static str {
+    pub fn op(&self) -> OpKind {
         match self {
-            Cmd::Start(_) => "start",
-            Cmd::Stop => "stop",
-            Cmd::Restart => "restart",
-            Cmd::Patch(_) => "patch",
-            Cmd::Remove => "remove",
+            Cmd::Start(_) => OpKind::Start,
+            Cmd::Stop => OpKind::Stop,
+            Cmd::Restart => OpKind::Restart,
+            Cmd::Patch(_) => OpKind::Patch,
+            Cmd::Remove => OpKind::Remove,
         }
     }
 }
@@ -305,21 +308,27 @@ impl Rig {
 
     // -------------------------------------------------------- publishing
 
+    /// The body the lobby would send (the CLI's [`CommandMessage`]).
     pub fn command_body(command_id: &str, game: &str, cmd: &Cmd) -> Value {
-        let mut body = json!({
-            "command_id": command_id,
-            "op": cmd.op(),
-            "game_id": game,
-            "op_source": "lobby",
-            "requested_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        });
-        match cmd {
-            Cmd::Start(image) => body["image_ref"] = json!(image),
-            Cmd::Patch(image) => body["new_image_ref"] = json!(image),
-            Cmd::Stop => body["reason"] = json!("lobby_request"),
-            Cmd::Restart | Cmd::Remove => {}
-        }
-        body
+        let image = |i: &Cow<'static, str>| Some(i.to_string());
+        let message = CommandMessage {
+            command_id: command_id.to_owned(),
+            op: cmd.op(),
+            game_id: game.to_owned(),
+            image_ref: match cmd {
+                Cmd::Start(i) => image(i),
+                _ => None,
+            },
+            new_image_ref: match cmd {
+                Cmd::Patch(i) => image(i),
+                _ => None,
+            },
+            op_source: "lobby".into(),
+            source_ref: None,
+            reason: matches!(cmd, Cmd::Stop).then(|| "lobby_request".into()),
+            requested_at: chrono::Utc::now(),
+        };
+        serde_json::to_value(message).expect("a command serializes")
     }
 
     /// Publishes a command `copies` times (same command_id, back to back)

@@ -1,6 +1,7 @@
 //! The scenarios. Each builds its own rig, does its damage, and ends with
 //! `Rig::finish` (the common checks) plus its own expectations.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -20,8 +21,8 @@ use crate::services::Dep;
 /// stopped game (which leaves it running, SPEC §2); open-loop streams then
 /// remove every third game, so games end both running and removed.
 const STREAM: [Cmd; 4] = [
-    Cmd::Start("rtm-test/engine:1.4.2"),
-    Cmd::Patch("rtm-test/engine:1.4.3"),
+    Cmd::Start(Cow::Borrowed("rtm-test/engine:1.4.2")),
+    Cmd::Patch(Cow::Borrowed("rtm-test/engine:1.4.3")),
     Cmd::Stop,
     Cmd::Restart,
 ];
@@ -187,17 +188,17 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
         }
         _ => None,
     };
-    // Leaked: `Cmd` holds static names, and this is one string per run.
-    let new: &'static str = match &registry {
-        Some(registry) => registry.image("rtm-test/engine", "1.4.3").leak(),
-        None => new,
+    let new: Cow<'static, str> = match &registry {
+        Some(registry) => {
+            let pulled = registry.image("rtm-test/engine", "1.4.3");
+            rig.remove_image_at_teardown(&pulled);
+            pulled.into()
+        }
+        None => new.into(),
     };
-    if registry.is_some() {
-        rig.remove_image_at_teardown(new);
-    }
     rig.start_workers().await?;
     let game = "g1";
-    let start = rig.send(game, Cmd::Start(old), 1).await;
+    let start = rig.send(game, Cmd::Start(old.into()), 1).await;
     let started = rig
         .wait_outer(&start, Duration::from_secs(60))
         .await
@@ -212,7 +213,7 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
 
     // The watcher replays from a second before it started.
     let (mut docker_events, watcher) = watch_container(&rig, game);
-    let patch = rig.send(game, Cmd::Patch(new), 1).await;
+    let patch = rig.send(game, Cmd::Patch(new.clone()), 1).await;
     let (lease_at, lease) = rig
         .wait_lease(game, &patch, Duration::from_secs(30))
         .await
@@ -374,7 +375,7 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
         .and_then(|o| o.str("outcome").map(str::to_owned))
     {
         Some(o) if o == "success" => {
-            if running.as_deref() != Some(new) {
+            if running.as_deref() != Some(&*new) {
                 row.violations.push(format!(
                     "the patch succeeded but the record shows {record:?}, not {new} running"
                 ));
@@ -594,7 +595,9 @@ pub async fn paused_worker_fenced() -> Result<Row, String> {
     w1.spawn();
     w1.wait_ready(Duration::from_secs(90)).await?;
     let game = "g1";
-    let start = rig.send(game, Cmd::Start("rtm-test/engine:1.4.2"), 1).await;
+    let start = rig
+        .send(game, Cmd::Start("rtm-test/engine:1.4.2".into()), 1)
+        .await;
     let started = rig
         .wait_outer(&start, Duration::from_secs(60))
         .await
@@ -602,7 +605,9 @@ pub async fn paused_worker_fenced() -> Result<Row, String> {
     if started.str("outcome") != Some("success") {
         return Err(format!("the initial start failed: {}", started.body));
     }
-    let patch = rig.send(game, Cmd::Patch("rtm-test/engine:1.4.3"), 1).await;
+    let patch = rig
+        .send(game, Cmd::Patch("rtm-test/engine:1.4.3".into()), 1)
+        .await;
     let (lease_at, _) = rig
         .wait_lease(game, &patch, Duration::from_secs(30))
         .await
