@@ -27,9 +27,8 @@ pub const COMMAND_BINDING: &str = "runtime.#";
 /// How long the TCP connect plus the AMQP handshake may take. lapin puts no
 /// bound on the handshake: a broker that accepts the socket but never
 /// answers (still booting, wedged, a wrong port) would otherwise stall the
-/// consumer's and the relay's reconnect loops for good. Once connected,
-/// heartbeats bound every later wait.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// consumer's and the relay's reconnect loops for good.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Connects to the broker; `name` shows in the management UI.
 pub async fn connect(url: &SecretUrl, name: &str) -> anyhow::Result<Connection> {
