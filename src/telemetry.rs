@@ -49,21 +49,24 @@ pub fn init(config: &Config) -> anyhow::Result<PrometheusHandle> {
 
 /// The Prometheus recorder (installed on first call; later calls return a
 /// handle to the same one, so tests can run several workers in-process).
+/// The install runs inside the `OnceLock`, so two workers starting at once
+/// cannot both try it (the second install would fail).
 pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
     use std::sync::OnceLock;
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    if let Some(handle) = HANDLE.get() {
-        return Ok(handle.clone());
-    }
-    let buckets = [
-        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-    ];
-    let handle = PrometheusBuilder::new()
-        .set_buckets(&buckets)
-        .map_err(|e| anyhow::anyhow!("metrics buckets: {e}"))?
-        .install_recorder()
-        .map_err(|e| anyhow::anyhow!("install the metrics recorder: {e}"))?;
-    Ok(HANDLE.get_or_init(|| handle).clone())
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+            ];
+            PrometheusBuilder::new()
+                .set_buckets(&buckets)
+                .map_err(|e| format!("metrics buckets: {e}"))?
+                .install_recorder()
+                .map_err(|e| format!("install the metrics recorder: {e}"))
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 /// Describes every metric once, so `/metrics` carries HELP lines.
