@@ -21,6 +21,7 @@
 //! - [`outbound`]: the adapters — `postgres`, `redis_lease`, `docker` — and
 //!   the outbox `relay` that publishes the events.
 //! - [`broker`]: the RabbitMQ topology of SPEC §6.
+//! - [`pauses`]: the backoff of the loops that retry until shutdown.
 //! - [`serve`]: wires it all and runs the worker until shutdown
 //!   ([`shutdown`]); [`telemetry`]: logs and metric names; [`config`]: the
 //!   typed settings, loaded once from the environment.
@@ -43,6 +44,7 @@ pub mod inbound;
 pub mod lifecycle;
 pub mod messages;
 pub mod outbound;
+pub mod pauses;
 pub mod ports;
 pub mod serve;
 pub mod shutdown;

@@ -38,6 +38,7 @@ use crate::error::ErrorCode;
 use crate::inbound::http::Readiness;
 use crate::lifecycle::{Handled, Interrupted, Lifecycle};
 use crate::messages::{Envelope, Undecodable, decode_command};
+use crate::pauses::Pauses;
 use crate::ports::{ContainerEngine, LeaseStore, RuntimeStore, StoreError};
 use crate::shutdown::Shutdown;
 use crate::telemetry;
@@ -50,10 +51,16 @@ enum NoOutcome {
     Unrecordable(String),
 }
 
-/// Pause between in-process retries of an interrupted command.
-const RETRY_PAUSE: Duration = Duration::from_secs(1);
-/// Pause before reconnecting after the broker went away.
-const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+/// In-process retries of an interrupted command: from 1 s up to 10 s.
+fn retry_pauses() -> Pauses {
+    Pauses::new(Duration::from_secs(1), Duration::from_secs(10))
+}
+
+/// Reconnects after the broker went away: from half a second up to 5 s
+/// (the relay's too), so a returning broker is found within seconds.
+fn reconnect_pauses() -> Pauses {
+    Pauses::new(Duration::from_millis(500), Duration::from_secs(5))
+}
 
 pub struct Consumer<S, L, E> {
     lifecycle: Lifecycle<S, L, E>,
@@ -116,8 +123,9 @@ where
         let mut shutdown = self.shutdown.clone();
         let this = Arc::new(self);
         let mut connection: Option<(Connection, Channel)> = None;
+        let mut pauses = reconnect_pauses();
         while !shutdown.is_set() {
-            match this.clone().session(&mut shutdown).await {
+            match this.clone().session(&mut shutdown, &mut pauses).await {
                 Ok(conn) => {
                     connection = Some(conn);
                     break;
@@ -129,7 +137,7 @@ where
                         "command consumer lost the broker; reconnecting"
                     );
                     tokio::select! {
-                        () = tokio::time::sleep(RECONNECT_PAUSE) => {}
+                        () = tokio::time::sleep(pauses.next_pause()) => {}
                         () = shutdown.wait() => {}
                     }
                 }
@@ -154,9 +162,11 @@ where
 
     /// One connection's life: declare, consume until the stream ends (an
     /// error) or shutdown (returns the connection, still open for acks).
+    /// Once consuming, the reconnect pauses start over.
     async fn session(
         self: Arc<Self>,
         shutdown: &mut Shutdown,
+        pauses: &mut Pauses,
     ) -> anyhow::Result<(Connection, Channel)> {
         let conn = broker::connect(&self.url, "rtmanager worker").await?;
         let channel = conn.create_channel().await?;
@@ -176,6 +186,7 @@ where
             )
             .await?;
         Readiness::set(&self.readiness.broker, true);
+        pauses.reset();
         info!(queue = %self.amqp.command_queue, prefetch = self.amqp.prefetch, "consuming commands");
         loop {
             tokio::select! {
@@ -336,7 +347,7 @@ where
     /// Handles a command until its outcome is recorded; `None` if shutdown
     /// came first. A panic fails the command with `internal`.
     async fn handle_until_recorded(&self, request: &CommandRequest) -> Result<Handled, NoOutcome> {
-        let mut pause = RETRY_PAUSE;
+        let mut pauses = retry_pauses();
         loop {
             let lifecycle = self.lifecycle.clone();
             let owned = request.clone();
@@ -370,7 +381,7 @@ where
                 }
                 Err(join) => warn!(error = %join, "command task cancelled; retrying"),
             }
-            self.pause_before_retry(&mut pause).await?;
+            self.pause_before_retry(&mut pauses).await?;
         }
     }
 
@@ -382,7 +393,7 @@ where
         request: &CommandRequest,
         message: String,
     ) -> Result<Handled, NoOutcome> {
-        let mut pause = RETRY_PAUSE;
+        let mut pauses = retry_pauses();
         loop {
             match self.lifecycle.fail_internal(request, message.clone()).await {
                 Ok(handled) => return Ok(handled),
@@ -393,19 +404,17 @@ where
                     warn!(error = %e, "could not record the command's internal failure yet; retrying")
                 }
             }
-            self.pause_before_retry(&mut pause).await?;
+            self.pause_before_retry(&mut pauses).await?;
         }
     }
 
-    /// Waits `pause` before the next in-process retry, doubling it for the
-    /// one after (up to 10 s); gives up at shutdown, leaving the message
-    /// unacked.
-    async fn pause_before_retry(&self, pause: &mut Duration) -> Result<(), NoOutcome> {
+    /// Waits the next of `pauses` before an in-process retry; gives up at
+    /// shutdown, leaving the message unacked.
+    async fn pause_before_retry(&self, pauses: &mut Pauses) -> Result<(), NoOutcome> {
         if self.in_shutdown() {
             return Err(NoOutcome::Shutdown);
         }
-        tokio::time::sleep(*pause).await;
-        *pause = (*pause * 2).min(Duration::from_secs(10));
+        tokio::time::sleep(pauses.next_pause()).await;
         Ok(())
     }
 

@@ -26,6 +26,7 @@ use crate::broker;
 use crate::config::{AmqpConfig, SecretUrl};
 use crate::inbound::http::Readiness;
 use crate::outbound::postgres::{PendingEvent, PgStore};
+use crate::pauses::Pauses;
 use crate::shutdown::Shutdown;
 use crate::telemetry;
 
@@ -89,17 +90,20 @@ impl Relay {
             holder: Uuid::new_v4(),
             valid_until: None,
         };
-        let mut pause = POLL;
+        let mut failures = Pauses::new(POLL, Duration::from_secs(5));
         loop {
             let stopping = shutdown.is_set();
-            match self.pass(&mut link, &mut leader).await {
-                Ok(()) => pause = POLL,
+            let pause = match self.pass(&mut link, &mut leader).await {
+                Ok(()) => {
+                    failures.reset();
+                    POLL
+                }
                 Err(e) => {
                     warn!(error = format!("{e:#}"), "outbox relay failed; retrying");
                     link = None;
-                    pause = (pause * 2).min(Duration::from_secs(5));
+                    failures.next_pause()
                 }
-            }
+            };
             if stopping {
                 break;
             }
