@@ -27,7 +27,10 @@ pub const COMMAND_BINDING: &str = "runtime.#";
 /// How long the TCP connect plus the AMQP handshake may take. lapin puts no
 /// bound on the handshake: a broker that accepts the socket but never
 /// answers (still booting, wedged, a wrong port) would otherwise stall the
-/// consumer's and the relay's reconnect loops for good.
+/// consumer's and the relay's reconnect loops for good. lapin offers no way
+/// to cancel an attempt: one given up on keeps its socket (and lapin's I/O
+/// thread) until the peer closes it, which RabbitMQ does to an unfinished
+/// handshake after its own `handshake_timeout` (10 s by default).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Connects to the broker; `name` shows in the management UI.

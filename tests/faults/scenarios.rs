@@ -632,7 +632,7 @@ pub async fn paused_worker_fenced() -> Result<Row, String> {
     let recorded = poll_for(
         Duration::from_secs(40),
         Duration::from_millis(100),
-        async || {
+        || async {
             let row: Option<(String, Option<String>)> = sqlx::query_as(
                 "select outcome, error_code from operation_log
               where command_id = $1 and outer_op is null",
