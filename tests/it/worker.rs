@@ -41,7 +41,7 @@ struct WorkerRig {
     env: HashMap<String, String>,
     config: Config,
     channel: Channel,
-    _conn: Connection,
+    conn: Connection,
     events: Consumer,
     worker: Option<JoinHandle<anyhow::Result<()>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -114,7 +114,7 @@ impl WorkerRig {
             env,
             config,
             channel,
-            _conn: conn,
+            conn,
             events,
             worker: None,
             stop: None,
@@ -264,6 +264,25 @@ impl WorkerRig {
             .await
             .unwrap()
             .message_count()
+    }
+
+    /// Consumers on `queue`, `None` while it does not exist. A fresh
+    /// channel each time: a passive declare of a missing queue closes it.
+    async fn consumers_on(&self, queue: &str) -> Option<u32> {
+        let channel = self.conn.create_channel().await.ok()?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .ok()?;
+        let _ = channel.close(200, "probe".into()).await;
+        Some(declared.consumer_count())
     }
 
     fn boots(&self, game: &GameId) -> String {
@@ -572,6 +591,39 @@ async fn stop_then_start_back_to_back_run_in_order() {
     assert_eq!(events[0].event.command_id, stop);
     assert!(!events[1].event.noop, "the start came after the stop");
     assert_eq!(rig.boots(&game), "1.4.2\n1.4.2\n");
+}
+
+/// Deleting the command queue makes the broker cancel the worker's
+/// consumer (basic.cancel, not a closed connection): the worker must
+/// declare its topology again and go on consuming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_the_broker_cancels_comes_back() {
+    let mut rig = WorkerRig::start().await;
+    let game = rig.game();
+    rig.run(json!({"op": "start", "game_id": game, "image_ref": "rtm-test/engine:1.4.2"}))
+        .await;
+    let queue = rig.config.amqp.command_queue.clone();
+    rig.channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete the command queue");
+    // Publishing before the queue is back would route the command nowhere.
+    let back = tokio::time::timeout(WAIT, async {
+        loop {
+            if rig.consumers_on(&queue).await == Some(1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        back.is_ok(),
+        "the worker consumes {queue} again within a minute"
+    );
+    let events = rig.run(json!({"op": "stop", "game_id": game})).await;
+    assert_eq!(keys(&events), ["runtime.stop.success"]);
+    rig.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
