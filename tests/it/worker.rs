@@ -252,23 +252,20 @@ impl WorkerRig {
     }
 
     async fn queue_depth(&self, queue: &str) -> u32 {
-        self.channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        self.declared(queue)
             .await
-            .unwrap()
+            .expect("the queue exists")
             .message_count()
     }
 
-    /// Consumers on `queue`, `None` while it does not exist. A fresh
-    /// channel each time: a passive declare of a missing queue closes it.
+    /// Consumers on `queue`, `None` while it does not exist.
     async fn consumers_on(&self, queue: &str) -> Option<u32> {
+        Some(self.declared(queue).await?.consumer_count())
+    }
+
+    /// `queue` as the broker has it (passive declare), `None` if it does
+    /// not exist. A fresh channel each time: that answer closes it.
+    async fn declared(&self, queue: &str) -> Option<lapin::Queue> {
         let channel = self.conn.create_channel().await.ok()?;
         let declared = channel
             .queue_declare(
@@ -282,7 +279,7 @@ impl WorkerRig {
             .await
             .ok()?;
         let _ = channel.close(200, "probe".into()).await;
-        Some(declared.consumer_count())
+        Some(declared)
     }
 
     fn boots(&self, game: &GameId) -> String {
