@@ -802,7 +802,6 @@ fn db_error(doing: &str, error: sqlx::Error) -> StoreError {
     }
 }
 
-/// An outbox payload back as the event it was written from.
 /// An event stored in the outbox, with the id of the entry it reports
 /// (none for a rejected message's event).
 async fn stored_outcome(
@@ -819,6 +818,7 @@ async fn stored_outcome(
         .transpose()
 }
 
+/// An outbox payload back as the event it was written from.
 fn decode_event(event_id: Uuid, payload: serde_json::Value) -> Result<OutcomeEvent, StoreError> {
     serde_json::from_value(payload).map_err(|e| {
         StoreError::Corrupt(format!(
