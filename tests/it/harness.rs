@@ -138,6 +138,26 @@ pub fn init_logs() {
     }
 }
 
+/// Runs `probe` every 20 ms until it yields a value, and returns it; fails
+/// the test, naming `what` it waited for, after `within`.
+pub async fn eventually<T, F: Future<Output = Option<T>>>(
+    within: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits (up to 30 s) until an attempt of `command_id` holds the game's
 /// lease: the command is under way, so what the test does next lands in the
 /// middle of it rather than before it.
@@ -146,18 +166,12 @@ pub async fn wait_for_lease(
     game: &rtmanager::domain::GameId,
     command_id: &str,
 ) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let holder = leases.holder_of(game).await.expect("read the lease");
-        if holder.is_some_and(|v| rtmanager::ports::LeaseHolder::command_of(&v) == command_id) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "command {command_id} never took the lease of {game}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("command {command_id} takes the lease of {game}");
+    eventually(Duration::from_secs(30), &what, || async {
+        let holder = leases.holder_of(game).await.expect("read the lease")?;
+        (rtmanager::ports::LeaseHolder::command_of(&holder) == command_id).then_some(())
+    })
+    .await;
 }
 
 /// The event is a success (else the error code and message say why not).

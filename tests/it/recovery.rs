@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rtmanager::config::{LifecycleConfig, SecretUrl};
-use rtmanager::domain::{AllowedImages, CommandRequest, GameId, OpKind, Outcome};
+use rtmanager::domain::{AllowedImages, CommandRequest, GameId, OpKind};
 use rtmanager::lifecycle::{Interrupted, Lifecycle};
 use rtmanager::outbound::docker::DockerEngine;
 use rtmanager::outbound::postgres::PgStore;
@@ -197,7 +197,7 @@ async fn a_patch_that_died_before_its_outer_entry_only_records_it() {
         .id;
 
     let handled = world.plain().handle(request.clone()).await.unwrap();
-    assert_eq!(handled.event.outcome, Outcome::Success);
+    assert_success(&handled.event);
     assert_eq!(
         handled.event.container_id.as_deref(),
         Some(container.as_str())

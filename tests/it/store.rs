@@ -99,6 +99,15 @@ fn write(
     }
 }
 
+/// A refusal written without the lease, under the fence it `saw`.
+fn seen(entry: OperationEntry, saw: Fence) -> OperationWrite {
+    OperationWrite {
+        entry,
+        fence: WriteFence::Seen(saw),
+        record: None,
+    }
+}
+
 #[derive(Debug, PartialEq, sqlx::FromRow)]
 struct InboxRow {
     command_id: String,
@@ -502,46 +511,39 @@ async fn a_refusal_is_dropped_once_an_operation_took_the_game() {
     let db = TestDb::new().await;
     let store = PgStore::new(db.pool.clone());
     let g = game("g-1");
-    let seen = store.observe_fence(&g).await.unwrap();
+    let before = store.observe_fence(&g).await.unwrap();
     assert_eq!(
-        seen,
+        before,
         FenceView {
             fence: Fence(0),
             taken_by: None
         },
         "a game no operation took yet"
     );
-    assert_eq!(store.observe_fence(&g).await.unwrap(), seen, "not advanced");
     assert_eq!(
-        store.advance_fence(&g, "cmd-other").await.unwrap(),
-        Fence(1)
+        store.observe_fence(&g).await.unwrap(),
+        before,
+        "not advanced"
     );
+    let taken = store.advance_fence(&g, "cmd-other").await.unwrap();
+    assert_eq!(taken, Fence(1));
     assert_eq!(
         store.observe_fence(&g).await.unwrap(),
         FenceView {
-            fence: Fence(1),
+            fence: taken,
             taken_by: Some("cmd-other".into())
         },
         "the fence names the command that took it"
     );
-    let seen = seen.fence;
 
-    let unseen = OperationWrite {
-        entry: conflict("g-1", "cmd-1"),
-        fence: WriteFence::Seen(seen),
-        record: None,
-    };
+    let unseen = seen(conflict("g-1", "cmd-1"), before.fence);
     assert_eq!(
         store.append(unseen, Uuid::new_v4()).await.unwrap_err(),
         StoreError::FenceLost(0)
     );
     assert_eq!(log_rows(&db).await, 0);
 
-    let current = OperationWrite {
-        entry: conflict("g-1", "cmd-1"),
-        fence: WriteFence::Seen(Fence(1)),
-        record: None,
-    };
+    let current = seen(conflict("g-1", "cmd-1"), taken);
     let recorded = store.append(current, Uuid::new_v4()).await.unwrap();
     assert!(!recorded.answered_before);
     let fence: Option<i64> =
@@ -559,37 +561,20 @@ async fn a_fenced_out_attempt_cannot_journal() {
     let db = TestDb::new().await;
     let store = PgStore::new(db.pool.clone());
     let g = game("g-1");
+    let journal = |fence, container: &str| {
+        store.journal(
+            &g,
+            fence,
+            "cmd-1",
+            "create",
+            serde_json::json!({"container_id": container}),
+        )
+    };
     let old = store.advance_fence(&g, "cmd-1").await.unwrap();
-    store
-        .journal(
-            &g,
-            old,
-            "cmd-1",
-            "create",
-            serde_json::json!({"container_id": "c-old"}),
-        )
-        .await
-        .unwrap();
+    journal(old, "c-old").await.unwrap();
     let new = store.advance_fence(&g, "cmd-1").await.unwrap();
-    store
-        .journal(
-            &g,
-            new,
-            "cmd-1",
-            "create",
-            serde_json::json!({"container_id": "c-new"}),
-        )
-        .await
-        .unwrap();
-    let late = store
-        .journal(
-            &g,
-            old,
-            "cmd-1",
-            "create",
-            serde_json::json!({"container_id": "c-late"}),
-        )
-        .await;
+    journal(new, "c-new").await.unwrap();
+    let late = journal(old, "c-late").await;
     assert_eq!(late, Err(StoreError::FenceLost(old.0)));
     let progress = store.progress("cmd-1").await.unwrap();
     assert_eq!(
@@ -608,11 +593,7 @@ async fn a_second_answer_without_the_lease_returns_the_first() {
         .claim(&request("cmd-1", Some("g-1"), None))
         .await
         .unwrap();
-    let answer = || OperationWrite {
-        entry: conflict("g-1", "cmd-1"),
-        fence: WriteFence::Unchecked,
-        record: None,
-    };
+    let answer = || write(conflict("g-1", "cmd-1"), None, None);
     let first = store.append(answer(), Uuid::new_v4()).await.unwrap();
     let second = store.append(answer(), Uuid::new_v4()).await.unwrap();
     assert!(!first.answered_before);

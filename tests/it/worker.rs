@@ -15,13 +15,15 @@ use lapin::{BasicProperties, Channel, Connection, Consumer};
 use rtmanager::broker;
 use rtmanager::config::Config;
 use rtmanager::domain::{GameId, OutcomeEvent};
+use rtmanager::outbound::docker::DockerEngine;
+use rtmanager::ports::ContainerEngine;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
 use crate::docker_support::ContainerGuard;
-use crate::harness::{TestDb, amqp_url, redis_url, unique, wait_for_lease};
+use crate::harness::{TestDb, amqp_url, eventually, redis_url, unique, wait_for_lease};
 use crate::schema::assert_valid_event;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -132,30 +134,18 @@ impl WorkerRig {
 
     /// Runs `serve` in-process.
     fn launch(&mut self) {
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        self.worker = Some(tokio::spawn(rtmanager::serve::run(
-            self.config.clone(),
-            async move {
-                let _ = stop_rx.await;
-            },
-        )));
-        self.stop = Some(stop_tx);
+        self.launch_with(|docker| docker);
     }
 
-    /// `serve` in-process, over an engine that panics when it creates a
-    /// container.
-    fn launch_with_panicking_engine(&mut self) {
+    /// Runs `serve` in-process over the engine `engine` makes of Docker.
+    fn launch_with<E: ContainerEngine>(
+        &mut self,
+        engine: impl FnOnce(DockerEngine) -> E + Send + 'static,
+    ) {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let panicking = |docker| {
-            let engine = crate::fakes::HangingEngine::new(docker);
-            engine
-                .panic_on_create
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-            engine
-        };
         self.worker = Some(tokio::spawn(rtmanager::serve::run_with(
             self.config.clone(),
-            panicking,
+            engine,
             async move {
                 let _ = stop_rx.await;
             },
@@ -605,19 +595,12 @@ async fn a_consumer_the_broker_cancels_comes_back() {
         .await
         .expect("delete the command queue");
     // Publishing before the queue is back would route the command nowhere.
-    let back = tokio::time::timeout(WAIT, async {
-        loop {
-            if rig.consumers_on(&queue).await == Some(1) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
+    eventually(
+        WAIT,
+        &format!("the worker consumes {queue} again"),
+        || async { (rig.consumers_on(&queue).await == Some(1)).then_some(()) },
+    )
     .await;
-    assert!(
-        back.is_ok(),
-        "the worker consumes {queue} again within a minute"
-    );
     let events = rig.run(json!({"op": "stop", "game_id": game})).await;
     assert_eq!(keys(&events), ["runtime.stop.success"]);
     rig.shutdown().await;
@@ -700,7 +683,14 @@ async fn send_wait_exits_0_on_success_and_1_on_a_failure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_fails_that_command_with_internal_and_the_worker_lives_on() {
     let mut rig = WorkerRig::prepare().await;
-    rig.launch_with_panicking_engine();
+    // An engine that panics when it creates a container.
+    rig.launch_with(|docker| {
+        let engine = crate::fakes::HangingEngine::new(docker);
+        engine
+            .panic_on_create
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        engine
+    });
     let game = rig.game();
     let events = rig
         .run(json!({"op": "start", "game_id": game, "image_ref": "rtm-test/engine:1.4.2"}))
@@ -729,21 +719,17 @@ async fn a_command_that_keeps_killing_workers_is_answered_internal_on_its_last_d
     // Three workers took it and died before answering (RTM_DELIVERY_LIMIT=3).
     let queue = rig.config.amqp.command_queue.clone();
     for _ in 0..3 {
-        let message = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                if let Some(m) = rig
-                    .channel
+        let message = eventually(
+            Duration::from_secs(30),
+            "the command is back in the queue",
+            || async {
+                rig.channel
                     .basic_get(queue.as_str().into(), BasicGetOptions::default())
                     .await
                     .unwrap()
-                {
-                    break m;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await
-        .expect("the command is back in the queue within 30 s");
+            },
+        )
+        .await;
         message
             .delivery
             .acker
