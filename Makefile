@@ -35,10 +35,13 @@ images: ## Build the local engine images (rtm-test/*, rtm-demo/*); skips up-to-d
 build: ## Build the release binary
 	$(CARGO) build --release
 
+# One scenario at a time: each brings up its own dependencies and workers.
+FAULT_SUITE = env -u RUST_LOG $(CARGO) test --test faults -- --test-threads=1
+
 .PHONY: test
 test: deps images ## Run the whole suite: unit, contract, integration, then the fault suite (about 5 min)
 	env -u RUST_LOG $(CARGO) test --lib --bins --test contract --test it
-	env -u RUST_LOG $(CARGO) test --test faults -- --test-threads=1
+	$(FAULT_SUITE)
 
 .PHONY: lint
 lint: ## Check formatting and run clippy (warnings are errors)
@@ -58,4 +61,4 @@ clean-docker: ## Remove every container labelled rtmanager.managed=true (and not
 
 .PHONY: faults
 faults: deps images ## Run the fault suite (worker processes killed, private dependencies restarted); writes FAULTS.md
-	env -u RUST_LOG $(CARGO) test --test faults -- --test-threads=1
+	$(FAULT_SUITE)

@@ -235,9 +235,10 @@ ensure_redis() {
 }
 
 # ---------------------------------------------------------------- tools
-# What the fault suite runs besides the services: `ip` (its private engine's
-# bridge; iproute2 is not essential in Debian, so a minimal image may lack
-# it), and tar, sha256sum and runuser (essential, checked all the same).
+# What the suites run besides the services: `ip` (the fault suite's private
+# engine's bridge; iproute2 is not essential in Debian, so a minimal image
+# may lack it), tar and runuser (the fault suite) and sha256sum (images.sh),
+# essential but checked all the same.
 ensure_tools() {
     command -v ip >/dev/null 2>&1 || apt_install iproute2
     local tool

@@ -22,6 +22,8 @@ use bollard::Docker;
 use futures_util::StreamExt as _;
 use tokio::task::JoinHandle;
 
+use crate::procs::poll_for;
+
 const MANIFEST_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const CONFIG_TYPE: &str = "application/vnd.docker.container.image.v1+json";
 /// Docker decompresses by sniffing, so the uncompressed layer `docker save`
@@ -33,8 +35,10 @@ const LAYER_SEND_TIME: Duration = Duration::from_secs(4);
 const LAYER_CHUNKS: usize = 40;
 
 struct Content {
-    /// `<name>:<tag>` → the manifest's bytes and digest.
-    manifests: HashMap<String, (Bytes, String)>,
+    /// `<name>:<tag>` the manifest is served under.
+    reference: String,
+    manifest: Bytes,
+    manifest_digest: String,
     blobs: Blobs,
     /// Layer downloads begun, and finished (every byte sent).
     layers_begun: AtomicUsize,
@@ -42,8 +46,8 @@ struct Content {
 }
 
 pub struct Registry {
-    /// `127.0.0.1:<port>`: the host part of the images it serves.
-    pub host: String,
+    /// The reference Docker pulls: `127.0.0.1:<port>/<name>:<tag>`.
+    pub image: String,
     content: Arc<Content>,
     server: JoinHandle<()>,
 }
@@ -56,13 +60,8 @@ impl Drop for Registry {
 
 impl Registry {
     /// Serves the local image `source` (e.g. `rtm-test/engine:1.4.3`) as
-    /// `<host>/<name>:<tag>`, read through `docker`.
-    pub async fn serve(
-        docker: &Docker,
-        source: &str,
-        name: &str,
-        tag: &str,
-    ) -> Result<Self, String> {
+    /// `127.0.0.1:<port>/<source>`, read through `docker`.
+    pub async fn serve(docker: &Docker, source: &str) -> Result<Self, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
         let mut export = docker.export_image(source);
         let mut tar = Vec::new();
@@ -88,10 +87,9 @@ impl Registry {
         let manifest_digest = digest(&manifest);
 
         let content = Arc::new(Content {
-            manifests: HashMap::from([(
-                format!("{name}:{tag}"),
-                (Bytes::from(manifest), manifest_digest),
-            )]),
+            reference: source.to_owned(),
+            manifest: Bytes::from(manifest),
+            manifest_digest,
             blobs,
             layers_begun: AtomicUsize::new(0),
             layers_done: AtomicUsize::new(0),
@@ -111,15 +109,10 @@ impl Registry {
             axum::serve(listener, app).await.ok();
         });
         Ok(Self {
-            host,
+            image: format!("{host}/{source}"),
             content,
             server,
         })
-    }
-
-    /// The reference Docker pulls: `<host>/<name>:<tag>`.
-    pub fn image(&self, name: &str, tag: &str) -> String {
-        format!("{}/{name}:{tag}", self.host)
     }
 
     /// Layer downloads begun and finished so far.
@@ -132,26 +125,21 @@ impl Registry {
 
     /// Waits until a layer download is under way and unfinished.
     pub async fn wait_mid_layer(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
+        poll_for(timeout, Duration::from_millis(20), || {
             let (begun, done) = self.layer_downloads();
-            if begun > done {
-                return true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            std::future::ready((begun > done).then_some(()))
+        })
+        .await
+        .is_some()
     }
 }
+
+/// Blobs by digest: their bytes, and whether each is a layer.
+type Blobs = HashMap<String, (Bytes, bool)>;
 
 /// A schema-2 manifest for the image unpacked under `dir` (the layout
 /// `docker save` writes: `manifest.json`, a config file, `<id>/layer.tar`),
 /// and its blobs by digest.
-/// Blobs by digest: their bytes, and whether each is a layer.
-type Blobs = HashMap<String, (Bytes, bool)>;
-
 fn build_manifest(dir: &Path) -> Result<(Vec<u8>, Blobs), String> {
     let read = |rel: &str| {
         std::fs::read(dir.join(rel)).map_err(|e| format!("read {rel} of the saved image: {e}"))
@@ -215,27 +203,12 @@ fn build_manifest(dir: &Path) -> Result<(Vec<u8>, Blobs), String> {
     Ok((serde_json::to_vec(&manifest).expect("a JSON value"), blobs))
 }
 
-/// `sha256:<hex>` of `bytes`, by coreutils' `sha256sum` (the suite needs no
-/// hashing crate for this one use).
+/// `sha256:<hex>` of `bytes`.
 fn digest(bytes: &[u8]) -> String {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("sha256sum runs");
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(bytes)
-        .expect("feed sha256sum");
-    let out = child.wait_with_output().expect("sha256sum output");
-    let text = String::from_utf8_lossy(&out.stdout);
-    format!(
-        "sha256:{}",
-        text.split_whitespace().next().unwrap_or_default()
-    )
+    use sha2::Digest as _;
+    let hash = sha2::Sha256::digest(bytes);
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
 }
 
 fn version_header(body: &'static str) -> Response {
@@ -253,18 +226,11 @@ async fn serve_path(
     UrlPath(path): UrlPath<String>,
 ) -> Response {
     if let Some((name, reference)) = path.split_once("/manifests/") {
-        let found = content
-            .manifests
-            .get(&format!("{name}:{reference}"))
-            .or_else(|| {
-                content
-                    .manifests
-                    .values()
-                    .find(|(_, digest)| digest == reference)
-            });
-        let Some((bytes, digest)) = found else {
+        let digest = &content.manifest_digest;
+        if format!("{name}:{reference}") != content.reference && reference != digest {
             return (StatusCode::NOT_FOUND, "manifest unknown").into_response();
-        };
+        }
+        let bytes = &content.manifest;
         let mut headers = HeaderMap::new();
         headers.insert(
             header::CONTENT_TYPE,

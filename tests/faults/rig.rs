@@ -120,6 +120,8 @@ pub struct Rig {
     pub workers: Vec<Worker>,
     pub observer: Observer,
     pub docker: Docker,
+    /// The engine `docker` and the workers talk to (`None`: the default).
+    docker_host: Option<String>,
     pub db: PgPool,
     pub amqp: AmqpConfig,
     pub prefix: String,
@@ -140,10 +142,7 @@ impl Rig {
     /// Has the scenario's teardown remove `image` from the shared engine
     /// (after the scenario's containers).
     pub fn remove_image_at_teardown(&self, image: &str) {
-        let host = std::env::var("DOCKER_HOST")
-            .ok()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "-".into());
+        let host = self.docker_host.as_deref().unwrap_or("-");
         self.dir.manifest().record(&format!("image {host} {image}"));
     }
 
@@ -265,6 +264,7 @@ impl Rig {
             workers,
             observer,
             docker,
+            docker_host,
             db,
             amqp,
             prefix,

@@ -183,16 +183,13 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
     )
     .await?;
     let registry = match at {
-        KillAt::DuringPull => {
-            Some(Registry::serve(&rig.docker, new, "rtm-test/engine", "1.4.3").await?)
-        }
+        KillAt::DuringPull => Some(Registry::serve(&rig.docker, new).await?),
         _ => None,
     };
     let new: Cow<'static, str> = match &registry {
         Some(registry) => {
-            let pulled = registry.image("rtm-test/engine", "1.4.3");
-            rig.remove_image_at_teardown(&pulled);
-            pulled.into()
+            rig.remove_image_at_teardown(&registry.image);
+            registry.image.clone().into()
         }
         None => new.into(),
     };
@@ -218,8 +215,11 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
         .wait_lease(game, &patch, Duration::from_secs(30))
         .await
         .ok_or("the patch never took the game's lease")?;
-    let trigger = match (at, &registry) {
-        (KillAt::DuringPull, Some(registry)) => {
+    let trigger = match at {
+        KillAt::DuringPull => {
+            let registry = registry
+                .as_ref()
+                .expect("the pull scenario serves a registry");
             if !registry.wait_mid_layer(Duration::from_secs(30)).await {
                 return Err("Docker never began downloading the new image's layer".into());
             }
@@ -230,38 +230,34 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
                 "the registry was sending the layer ({begun} download(s) begun, {done} finished)"
             )
         }
-        (KillAt::DuringPull, None) => return Err("no registry to pull from".into()),
-        (KillAt::AfterLease, _) => "the lease appeared".to_owned(),
-        (KillAt::InnerStop, _) => {
+        KillAt::AfterLease => "the lease appeared".to_owned(),
+        KillAt::InnerStop => {
             // `docker stop` sends SIGTERM (a `kill` event), which this engine
             // ignores: the stop now waits out its 3 s grace period.
-            let old_id = old_c.id.clone();
             wait_event(&mut docker_events, Duration::from_secs(30), |a, id| {
-                a == "kill" && id == old_id
+                a == "kill" && id == old_c.id
             })
             .await
             .ok_or("Docker never reported the inner stop's SIGTERM")?;
             tokio::time::sleep(Duration::from_millis(300)).await;
             "0.3 s after Docker reported the inner stop's SIGTERM".to_owned()
         }
-        (KillAt::OldRemoved, _) => {
-            let old_id = old_c.id.clone();
+        KillAt::OldRemoved => {
             wait_event(&mut docker_events, Duration::from_secs(30), |a, id| {
-                a == "destroy" && id == old_id
+                a == "destroy" && id == old_c.id
             })
             .await
             .ok_or("Docker never reported the old container destroyed")?;
             "Docker reported the old container destroyed".to_owned()
         }
-        (KillAt::NewCreated | KillAt::NewStarting, _) => {
-            let old_id = old_c.id.clone();
+        KillAt::NewCreated | KillAt::NewStarting => {
             let action = if at == KillAt::NewCreated {
                 "create"
             } else {
                 "start"
             };
             let (_, new_id) = wait_event(&mut docker_events, Duration::from_secs(30), |a, id| {
-                a == action && id != old_id
+                a == action && id != old_c.id
             })
             .await
             .ok_or_else(|| format!("Docker never reported a new container's {action}"))?;
@@ -273,6 +269,7 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
     };
     rig.workers[0].kill();
     let killed_after = lease_at.elapsed();
+    let downloads_at_kill = registry.as_ref().map(Registry::layer_downloads);
     watcher.abort();
 
     // What the dead attempt left behind.
@@ -313,13 +310,12 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
             "scenario did not hit its step: the patch had already finished when w1 was killed ({trigger})"
         ));
     }
-    if let Some(registry) = &registry {
-        let (begun, done) = registry.layer_downloads();
-        if begun <= done {
-            invalid.push(format!(
-                "scenario did not hit its step: no layer download was under way at the kill ({begun} begun, {done} finished)"
-            ));
-        }
+    if let Some((begun, done)) = downloads_at_kill
+        && begun <= done
+    {
+        invalid.push(format!(
+            "scenario did not hit its step: no layer download was under way at the kill ({begun} begun, {done} finished)"
+        ));
     }
     if matches!(at, KillAt::InnerStop | KillAt::DuringPull)
         && !at_kill

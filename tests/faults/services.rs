@@ -465,7 +465,6 @@ pub fn preflight() -> Result<(), String> {
         "runuser",
         "ip",
         "tar",
-        "sha256sum",
         "/usr/sbin/rabbitmq-server",
         "/usr/sbin/rabbitmqctl",
         &format!("{PG_BIN}/initdb"),
