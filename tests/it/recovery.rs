@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rtmanager::config::{LifecycleConfig, SecretUrl};
 use rtmanager::domain::{AllowedImages, CommandRequest, GameId, OpKind};
-use rtmanager::lifecycle::{Interrupted, Lifecycle};
+use rtmanager::lifecycle::{Handled, Interrupted, Lifecycle};
 use rtmanager::outbound::docker::DockerEngine;
 use rtmanager::outbound::postgres::PgStore;
 use rtmanager::outbound::redis_lease::RedisLeases;
@@ -290,10 +290,7 @@ async fn a_duplicate_of_a_running_command_waits_for_its_outcome() {
     // The restart of a slow engine takes the 2 s grace period.
     let request = world.request(OpKind::Restart, &game, None);
     let (a, b) = (world.plain(), world.plain());
-    let first = tokio::spawn({
-        let request = request.clone();
-        async move { a.handle(request).await }
-    });
+    let first = spawn_handle(a, &request);
     wait_for_lease(&world.leases, &game, &request.command_id).await;
     let second = b.handle(request.clone()).await;
     let first = first.await.unwrap().unwrap();
@@ -339,10 +336,7 @@ async fn a_copy_refused_the_lease_yields_to_a_copy_that_ran_the_command() {
             && w.entry.result.error_code() == Some(rtmanager::error::ErrorCode::Conflict)
     });
     let refused = world.with_store(stalling.clone());
-    let first = tokio::spawn({
-        let request = request.clone();
-        async move { refused.handle(request).await }
-    });
+    let first = spawn_handle(refused, &request);
     stalling.stalled.notified().await;
 
     world.leases.release(&game, &other).await.unwrap();
@@ -368,10 +362,7 @@ async fn a_copy_overtaken_by_another_does_not_run_the_command_again() {
     let slow = FlakyLeases::new(world.leases.clone());
     slow.slow_next_acquire.store(true, Ordering::SeqCst);
     let late = world.with_leases(slow.clone());
-    let first = tokio::spawn({
-        let request = request.clone();
-        async move { late.handle(request).await }
-    });
+    let first = spawn_handle(late, &request);
     slow.waiting.notified().await;
 
     let second = world.plain().handle(request.clone()).await.unwrap();
@@ -410,10 +401,7 @@ async fn a_copy_cut_off_from_the_lease_store_does_not_answer_over_a_running_copy
     let hanging = HangingEngine::new(world.docker.engine.clone());
     hanging.hang_create.store(true, Ordering::SeqCst);
     let running = world.with_engine(hanging.clone());
-    let holder = tokio::spawn({
-        let request = request.clone();
-        async move { running.handle(request).await }
-    });
+    let holder = spawn_handle(running, &request);
     hanging.reached.notified().await;
 
     let flaky = FlakyLeases::new(world.leases.clone());
@@ -540,4 +528,13 @@ async fn an_internal_answer_leaves_the_record_matching_docker() {
         "the record follows Docker"
     );
     assert_eq!(record.state.container_id(), Some(&running.id));
+}
+
+/// Handles a copy of `request` on its own task (the test keeps the original).
+fn spawn_handle<S: RuntimeStore, L: LeaseStore, E: ContainerEngine>(
+    lifecycle: Lifecycle<S, L, E>,
+    request: &CommandRequest,
+) -> tokio::task::JoinHandle<Result<Handled, Interrupted>> {
+    let request = request.clone();
+    tokio::spawn(async move { lifecycle.handle(request).await })
 }
