@@ -582,6 +582,55 @@ mod tests {
         }
     }
 
+    fn with_count(value: AMQPValue) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert("x-delivery-count".into(), value);
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn a_first_delivery_has_no_count() {
+        assert_eq!(delivery_count(&BasicProperties::default()), 0, "no headers");
+        let mut other = FieldTable::default();
+        other.insert("x-death".into(), AMQPValue::LongLongInt(7));
+        let props = BasicProperties::default().with_headers(other);
+        assert_eq!(delivery_count(&props), 0, "headers, none of them the count");
+    }
+
+    #[test]
+    fn the_count_is_read_whatever_integer_width_the_broker_picks() {
+        // RabbitMQ sends a long (signed 64-bit) today; the narrower widths
+        // are what an older broker or a shovel re-encoding it may send.
+        for (value, expected) in [
+            (AMQPValue::LongLongInt(3), 3),
+            (AMQPValue::LongInt(4), 4),
+            (AMQPValue::LongUInt(5), 5),
+            (AMQPValue::ShortInt(6), 6),
+            (AMQPValue::ShortShortInt(7), 7),
+        ] {
+            let shown = format!("{value:?}");
+            assert_eq!(delivery_count(&with_count(value)), expected, "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_count_that_is_no_count_reads_as_a_first_delivery() {
+        // A negative or non-integer count cannot come from the broker; it is
+        // not trusted to make this delivery the last one.
+        for value in [
+            AMQPValue::LongLongInt(-1),
+            AMQPValue::LongInt(-2),
+            AMQPValue::ShortInt(-3),
+            AMQPValue::ShortShortInt(-4),
+            AMQPValue::LongString(LongString::from("3")),
+            AMQPValue::Boolean(true),
+            AMQPValue::Double(3.0),
+        ] {
+            let shown = format!("{value:?}");
+            assert_eq!(delivery_count(&with_count(value)), 0, "{shown}");
+        }
+    }
+
     #[test]
     fn a_rejected_event_is_the_same_event_each_time_it_is_handled() {
         let first = rejected_event(&undecodable(Some("c-7"))).unwrap();
