@@ -32,7 +32,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::{BackoffBuilder as _, ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
 use tracing::{debug, info, warn};
@@ -790,12 +790,20 @@ where
         // (seconds each) come on top, so the deadline is checked as well.
         let since = std::time::Instant::now();
         let retry_for = self.cfg.retry_for;
+        let deadline = since + retry_for;
+        // The last pause is cut short at the deadline, then one last call:
+        // backon's own `with_total_delay` gives up as soon as the *next*
+        // pause would overrun, which ended outages a quarter shorter than
+        // RTM_RETRY_FOR with `service_unavailable`.
         let backoff = ExponentialBuilder::new()
             .with_min_delay(Duration::from_millis(50))
             .with_max_delay(Duration::from_secs(2))
             .with_jitter()
             .without_max_times()
-            .with_total_delay(Some(retry_for));
+            .build()
+            .map(move |pause| {
+                pause.min(deadline.saturating_duration_since(std::time::Instant::now()))
+            });
         let outcome = call
             .retry(backoff)
             .sleep(tokio::time::sleep)
