@@ -8,8 +8,17 @@ mod fakes;
 mod harness;
 mod lease;
 mod lifecycle;
+mod outages;
+// The fault suite's private service instances (spare ports, teardown
+// manifests), for the tests that kill a dependency.
+#[path = "../faults/procs.rs"]
+#[allow(dead_code)]
+mod procs;
 mod recovery;
 #[path = "../support/schema.rs"]
 mod schema;
+#[path = "../faults/services.rs"]
+#[allow(dead_code)]
+mod services;
 mod store;
 mod worker;
