@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::Row as _;
 
 use crate::report::Row;
-use crate::rig::{Cmd, Rig, Sent};
+use crate::rig::{Cmd, Rig, Seen, Sent};
 use crate::schema::{event_schema_validator, validation_errors};
 
 /// What a scenario accepts as a legitimate failure outcome.
@@ -21,13 +21,59 @@ pub struct Expect {
     /// `not_found`). Any other failure is a violation.
     pub allowed_failures: &'static [&'static str],
     /// A failed patch that restored the previous image (`rolled_back`) is
-    /// an accepted end of a crash mid-patch (SPEC §10).
+    /// accepted. Only where the scenario makes the new image fail: with a
+    /// healthy new image a rollback means a step went wrong.
     pub allow_rolled_back: bool,
+    /// Why a worker may interrupt a command and retry it here ("command
+    /// interrupted; it will be retried"), as `Interruption` reasons. Without
+    /// an injected fault that explains it, an interruption is a violation.
+    pub allowed_interruptions: &'static [Interruption],
+}
+
+/// The reasons a worker gives for interrupting a command (the `reason` of
+/// its "command interrupted" log line; `rtmanager::lifecycle::Interrupted`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interruption {
+    /// The outcome could not be written (the database is away).
+    Unrecorded,
+    /// The worker's lease expired or was taken over (a pause, Redis lost).
+    LeaseLost,
+    /// A newer operation took the game's fence.
+    FenceLost,
+    /// An earlier attempt of the same command (a killed worker's) still
+    /// holds the lease: waited out.
+    StillRunning,
+    /// Refused its lease after an attempt already touched the game.
+    Blocked,
+}
+
+impl Interruption {
+    /// Recognises a reason by the words of its `Display` text.
+    fn of(reason: &str) -> Option<Self> {
+        [
+            ("could not be recorded", Self::Unrecorded),
+            ("was lost; stopping", Self::LeaseLost),
+            ("took the fence", Self::FenceLost),
+            ("still holds the lease", Self::StillRunning),
+            ("cannot go on yet", Self::Blocked),
+        ]
+        .into_iter()
+        .find_map(|(words, kind)| reason.contains(words).then_some(kind))
+    }
 }
 
 impl Expect {
     pub fn all_success() -> Self {
         Self::default()
+    }
+
+    /// After a worker was SIGKILLed mid-command: every command succeeds;
+    /// the redelivery may wait out the dead attempt's lease.
+    pub fn after_kill() -> Self {
+        Self {
+            allowed_interruptions: &[Interruption::StillRunning],
+            ..Self::default()
+        }
     }
 }
 
@@ -115,19 +161,50 @@ async fn unsent(rig: &Rig) -> Result<i64, String> {
         .map_err(|e| format!("count unsent outbox rows: {e}"))
 }
 
-/// `rtmanager_operations_in_flight` summed over the running workers.
-async fn in_flight(rig: &Rig) -> f64 {
+/// `rtmanager_operations_in_flight` summed over the running workers. A
+/// worker whose `/metrics` does not answer is unknown, not idle.
+pub async fn in_flight(rig: &Rig) -> Result<f64, String> {
     let mut total = 0.0;
     for w in rig.workers.iter().filter(|w| w.pid().is_some()) {
-        if let Ok((200, body)) = w.http_get("/metrics").await {
-            total += body
-                .lines()
-                .filter(|l| l.starts_with(rtmanager::telemetry::OPERATIONS_IN_FLIGHT))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>();
-        }
+        total += w.in_flight().await?;
     }
-    total
+    Ok(total)
+}
+
+/// Whether `command_id` has its outer outcome in the operation log (the
+/// database decides "finished", not whether the event arrived yet).
+pub async fn outer_recorded(rig: &Rig, command_id: &str) -> Result<bool, String> {
+    sqlx::query_scalar::<_, bool>(
+        "select exists(select 1 from operation_log where command_id = $1 and outer_op is null)",
+    )
+    .bind(command_id)
+    .fetch_one(&rig.db)
+    .await
+    .map_err(|e| format!("read operation_log: {e}"))
+}
+
+/// The engine boots recorded in `<state_root>/<game>/boots` (one line per
+/// boot); `None` when the file does not exist.
+pub fn boots(rig: &Rig, game: &str) -> Option<i64> {
+    std::fs::read_to_string(rig.state_root.join(game).join("boots"))
+        .ok()
+        .map(|t| t.lines().count() as i64)
+}
+
+/// Whether a failed start entry's engine booted: the container ran and
+/// exited, or never became healthy. A refused create or `docker start`, a
+/// pull failure or a lost lease boot nothing.
+fn failed_start_booted(e: &Entry) -> bool {
+    let message = e.error_message.as_deref().unwrap_or("");
+    e.error_code.as_deref() == Some("container_start_failed")
+        && [
+            "during start-up",
+            "not running after start",
+            "reported unhealthy",
+            "did not become healthy",
+        ]
+        .iter()
+        .any(|m| message.contains(m))
 }
 
 impl Rig {
@@ -198,7 +275,7 @@ impl Rig {
             Some(n) => return Err(format!("{n} message(s) ready in the command queue")),
             None => return Err("command queue depth unknown".into()),
         }
-        let busy = in_flight(self).await;
+        let busy = in_flight(self).await?;
         if busy > 0.0 {
             return Err(format!("{busy} operation(s) in flight"));
         }
@@ -322,8 +399,12 @@ impl Rig {
                         row.failure += 1;
                         let code = e.error_code.clone().unwrap_or_default();
                         *row.failure_codes.entry(code.clone()).or_default() += 1;
+                        // A rollback answers a new container that did not
+                        // come up, nothing else (SPEC §3).
                         let accepted = expect.allowed_failures.contains(&code.as_str())
-                            || (expect.allow_rolled_back && e.rolled_back);
+                            || (expect.allow_rolled_back
+                                && e.rolled_back
+                                && code == "container_start_failed");
                         if !accepted {
                             row.violations.push(format!(
                                 "{what}: unexpected failure {code}: {}",
@@ -351,7 +432,7 @@ impl Rig {
                 .filter_map(|s| s.str("event_id"))
                 .collect();
             if outer_seen.is_empty() {
-                row.events_lost += 1;
+                // Counted in "events lost" with every other event below.
                 row.violations
                     .push(format!("{what}: no outer event observed"));
             } else if ids.len() > 1 {
@@ -504,8 +585,12 @@ impl Rig {
                 .push(format!("{unsent} outbox row(s) never marked sent"));
         }
 
+        self.verify_events(&log, &seen, row).await?;
+
         // Boots: what the engines recorded versus what the final outcomes
-        // call for (informational).
+        // call for. Any difference fails the row: an extra boot is a start
+        // redone (recorded or not), a missing one a start claimed but not
+        // done.
         let mut expected: BTreeMap<&str, i64> = BTreeMap::new();
         for sent in &ledger {
             let Some(e) = outer_of
@@ -515,42 +600,72 @@ impl Rig {
                 continue;
             };
             let boots = if e.outcome == "success" {
+                // One engine boot per successful start, restart or patch
+                // that did something.
                 match sent.cmd {
-                    Cmd::Start(_) if !e.noop => 1,
-                    Cmd::Restart | Cmd::Patch(_) => 1,
+                    Cmd::Start(_) | Cmd::Restart | Cmd::Patch(_) if !e.noop => 1,
                     _ => 0,
                 }
             } else {
+                // A failed command booted what its start entries say: a
+                // failed start whose engine ran (a crash at boot, never
+                // healthy), and a successful one (a patch's rollback).
                 log.iter()
+                    .filter(|i| i.command_id == sent.command_id && i.op == "start")
                     .filter(|i| {
-                        i.command_id == sent.command_id && i.outer_op.is_some() && i.op == "start"
+                        (i.outcome == "success" && !i.noop)
+                            || (i.outcome != "success" && failed_start_booted(i))
                     })
                     .count() as i64
             };
             *expected.entry(sent.game.as_str()).or_default() += boots;
         }
-        let mut extra_detail = Vec::new();
         for game in &games {
-            let actual = std::fs::read_to_string(self.state_root.join(game).join("boots"))
-                .map(|t| t.lines().count() as i64)
-                .unwrap_or(0);
             let want = expected.get(game.as_str()).copied().unwrap_or(0);
+            let actual = match boots(self, game) {
+                Some(n) => n,
+                None if want > 0 => {
+                    row.violations.push(format!(
+                        "{game}: no boots file, but the outcomes call for {want} boot(s)"
+                    ));
+                    0
+                }
+                None => 0,
+            };
             row.boots_actual += actual;
             row.boots_expected += want;
-            if actual != want {
-                extra_detail.push(format!("{game}: {actual} boots, {want} expected"));
+            if actual > want {
+                // A start done again, whether or not an entry records it.
+                row.duplicates_executed += (actual - want) as usize;
+                row.violations.push(format!(
+                    "{game}: {actual} engine boots, the outcomes call for {want}: \
+                     {} start(s) redone",
+                    actual - want
+                ));
+            } else if actual < want {
+                row.violations.push(format!(
+                    "{game}: {actual} engine boots, the outcomes call for {want}: \
+                     a recorded start never booted its engine"
+                ));
             }
         }
-        if !extra_detail.is_empty() {
-            let line = format!("boots differ: {}", extra_detail.join("; "));
-            if row.boots_actual > row.boots_expected {
-                row.findings.push(format!(
-                    "{} engine boot(s) more than the outcomes call for: a start was redone \
-                     ({line})",
-                    row.boots_actual - row.boots_expected
-                ));
-            } else {
-                row.notes.push(line);
+
+        // Interruptions (a command handed back for a retry) only where the
+        // scenario injects a fault that explains them.
+        for w in &self.workers {
+            for reason in w.interruptions() {
+                let allowed = Interruption::of(&reason)
+                    .is_some_and(|kind| expect.allowed_interruptions.contains(&kind));
+                if !allowed {
+                    row.violations.push(format!(
+                        "{}: a command was interrupted and retried without a fault that \
+                         explains it: {reason}",
+                        w.name
+                    ));
+                } else {
+                    row.notes
+                        .push(format!("{}: command interrupted ({reason})", w.name));
+                }
             }
         }
 
@@ -591,6 +706,127 @@ impl Rig {
                     trail.join(", ")
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Event guarantees over every event written (outer, inner and
+    /// `runtime.rejected`): each outbox row was received by the observer,
+    /// each log entry has its outbox row, nothing was received that the
+    /// outbox does not hold, and each game's events arrived in the order
+    /// they were written (SPEC §6, §10).
+    async fn verify_events(
+        &self,
+        log: &[Entry],
+        seen: &[Seen],
+        row: &mut Row,
+    ) -> Result<(), String> {
+        let outbox = sqlx::query(
+            "select event_id, seq, operation_id, game_id, routing_key from outbox order by seq",
+        )
+        .fetch_all(&self.db)
+        .await
+        .map_err(|e| format!("read outbox: {e}"))?;
+        struct Written {
+            seq: i64,
+            operation_id: Option<i64>,
+            game: String,
+            routing_key: String,
+        }
+        let written: HashMap<String, Written> = outbox
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<uuid::Uuid, _>("event_id").to_string(),
+                    Written {
+                        seq: r.get("seq"),
+                        operation_id: r.get("operation_id"),
+                        game: r.get("game_id"),
+                        routing_key: r.get("routing_key"),
+                    },
+                )
+            })
+            .collect();
+        row.events_written = written.len();
+
+        // Every entry has its event.
+        let with_event: BTreeSet<i64> = written.values().filter_map(|w| w.operation_id).collect();
+        for e in log.iter().filter(|e| !with_event.contains(&e.operation_id)) {
+            row.events_lost += 1;
+            row.violations.push(format!(
+                "{}: entry #{} ({}{}) has no outbox row: its event was never written",
+                e.game_id,
+                e.operation_id,
+                e.outer_op
+                    .as_deref()
+                    .map(|o| format!("{o}."))
+                    .unwrap_or_default(),
+                e.op
+            ));
+        }
+
+        // Every written event was received; nothing else was.
+        let received: BTreeSet<&str> = seen.iter().filter_map(|s| s.str("event_id")).collect();
+        let mut lost: Vec<(&String, &Written)> = written
+            .iter()
+            .filter(|(id, _)| !received.contains(id.as_str()))
+            .collect();
+        lost.sort_by_key(|(_, w)| w.seq);
+        row.events_lost += lost.len();
+        for (id, w) in &lost {
+            row.violations.push(format!(
+                "{}: event {} ({}, seq {}) was written but never received",
+                w.game,
+                short(id),
+                w.routing_key,
+                w.seq
+            ));
+        }
+        let strays: Vec<&Seen> = seen
+            .iter()
+            .filter(|s| s.str("event_id").is_none_or(|id| !written.contains_key(id)))
+            .collect();
+        if let Some(first) = strays.first() {
+            row.violations.push(format!(
+                "{} received event(s) the outbox does not hold, e.g. {} {}",
+                strays.len(),
+                first.routing_key,
+                first.body
+            ));
+        }
+
+        // Per-game order: the first arrival of each event, in the order the
+        // observer received them, follows the outbox order (`seq`, taken
+        // when the entry was written). A second arrival of an event already
+        // seen (a duplicate command's replay, a relay retry after a lost
+        // confirm) is no reordering.
+        let mut first_seen: BTreeSet<&str> = BTreeSet::new();
+        let mut last_of_game: HashMap<&str, (&str, &Written)> = HashMap::new();
+        for s in seen {
+            let Some(id) = s.str("event_id") else {
+                continue;
+            };
+            let Some(w) = written.get(id) else { continue };
+            if !first_seen.insert(id) {
+                continue;
+            }
+            if let Some((prev_id, prev)) = last_of_game.get(w.game.as_str())
+                && prev.seq > w.seq
+            {
+                row.out_of_order += 1;
+                row.violations.push(format!(
+                    "{}: event {} ({}, seq {}) was received after {} ({}, seq {}), written later",
+                    w.game,
+                    short(id),
+                    w.routing_key,
+                    w.seq,
+                    short(prev_id),
+                    prev.routing_key,
+                    prev.seq
+                ));
+                continue;
+            }
+            last_of_game.insert(w.game.as_str(), (id, w));
         }
         Ok(())
     }

@@ -29,7 +29,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use report::Row;
-use scenarios::KillAt;
+use scenarios::{KillAt, KillIn};
 use services::Dep;
 
 /// One scenario at a time: they share the host's two cores and the shared
@@ -139,6 +139,27 @@ fn kill_during_start() {
         "kill_during_start",
         scenarios::kill_mid_patch(KillAt::NewStarting),
     );
+}
+
+#[test]
+fn kill_during_rollback() {
+    run(
+        "kill_during_rollback",
+        scenarios::kill_mid_op(KillIn::Rollback),
+    );
+}
+
+#[test]
+fn kill_during_restart() {
+    run(
+        "kill_during_restart",
+        scenarios::kill_mid_op(KillIn::Restart),
+    );
+}
+
+#[test]
+fn kill_during_remove() {
+    run("kill_during_remove", scenarios::kill_mid_op(KillIn::Remove));
 }
 
 #[test]

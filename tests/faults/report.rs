@@ -18,7 +18,11 @@ pub struct Row {
     pub failure: usize,
     pub failure_codes: BTreeMap<String, usize>,
     pub duplicates_executed: usize,
+    /// Outbox rows (every event written: outer, inner, rejected).
+    pub events_written: usize,
     pub events_lost: usize,
+    /// Events received before an event of their game written earlier.
+    pub out_of_order: usize,
     pub records_mismatched: usize,
     pub boots_actual: i64,
     pub boots_expected: i64,
@@ -48,7 +52,7 @@ impl Row {
 pub const SCENARIOS: &[(&str, &str)] = &[
     (
         "kill_after_lease",
-        "1a. SIGKILL the worker as soon as the patch's lease appears (before its first Docker call), restart it",
+        "1a. SIGKILL the worker as soon as the patch's lease appears (before its first Docker call: the journal empty, the old container untouched), restart it",
     ),
     (
         "kill_during_pull",
@@ -60,7 +64,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ),
     (
         "kill_after_old_removed",
-        "1d. SIGKILL when Docker reports the old container destroyed, restart",
+        "1d. SIGKILL when Docker reports the old container destroyed (no new container yet), restart",
     ),
     (
         "kill_after_create",
@@ -69,6 +73,18 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     (
         "kill_during_start",
         "1f. SIGKILL when Docker reports the new (HEALTHCHECK) container started, before it is healthy (~1.3 s), restart",
+    ),
+    (
+        "kill_during_rollback",
+        "1g. Patch to a crash-at-boot image; SIGKILL once the rollback has started the previous image again (`rollback.start` journaled), before it is up; restart",
+    ),
+    (
+        "kill_during_restart",
+        "1h. Restart; SIGKILL when Docker reports the new (HEALTHCHECK) container started, before it is healthy; restart",
+    ),
+    (
+        "kill_during_remove",
+        "1i. Remove of a SIGTERM-ignoring engine (RTM_STOP_TIMEOUT=3s); SIGKILL 0.3 s into the inner stop's grace period; restart",
     ),
     (
         "restart_rabbitmq",
@@ -100,7 +116,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ),
     (
         "paused_worker_fenced",
-        "5. SIGSTOP a worker holding a patch's lease past the TTL, a second worker runs a newer command, SIGCONT",
+        "5. SIGSTOP a worker inside its patch's inner `docker stop` (a SIGTERM-ignoring engine) past the lease TTL; a second worker's restart must be recorded and published meanwhile; SIGCONT: the first must give up (lease or fence lost) and write nothing under its old fence",
     ),
 ];
 
@@ -161,14 +177,15 @@ fn render_row(row: &Row) -> String {
         row.commands.to_string()
     };
     format!(
-        "| {} | {} | {} | {} | {} | {} | {} ({} vs {}) | {:.0} s | {} |",
+        "| {} | {} | {} | {} | {} of {} | {} | {} | {} vs {} | {:.0} s | {} |",
         row.key,
         sent,
         outcomes(row),
         row.duplicates_executed,
         row.events_lost,
+        row.events_written,
+        row.out_of_order,
         row.records_mismatched,
-        row.boots_actual - row.boots_expected,
         row.boots_actual,
         row.boots_expected,
         row.wall.as_secs_f64(),
@@ -200,8 +217,8 @@ fn render(rows: &[Row]) -> String {
     );
     let _ = writeln!(
         out,
-        "| scenario | commands sent | outcomes | duplicates executed | events lost | records mismatched | extra boots (actual vs expected) | wall time | result |\n\
-         |---|---|---|---|---|---|---|---|---|"
+        "| scenario | commands sent | outcomes | duplicates executed | events lost (of written) | events out of order | records mismatched | engine boots (actual vs expected) | wall time | result |\n\
+         |---|---|---|---|---|---|---|---|---|---|"
     );
     for (key, _) in SCENARIOS {
         match rows.iter().find(|r| r.key == *key) {
@@ -209,7 +226,7 @@ fn render(rows: &[Row]) -> String {
                 let _ = writeln!(out, "{}", render_row(row));
             }
             None => {
-                let _ = writeln!(out, "| {key} | — | not run in this run | | | | | | |");
+                let _ = writeln!(out, "| {key} | — | not run in this run | | | | | | | |");
             }
         }
     }
@@ -224,12 +241,14 @@ fn render(rows: &[Row]) -> String {
         out,
         "\n## Columns\n\n\
          - **outcomes**: outer operation-log entries (`outer_op` null) of the commands sent, by outcome and error code.\n\
-         - **duplicates executed**: commands with more than one successful, non-rolled-back `start` entry (outer or inner), or more than one outer entry.\n\
-         - **events lost**: commands for which the suite's own durable queue, bound to `runtime.#` on the events exchange before the first publish, never received an outer event.\n\
+         - **duplicates executed**: commands with more than one successful, non-rolled-back `start` entry (outer or inner) or more than one outer entry, plus engine boots beyond what the outcomes call for (a start a killed attempt did without recording it, redone by the next attempt, shows only there). Each is a violation.\n\
+         - **events lost (of written)**: events written to the outbox (one per operation-log entry: outer and inner, plus `runtime.rejected`) that the suite's own durable queue, bound to `runtime.#` on the events exchange before the first publish, never received, plus log entries with no outbox row at all; of how many were written. Each is a violation.\n\
+         - **events out of order**: events received before an event of the same game written earlier (outbox `seq`, taken when the entry is written), judged on each event's first arrival: a second arrival of an event_id already received (a duplicate's replay, a relay retry) is ignored. Each is a violation (SPEC §6: events of one game are published in the order their entries were written).\n\
          - **records mismatched**: games whose `runtime_records` row disagrees with Docker (running ⇔ the container runs `current_image_ref` with `current_container_id`; stopped ⇒ not running; removed or no record ⇒ no container).\n\
-         - **extra boots**: lines in `<state_root>/<game>/boots` (the engine appends one per boot) minus the boots the final outcomes call for (one per successful non-no-op start, restart or patch; for a failed command, one per inner start it recorded). Informational: a positive number means a step was redone (an engine started again), not that a guarantee broke.\n\
+         - **engine boots**: lines in `<state_root>/<game>/boots` (every test engine appends one when it boots, a crash-at-boot engine included) against the boots the final outcomes call for: one per successful non-no-op start, restart or patch; for a failed command, one per start entry whose engine ran (a failed start that exited or never became healthy, and a successful rollback start). Any difference is a violation, and so is a missing `boots` file where boots are expected.\n\
          - **result**: FAIL when any check below was violated.\n\n\
-         Checks after every scenario (bounded wait for quiet first: every command has an outer outcome, the outbox is drained, the command queue is empty, no operation in flight): exactly one outer outcome per command; every observed outer event of a command carries one event_id, equal to `inbox.outcome_event_id` and to the AMQP `message_id`; a command sent N times had its outcome published at least N times; no unexpected failure codes; outer entries of different commands on one game (those holding a fence) never overlap in `[started_at, finished_at]`; records match Docker; `outbox` has no unsent row; every event validates against `schemas/event.schema.json`; each worker exits 0 on SIGTERM; no panic in the worker logs.\n"
+         Checks after every scenario (bounded wait for quiet first: every command has an outer outcome, the outbox is drained, the command queue is empty, no operation in flight, every worker's `/metrics` answering): exactly one outer outcome per command; every observed outer event of a command carries one event_id, equal to `inbox.outcome_event_id` and to the AMQP `message_id`; a command sent N times had its outcome published at least N times; no unexpected failure codes (a rolled-back patch only where the scenario's new image fails); no command interrupted and retried (the worker's `command interrupted` log line) unless the scenario injects the fault that explains it (a kill: the dead attempt's lease is waited out; a lease lost or fenced; the database away); outer entries of different commands on one game (those holding a fence) never overlap in `[started_at, finished_at]`; records match Docker; engine boots as the outcomes call for; every event written to the outbox received, and each game's events in the order written; `outbox` has no unsent row; every event validates against `schemas/event.schema.json`; each worker exits 0 on SIGTERM; no panic in the worker logs.\n\n\
+         Scenario checks, each a violation when it fails: a kill (1a-1i) must hit its step, judged at the kill from the database (the command's outcome not yet recorded, published or not), its journal and Docker (1a: journal empty, old container running and untouched; 1b, 1c: old container running; 1d: no new container; 1e: the new container created, not started; 1f, 1h: the new container started, not healthy; 1g: `rollback.start` journaled, not `rollback.up`; 1i: `stop` journaled, not `remove`, the old container still running), and the redelivered command must end as it should (1a-1f: the patch succeeds on its healthy new image, a rollback is a violation; 1g: rolled back; 1h: running; 1i: removed); 2a-2d and 4b must fire while the worker reports an operation in flight (its `/metrics`), and 2a must leave games with events received on both sides of the broker's return so the order check spans it; 5 checks its premise (paused inside the inner stop, the restart recorded and published while paused) and the fencing (the paused worker reports its attempt interrupted, no entry carries its old fence, fences grow patch < restart < finishing patch).\n"
     );
 
     let _ = writeln!(out, "## Scenarios\n");
@@ -285,7 +304,7 @@ fn render(rows: &[Row]) -> String {
          - **Network partitions and slow links** (packets dropped or delayed rather than connections refused): no traffic shaping is available to the suite. A paused worker (scenario 5) stands in for a partitioned one.\n\
          - **Docker engine crash without live-restore**, and a crash of the shared engine: only a private dockerd with live-restore is restarted (2d); containers survive it by design.\n\
          - **Clock skew between workers**: every worker runs on this host, so `started_at`/`finished_at` share one clock; the overlap check relies on that.\n\
-         - **Kills at other steps** (inside restart, remove, a rollback, or the relay between a publisher confirm and marking the row sent): only the six patch steps of scenario 1 are targeted; 4b kills a worker at whatever point it happens to be.\n"
+         - **Kills at other steps**: the relay between a publisher confirm and marking the row sent, a start command's own steps, and the other steps of restart, remove and rollback than the one 1g-1i target; 4b kills a worker at whatever point it happens to be (checked to be mid-operation).\n"
     );
     out
 }

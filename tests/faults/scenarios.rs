@@ -10,7 +10,7 @@ use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::checks::{Expect, records, short};
+use crate::checks::{Expect, Interruption, outer_recorded, records, short};
 use crate::procs::poll_for;
 use crate::registry::Registry;
 use crate::report::{Row, title};
@@ -85,51 +85,68 @@ pub enum KillAt {
 }
 
 /// Docker events (action, container id) of one container name, from a
-/// second before the call on.
-fn watch_container(
-    rig: &Rig,
-    game: &str,
-) -> (mpsc::UnboundedReceiver<(String, String)>, JoinHandle<()>) {
-    let filters = HashMap::from([
-        ("type".to_owned(), vec!["container".to_owned()]),
-        ("container".to_owned(), vec![rig.container_name(game)]),
-    ]);
-    let options = EventsOptions {
-        since: Some((chrono::Utc::now().timestamp() - 1).to_string()),
-        until: None,
-        filters: Some(filters),
-    };
-    let docker = rig.docker.clone();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        let mut stream = docker.events(Some(options));
-        while let Some(Ok(event)) = stream.next().await {
-            let action = event.action.unwrap_or_default();
-            let id = event.actor.and_then(|a| a.id).unwrap_or_default();
-            if tx.send((action, id)).is_err() {
-                break;
-            }
-        }
-    });
-    (rx, task)
+/// second before the watch began on, kept in arrival order.
+struct ContainerEvents {
+    rx: mpsc::UnboundedReceiver<(String, String)>,
+    /// Every event received so far, the ones waited past included.
+    log: Vec<(String, String)>,
+    task: JoinHandle<()>,
 }
 
-async fn wait_event(
-    rx: &mut mpsc::UnboundedReceiver<(String, String)>,
-    timeout: Duration,
-    want: impl Fn(&str, &str) -> bool,
-) -> Option<(String, String)> {
-    tokio::time::timeout(timeout, async {
-        while let Some((action, id)) = rx.recv().await {
-            if want(&action, &id) {
-                return Some((action, id));
+impl ContainerEvents {
+    fn watch(rig: &Rig, game: &str) -> Self {
+        let filters = HashMap::from([
+            ("type".to_owned(), vec!["container".to_owned()]),
+            ("container".to_owned(), vec![rig.container_name(game)]),
+        ]);
+        let options = EventsOptions {
+            since: Some((chrono::Utc::now().timestamp() - 1).to_string()),
+            until: None,
+            filters: Some(filters),
+        };
+        let docker = rig.docker.clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let mut stream = docker.events(Some(options));
+            while let Some(Ok(event)) = stream.next().await {
+                let action = event.action.unwrap_or_default();
+                let id = event.actor.and_then(|a| a.id).unwrap_or_default();
+                if tx.send((action, id)).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            rx,
+            log: Vec::new(),
+            task,
+        }
+    }
+
+    /// The first event from now on that matches, within `timeout`.
+    async fn wait(
+        &mut self,
+        timeout: Duration,
+        want: impl Fn(&str, &str) -> bool,
+    ) -> Option<(String, String)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
+            self.log.push(event.clone());
+            if want(&event.0, &event.1) {
+                return Some(event);
             }
         }
         None
-    })
-    .await
-    .ok()
-    .flatten()
+    }
+
+    /// Every event received, after letting those of the last `settle`
+    /// arrive (Docker reports an event a moment after it happened); then
+    /// stops watching.
+    async fn finish(mut self, settle: Duration) -> Vec<(String, String)> {
+        let _ = self.wait(settle, |_, _| false).await;
+        self.task.abort();
+        self.log
+    }
 }
 
 pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
@@ -209,7 +226,7 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
         .ok_or("no container after the initial start")?;
 
     // The watcher replays from a second before it started.
-    let (mut docker_events, watcher) = watch_container(&rig, game);
+    let mut docker_events = ContainerEvents::watch(&rig, game);
     let patch = rig.send(game, Cmd::Patch(new.clone()), 1).await;
     let (lease_at, lease) = rig
         .wait_lease(game, &patch, Duration::from_secs(30))
@@ -234,20 +251,22 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
         KillAt::InnerStop => {
             // `docker stop` sends SIGTERM (a `kill` event), which this engine
             // ignores: the stop now waits out its 3 s grace period.
-            wait_event(&mut docker_events, Duration::from_secs(30), |a, id| {
-                a == "kill" && id == old_c.id
-            })
-            .await
-            .ok_or("Docker never reported the inner stop's SIGTERM")?;
+            docker_events
+                .wait(Duration::from_secs(30), |a, id| {
+                    a == "kill" && id == old_c.id
+                })
+                .await
+                .ok_or("Docker never reported the inner stop's SIGTERM")?;
             tokio::time::sleep(Duration::from_millis(300)).await;
             "0.3 s after Docker reported the inner stop's SIGTERM".to_owned()
         }
         KillAt::OldRemoved => {
-            wait_event(&mut docker_events, Duration::from_secs(30), |a, id| {
-                a == "destroy" && id == old_c.id
-            })
-            .await
-            .ok_or("Docker never reported the old container destroyed")?;
+            docker_events
+                .wait(Duration::from_secs(30), |a, id| {
+                    a == "destroy" && id == old_c.id
+                })
+                .await
+                .ok_or("Docker never reported the old container destroyed")?;
             "Docker reported the old container destroyed".to_owned()
         }
         KillAt::NewCreated | KillAt::NewStarting => {
@@ -256,11 +275,12 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
             } else {
                 "start"
             };
-            let (_, new_id) = wait_event(&mut docker_events, Duration::from_secs(30), |a, id| {
-                a == action && id != old_c.id
-            })
-            .await
-            .ok_or_else(|| format!("Docker never reported a new container's {action}"))?;
+            let (_, new_id) = docker_events
+                .wait(Duration::from_secs(30), |a, id| {
+                    a == action && id != old_c.id
+                })
+                .await
+                .ok_or_else(|| format!("Docker never reported a new container's {action}"))?;
             format!(
                 "Docker reported the new container {}'s {action}",
                 short(&new_id)
@@ -270,12 +290,16 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
     rig.workers[0].kill();
     let killed_after = lease_at.elapsed();
     let downloads_at_kill = registry.as_ref().map(Registry::layer_downloads);
-    watcher.abort();
 
-    // What the dead attempt left behind.
-    let at_kill = rig.inspect(game).await?;
-    let done_before_kill = rig.wait_outer(&patch, Duration::ZERO).await.is_some();
+    // What the dead attempt left behind: the database's word on whether
+    // the patch had finished (recorded, published or not), its journal,
+    // what Docker shows, and every Docker event of the game's container
+    // up to now (the dead worker makes no more; a stop it asked for may
+    // still complete).
+    let done_before_kill = outer_recorded(&rig, &patch).await?;
     let journal = rig.journal(&patch).await;
+    let at_kill = rig.inspect(game).await?;
+    let events_at_kill = docker_events.finish(Duration::from_millis(500)).await;
     let left = match &at_kill {
         None => "no container".to_owned(),
         Some(c) if c.id == old_c.id => format!(
@@ -304,11 +328,71 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
         lease,
         journal.join(", ")
     ));
+    rig.note(format!(
+        "Docker events of the game's container from the patch to 0.5 s after the kill: [{}]",
+        events_at_kill
+            .iter()
+            .map(|(a, id)| format!("{a} {}", short(id)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     let mut invalid = Vec::new();
     if done_before_kill {
         invalid.push(format!(
-            "scenario did not hit its step: the patch had already finished when w1 was killed ({trigger})"
+            "scenario did not hit its step: the patch's outcome was already recorded when w1 was killed ({trigger})"
         ));
+    }
+    let touched_old = |actions: &[&str]| {
+        events_at_kill
+            .iter()
+            .any(|(a, id)| *id == old_c.id && actions.contains(&a.as_str()))
+    };
+    let new_created = events_at_kill
+        .iter()
+        .find(|(a, id)| a == "create" && *id != old_c.id)
+        .map(|(_, id)| id.clone());
+    match at {
+        KillAt::AfterLease => {
+            if !journal.is_empty() {
+                invalid.push(format!(
+                    "scenario did not hit its step: the journal already had [{}] at the kill",
+                    journal.join(", ")
+                ));
+            }
+            if !at_kill
+                .as_ref()
+                .is_some_and(|c| c.id == old_c.id && c.running)
+                || touched_old(&["kill", "stop", "die", "destroy"])
+                || new_created.is_some()
+            {
+                invalid.push(format!(
+                    "scenario did not hit its step: Docker work had begun at the kill ({left})"
+                ));
+            }
+        }
+        KillAt::OldRemoved
+            if at_kill.is_some()
+                || new_created.is_some()
+                || journal.iter().any(|s| s == "start.create") =>
+        {
+            invalid.push(format!(
+                "scenario did not hit its step: a new container existed at the kill ({left}; journal [{}])",
+                journal.join(", ")
+            ));
+        }
+        KillAt::NewCreated
+            if events_at_kill
+                .iter()
+                .any(|(a, id)| a == "start" && *id != old_c.id)
+                || at_kill.as_ref().is_some_and(|c| c.running)
+                || journal.iter().any(|s| s == "start.start") =>
+        {
+            invalid.push(format!(
+                "scenario did not hit its step: the kill landed after the new container's start ({left}; journal [{}])",
+                journal.join(", ")
+            ));
+        }
+        _ => {}
     }
     if let Some((begun, done)) = downloads_at_kill
         && begun <= done
@@ -349,18 +433,12 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
             restarted.elapsed().as_secs_f64()
         ));
     }
-    let mut row = rig
-        .finish(
-            title(key),
-            Expect {
-                allow_rolled_back: true,
-                ..Expect::default()
-            },
-        )
-        .await;
+    // The new image is healthy: the patch must finish on it, a rollback is
+    // a violation like any other failure.
+    let mut row = rig.finish(title(key), Expect::after_kill()).await;
     row.violations.extend(invalid);
 
-    // The patch finished (new image runs) or restored the previous one.
+    // The patch finished: the new image runs.
     let record = records(&rig).await?.remove(game);
     let running = record
         .as_ref()
@@ -377,22 +455,13 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
                 ));
             }
         }
-        Some(_) => {
-            let rolled_back = outcome
+        Some(_) => row.violations.push(format!(
+            "the patch to a healthy image failed: {} (record {record:?})",
+            outcome
                 .as_ref()
-                .and_then(|o| o.body.get("rolled_back"))
-                .and_then(serde_json::Value::as_bool)
-                == Some(true);
-            if !(rolled_back && running.as_deref() == Some(old)) {
-                row.violations.push(format!(
-                    "the patch failed without restoring {old}: {} (record {record:?})",
-                    outcome
-                        .as_ref()
-                        .map(|o| o.body.to_string())
-                        .unwrap_or_default()
-                ));
-            }
-        }
+                .map(|o| o.body.to_string())
+                .unwrap_or_default()
+        )),
         None => row
             .violations
             .push("the redelivered patch has no outcome".into()),
@@ -407,6 +476,224 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
             "registry: {begun} layer download(s) begun, {done} finished"
         ));
     }
+    Ok(row)
+}
+
+// ------------------------- 1. kills in a rollback, a restart, a remove
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillIn {
+    /// A patch to a crash-at-boot image rolls back; killed once the
+    /// previous image's engine was started again (`rollback.start`
+    /// journaled), before it counts as up.
+    Rollback,
+    /// A restart, killed when Docker reports the new container started,
+    /// before its HEALTHCHECK passes.
+    Restart,
+    /// A remove, killed in the grace period of its inner stop.
+    Remove,
+}
+
+pub async fn kill_mid_op(at: KillIn) -> Result<Row, String> {
+    let (key, image, stop_timeout) = match at {
+        KillIn::Rollback => ("kill_during_rollback", "rtm-test/engine:1.4.2", "2s"),
+        KillIn::Restart => ("kill_during_restart", "rtm-test/healthy:1.4.2", "2s"),
+        // Ignores SIGTERM: the inner stop waits out its 3 s grace period.
+        KillIn::Remove => ("kill_during_remove", "rtm-test/slow:1.4.2", "3s"),
+    };
+    let rig = Rig::new(
+        key,
+        RigOptions {
+            lease_ttl: "3s",
+            stop_timeout,
+            ..RigOptions::default()
+        },
+    )
+    .await?;
+    rig.start_workers().await?;
+    let game = "g1";
+    let start = rig.send(game, Cmd::Start(image.into()), 1).await;
+    let started = rig
+        .wait_outer(&start, Duration::from_secs(60))
+        .await
+        .ok_or("the initial start has no outcome within 60 s")?;
+    if started.str("outcome") != Some("success") {
+        return Err(format!("the initial start failed: {}", started.body));
+    }
+    let old_c = rig
+        .inspect(game)
+        .await?
+        .ok_or("no container after the initial start")?;
+
+    let mut docker_events = ContainerEvents::watch(&rig, game);
+    let cmd = match at {
+        KillIn::Rollback => Cmd::Patch("rtm-test/crash:1.4.3".into()),
+        KillIn::Restart => Cmd::Restart,
+        KillIn::Remove => Cmd::Remove,
+    };
+    let command = rig.send(game, cmd, 1).await;
+    let trigger = match at {
+        KillIn::Rollback => {
+            let journaled = poll_for(
+                Duration::from_secs(60),
+                Duration::from_millis(5),
+                || async {
+                    rig.journal(&command)
+                        .await
+                        .iter()
+                        .any(|s| s == "rollback.start")
+                        .then_some(())
+                },
+            )
+            .await;
+            journaled.ok_or("the patch never journaled rollback.start within 60 s")?;
+            "the journal recorded rollback.start".to_owned()
+        }
+        KillIn::Restart => {
+            let (_, new_id) = docker_events
+                .wait(Duration::from_secs(30), |a, id| {
+                    a == "start" && id != old_c.id
+                })
+                .await
+                .ok_or("Docker never reported the restart's new container started")?;
+            format!(
+                "Docker reported the new container {}'s start",
+                short(&new_id)
+            )
+        }
+        KillIn::Remove => {
+            docker_events
+                .wait(Duration::from_secs(30), |a, id| {
+                    a == "kill" && id == old_c.id
+                })
+                .await
+                .ok_or("Docker never reported the inner stop's SIGTERM")?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            "0.3 s after Docker reported the inner stop's SIGTERM".to_owned()
+        }
+    };
+    rig.workers[0].kill();
+
+    // Did the kill land in the step? Judged from the database and Docker.
+    let done_before_kill = outer_recorded(&rig, &command).await?;
+    let journal = rig.journal(&command).await;
+    let at_kill = rig.inspect(game).await?;
+    let events = docker_events.finish(Duration::from_millis(500)).await;
+    let left = match &at_kill {
+        None => "no container".to_owned(),
+        Some(c) => format!(
+            "container {} of {} (running={}{})",
+            short(&c.id),
+            c.image,
+            c.running,
+            c.health
+                .as_deref()
+                .map(|h| format!(", {h}"))
+                .unwrap_or_default()
+        ),
+    };
+    rig.note(format!(
+        "killed w1: {trigger}; Docker then showed {left}; journal steps by then: [{}]; \
+         Docker events of the game's container up to 0.5 s after the kill: [{}]",
+        journal.join(", "),
+        events
+            .iter()
+            .map(|(a, id)| format!("{a} {}", short(id)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let has = |step: &str| journal.iter().any(|s| s == step);
+    let mut invalid = Vec::new();
+    if done_before_kill {
+        invalid.push(format!(
+            "scenario did not hit its step: the outcome was already recorded at the kill ({trigger})"
+        ));
+    }
+    let hit = match at {
+        KillIn::Rollback => {
+            has("rollback.start")
+                && !has("rollback.up")
+                && at_kill
+                    .as_ref()
+                    .is_some_and(|c| c.running && c.image == image)
+        }
+        KillIn::Restart => {
+            !has("start.up")
+                && at_kill.as_ref().is_some_and(|c| {
+                    c.id != old_c.id && c.running && c.health.as_deref() != Some("healthy")
+                })
+        }
+        KillIn::Remove => {
+            has("stop")
+                && !has("remove")
+                && at_kill
+                    .as_ref()
+                    .is_some_and(|c| c.id == old_c.id && c.running)
+        }
+    };
+    if !hit {
+        invalid.push(format!(
+            "scenario did not hit its step: {left}, journal [{}] at the kill",
+            journal.join(", ")
+        ));
+    }
+
+    let restarted = Instant::now();
+    rig.workers[0].spawn();
+    let outcome = rig.wait_outer(&command, Duration::from_secs(120)).await;
+    if outcome.is_some() {
+        rig.note(format!(
+            "the redelivered command finished {:.1} s after the restart",
+            restarted.elapsed().as_secs_f64()
+        ));
+    }
+    let expect = match at {
+        // The crash image makes the rollback the one right answer.
+        KillIn::Rollback => Expect {
+            allow_rolled_back: true,
+            ..Expect::after_kill()
+        },
+        KillIn::Restart | KillIn::Remove => Expect::after_kill(),
+    };
+    let mut row = rig.finish(title(key), expect).await;
+    row.violations.extend(invalid);
+
+    // One outcome, the right one; the record says what Docker shows (the
+    // common checks compare them, and count the boots).
+    let record = records(&rig).await?.remove(game);
+    let body = outcome.as_ref().map(|o| o.body.clone());
+    let field = |name: &str| body.as_ref().and_then(|b| b.get(name)).cloned();
+    let ended_right = match at {
+        KillIn::Rollback => {
+            field("outcome") == Some("failure".into())
+                && field("error_code") == Some("container_start_failed".into())
+                && field("rolled_back") == Some(true.into())
+                && record
+                    .as_ref()
+                    .is_some_and(|r| r.status == "running" && r.image == image)
+        }
+        KillIn::Restart => {
+            field("outcome") == Some("success".into())
+                && record
+                    .as_ref()
+                    .is_some_and(|r| r.status == "running" && r.image == image)
+        }
+        KillIn::Remove => {
+            field("outcome") == Some("success".into())
+                && record.as_ref().is_some_and(|r| r.status == "removed")
+        }
+    };
+    if !ended_right {
+        row.violations.push(format!(
+            "the redelivered {} ended wrong: outcome {} (record {record:?})",
+            key.trim_start_matches("kill_during_"),
+            body.map(|b| b.to_string()).unwrap_or_else(|| "none".into())
+        ));
+    }
+    row.notes.push(format!(
+        "journal at the end: [{}]",
+        rig.journal(&command).await.join(", ")
+    ));
     Ok(row)
 }
 
@@ -437,6 +724,10 @@ pub async fn restart_dep(dep: Dep) -> Result<Row, String> {
     let stream_start = Instant::now();
     let outage = async {
         tokio::time::sleep(Duration::from_millis(2500)).await;
+        // The outage must catch work under way: wait (bounded) until the
+        // worker reports an operation in flight, then take the dependency
+        // down at once.
+        let busy = busy_worker(&rig.workers[0], Duration::from_secs(5)).await;
         let sent_before = rig.ledger.lock().unwrap().len();
         let t = Instant::now();
         rig.stop_dep(dep).await?;
@@ -460,6 +751,7 @@ pub async fn restart_dep(dep: Dep) -> Result<Row, String> {
         let during = during.map_err(|e| format!("{e}; last answer {last:?}"));
         let t2 = Instant::now();
         rig.start_dep(dep).await?;
+        let received_by_return = rig.observer.snapshot().len();
         rig.note(format!(
             "{} taken down {:.1} s into the stream after {sent_before} command(s) were sent \
              (stopping took {} ms), down {:.1} s in all, back up {} ms after its start began",
@@ -469,14 +761,23 @@ pub async fn restart_dep(dep: Dep) -> Result<Row, String> {
             (t2 - t).as_secs_f64() + t2.elapsed().as_secs_f64(),
             t2.elapsed().as_millis()
         ));
-        Ok::<_, String>(during)
+        Ok::<_, String>((during, busy, received_by_return))
     };
     let ((), outage) = tokio::join!(
         open_stream(&rig, &games, Duration::from_millis(200), 1),
         outage
     );
-    let during = outage?;
+    let (during, busy, received_by_return) = outage?;
     let mut readyz = Vec::new();
+    match busy {
+        Ok(n) => rig.note(format!(
+            "{n} operation(s) in flight on w1 when {} was taken down",
+            dep.name()
+        )),
+        Err(e) => readyz.push(format!(
+            "the outage did not hit an operation in flight: {e}"
+        )),
+    }
     match &during {
         Ok((after, body)) => rig.note(format!(
             "/readyz reported it down {} ms after it stopped: 503 {body}",
@@ -497,9 +798,74 @@ pub async fn restart_dep(dep: Dep) -> Result<Row, String> {
         rig.ledger.lock().unwrap().len(),
         stream_start.elapsed().as_secs_f64()
     ));
-    let mut row = rig.finish(title(key), Expect::all_success()).await;
+    let expect = match dep {
+        // Leases vanish with Redis: an operation finds its lease gone (or
+        // its fence taken by the redelivery) and is retried.
+        Dep::Redis => Expect {
+            allowed_interruptions: &[
+                Interruption::LeaseLost,
+                Interruption::FenceLost,
+                Interruption::StillRunning,
+                Interruption::Blocked,
+            ],
+            ..Expect::default()
+        },
+        // An outcome that cannot be written while PostgreSQL is down.
+        Dep::Postgres => Expect {
+            allowed_interruptions: &[Interruption::Unrecorded, Interruption::StillRunning],
+            ..Expect::default()
+        },
+        Dep::RabbitMq | Dep::Docker => Expect::all_success(),
+    };
+    let mut row = rig.finish(title(key), expect).await;
     row.violations.extend(readyz);
+    if dep == Dep::RabbitMq {
+        // The per-game order check (in `finish`) covers the broker's return
+        // only if games had events received on both sides of it.
+        let seen = rig.observer.snapshot();
+        let games_of = |events: &[crate::rig::Seen]| -> std::collections::BTreeSet<String> {
+            events
+                .iter()
+                .filter_map(|s| s.str("game_id").map(str::to_owned))
+                .collect()
+        };
+        let before = games_of(&seen[..received_by_return.min(seen.len())]);
+        let after = games_of(&seen[received_by_return.min(seen.len())..]);
+        let across = before.intersection(&after).count();
+        if across == 0 {
+            row.violations.push(
+                "no game had events received both before and after the broker returned: \
+                 per-game order across the outage went unchecked"
+                    .into(),
+            );
+        } else {
+            row.notes.push(format!(
+                "{across} game(s) had events received both before and after the broker \
+                 returned; their order is checked across the outage"
+            ));
+        }
+    }
     Ok(row)
+}
+
+/// Polls `w`'s `/metrics` until it reports an operation in flight; the
+/// count, or why not (idle throughout, or `/metrics` not answering).
+async fn busy_worker(w: &crate::worker::Worker, timeout: Duration) -> Result<f64, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = w.in_flight().await;
+        match now {
+            Ok(n) if n > 0.0 => return Ok(n),
+            Ok(_) if Instant::now() >= deadline => {
+                return Err(format!(
+                    "{} reported no operation in flight for {timeout:?}",
+                    w.name
+                ));
+            }
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
 }
 
 // ------------------------------------------------------ 3. duplicates
@@ -557,6 +923,9 @@ pub async fn two_workers_closed_loop_kill() -> Result<Row, String> {
     let stream_start = Instant::now();
     let chaos = async {
         tokio::time::sleep(Duration::from_secs(4)).await;
+        // The kill must land mid-command: wait (bounded) for w1 to report
+        // an operation in flight.
+        let busy = busy_worker(&rig.workers[0], Duration::from_secs(6)).await;
         let sent = rig.ledger.lock().unwrap().len();
         let at = stream_start.elapsed();
         rig.workers[0].kill();
@@ -566,10 +935,20 @@ pub async fn two_workers_closed_loop_kill() -> Result<Row, String> {
             "w1 SIGKILLed {:.1} s into the stream ({sent} commands sent by then), restarted 1 s later",
             at.as_secs_f64()
         ));
+        busy
     };
     let games = games(8);
-    tokio::join!(closed_stream(&rig, &games, 2), chaos);
-    Ok(rig.finish(title(key), Expect::all_success()).await)
+    let ((), busy) = tokio::join!(closed_stream(&rig, &games, 2), chaos);
+    let mut row = rig.finish(title(key), Expect::after_kill()).await;
+    match busy {
+        Ok(n) => row
+            .notes
+            .push(format!("{n} operation(s) in flight on w1 at the kill")),
+        Err(e) => row
+            .violations
+            .push(format!("the kill did not hit an operation in flight: {e}")),
+    }
+    Ok(row)
 }
 
 // ------------------------------------------- 5. a paused worker is fenced
@@ -581,6 +960,9 @@ pub async fn paused_worker_fenced() -> Result<Row, String> {
         RigOptions {
             workers: 2,
             lease_ttl: "3s",
+            // The old engine ignores SIGTERM: the patch's inner `docker
+            // stop` lasts the whole grace period, and w1 is paused inside it.
+            stop_timeout: "3s",
             // w1 holds only the patch, so the next command goes to w2.
             prefetch: Some("1"),
             ..RigOptions::default()
@@ -592,7 +974,7 @@ pub async fn paused_worker_fenced() -> Result<Row, String> {
     w1.wait_ready(Duration::from_secs(90)).await?;
     let game = "g1";
     let start = rig
-        .send(game, Cmd::Start("rtm-test/engine:1.4.2".into()), 1)
+        .send(game, Cmd::Start("rtm-test/slow:1.4.2".into()), 1)
         .await;
     let started = rig
         .wait_outer(&start, Duration::from_secs(60))
@@ -601,6 +983,11 @@ pub async fn paused_worker_fenced() -> Result<Row, String> {
     if started.str("outcome") != Some("success") {
         return Err(format!("the initial start failed: {}", started.body));
     }
+    let old_c = rig
+        .inspect(game)
+        .await?
+        .ok_or("no container after the initial start")?;
+    let mut docker_events = ContainerEvents::watch(&rig, game);
     let patch = rig
         .send(game, Cmd::Patch("rtm-test/engine:1.4.3".into()), 1)
         .await;
@@ -608,14 +995,43 @@ pub async fn paused_worker_fenced() -> Result<Row, String> {
         .wait_lease(game, &patch, Duration::from_secs(30))
         .await
         .ok_or("the patch never took the game's lease")?;
+    // The inner stop's SIGTERM: w1 is now waiting on `docker stop`.
+    docker_events
+        .wait(Duration::from_secs(30), |a, id| {
+            a == "kill" && id == old_c.id
+        })
+        .await
+        .ok_or("Docker never reported the inner stop's SIGTERM")?;
     w1.pause();
     let paused_at = Instant::now();
+    let mut violations = Vec::new();
     let journal = rig.journal(&patch).await;
+    let fence_at_pause: Option<i64> =
+        sqlx::query_scalar("select fence from game_fences where game_id = $1")
+            .bind(game)
+            .fetch_optional(&rig.db)
+            .await
+            .map_err(|e| format!("read game_fences: {e}"))?;
+    let during_stop = rig
+        .inspect(game)
+        .await?
+        .is_some_and(|c| c.id == old_c.id && c.running);
     rig.note(format!(
-        "w1 SIGSTOPped {} ms after the patch's lease appeared (journal: [{}])",
+        "w1 SIGSTOPped {} ms after the patch's lease appeared, as Docker reported the inner \
+         stop's SIGTERM (journal: [{}]; fence {fence_at_pause:?}; old container running: \
+         {during_stop})",
         lease_at.elapsed().as_millis(),
         journal.join(", ")
     ));
+    if !during_stop || journal.iter().all(|s| s != "stop") || outer_recorded(&rig, &patch).await? {
+        violations.push(format!(
+            "scenario did not hit its step: w1 was not paused inside the inner stop (journal [{}], \
+             old container running: {during_stop})",
+            journal.join(", ")
+        ));
+    }
+    docker_events.finish(Duration::ZERO).await;
+
     w2.spawn();
     w2.wait_ready(Duration::from_secs(90)).await?;
     // Wait for the paused holder's lease to expire.
@@ -624,7 +1040,9 @@ pub async fn paused_worker_fenced() -> Result<Row, String> {
     }
     let restart = rig.send(game, Cmd::Restart, 1).await;
     let sent_at = Instant::now();
-    // The restart's outcome as recorded, then as published.
+    // The restart's outcome as recorded, then as published, while w1 is
+    // still paused: neither the lease, nor the fence, nor the relay may
+    // wait for it.
     let recorded = poll_for(
         Duration::from_secs(40),
         Duration::from_millis(100),
@@ -643,63 +1061,121 @@ pub async fn paused_worker_fenced() -> Result<Row, String> {
     )
     .await;
     let published = rig.wait_outer(&restart, Duration::from_secs(10)).await;
-    let mut findings = Vec::new();
     match &recorded {
-        None => rig.note("w2's restart, sent while w1 was paused: no outcome recorded within 40 s"),
+        None => violations.push(
+            "w2's restart, sent while w1 was paused, had no outcome recorded within 40 s: \
+             the paused worker held the game up"
+                .into(),
+        ),
         Some(((outcome, code), after)) => {
             rig.note(format!(
-                "w2's restart, sent while w1 was paused, recorded {outcome}{} after {:.1} s; \
-                 its event {}",
+                "w2's restart, sent while w1 was paused, recorded {outcome}{} after {:.1} s",
                 code.as_deref().map(|c| format!(" {c}")).unwrap_or_default(),
                 after.as_secs_f64(),
-                if published.is_some() {
-                    "was published".to_owned()
-                } else {
-                    "was still unpublished 10 s later".to_owned()
-                }
             ));
             if published.is_none() {
-                findings.push(
-                    "outcome events stall while a worker is paused: w2's restart was recorded \
-                     but no event was published until w1 was resumed (w1 started first and holds \
-                     the relay's advisory lock on a live PostgreSQL session; a paused or \
-                     partitioned leader keeps it until its session dies)"
-                        .to_owned(),
+                violations.push(
+                    "w2's restart was recorded while w1 was paused, but its event was not \
+                     published within 10 s: the paused worker's `relay_leader` lease should \
+                     have run out and w2's relay taken over"
+                        .into(),
                 );
             }
         }
     }
     w1.resume();
-    let resumed_at = Instant::now();
     rig.note(format!(
         "w1 SIGCONTed after {:.1} s paused",
         paused_at.elapsed().as_secs_f64()
     ));
-    if published.is_none() && recorded.is_some() {
-        let late = rig.wait_outer(&restart, Duration::from_secs(30)).await;
-        rig.note(format!(
-            "the restart's event {}",
-            if late.is_some() {
-                format!(
-                    "was published {} ms after w1 resumed",
-                    resumed_at.elapsed().as_millis()
-                )
-            } else {
-                "was not published within 30 s of w1 resuming".into()
-            }
-        ));
-    }
-    let mut row = rig.finish(title(key), Expect::all_success()).await;
-    row.findings.extend(findings);
-    // Evidence: what w1 logged about its lease once resumed.
+    let outcome = rig.wait_outer(&patch, Duration::from_secs(120)).await;
+    let mut row = rig
+        .finish(
+            title(key),
+            Expect {
+                // w1 finds its lease gone or its fence taken; the patch's
+                // redelivery may wait out w1's attempt.
+                allowed_interruptions: &[
+                    Interruption::LeaseLost,
+                    Interruption::FenceLost,
+                    Interruption::StillRunning,
+                ],
+                ..Expect::default()
+            },
+        )
+        .await;
+    row.violations.extend(violations);
+
+    // Fencing. w1 must have given up its attempt (its lease or fence gone)
+    // rather than carry on, and nothing it wrote may carry the fence it
+    // held once the restart took a newer one.
     let text = std::fs::read_to_string(&w1.log).unwrap_or_default();
-    let after: Vec<&str> = text
+    let after_cont: Vec<&str> = text
         .lines()
         .skip_while(|l| !l.contains("SIGCONT"))
+        .collect();
+    let gave_up = after_cont.iter().any(|l| {
+        l.contains("command interrupted")
+            && (l.contains("took the fence") || l.contains("was lost; stopping"))
+            && l.contains(patch.as_str())
+    });
+    if !gave_up {
+        row.violations.push(
+            "w1 never reported its patch attempt interrupted by a lost lease or fence after \
+             SIGCONT"
+                .into(),
+        );
+    }
+    let fences: Vec<(String, String, Option<i64>)> = sqlx::query_as(
+        "select command_id, coalesce(outer_op || '.', '') || op, fence from operation_log
+          where game_id = $1 order by operation_id",
+    )
+    .bind(game)
+    .fetch_all(&rig.db)
+    .await
+    .map_err(|e| format!("read operation_log: {e}"))?;
+    let fence_of = |command: &str| {
+        fences
+            .iter()
+            .filter(|(c, op, _)| c == command && !op.contains('.'))
+            .find_map(|(_, _, f)| *f)
+    };
+    if let Some(stale) = fence_at_pause {
+        let written: Vec<String> = fences
+            .iter()
+            .filter(|(_, _, f)| *f == Some(stale))
+            .map(|(c, op, _)| format!("{op} {}", short(c)))
+            .collect();
+        if !written.is_empty() {
+            row.violations.push(format!(
+                "entries written under w1's fence {stale} after the restart took a newer one: {}",
+                written.join(", ")
+            ));
+        }
+        match (fence_of(&restart), fence_of(&patch)) {
+            (Some(r), Some(p)) if stale < r && r < p => row.notes.push(format!(
+                "fences: w1's patch attempt {stale}, w2's restart {r}, the patch's finishing attempt {p}"
+            )),
+            (r, p) => row.violations.push(format!(
+                "fences out of order: w1's patch attempt {stale}, the restart {r:?}, the patch's \
+                 outer entry {p:?} (each must be newer than the last)"
+            )),
+        }
+    } else {
+        row.violations
+            .push("no fence for the game while w1 held the patch's lease".into());
+    }
+    match outcome.as_ref().and_then(|o| o.str("outcome")) {
+        Some("success") => {}
+        other => row
+            .violations
+            .push(format!("the patch did not end in success: {other:?}")),
+    }
+    for line in after_cont
+        .iter()
         .filter(|l| l.contains("lease") || l.contains("fence") || l.contains("interrupted"))
         .take(6)
-        .collect();
-    for line in after {
+    {
         row.notes
             .push(format!("w1 after SIGCONT: {}", compact_log_line(line)));
     }

@@ -207,6 +207,39 @@ impl Worker {
         tail_file(&self.log, lines)
     }
 
+    /// `rtmanager_operations_in_flight` as this worker's `/metrics` reports
+    /// it; an error when it does not answer (unknown is not idle).
+    pub async fn in_flight(&self) -> Result<f64, String> {
+        match self.http_get("/metrics").await {
+            Ok((200, body)) => Ok(body
+                .lines()
+                .filter(|l| l.starts_with(rtmanager::telemetry::OPERATIONS_IN_FLIGHT))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()),
+            Ok((status, _)) => Err(format!("{}: /metrics answered {status}", self.name)),
+            Err(e) => Err(format!("{}: /metrics did not answer: {e}", self.name)),
+        }
+    }
+
+    /// The `reason` of every "command interrupted" line in the log, in
+    /// order.
+    pub fn interruptions(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("command interrupted"))
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| {
+                        let fields = v.get("fields").unwrap_or(&v);
+                        fields.get("reason")?.as_str().map(str::to_owned)
+                    })
+                    .unwrap_or_else(|| l.chars().take(300).collect())
+            })
+            .collect()
+    }
+
     /// A line in the worker's log marking what the suite did to it.
     fn note(&self, what: &str) {
         if let Ok(mut log) = OpenOptions::new().append(true).open(&self.log) {
