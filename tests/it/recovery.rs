@@ -12,11 +12,13 @@ use rtmanager::lifecycle::{Handled, Interrupted, Lifecycle};
 use rtmanager::outbound::docker::DockerEngine;
 use rtmanager::outbound::postgres::PgStore;
 use rtmanager::outbound::redis_lease::RedisLeases;
-use rtmanager::ports::{ContainerEngine, LeaseHolder, LeaseStore, RuntimeStore};
+use rtmanager::ports::{ContainerEngine, ContainerInfo, LeaseHolder, LeaseStore, RuntimeStore};
 
 use crate::docker_support::DockerTestEnv;
 use crate::fakes::{FlakyLeases, HangingEngine, StallingStore};
-use crate::harness::{TestDb, assert_success, command_request, redis_url, unique, wait_for_lease};
+use crate::harness::{
+    TestDb, assert_success, command_request, eventually, redis_url, unique, wait_for_lease,
+};
 
 /// The real adapters of one test; services are built from them with
 /// whichever wrappers a test needs.
@@ -117,6 +119,11 @@ impl World {
     fn boots(&self, game: &GameId) -> String {
         let path = self.docker.engine.state_dir(game).join("boots");
         std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    /// What Docker has for the game.
+    async fn container(&self, game: &GameId) -> Option<ContainerInfo> {
+        self.docker.engine.inspect(game).await.unwrap()
     }
 
     async fn running_image(&self, game: &GameId) -> Option<String> {
@@ -246,19 +253,32 @@ async fn a_start_that_died_after_docker_started_the_engine_ends_with_one_running
     hanging.hang_start.store(true, Ordering::SeqCst);
     let first = world.with_engine(hanging.clone());
     die_at(first.handle(request.clone()), &hanging.reached).await;
+    // Docker reported the start; the engine appends its boot line a moment
+    // later.
+    eventually(Duration::from_secs(10), "the engine boots", || async {
+        (world.boots(&game) == "1.4.2\n").then_some(())
+    })
+    .await;
+    let started = world.container(&game).await.unwrap();
+    assert!(started.running);
 
+    // The resumption adopts the container the dead attempt started: no
+    // second create, no second boot.
     let handled = world.plain().handle(request.clone()).await.unwrap();
     assert_success(&handled.event);
     assert_eq!(world.entries(&request.command_id).await, ["start.success"]);
+    assert_eq!(world.boots(&game), "1.4.2\n", "no second boot");
+    assert_eq!(
+        handled.event.container_id.as_deref(),
+        Some(started.id.as_str()),
+        "the dead attempt's container, not a new one"
+    );
     assert_eq!(
         world.running_image(&game).await.as_deref(),
         Some("rtm-test/engine:1.4.2")
     );
     let record = world.store().load(&game).await.unwrap().unwrap();
-    assert_eq!(
-        record.state.container_id().map(|c| c.to_string()),
-        handled.event.container_id
-    );
+    assert_eq!(record.state.container_id(), Some(&started.id));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,17 +309,33 @@ async fn a_duplicate_of_a_running_command_waits_for_its_outcome() {
     let game = world.started("rtm-test/slow:1.4.2").await;
     // The restart of a slow engine takes the 2 s grace period.
     let request = world.request(OpKind::Restart, &game, None);
-    let (a, b) = (world.plain(), world.plain());
-    let first = spawn_handle(a, &request);
+    let first = spawn_handle(world.plain(), &request);
     wait_for_lease(&world.leases, &game, &request.command_id).await;
-    let second = b.handle(request.clone()).await;
-    let first = first.await.unwrap().unwrap();
-    let second = match second {
+    // The grace period has just begun: the first attempt has not answered.
+    assert!(world.entries(&request.command_id).await.len() < 3);
+
+    // The duplicate waits up to two of its lease lifetimes for the running
+    // attempt: a long lease here, so that wait outlasts the restart on a
+    // slow machine, and giving up (`StillRunning`) is a failure.
+    let waiting = Lifecycle::new(
+        world.store(),
+        world.leases.clone(),
+        world.docker.engine.clone(),
+        LifecycleConfig {
+            lease_ttl: Duration::from_secs(60),
+            ..config()
+        },
+    );
+    let second = match waiting.handle(request.clone()).await {
         Ok(handled) => handled,
-        // Still running past two lease lifetimes: the consumer retries.
-        Err(Interrupted::StillRunning(_)) => world.plain().handle(request.clone()).await.unwrap(),
-        Err(e) => panic!("{e}"),
+        Err(e) => panic!("the duplicate did not wait for the running attempt: {e}"),
     };
+    assert_eq!(
+        world.entries(&request.command_id).await.len(),
+        3,
+        "it answered once the first attempt's outcome was recorded"
+    );
+    let first = first.await.unwrap().unwrap();
     assert!(!first.duplicate);
     assert!(
         second.duplicate,
@@ -430,6 +466,7 @@ async fn a_holder_whose_renewals_fail_stops_before_its_next_docker_step() {
     cfg.lease_ttl = Duration::from_millis(1500);
     let service = Lifecycle::new(world.store(), flaky, world.docker.engine.clone(), cfg);
     let request = world.request(OpKind::Patch, &game, Some("rtm-test/slow:1.4.3"));
+    let old = world.container(&game).await.unwrap().id;
 
     // The stop of the slow engine outlasts the lease: the holder must give up
     // instead of removing and starting containers without it.
@@ -446,17 +483,29 @@ async fn a_holder_whose_renewals_fail_stops_before_its_next_docker_step() {
             .any(|e| e == "patch.start.success"),
         "no start after the lease was lost"
     );
-    assert!(
-        world.docker.engine.inspect(&game).await.unwrap().is_some(),
+    assert_eq!(
+        world.container(&game).await.map(|i| i.id),
+        Some(old.clone()),
         "the old container was not removed without the lease"
     );
+    assert_eq!(world.boots(&game), "1.4.2\n", "nothing booted without it");
 
-    // Redelivered with working leases, the command resumes and finishes.
+    // Redelivered with working leases, the command resumes and finishes:
+    // one new container, booted once.
     let handled = world.plain().handle(request.clone()).await.unwrap();
     assert_success(&handled.event);
+    assert_eq!(world.boots(&game), "1.4.2\n1.4.3\n", "one boot of 1.4.3");
+    let running = world.container(&game).await.unwrap();
+    assert!(running.running);
+    assert_eq!(running.image_ref, "rtm-test/slow:1.4.3");
+    assert_ne!(running.id, old);
     assert_eq!(
-        world.running_image(&game).await.as_deref(),
-        Some("rtm-test/slow:1.4.3")
+        handled.event.container_id.as_deref(),
+        Some(running.id.as_str())
+    );
+    assert_eq!(
+        world.entries(&request.command_id).await,
+        ["patch.stop.success", "patch.start.success", "patch.success"]
     );
 }
 

@@ -654,7 +654,20 @@ async fn send_wait_exits_0_on_success_and_1_on_a_failure() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("start"), "{stdout}");
+    // The CLI's own line, then the outcome's: op, outcome and image in their
+    // columns (the first line alone names `start` too).
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].starts_with(&format!("sent start {game} (command ")),
+        "{stdout}"
+    );
+    let columns: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        columns.get(1..4),
+        Some(&["start", "success", "rtm-test/engine:1.4.2"][..]),
+        "{stdout}"
+    );
 
     let out = run(send(&[
         "send",
