@@ -196,3 +196,60 @@ pub async fn wait_for_file(path: &Path, needle: &str, timeout: Duration) -> Stri
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// An image name of the test's own (`rtmt-<unique>/engine:<tag>`), tagged
+/// onto an image that exists, so a test can later point it at another
+/// image (what a registry tag moved under a running game looks like). The
+/// name is untagged on drop; the images it pointed at stay.
+pub struct TestImageTag {
+    pub name: String,
+}
+
+impl TestImageTag {
+    pub async fn new(tag: &str, source: &str) -> Self {
+        let this = Self {
+            name: format!("{}/engine:{tag}", unique("rtmt")),
+        };
+        this.point_at(source).await;
+        this
+    }
+
+    /// Moves the name onto `source`.
+    pub async fn point_at(&self, source: &str) {
+        let (repo, tag) = self.name.rsplit_once(':').expect("repo:tag");
+        let options = bollard::query_parameters::TagImageOptionsBuilder::default()
+            .repo(repo)
+            .tag(tag)
+            .build();
+        test_client()
+            .await
+            .tag_image(source, Some(options))
+            .await
+            .unwrap_or_else(|e| panic!("tag {source} as {}: {e}", self.name));
+    }
+}
+
+impl Drop for TestImageTag {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let options = bollard::query_parameters::RemoveImageOptionsBuilder::default()
+                    .noprune(true)
+                    .build();
+                if let Err(e) = test_client()
+                    .await
+                    .remove_image(&name, Some(options), None)
+                    .await
+                {
+                    eprintln!("untag {name}: {e}");
+                }
+            });
+        })
+        .join();
+    }
+}

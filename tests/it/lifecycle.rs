@@ -15,7 +15,7 @@ use rtmanager::outbound::postgres::PgStore;
 use rtmanager::outbound::redis_lease::RedisLeases;
 use rtmanager::ports::{Acquired, ContainerEngine, LeaseHolder, LeaseStore, RuntimeStore};
 
-use crate::docker_support::DockerTestEnv;
+use crate::docker_support::{DockerTestEnv, TestImageTag};
 use crate::harness::{TestDb, assert_success, command_request, redis_url, unique};
 
 const ENGINE_142: &str = "rtm-test/engine:1.4.2";
@@ -514,6 +514,114 @@ async fn a_patch_that_does_not_come_up_is_rolled_back() {
     assert_eq!(rig.outbox_count(&correlation).await, 4);
 }
 
+/// A new image that starts but never turns healthy is rolled back like one
+/// that crashes (SPEC §3, §4): the HEALTHCHECK decides "up", not the process.
+#[tokio::test]
+async fn a_patch_whose_new_engine_never_turns_healthy_is_rolled_back() {
+    let rig = Rig::with(|c| c.health_timeout = Duration::from_secs(5)).await;
+    let game = rig.started(ENGINE_142).await;
+
+    let mut request = rig.request(OpKind::Patch, &game, Some("rtm-test/unhealthy:1.4.3"));
+    request.source_ref = Some(unique("req"));
+    let correlation = request.source_ref.clone().unwrap();
+    let event = rig.run(request).await;
+    let message = assert_failure(&event, ErrorCode::ContainerStartFailed);
+    assert!(event.rolled_back, "{message}");
+    // Unhealthy as reported, or still not healthy at the timeout on a slow
+    // machine: either way the health check is what failed it.
+    assert!(
+        message.contains("unhealthy") || message.contains("did not become healthy"),
+        "{message}"
+    );
+    assert!(
+        message.contains("rolled back to rtm-test/engine:1.4.2"),
+        "{message}"
+    );
+    assert_eq!(
+        rig.steps(&game, &correlation).await,
+        [
+            "patch.stop.success",
+            "patch.start.failure",
+            "patch.start.success",
+            "patch.failure"
+        ]
+    );
+    let log = rig.log(&game).await;
+    let rollback = &log[log.len() - 2];
+    assert!(rollback.rolled_back, "the rollback start is marked");
+    assert_eq!(rollback.image_ref.as_deref(), Some(ENGINE_142));
+
+    assert_eq!(
+        rig.status(&game).await,
+        (RuntimeStatus::Running, ENGINE_142.into())
+    );
+    let (running, image, id) = rig.docker_state(&game).await.unwrap();
+    assert!(running);
+    assert_eq!(image, ENGINE_142, "the previous image runs again");
+    assert_eq!(event.container_id.as_deref(), Some(id.as_str()));
+    assert_eq!(
+        rig.boots(&game).await,
+        "1.4.2\n1.4.3\n1.4.2\n",
+        "the unhealthy engine booted once, on the same state directory"
+    );
+}
+
+/// The previous image no longer starts either (its tag was moved to an
+/// engine that crashes at boot): the rollback fails too, the game is left
+/// stopped on the previous image, and the message tells both failures
+/// (SPEC §3).
+#[tokio::test]
+async fn a_patch_whose_rollback_fails_too_leaves_the_game_stopped() {
+    let previous = TestImageTag::new("1.4.2", ENGINE_142).await;
+    let rig = Rig::with(|c| c.health_timeout = Duration::from_secs(5)).await;
+    let game = rig.started(&previous.name).await;
+    previous.point_at("rtm-test/crash:1.4.3").await;
+
+    let mut request = rig.request(OpKind::Patch, &game, Some("rtm-test/unhealthy:1.4.3"));
+    request.source_ref = Some(unique("req"));
+    let correlation = request.source_ref.clone().unwrap();
+    let event = rig.run(request).await;
+    let message = assert_failure(&event, ErrorCode::ContainerStartFailed);
+    assert!(!event.rolled_back, "{message}");
+    assert!(
+        message.contains("unhealthy") || message.contains("did not become healthy"),
+        "the new image's failure: {message}"
+    );
+    assert!(
+        message.contains(&format!("rollback to {} failed too", previous.name)),
+        "{message}"
+    );
+    assert!(
+        message.contains("code 3"),
+        "the rollback's failure: {message}"
+    );
+    assert!(message.contains("the game is stopped"), "{message}");
+
+    assert_eq!(
+        rig.steps(&game, &correlation).await,
+        [
+            "patch.stop.success",
+            "patch.start.failure",
+            "patch.start.failure",
+            "patch.failure"
+        ]
+    );
+    let log = rig.log(&game).await;
+    let rollback = &log[log.len() - 2];
+    assert!(rollback.rolled_back, "the failed rollback start is marked");
+    assert_eq!(rollback.image_ref.as_deref(), Some(previous.name.as_str()));
+    assert_eq!(
+        rig.status(&game).await,
+        (RuntimeStatus::Stopped, previous.name.clone()),
+        "the record says stopped, on the previous image"
+    );
+    assert_eq!(
+        rig.docker_state(&game).await,
+        None,
+        "both failed containers are removed"
+    );
+}
+
 #[tokio::test]
 async fn without_rollback_a_failed_patch_leaves_the_game_stopped() {
     let rig = Rig::with(|c| c.rollback = false).await;
@@ -745,23 +853,38 @@ async fn a_finished_command_is_not_run_twice() {
 async fn two_patches_of_one_game_never_overlap() {
     let rig = Rig::new().await;
     let game = rig.started(ENGINE_142).await;
-    let a = rig.request(OpKind::Patch, &game, Some(ENGINE_143));
-    let b = rig.request(OpKind::Patch, &game, Some("rtm-test/engine:1.4.1"));
-    let (ra, rb) = tokio::join!(rig.service.handle(a), rig.service.handle(b));
-    let events = [ra.unwrap().event, rb.unwrap().event];
-    let successes = events
-        .iter()
-        .filter(|e| e.outcome == Outcome::Success)
-        .count();
-    let conflicts = events
-        .iter()
-        .filter(|e| e.error_code == Some(ErrorCode::Conflict))
-        .count();
-    assert_eq!((successes, conflicts), (1, 1), "{events:#?}");
-    rig.assert_lease_free(&game).await;
+    // Each side sends its patch again (a new command) while it is refused,
+    // as a lobby would: both end up running, the second right as the first
+    // lets go of the game, which is where a lease that failed to exclude
+    // would let them overlap.
+    let (rig, game) = (&rig, &game);
+    let until_run = |image: &'static str| async move {
+        // Not `rig.run`: the other side may hold the lease right now.
+        let send = |image| async move {
+            let request = rig.request(OpKind::Patch, game, Some(image));
+            tokio::time::timeout(Duration::from_secs(60), rig.service.handle(request))
+                .await
+                .expect("the patch finishes within a minute")
+                .expect("the patch is recorded")
+                .event
+        };
+        let first = send(image).await;
+        let mut last = first.clone();
+        for _ in 0..600 {
+            if last.error_code != Some(ErrorCode::Conflict) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            last = send(image).await;
+        }
+        (first, last)
+    };
+    let ((first_a, a), (first_b, b)) =
+        tokio::join!(until_run(ENGINE_143), until_run("rtm-test/engine:1.4.1"));
 
-    // Operations that ran (took the lease) never overlap in time.
-    let log = rig.log(&game).await;
+    // Operations that ran (took the lease) never overlap in time: the two
+    // patches, and the start before them.
+    let log = rig.log(game).await;
     let mut ran: Vec<_> = log
         .iter()
         .filter(|r| r.outer_op.is_none() && r.error_code.as_deref() != Some("conflict"))
@@ -770,4 +893,20 @@ async fn two_patches_of_one_game_never_overlap() {
     for pair in ran.windows(2) {
         assert!(pair[0].finished_at <= pair[1].started_at, "{pair:#?}");
     }
+    assert_success(&a);
+    assert_success(&b);
+    assert_eq!(ran.len(), 3, "{ran:#?}");
+    rig.assert_lease_free(game).await;
+
+    // Sent together, the first two could not both take the game.
+    let firsts = [first_a, first_b];
+    let successes = firsts
+        .iter()
+        .filter(|e| e.outcome == Outcome::Success)
+        .count();
+    let conflicts = firsts
+        .iter()
+        .filter(|e| e.error_code == Some(ErrorCode::Conflict))
+        .count();
+    assert_eq!((successes, conflicts), (1, 1), "{firsts:#?}");
 }
