@@ -3,6 +3,7 @@
 //! mapping, the relay's queries, and database creation.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -775,22 +776,21 @@ async fn racing_writers_never_write_with_an_older_fence() {
     let store = PgStore::new(db.pool.clone());
     let g = game("g-race");
 
+    // Each round, every worker takes a fence before any of them writes: all
+    // but the newest fence are stale when they write, in whatever order the
+    // writes land. The barrier is what makes them contend; without it they
+    // could run one after another and never be refused.
+    let taken = Arc::new(tokio::sync::Barrier::new(WORKERS));
     let mut tasks = Vec::new();
     for worker in 0..WORKERS {
         let store = store.clone();
         let g = g.clone();
+        let taken = taken.clone();
         tasks.push(tokio::spawn(async move {
             let mut results = Vec::new();
             for round in 0..ROUNDS {
                 let fence = store.advance_fence(&g, "cmd-test").await.unwrap();
-                // Vary the gap between taking the fence and writing, so the
-                // other workers get to advance in between.
-                if (worker + round) % 3 == 0 {
-                    tokio::time::sleep(Duration::from_millis(((worker * 7 + round) % 4) as u64))
-                        .await;
-                } else {
-                    tokio::task::yield_now().await;
-                }
+                taken.wait().await;
                 let command = format!("cmd-{worker}-{round}");
                 let result = store
                     .append(
@@ -803,6 +803,9 @@ async fn racing_writers_never_write_with_an_older_fence() {
                     )
                     .await;
                 results.push((fence, result));
+                // And nobody takes the next round's fence before every
+                // write of this one landed.
+                taken.wait().await;
             }
             results
         }));
@@ -823,7 +826,13 @@ async fn racing_writers_never_write_with_an_older_fence() {
         }
     }
     assert_eq!(written.len() + refused, WORKERS * ROUNDS);
-    assert!(!written.is_empty());
+    // The newest fence of each round wins; the other writers lost the race.
+    // (Only the newest: a stale fence that wrote before it is still stale.)
+    assert_eq!(
+        (written.len(), refused),
+        (ROUNDS, (WORKERS - 1) * ROUNDS),
+        "one write per round, the others refused"
+    );
 
     let fences: Vec<i64> =
         sqlx::query_scalar("select fence from operation_log order by operation_id")
