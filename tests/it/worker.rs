@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
@@ -359,6 +359,19 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The broker's `x-delivery-count` of a delivery (absent on the first).
+fn redeliveries(properties: &BasicProperties) -> u64 {
+    match properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count"))
+    {
+        None => 0,
+        Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).unwrap(),
+        Some(other) => panic!("x-delivery-count is {other:?}"),
+    }
 }
 
 fn keys(events: &[Seen]) -> Vec<&str> {
@@ -729,29 +742,42 @@ async fn a_command_that_keeps_killing_workers_is_answered_internal_on_its_last_d
     let command_id = rig
         .publish(json!({"op": "start", "game_id": game, "image_ref": "rtm-test/engine:1.4.2"}))
         .await;
-    // Three workers took it and died before answering (RTM_DELIVERY_LIMIT=3).
+    // Three workers took it and died before answering (RTM_DELIVERY_LIMIT=3):
+    // each a consumer of its own connection that takes the delivery and
+    // goes away without acking, which is what the broker sees of a worker
+    // killed mid-command. No nack: the broker alone returns it.
     let queue = rig.config.amqp.command_queue.clone();
-    for _ in 0..3 {
-        let message = eventually(
-            Duration::from_secs(30),
-            "the command is back in the queue",
-            || async {
-                rig.channel
-                    .basic_get(queue.as_str().into(), BasicGetOptions::default())
-                    .await
-                    .unwrap()
-            },
-        )
-        .await;
-        message
-            .delivery
-            .acker
-            .nack(lapin::options::BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })
+    for death in 0..3u64 {
+        let conn = broker::connect(&rig.config.amqp_url, "rtmanager test: doomed worker")
             .await
             .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .basic_qos(1, BasicQosOptions::default())
+            .await
+            .unwrap();
+        let mut doomed = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let delivery = tokio::time::timeout(WAIT, doomed.next())
+            .await
+            .expect("the command is delivered to the doomed worker")
+            .expect("the consumer is open")
+            .expect("a delivery");
+        assert_eq!(
+            redeliveries(&delivery.properties),
+            death,
+            "the broker counted each death"
+        );
+        // The connection dies with the delivery unacked.
+        drop(doomed);
+        conn.close(320, "worker killed".into()).await.unwrap();
     }
     rig.launch();
     let events = rig.until_outer(&command_id).await;
