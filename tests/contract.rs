@@ -7,8 +7,9 @@
 //! without touching this one:
 //! - `commands/valid/`: the schema accepts, the decoder decodes, validation
 //!   passes;
-//! - `commands/invalid/`: the schema rejects, the decoder decodes, validation
-//!   fails with `invalid_request` (the worker answers with an event);
+//! - `commands/invalid/<field>--<what>.json`: the schema rejects, the
+//!   decoder decodes, validation fails with `invalid_request` (the worker
+//!   answers with an event) and a message naming `<field>`;
 //! - `commands/undecodable/`: the schema rejects, the decoder returns
 //!   `Undecodable` (the worker dead-letters it);
 //! - `events/<routing key>[--what].json`: the schema accepts, the body
@@ -169,11 +170,48 @@ fn invalid_commands_are_rejected_by_the_schema_and_by_validation() {
                 Err(f) if f.code != ErrorCode::InvalidRequest => {
                     problems.push(format!("{name}: fails with {f}, not invalid_request"));
                 }
-                Err(_) => {}
+                // Refused for the right reason: the lobby is told which
+                // field to fix, not merely that something was wrong.
+                Err(f) => match offending_field(&name) {
+                    None => problems.push(format!(
+                        "{name}: not named <field>--<what>.json, so which field it breaks is unknown"
+                    )),
+                    Some(field) if !names_word(&f.message, field) => problems.push(format!(
+                        "{name}: the message does not name {field}: {}",
+                        f.message
+                    )),
+                    Some(_) => {}
+                },
             },
         }
     }
     assert_no_problems("invalid commands", &problems);
+}
+
+/// The field an invalid fixture breaks: its name up to `--`
+/// (`game_id--too-long.json` breaks `game_id`).
+fn offending_field(name: &str) -> Option<&str> {
+    name.split_once("--")
+        .map(|(field, _)| field)
+        .filter(|f| !f.is_empty())
+}
+
+/// `text` has `word` with no identifier character either side: `image_ref`
+/// is not named by a message about `new_image_ref`.
+fn names_word(text: &str, word: &str) -> bool {
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    text.match_indices(word)
+        .any(|(at, _)| !text[..at].ends_with(ident) && !text[at + word.len()..].starts_with(ident))
+}
+
+#[test]
+fn a_field_is_named_as_a_whole_word() {
+    assert!(names_word("image_ref: must not be empty", "image_ref"));
+    assert!(names_word("bad (image_ref)", "image_ref"));
+    assert!(!names_word("new_image_ref: missing", "image_ref"));
+    assert!(!names_word("image_refs are odd", "image_ref"));
+    assert_eq!(offending_field("game_id--empty.json"), Some("game_id"));
+    assert_eq!(offending_field("game-id-empty.json"), None);
 }
 
 #[test]
