@@ -26,6 +26,12 @@ pub const COMMANDS_DEAD_LETTERED: &str = "rtmanager_commands_dead_lettered_total
 pub const OUTBOX_BACKLOG: &str = "rtmanager_outbox_backlog";
 /// Events published by the relay.
 pub const EVENTS_PUBLISHED: &str = "rtmanager_events_published_total";
+/// Event publications the broker refused (`nack`) or returned unroutable;
+/// each is retried.
+pub const EVENTS_REFUSED: &str = "rtmanager_events_refused_total";
+/// Replies to `reply_to` the broker refused or could not route (never
+/// retried).
+pub const REPLIES_FAILED: &str = "rtmanager_replies_failed_total";
 /// Commands being handled right now.
 pub const OPERATIONS_IN_FLIGHT: &str = "rtmanager_operations_in_flight";
 
@@ -102,6 +108,14 @@ pub fn describe_metrics() {
         "Outcome events written but not yet published"
     );
     describe_counter!(EVENTS_PUBLISHED, "Outcome events published by the relay");
+    describe_counter!(
+        EVENTS_REFUSED,
+        "Event publications refused or returned unroutable by the broker (retried)"
+    );
+    describe_counter!(
+        REPLIES_FAILED,
+        "Replies the broker refused or could not route (not retried)"
+    );
     describe_gauge!(OPERATIONS_IN_FLIGHT, "Commands being handled right now");
     // Counters exist from the start (at 0), so an alert on a rate never
     // sees a missing series.
@@ -110,6 +124,8 @@ pub fn describe_metrics() {
         COMMANDS_REJECTED,
         COMMANDS_DEAD_LETTERED,
         EVENTS_PUBLISHED,
+        EVENTS_REFUSED,
+        REPLIES_FAILED,
     ] {
         metrics::counter!(counter).increment(0);
     }

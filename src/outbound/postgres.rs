@@ -55,6 +55,8 @@ pub struct PendingEvent {
     /// Publish order (per game, the order the entries were written).
     pub seq: i64,
     pub event_id: Uuid,
+    /// The game whose order it keeps (as sent, for a rejected message).
+    pub game_id: String,
     /// The event as stored, published without being decoded: an event this
     /// build cannot read (a newer worker's, with an error code added since,
     /// during a rolling upgrade) still goes out instead of stopping the
@@ -144,15 +146,27 @@ impl PgStore {
     /// The oldest `limit` events not yet confirmed by the broker, in publish
     /// order.
     pub async fn unsent_events(&self, limit: i64) -> Result<Vec<PendingEvent>, StoreError> {
+        self.unsent_events_except(limit, &[]).await
+    }
+
+    /// Like [`unsent_events`](Self::unsent_events), leaving out the games
+    /// in `held_back` (the relay's games whose oldest event the broker just
+    /// refused: theirs wait, the others' keep flowing).
+    pub async fn unsent_events_except(
+        &self,
+        limit: i64,
+        held_back: &[String],
+    ) -> Result<Vec<PendingEvent>, StoreError> {
         let rows: Vec<UnsentRow> = sqlx::query_as(
-            "select seq, event_id, payload, correlation_id, routing_key, reply_to,
+            "select seq, event_id, game_id, payload, correlation_id, routing_key, reply_to,
                     reply_correlation_id
              from outbox
-             where sent_at is null
+             where sent_at is null and game_id <> all($2)
              order by seq
              limit $1",
         )
         .bind(limit)
+        .bind(held_back)
         .fetch_all(&self.pool)
         .await
         .map_err(|e| db_error("read unsent outbox events", e))?;
@@ -161,6 +175,7 @@ impl PgStore {
             .map(|row| PendingEvent {
                 seq: row.seq,
                 event_id: row.event_id,
+                game_id: row.game_id,
                 payload: row.payload,
                 correlation_id: row.correlation_id,
                 routing_key: row.routing_key,
@@ -184,6 +199,31 @@ impl PgStore {
              where event_id = any($1) and sent_at is null",
         )
         .bind(event_ids)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("mark outbox events sent", e))?;
+        Ok(done.rows_affected())
+    }
+
+    /// [`mark_sent`](Self::mark_sent) by the relay `holder`, only while
+    /// `relay_leader` still names it: a leader paused between a publish and
+    /// its mark, whose lease another relay took meanwhile, must not consume
+    /// a publication owed since (a duplicate's replay queued after that
+    /// relay sent the event). Refused, the event is simply published again
+    /// by whoever leads. Returns how many rows it changed (0 when refused).
+    pub async fn mark_sent_by(&self, holder: Uuid, event_ids: &[Uuid]) -> Result<u64, StoreError> {
+        if event_ids.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(
+            "update outbox
+             set sent_at = case when pending_replays = 0 then now() end,
+                 pending_replays = greatest(pending_replays - 1, 0)
+             where event_id = any($1) and sent_at is null
+               and exists (select 1 from relay_leader where holder = $2)",
+        )
+        .bind(event_ids)
+        .bind(holder)
         .execute(&self.pool)
         .await
         .map_err(|e| db_error("mark outbox events sent", e))?;
@@ -685,6 +725,7 @@ impl RuntimeStore for PgStore {
 struct UnsentRow {
     seq: i64,
     event_id: Uuid,
+    game_id: String,
     payload: serde_json::Value,
     correlation_id: String,
     routing_key: String,

@@ -3,6 +3,12 @@
 //! `mandatory`, then marks them sent. A broker outage delays events, never
 //! drops them.
 //!
+//! An event the broker refuses (`nack`, e.g. a queue at its length limit
+//! with `reject-publish`) or returns unroutable stays unsent and is retried
+//! with backoff; only the later events of its game wait behind it, every
+//! other game's keep flowing (SPEC §6). A reply to `reply_to` is a courtesy:
+//! one that fails is logged and counted, never retried.
+//!
 //! One relay publishes at a time across all workers, so per-game order
 //! holds with any number of workers: leadership is a lease in PostgreSQL
 //! (`relay_leader`, migration 0006), renewed on every pass and given up when
@@ -19,7 +25,7 @@ use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::broker;
@@ -94,10 +100,13 @@ impl Relay {
         loop {
             let stopping = shutdown.is_set();
             let pause = match self.pass(&mut link, &mut leader).await {
-                Ok(()) => {
+                Ok(Pass::Done) => {
                     failures.reset();
                     POLL
                 }
+                // The link is fine; the broker said no to some event. Retry
+                // it with backoff (a wake-up for new events retries sooner).
+                Ok(Pass::Refused) => failures.next_pause(),
                 Err(e) => {
                     warn!(error = format!("{e:#}"), "outbox relay failed; retrying");
                     link = None;
@@ -125,21 +134,31 @@ impl Relay {
         }
     }
 
-    /// Publishes everything unsent, if this relay leads.
-    async fn pass(&self, link: &mut Option<Link>, leader: &mut Leadership) -> anyhow::Result<()> {
+    /// Publishes everything unsent, if this relay leads. A game whose event
+    /// the broker refuses is held back for the rest of the pass: its later
+    /// events must not overtake the refused one.
+    async fn pass(&self, link: &mut Option<Link>, leader: &mut Leadership) -> anyhow::Result<Pass> {
         if let Ok(backlog) = self.store.outbox_backlog().await {
             metrics::gauge!(telemetry::OUTBOX_BACKLOG).set(backlog as f64);
             if backlog == 0 {
-                return Ok(());
+                return Ok(Pass::Done);
             }
         }
+        let mut held_back: Vec<String> = Vec::new();
+        let outcome = |held_back: &[String]| {
+            if held_back.is_empty() {
+                Pass::Done
+            } else {
+                Pass::Refused
+            }
+        };
         loop {
             if !self.lead(leader).await? {
-                return Ok(());
+                return Ok(outcome(&held_back));
             }
-            let pending = self.store.unsent_events(BATCH).await?;
+            let pending = self.store.unsent_events_except(BATCH, &held_back).await?;
             if pending.is_empty() {
-                return Ok(());
+                return Ok(outcome(&held_back));
             }
             let channel = match link {
                 Some(link) if link.channel.status().connected() => link.channel.clone(),
@@ -151,13 +170,41 @@ impl Relay {
                 }
             };
             for event in &pending {
+                if held_back.contains(&event.game_id) {
+                    continue;
+                }
                 // A leader that was paused past its lease must not publish:
                 // another relay may be on these rows already.
                 if !leader.holds() {
-                    return Ok(());
+                    return Ok(outcome(&held_back));
                 }
-                self.publish(&channel, event).await?;
-                self.store.mark_sent(&[event.event_id]).await?;
+                match self.publish(&channel, event).await? {
+                    Published::Confirmed => {}
+                    Published::Refused(why) => {
+                        warn!(
+                            event_id = %event.event_id,
+                            game_id = %event.game_id,
+                            routing_key = %event.routing_key,
+                            why,
+                            "the broker refused an event; it and its game's later events wait for a retry"
+                        );
+                        metrics::counter!(telemetry::EVENTS_REFUSED).increment(1);
+                        held_back.push(event.game_id.clone());
+                        continue;
+                    }
+                }
+                if self
+                    .store
+                    .mark_sent_by(leader.holder, &[event.event_id])
+                    .await?
+                    == 0
+                {
+                    // Fenced: another relay took the lease while this one
+                    // was publishing. It publishes from here on.
+                    warn!("another worker's relay took over publishing the outbox");
+                    leader.valid_until = None;
+                    return Ok(outcome(&held_back));
+                }
                 metrics::counter!(telemetry::EVENTS_PUBLISHED).increment(1);
             }
         }
@@ -210,9 +257,14 @@ impl Relay {
         })
     }
 
-    /// Publishes one event (and its reply, for a request/reply command) and
-    /// waits for the broker's confirm.
-    async fn publish(&self, channel: &Channel, pending: &PendingEvent) -> anyhow::Result<()> {
+    /// Publishes one event and waits for the broker's confirm; once it is
+    /// confirmed, its reply too (for a request/reply command). An error means
+    /// the link failed.
+    async fn publish(
+        &self,
+        channel: &Channel,
+        pending: &PendingEvent,
+    ) -> anyhow::Result<Published> {
         let body = serde_json::to_vec(&pending.payload).context("serialize an outcome event")?;
         let mut properties = BasicProperties::default()
             .with_message_id(ShortString::from(pending.event_id.to_string()))
@@ -234,50 +286,84 @@ impl Relay {
             .basic_publish(
                 self.amqp.event_exchange.as_str().into(),
                 short(&pending.routing_key)?,
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
+                MANDATORY,
                 &body,
                 properties.clone(),
             )
             .await?
             .await?;
         match confirm {
-            Confirmation::Nack(_) => {
-                anyhow::bail!("the broker refused event {}", pending.event_id)
-            }
-            // Returned as unroutable: nobody subscribes to this key yet. The
-            // event is published as far as the contract goes.
-            Confirmation::Ack(Some(_)) => {
-                debug!(routing_key = %pending.routing_key, "event had no subscriber")
-            }
+            Confirmation::Nack(_) => return Ok(Published::Refused("nack")),
+            // Returned unroutable (`mandatory`): no queue took it, so nobody
+            // has it yet. SPEC §6 retries it like a nack.
+            Confirmation::Ack(Some(_)) => return Ok(Published::Refused("returned unroutable")),
             Confirmation::Ack(None) | Confirmation::NotRequested => {}
         }
 
-        if let Some(queue) = &pending.reply_to {
-            let mut reply = properties;
-            reply = match &pending.reply_correlation_id {
-                Some(id) => reply.with_correlation_id(short(id)?),
-                None => reply,
-            };
-            let confirm = channel
-                .basic_publish(
-                    "".into(),
-                    short(queue)?,
-                    BasicPublishOptions::default(),
-                    &body,
-                    reply,
-                )
-                .await?
-                .await?;
-            if matches!(confirm, Confirmation::Nack(_)) {
-                anyhow::bail!("the broker refused the reply to {queue}");
-            }
+        if let Some(queue) = &pending.reply_to
+            && let Err(e) = self.reply(channel, queue, pending, &body, properties).await
+        {
+            warn!(event_id = %pending.event_id, reply_to = %queue, error = format!("{e:#}"), "reply not delivered (not retried)");
+            metrics::counter!(telemetry::REPLIES_FAILED).increment(1);
+        }
+        Ok(Published::Confirmed)
+    }
+
+    /// Sends the outer event to the caller's `reply_to` queue; an error
+    /// says why it did not arrive. Not `mandatory`: RabbitMQ reports a
+    /// publish to a direct reply-to name (`amq.rabbitmq.reply-to.…`) as
+    /// unroutable even when it delivers it, so a return would count
+    /// delivered replies as failed; a reply to a missing queue is dropped
+    /// unseen.
+    async fn reply(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        pending: &PendingEvent,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> anyhow::Result<()> {
+        let reply = match &pending.reply_correlation_id {
+            Some(id) => properties.with_correlation_id(short(id)?),
+            None => properties,
+        };
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                short(queue)?,
+                BasicPublishOptions::default(),
+                body,
+                reply,
+            )
+            .await?
+            .await?;
+        if confirm.is_nack() {
+            anyhow::bail!("the broker refused it");
         }
         Ok(())
     }
 }
+
+/// How a pass ended.
+enum Pass {
+    /// Everything unsent went out (or another relay leads).
+    Done,
+    /// The broker refused some event; it waits for the next pass.
+    Refused,
+}
+
+/// What the broker did with one event.
+enum Published {
+    Confirmed,
+    Refused(&'static str),
+}
+
+/// Every publish is `mandatory`, so an unroutable one comes back instead of
+/// vanishing.
+const MANDATORY: BasicPublishOptions = BasicPublishOptions {
+    mandatory: true,
+    immediate: false,
+};
 
 /// An AMQP short string, or an error instead of lapin's panic.
 fn short(s: &str) -> anyhow::Result<ShortString> {
