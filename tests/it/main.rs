@@ -15,6 +15,7 @@ mod outages;
 #[allow(dead_code)]
 mod procs;
 mod recovery;
+mod relay;
 #[path = "../support/schema.rs"]
 mod schema;
 #[path = "../faults/services.rs"]
