@@ -189,20 +189,7 @@ impl PgStore {
     /// publication or one pending replay (a duplicate's), and an event is
     /// sent once none is left. Returns how many events are now sent.
     pub async fn mark_sent(&self, event_ids: &[Uuid]) -> Result<u64, StoreError> {
-        if event_ids.is_empty() {
-            return Ok(0);
-        }
-        let done = sqlx::query(
-            "update outbox
-             set sent_at = case when pending_replays = 0 then now() end,
-                 pending_replays = greatest(pending_replays - 1, 0)
-             where event_id = any($1) and sent_at is null",
-        )
-        .bind(event_ids)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| db_error("mark outbox events sent", e))?;
-        Ok(done.rows_affected())
+        self.mark(None, event_ids).await
     }
 
     /// [`mark_sent`](Self::mark_sent) by the relay `holder`, only while
@@ -212,6 +199,10 @@ impl PgStore {
     /// relay sent the event). Refused, the event is simply published again
     /// by whoever leads. Returns how many rows it changed (0 when refused).
     pub async fn mark_sent_by(&self, holder: Uuid, event_ids: &[Uuid]) -> Result<u64, StoreError> {
+        self.mark(Some(holder), event_ids).await
+    }
+
+    async fn mark(&self, holder: Option<Uuid>, event_ids: &[Uuid]) -> Result<u64, StoreError> {
         if event_ids.is_empty() {
             return Ok(0);
         }
@@ -220,7 +211,8 @@ impl PgStore {
              set sent_at = case when pending_replays = 0 then now() end,
                  pending_replays = greatest(pending_replays - 1, 0)
              where event_id = any($1) and sent_at is null
-               and exists (select 1 from relay_leader where holder = $2)",
+               and ($2::uuid is null
+                    or exists (select 1 from relay_leader where holder = $2))",
         )
         .bind(event_ids)
         .bind(holder)
