@@ -14,6 +14,7 @@ mod outages;
 #[path = "../faults/procs.rs"]
 #[allow(dead_code)]
 mod procs;
+mod private;
 mod recovery;
 mod relay;
 #[path = "../support/schema.rs"]
@@ -22,4 +23,5 @@ mod schema;
 #[allow(dead_code)]
 mod services;
 mod store;
+mod topology;
 mod worker;

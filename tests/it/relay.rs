@@ -14,14 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection};
-use rtmanager::broker;
-use rtmanager::config::{AmqpConfig, SecretUrl};
+use rtmanager::config::SecretUrl;
 use rtmanager::inbound::http::Readiness;
 use rtmanager::outbound::postgres::PgStore;
 use rtmanager::outbound::relay::Relay;
@@ -34,7 +27,8 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::harness::{TestDb, amqp_url, eventually, unique};
+use crate::harness::{TestDb, amqp_url, eventually};
+use crate::topology::Topology;
 
 const WAIT: Duration = Duration::from_secs(40);
 
@@ -64,119 +58,35 @@ impl Running {
 }
 
 struct RelayRig {
+    topology: Topology,
     db: TestDb,
-    amqp: AmqpConfig,
-    // Kept open for `channel`.
-    _conn: Connection,
-    channel: Channel,
-    queues: Vec<String>,
+}
+
+impl std::ops::Deref for RelayRig {
+    type Target = Topology;
+
+    fn deref(&self) -> &Topology {
+        &self.topology
+    }
+}
+
+impl std::ops::DerefMut for RelayRig {
+    fn deref_mut(&mut self) -> &mut Topology {
+        &mut self.topology
+    }
 }
 
 impl RelayRig {
     async fn new() -> Self {
         crate::harness::init_logs();
-        let db = TestDb::new().await;
-        let id = unique("r");
-        let amqp = AmqpConfig {
-            command_exchange: format!("rtmt.{id}.commands"),
-            command_queue: format!("rtmt.{id}.commands"),
-            event_exchange: format!("rtmt.{id}.events"),
-            dead_letter_exchange: format!("rtmt.{id}.dlx"),
-            dead_letter_queue: format!("rtmt.{id}.dead-letters"),
-            delivery_limit: 3,
-            prefetch: 4,
-        };
-        let conn = broker::connect(&SecretUrl::new(amqp_url()), "rtmanager relay test")
-            .await
-            .unwrap();
-        let channel = conn.create_channel().await.unwrap();
-        broker::declare_topology(&channel, &amqp).await.unwrap();
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .unwrap();
         Self {
-            db,
-            amqp,
-            _conn: conn,
-            channel,
-            queues: Vec::new(),
+            topology: Topology::new().await,
+            db: TestDb::new().await,
         }
     }
 
     fn store(&self) -> PgStore {
         PgStore::new(self.db.pool.clone())
-    }
-
-    /// A durable queue bound to the events exchange with `binding`; with a
-    /// `limit`, one at that length that refuses (`nack`s) what does not fit.
-    async fn queue(&mut self, label: &str, binding: &str, limit: Option<i32>) -> String {
-        let name = format!("{}.{label}", self.amqp.event_exchange);
-        let mut arguments = FieldTable::default();
-        if let Some(limit) = limit {
-            arguments.insert("x-max-length".into(), AMQPValue::LongInt(limit));
-            arguments.insert(
-                "x-overflow".into(),
-                AMQPValue::LongString(LongString::from("reject-publish")),
-            );
-        }
-        self.channel
-            .queue_declare(
-                name.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                arguments,
-            )
-            .await
-            .unwrap();
-        self.channel
-            .queue_bind(
-                name.as_str().into(),
-                self.amqp.event_exchange.as_str().into(),
-                binding.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        self.queues.push(name.clone());
-        name
-    }
-
-    /// Puts a message straight into `queue` (through the default exchange).
-    async fn put(&self, queue: &str, body: &[u8]) {
-        let confirm = self
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default().with_message_id("filler".into()),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(confirm.is_ack(), "{confirm:?}");
-    }
-
-    /// Takes every message waiting in `queue`; returns their message ids
-    /// (an event's is its event_id).
-    async fn drain(&self, queue: &str) -> Vec<String> {
-        let mut ids = Vec::new();
-        while let Some(message) = self
-            .channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap()
-        {
-            let id = message.delivery.properties.message_id().clone();
-            ids.push(id.map(|id| id.to_string()).unwrap_or_default());
-        }
-        ids
     }
 
     /// Writes events in one transaction (the relay sees all or none), in
@@ -205,6 +115,17 @@ impl RelayRig {
         }
         tx.commit().await.unwrap();
         written
+    }
+
+    /// Two events each of games a and b, interleaved: a1, b1, a2, b2.
+    async fn write_two_games(&self) -> Vec<Written> {
+        self.write(&[
+            ("a", "runtime.a.success"),
+            ("b", "runtime.b.success"),
+            ("a", "runtime.a.failure"),
+            ("b", "runtime.b.failure"),
+        ])
+        .await
     }
 
     /// Whether each event is marked sent, in the order given.
@@ -269,48 +190,6 @@ impl RelayRig {
     }
 }
 
-impl Drop for RelayRig {
-    fn drop(&mut self) {
-        // The topology is durable: delete it from a helper thread.
-        let amqp = self.amqp.clone();
-        let queues = std::mem::take(&mut self.queues);
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let url = SecretUrl::new(amqp_url());
-                let Ok(conn) = broker::connect(&url, "rtmanager relay test cleanup").await else {
-                    return;
-                };
-                let Ok(ch) = conn.create_channel().await else {
-                    return;
-                };
-                for queue in queues
-                    .iter()
-                    .chain([&amqp.command_queue, &amqp.dead_letter_queue])
-                {
-                    let _ = ch
-                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                for exchange in [
-                    &amqp.command_exchange,
-                    &amqp.event_exchange,
-                    &amqp.dead_letter_exchange,
-                ] {
-                    let _ = ch
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-                let _ = conn.close(200, "bye".into()).await;
-            });
-        })
-        .join();
-    }
-}
-
 /// Each game's events arrived in write order: once an event of a game was
 /// seen, no earlier event of that game comes after it (a repeat of the same
 /// event, a retry's, is fine). Ids not in `written` are ignored.
@@ -348,14 +227,7 @@ async fn a_nacked_event_is_retried_unsent_and_only_its_games_later_events_wait()
     // next (the broker nacks the publish); a filler makes it full.
     let limited = rig.queue("limited", "runtime.a.#", Some(1)).await;
     rig.put(&limited, b"filler").await;
-    let written = rig
-        .write(&[
-            ("a", "runtime.a.success"),
-            ("b", "runtime.b.success"),
-            ("a", "runtime.a.failure"),
-            ("b", "runtime.b.failure"),
-        ])
-        .await;
+    let written = rig.write_two_games().await;
     let [a1, b1, a2, b2] = [&written[0], &written[1], &written[2], &written[3]];
     let relay = rig.spawn_relay(&amqp_url());
 
@@ -416,14 +288,7 @@ async fn an_unroutable_event_is_retried_unsent_until_a_queue_takes_it() {
     let mut rig = RelayRig::new().await;
     // Nothing is bound for game a's events yet: `mandatory` brings them back.
     let game_b = rig.queue("b", "runtime.b.#", None).await;
-    let written = rig
-        .write(&[
-            ("a", "runtime.a.success"),
-            ("b", "runtime.b.success"),
-            ("a", "runtime.a.failure"),
-            ("b", "runtime.b.failure"),
-        ])
-        .await;
+    let written = rig.write_two_games().await;
     let [a1, b1, a2, b2] = [&written[0], &written[1], &written[2], &written[3]];
     let relay = rig.spawn_relay(&amqp_url());
 

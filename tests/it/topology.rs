@@ -1,0 +1,212 @@
+//! One test's own RabbitMQ topology on the shared broker (every exchange and
+//! queue named after a unique id), with queues of its own bound to the
+//! events exchange that the test reads with `basic.get`; all of it deleted
+//! when the test ends, also when it panics.
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection};
+use rtmanager::broker;
+use rtmanager::config::{AmqpConfig, SecretUrl};
+
+use crate::harness::{amqp_url, unique};
+
+pub struct Topology {
+    pub amqp: AmqpConfig,
+    pub channel: Channel,
+    conn: Connection,
+    queues: Vec<String>,
+}
+
+impl Topology {
+    /// Declares the worker's topology under fresh names, as the worker
+    /// would (so the test may publish and bind before any worker runs).
+    pub async fn new() -> Self {
+        let id = unique("r");
+        let amqp = AmqpConfig {
+            command_exchange: format!("rtmt.{id}.commands"),
+            command_queue: format!("rtmt.{id}.commands"),
+            event_exchange: format!("rtmt.{id}.events"),
+            dead_letter_exchange: format!("rtmt.{id}.dlx"),
+            dead_letter_queue: format!("rtmt.{id}.dead-letters"),
+            delivery_limit: 3,
+            prefetch: 4,
+        };
+        let conn = broker::connect(&SecretUrl::new(amqp_url()), "rtmanager test")
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        broker::declare_topology(&channel, &amqp).await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        Self {
+            amqp,
+            channel,
+            conn,
+            queues: Vec::new(),
+        }
+    }
+
+    /// A durable queue bound to the events exchange with `binding`; with a
+    /// `limit`, one at that length that refuses (`nack`s) what does not fit.
+    pub async fn queue(&mut self, label: &str, binding: &str, limit: Option<i32>) -> String {
+        let name = format!("{}.{label}", self.amqp.event_exchange);
+        let mut arguments = FieldTable::default();
+        if let Some(limit) = limit {
+            arguments.insert("x-max-length".into(), AMQPValue::LongInt(limit));
+            arguments.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString(LongString::from("reject-publish")),
+            );
+        }
+        self.channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await
+            .unwrap();
+        self.channel
+            .queue_bind(
+                name.as_str().into(),
+                self.amqp.event_exchange.as_str().into(),
+                binding.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        self.queues.push(name.clone());
+        name
+    }
+
+    /// Publishes `body` through `exchange` with `routing_key` and checks the
+    /// broker confirmed it.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(
+            matches!(confirm, lapin::Confirmation::Ack(None)),
+            "{confirm:?}"
+        );
+    }
+
+    /// Puts a message straight into `queue` (through the default exchange).
+    pub async fn put(&self, queue: &str, body: &[u8]) {
+        let properties = BasicProperties::default().with_message_id("filler".into());
+        self.publish("", queue, body, properties).await;
+    }
+
+    /// Takes every message waiting in `queue`; returns their message ids
+    /// (an event's is its event_id) and bodies.
+    pub async fn drain_messages(&self, queue: &str) -> Vec<(String, Vec<u8>)> {
+        let mut messages = Vec::new();
+        while let Some(message) = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            let id = message.delivery.properties.message_id().clone();
+            messages.push((
+                id.map(|id| id.to_string()).unwrap_or_default(),
+                message.delivery.data,
+            ));
+        }
+        messages
+    }
+
+    /// The message ids [`drain_messages`](Self::drain_messages) takes.
+    pub async fn drain(&self, queue: &str) -> Vec<String> {
+        let messages = self.drain_messages(queue).await;
+        messages.into_iter().map(|(id, _)| id).collect()
+    }
+
+    /// Messages ready in `queue` (delivered, unacknowledged ones are not
+    /// counted) and its consumers, as the broker has them.
+    pub async fn depth(&self, queue: &str) -> (u32, u32) {
+        // A fresh channel: a passive declare's failure would close it.
+        let channel = self.conn.create_channel().await.unwrap();
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("the queue exists");
+        let _ = channel.close(200, "probe".into()).await;
+        (declared.message_count(), declared.consumer_count())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // The topology is durable: delete it from a helper thread.
+        let amqp = self.amqp.clone();
+        let queues = std::mem::take(&mut self.queues);
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let url = SecretUrl::new(amqp_url());
+                let Ok(conn) = broker::connect(&url, "rtmanager test cleanup").await else {
+                    return;
+                };
+                let Ok(ch) = conn.create_channel().await else {
+                    return;
+                };
+                for queue in queues
+                    .iter()
+                    .chain([&amqp.command_queue, &amqp.dead_letter_queue])
+                {
+                    let _ = ch
+                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for exchange in [
+                    &amqp.command_exchange,
+                    &amqp.event_exchange,
+                    &amqp.dead_letter_exchange,
+                ] {
+                    let _ = ch
+                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+                let _ = conn.close(200, "bye".into()).await;
+            });
+        })
+        .join();
+    }
+}
