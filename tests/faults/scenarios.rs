@@ -14,7 +14,7 @@ use crate::checks::{Expect, Interruption, outer_recorded, records, short};
 use crate::procs::poll_for;
 use crate::registry::Registry;
 use crate::report::{Row, title};
-use crate::rig::{Cmd, Rig, RigOptions};
+use crate::rig::{Cmd, Observed, Rig, RigOptions};
 use crate::services::Dep;
 
 /// The per-game command stream: start, patch, stop, then a restart of the
@@ -162,6 +162,60 @@ impl ContainerEvents {
     }
 }
 
+/// Starts `game` on `image` (the scenario's setup) and returns its
+/// container; an error if the start did not succeed.
+async fn start_game(rig: &Rig, game: &str, image: &'static str) -> Result<Observed, String> {
+    let start = rig.send(game, Cmd::Start(image.into()), 1).await;
+    let started = rig
+        .wait_outer(&start, Duration::from_secs(60))
+        .await
+        .ok_or("the initial start has no outcome within 60 s")?;
+    if started.str("outcome") != Some("success") {
+        return Err(format!("the initial start failed: {}", started.body));
+    }
+    rig.inspect(game)
+        .await?
+        .ok_or_else(|| "no container after the initial start".to_owned())
+}
+
+/// Starts the killed w1 again and waits for `command`'s redelivered
+/// outcome (noting how long it took).
+async fn respawn_for(rig: &Rig, command: &str) -> Option<crate::rig::Seen> {
+    let restarted = Instant::now();
+    rig.workers[0].spawn();
+    let outcome = rig.wait_outer(command, Duration::from_secs(120)).await;
+    if outcome.is_some() {
+        rig.note(format!(
+            "the redelivered command finished {:.1} s after the restart",
+            restarted.elapsed().as_secs_f64()
+        ));
+    }
+    outcome
+}
+
+/// Docker events as a note lists them.
+fn list_events(events: &[(String, String)]) -> String {
+    events
+        .iter()
+        .map(|(a, id)| format!("{a} {}", short(id)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A container as a note shows it: id, image, running, health.
+fn describe(c: &Observed) -> String {
+    format!(
+        "container {} of {} (running={}{})",
+        short(&c.id),
+        c.image,
+        c.running,
+        c.health
+            .as_deref()
+            .map(|h| format!(", {h}"))
+            .unwrap_or_default()
+    )
+}
+
 pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
     let (key, old, new, stop_timeout) = match at {
         KillAt::AfterLease => (
@@ -225,18 +279,7 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
     };
     rig.start_workers().await?;
     let game = "g1";
-    let start = rig.send(game, Cmd::Start(old.into()), 1).await;
-    let started = rig
-        .wait_outer(&start, Duration::from_secs(60))
-        .await
-        .ok_or("the initial start has no outcome within 60 s")?;
-    if started.str("outcome") != Some("success") {
-        return Err(format!("the initial start failed: {}", started.body));
-    }
-    let old_c = rig
-        .inspect(game)
-        .await?
-        .ok_or("no container after the initial start")?;
+    let old_c = start_game(&rig, game, old).await?;
 
     // The watcher replays from a second before it started.
     let mut docker_events = ContainerEvents::watch(&rig, game);
@@ -367,24 +410,8 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
     let events_at_kill = docker_events.finish(Duration::from_millis(500)).await;
     let left = match &at_kill {
         None => "no container".to_owned(),
-        Some(c) if c.id == old_c.id => format!(
-            "the old container (running={}{})",
-            c.running,
-            c.health
-                .as_deref()
-                .map(|h| format!(", {h}"))
-                .unwrap_or_default()
-        ),
-        Some(c) => format!(
-            "a new container {} of {} (running={}{})",
-            short(&c.id),
-            c.image,
-            c.running,
-            c.health
-                .as_deref()
-                .map(|h| format!(", {h}"))
-                .unwrap_or_default()
-        ),
+        Some(c) if c.id == old_c.id => format!("the old {}", describe(c)),
+        Some(c) => format!("a new {}", describe(c)),
     };
     rig.note(format!(
         "killed w1 {} ms after the patch's lease appeared ({trigger}); lease value {}; \
@@ -395,11 +422,7 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
     ));
     rig.note(format!(
         "Docker events of the game's container from the patch to 0.5 s after the kill: [{}]",
-        events_at_kill
-            .iter()
-            .map(|(a, id)| format!("{a} {}", short(id)))
-            .collect::<Vec<_>>()
-            .join(", ")
+        list_events(&events_at_kill)
     ));
     let mut invalid = Vec::new();
     if done_before_kill {
@@ -496,15 +519,7 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
         }
     }
 
-    let restarted = Instant::now();
-    rig.workers[0].spawn();
-    let outcome = rig.wait_outer(&patch, Duration::from_secs(120)).await;
-    if outcome.is_some() {
-        rig.note(format!(
-            "the redelivered patch finished {:.1} s after the restart",
-            restarted.elapsed().as_secs_f64()
-        ));
-    }
+    let outcome = respawn_for(&rig, &patch).await;
     // The new image is healthy: the patch must finish on it, a rollback is
     // a violation like any other failure.
     let mut row = rig.finish(title(key), Expect::after_kill()).await;
@@ -584,18 +599,7 @@ pub async fn kill_mid_op(at: KillIn) -> Result<Row, String> {
     .await?;
     rig.start_workers().await?;
     let game = "g1";
-    let start = rig.send(game, Cmd::Start(image.into()), 1).await;
-    let started = rig
-        .wait_outer(&start, Duration::from_secs(60))
-        .await
-        .ok_or("the initial start has no outcome within 60 s")?;
-    if started.str("outcome") != Some("success") {
-        return Err(format!("the initial start failed: {}", started.body));
-    }
-    let old_c = rig
-        .inspect(game)
-        .await?
-        .ok_or("no container after the initial start")?;
+    let old_c = start_game(&rig, game, image).await?;
 
     let mut docker_events = ContainerEvents::watch(&rig, game);
     let cmd = match at {
@@ -651,28 +655,14 @@ pub async fn kill_mid_op(at: KillIn) -> Result<Row, String> {
     let journal = rig.journal(&command).await;
     let at_kill = rig.inspect(game).await?;
     let events = docker_events.finish(Duration::from_millis(500)).await;
-    let left = match &at_kill {
-        None => "no container".to_owned(),
-        Some(c) => format!(
-            "container {} of {} (running={}{})",
-            short(&c.id),
-            c.image,
-            c.running,
-            c.health
-                .as_deref()
-                .map(|h| format!(", {h}"))
-                .unwrap_or_default()
-        ),
-    };
+    let left = at_kill
+        .as_ref()
+        .map_or_else(|| "no container".to_owned(), describe);
     rig.note(format!(
         "killed w1: {trigger}; Docker then showed {left}; journal steps by then: [{}]; \
          Docker events of the game's container up to 0.5 s after the kill: [{}]",
         journal.join(", "),
-        events
-            .iter()
-            .map(|(a, id)| format!("{a} {}", short(id)))
-            .collect::<Vec<_>>()
-            .join(", ")
+        list_events(&events)
     ));
     let has = |step: &str| journal.iter().any(|s| s == step);
     let mut invalid = Vec::new();
@@ -710,15 +700,7 @@ pub async fn kill_mid_op(at: KillIn) -> Result<Row, String> {
         ));
     }
 
-    let restarted = Instant::now();
-    rig.workers[0].spawn();
-    let outcome = rig.wait_outer(&command, Duration::from_secs(120)).await;
-    if outcome.is_some() {
-        rig.note(format!(
-            "the redelivered command finished {:.1} s after the restart",
-            restarted.elapsed().as_secs_f64()
-        ));
-    }
+    let outcome = respawn_for(&rig, &command).await;
     let expect = match at {
         // The crash image makes the rollback the one right answer.
         KillIn::Rollback => Expect {
@@ -1041,20 +1023,7 @@ pub async fn paused_worker_fenced() -> Result<Row, String> {
     w1.spawn();
     w1.wait_ready(Duration::from_secs(90)).await?;
     let game = "g1";
-    let start = rig
-        .send(game, Cmd::Start("rtm-test/slow:1.4.2".into()), 1)
-        .await;
-    let started = rig
-        .wait_outer(&start, Duration::from_secs(60))
-        .await
-        .ok_or("the initial start has no outcome within 60 s")?;
-    if started.str("outcome") != Some("success") {
-        return Err(format!("the initial start failed: {}", started.body));
-    }
-    let old_c = rig
-        .inspect(game)
-        .await?
-        .ok_or("no container after the initial start")?;
+    let old_c = start_game(&rig, game, "rtm-test/slow:1.4.2").await?;
     let mut docker_events = ContainerEvents::watch(&rig, game);
     let patch = rig
         .send(game, Cmd::Patch("rtm-test/engine:1.4.3".into()), 1)
