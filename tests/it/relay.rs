@@ -117,6 +117,19 @@ impl RelayRig {
         written
     }
 
+    /// Makes `event` the outer event of a request/reply command answering
+    /// to `queue`.
+    async fn reply_to(&self, event: &Written, queue: &str) {
+        sqlx::query(
+            "update outbox set reply_to = $2, reply_correlation_id = 'req-1' where event_id = $1",
+        )
+        .bind(event.id)
+        .bind(queue)
+        .execute(&self.db.pool)
+        .await
+        .unwrap();
+    }
+
     /// Two events each of games a and b, interleaved: a1, b1, a2, b2.
     async fn write_two_games(&self) -> Vec<Written> {
         self.write(&[
@@ -315,6 +328,33 @@ async fn an_unroutable_event_is_retried_unsent_until_a_queue_takes_it() {
         "the late queue got a1 then a2, once each"
     );
     assert_eq!(rig.drain(&game_b).await, ids(&[b1, b2]));
+}
+
+#[tokio::test]
+async fn a_refused_reply_is_not_retried_and_holds_nothing_up() {
+    let mut rig = RelayRig::new().await;
+    let observer = rig.queue("observer", "#", None).await;
+    // The caller's reply queue is full and refuses the reply.
+    let replies = rig.queue("replies", "replies.none", Some(1)).await;
+    rig.put(&replies, b"filler").await;
+    let written = rig.write_two_games().await;
+    rig.reply_to(&written[0], &replies).await;
+    let relay = rig.spawn_relay(&amqp_url());
+
+    let all: Vec<&Written> = written.iter().collect();
+    rig.wait_sent(&all, "every event goes out, the one whose reply failed too")
+        .await;
+    relay.shutdown().await;
+    assert_eq!(
+        rig.drain(&observer).await,
+        ids(&all),
+        "each event published once: a failed reply does not republish its event"
+    );
+    assert_eq!(
+        rig.drain(&replies).await,
+        ["filler"],
+        "the reply was refused"
+    );
 }
 
 /// A TCP proxy to the broker whose broker-to-client direction can be
