@@ -16,6 +16,7 @@
 //! `LEADER_TTL`. Publishing is at-least-once: a crash between the confirm
 //! and the mark republishes with the same `event_id`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,16 +98,14 @@ impl Relay {
             valid_until: None,
         };
         let mut failures = Pauses::new(POLL, Duration::from_secs(5));
+        let mut refusals = Refusals::default();
         loop {
             let stopping = shutdown.is_set();
-            let pause = match self.pass(&mut link, &mut leader).await {
-                Ok(Pass::Done) => {
+            let pause = match self.pass(&mut link, &mut leader, &mut refusals).await {
+                Ok(()) => {
                     failures.reset();
                     POLL
                 }
-                // The link is fine; the broker said no to some event. Retry
-                // it with backoff (a wake-up for new events retries sooner).
-                Ok(Pass::Refused) => failures.next_pause(),
                 Err(e) => {
                     warn!(error = format!("{e:#}"), "outbox relay failed; retrying");
                     link = None;
@@ -135,30 +134,28 @@ impl Relay {
     }
 
     /// Publishes everything unsent, if this relay leads. A game whose event
-    /// the broker refuses is held back for the rest of the pass: its later
+    /// the broker refuses is held back until its retry is due: its later
     /// events must not overtake the refused one.
-    async fn pass(&self, link: &mut Option<Link>, leader: &mut Leadership) -> anyhow::Result<Pass> {
+    async fn pass(
+        &self,
+        link: &mut Option<Link>,
+        leader: &mut Leadership,
+        refusals: &mut Refusals,
+    ) -> anyhow::Result<()> {
         if let Ok(backlog) = self.store.outbox_backlog().await {
             metrics::gauge!(telemetry::OUTBOX_BACKLOG).set(backlog as f64);
             if backlog == 0 {
-                return Ok(Pass::Done);
+                return Ok(());
             }
         }
-        let mut held_back: Vec<String> = Vec::new();
-        let outcome = |held_back: &[String]| {
-            if held_back.is_empty() {
-                Pass::Done
-            } else {
-                Pass::Refused
-            }
-        };
+        let mut held_back = refusals.not_due(Instant::now());
         loop {
             if !self.lead(leader).await? {
-                return Ok(outcome(&held_back));
+                return Ok(());
             }
             let pending = self.store.unsent_events_except(BATCH, &held_back).await?;
             if pending.is_empty() {
-                return Ok(outcome(&held_back));
+                return Ok(());
             }
             let channel = match link {
                 Some(link) if link.channel.status().connected() => link.channel.clone(),
@@ -176,10 +173,10 @@ impl Relay {
                 // A leader that was paused past its lease must not publish:
                 // another relay may be on these rows already.
                 if !leader.holds() {
-                    return Ok(outcome(&held_back));
+                    return Ok(());
                 }
                 match self.publish(&channel, event).await? {
-                    Published::Confirmed => {}
+                    Published::Confirmed => refusals.cleared(&event.game_id),
                     Published::Refused(why) => {
                         warn!(
                             event_id = %event.event_id,
@@ -189,6 +186,7 @@ impl Relay {
                             "the broker refused an event; it and its game's later events wait for a retry"
                         );
                         metrics::counter!(telemetry::EVENTS_REFUSED).increment(1);
+                        refusals.refused(&event.game_id);
                         held_back.push(event.game_id.clone());
                         continue;
                     }
@@ -203,7 +201,7 @@ impl Relay {
                     // was publishing. It publishes from here on.
                     warn!("another worker's relay took over publishing the outbox");
                     leader.valid_until = None;
-                    return Ok(outcome(&held_back));
+                    return Ok(());
                 }
                 metrics::counter!(telemetry::EVENTS_PUBLISHED).increment(1);
             }
@@ -344,12 +342,34 @@ impl Relay {
     }
 }
 
-/// How a pass ended.
-enum Pass {
-    /// Everything unsent went out (or another relay leads).
-    Done,
-    /// The broker refused some event; it waits for the next pass.
-    Refused,
+/// The games whose oldest unsent event the broker refused, each with its
+/// own backoff: a refused event is retried with growing pauses, however
+/// often other games' events wake the relay.
+#[derive(Default)]
+struct Refusals(HashMap<String, (Pauses, Instant)>);
+
+impl Refusals {
+    /// The games whose retry is not due yet at `now`.
+    fn not_due(&self, now: Instant) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(_, (_, due))| now < *due)
+            .map(|(game, _)| game.clone())
+            .collect()
+    }
+
+    fn refused(&mut self, game: &str) {
+        let (pauses, due) = self
+            .0
+            .entry(game.to_owned())
+            .or_insert_with(|| (Pauses::new(POLL, Duration::from_secs(5)), Instant::now()));
+        *due = Instant::now() + pauses.next_pause();
+    }
+
+    /// The game's refused event went out.
+    fn cleared(&mut self, game: &str) {
+        self.0.remove(game);
+    }
 }
 
 /// What the broker did with one event.
@@ -369,4 +389,22 @@ const MANDATORY: BasicPublishOptions = BasicPublishOptions {
 fn short(s: &str) -> anyhow::Result<ShortString> {
     ShortString::try_new(s)
         .map_err(|e| anyhow::anyhow!("{s:?} does not fit an AMQP short string: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_game_waits_for_its_own_retry_and_is_cleared_once_through() {
+        let mut refusals = Refusals::default();
+        refusals.refused("a");
+        let now = Instant::now();
+        assert_eq!(refusals.not_due(now), ["a"], "held back right after");
+        // The longest pause is 5 s plus as much again in jitter.
+        assert!(refusals.not_due(now + Duration::from_secs(11)).is_empty());
+        refusals.refused("b");
+        refusals.cleared("a");
+        assert_eq!(refusals.not_due(Instant::now()), ["b"]);
+    }
 }
