@@ -1,5 +1,5 @@
 //! One integration-test binary against the real services (PostgreSQL, Redis,
-//! Docker). Each test isolates itself: its own database, Redis key prefix,
+//! RabbitMQ, Docker). Each test isolates itself: its own database, Redis key prefix,
 //! container prefix, game ids and state directory.
 
 mod docker_support;
@@ -9,12 +9,12 @@ mod harness;
 mod lease;
 mod lifecycle;
 mod outages;
-// The fault suite's private service instances (spare ports, teardown
-// manifests), for the tests that kill a dependency.
+mod private;
+// The fault suite's process plumbing, and (`services`, below) its private
+// Redis/PostgreSQL instances on spare ports, for the tests that kill one.
 #[path = "../faults/procs.rs"]
 #[allow(dead_code)]
 mod procs;
-mod private;
 mod recovery;
 mod relay;
 #[path = "../support/schema.rs"]
