@@ -13,8 +13,11 @@
 //! holds with any number of workers: leadership is a lease in PostgreSQL
 //! (`relay_leader`, migration 0006), renewed on every pass and given up when
 //! it runs out, so a dead or paused leader is replaced within
-//! `LEADER_TTL`. Publishing is at-least-once: a crash between the confirm
-//! and the mark republishes with the same `event_id`.
+//! `LEADER_TTL`. A leader stops publishing once its own view of the lease
+//! runs out, and its marks are fenced by `relay_leader`: a leader paused
+//! past its lease neither publishes behind the relay that took over nor
+//! marks late. Publishing is at-least-once: a crash between the confirm and
+//! the mark republishes with the same `event_id`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -378,8 +381,8 @@ enum Published {
     Refused(&'static str),
 }
 
-/// Every publish is `mandatory`, so an unroutable one comes back instead of
-/// vanishing.
+/// Every event is published `mandatory`, so an unroutable one comes back
+/// instead of vanishing.
 const MANDATORY: BasicPublishOptions = BasicPublishOptions {
     mandatory: true,
     immediate: false,
