@@ -1068,6 +1068,18 @@ pub async fn paused_worker_fenced() -> Result<Row, String> {
         ));
     }
     docker_events.finish(Duration::ZERO).await;
+    // w1, the only worker so far, leads the relay: w2's events can only go
+    // out if that lease (`relay_leader`) runs out while w1 is paused.
+    let w1_leads: bool =
+        sqlx::query_scalar("select exists(select 1 from relay_leader where expires_at > now())")
+            .fetch_one(&rig.db)
+            .await
+            .map_err(|e| format!("read relay_leader: {e}"))?;
+    if !w1_leads {
+        violations.push(
+            "scenario premise: w1 did not hold the relay's `relay_leader` lease when paused".into(),
+        );
+    }
 
     w2.spawn();
     w2.wait_ready(Duration::from_secs(90)).await?;
