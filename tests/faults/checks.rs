@@ -488,6 +488,54 @@ impl Rig {
             }
         }
 
+        // A `conflict` is only a correct answer while another command held
+        // the game's lease: each one must overlap, in time, another
+        // command's outer entry on the same game that was not refused. The
+        // holder takes its lease just before its `started_at` and releases
+        // it just after its `finished_at`, hence the slack.
+        const LEASE_SLACK: chrono::TimeDelta = chrono::TimeDelta::milliseconds(250);
+        let mut widest = chrono::TimeDelta::zero();
+        for refused in log
+            .iter()
+            .filter(|e| e.outer_op.is_none() && e.error_code.as_deref() == Some("conflict"))
+        {
+            // How far the refusal lies outside the nearest holder's run.
+            let gap = log
+                .iter()
+                .filter(|h| {
+                    h.outer_op.is_none()
+                        && h.game_id == refused.game_id
+                        && h.command_id != refused.command_id
+                        && h.error_code.as_deref() != Some("conflict")
+                })
+                .map(|h| {
+                    (h.started_at - refused.finished_at)
+                        .max(refused.started_at - h.finished_at)
+                        .max(chrono::TimeDelta::zero())
+                })
+                .min();
+            match gap {
+                Some(gap) if gap <= LEASE_SLACK => widest = widest.max(gap),
+                _ => row.violations.push(format!(
+                    "{}: {} {} answered conflict ({}..{}) while no other command of the game ran{}",
+                    refused.game_id,
+                    refused.op,
+                    short(&refused.command_id),
+                    refused.started_at.format("%T%.3f"),
+                    refused.finished_at.format("%T%.3f"),
+                    gap.map(|g| format!(" (the nearest ran {} ms away)", g.num_milliseconds()))
+                        .unwrap_or_default(),
+                )),
+            }
+        }
+        if row.failure_codes.contains_key("conflict") {
+            row.notes.push(format!(
+                "every conflict overlapped another command's run on its game (the widest gap, within the {} ms slack: {} ms)",
+                LEASE_SLACK.num_milliseconds(),
+                widest.num_milliseconds()
+            ));
+        }
+
         // No two operations on one game overlapped (outer entries that
         // held the lease, i.e. carry a fence).
         let mut by_game: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
