@@ -977,8 +977,9 @@ pub async fn two_workers() -> Result<Row, String> {
         )
         .await;
     if let Err(e) = quiet {
-        row.violations
-            .push(format!("the stream did not settle before the idle round: {e}"));
+        row.violations.push(format!(
+            "the stream did not settle before the idle round: {e}"
+        ));
     }
     for (game, id) in &idle_round {
         let outcome: Option<(String, Option<String>)> = sqlx::query_as(
