@@ -129,10 +129,7 @@ impl Relay {
         }
         // Hand over at once rather than after the TTL.
         if leader.valid_until.is_some() {
-            let _ = sqlx::query("delete from relay_leader where holder = $1")
-                .bind(leader.holder)
-                .execute(self.store.pool())
-                .await;
+            let _ = self.store.resign_relay(leader.holder).await;
         }
     }
 
@@ -215,21 +212,12 @@ impl Relay {
     /// holds it.
     async fn lead(&self, leader: &mut Leadership) -> anyhow::Result<bool> {
         let asked = Instant::now();
-        let won: Option<Uuid> = sqlx::query_scalar(
-            "insert into relay_leader (id, holder, expires_at)
-             values (true, $1, now() + make_interval(secs => $2))
-             on conflict (id) do update
-                 set holder = excluded.holder, expires_at = excluded.expires_at
-                 where relay_leader.holder = excluded.holder
-                    or relay_leader.expires_at < now()
-             returning holder",
-        )
-        .bind(leader.holder)
-        .bind(LEADER_TTL.as_secs_f64())
-        .fetch_optional(self.store.pool())
-        .await
-        .context("outbox relay: take or renew leadership")?;
-        if won.is_some() {
+        let won = self
+            .store
+            .lead_relay(leader.holder, LEADER_TTL)
+            .await
+            .context("outbox relay: take or renew leadership")?;
+        if won {
             if leader.valid_until.is_none() {
                 info!("this worker's relay now publishes the outbox");
             }
