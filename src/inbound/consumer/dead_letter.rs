@@ -4,16 +4,15 @@
 //! `x-rtm-reject-reason`, then the original is acked.
 
 use chrono::Utc;
+use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, LongString};
-use lapin::{Channel, Confirmation};
 use tracing::warn;
 use uuid::Uuid;
 
 use super::CommandHandler;
 use super::attempt::{DeadLetterReason, Decision};
-use crate::broker::REJECT_REASON_HEADER;
+use crate::broker::{self, Outgoing, PublishError, REJECT_REASON_HEADER};
 use crate::domain::event::{REJECTED_ROUTING_KEY, SCHEMA_VERSION};
 use crate::domain::{Outcome, OutcomeEvent};
 use crate::error::ErrorCode;
@@ -42,28 +41,20 @@ pub(super) async fn copy_to(
     exchange: &str,
     delivery: &Delivery,
     reason: &str,
-) -> anyhow::Result<()> {
+) -> Result<(), PublishError> {
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     headers.insert(
         REJECT_REASON_HEADER.into(),
         AMQPValue::LongString(LongString::from(reason)),
     );
-    let properties = delivery.properties.clone().with_headers(headers);
-    let confirm = channel
-        .basic_publish(
-            exchange.into(),
-            delivery.routing_key.clone(),
-            BasicPublishOptions::default(),
-            &delivery.data,
-            properties,
-        )
-        .await?
-        .await?;
-    anyhow::ensure!(
-        !matches!(confirm, Confirmation::Nack(_)),
-        "the broker refused the dead letter"
-    );
-    Ok(())
+    let copy = Outgoing {
+        exchange,
+        routing_key: delivery.routing_key.clone(),
+        mandatory: false,
+        body: &delivery.data,
+        properties: delivery.properties.clone().with_headers(headers),
+    };
+    broker::publish_confirmed(channel, copy).await
 }
 
 /// The namespace of `runtime.rejected` event ids (UUID v5 of the command_id).

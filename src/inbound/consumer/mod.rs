@@ -40,10 +40,10 @@ use uuid::Uuid;
 
 use crate::config::{AmqpConfig, SecretUrl};
 use crate::domain::{CommandRequest, OutcomeEvent};
-use crate::inbound::http::Readiness;
 use crate::lifecycle::{Handled, Interrupted, Lifecycle};
 use crate::messages::{Envelope, decode_command};
 use crate::ports::{ContainerEngine, LeaseStore, RuntimeStore, StoreError};
+use crate::readiness::Readiness;
 use crate::shutdown::Shutdown;
 use crate::telemetry;
 

@@ -18,9 +18,9 @@ use tracing::{debug, error, info, warn};
 use super::attempt::{DeadLetterReason, Decision};
 use super::{Consumer, dead_letter};
 use crate::broker;
-use crate::inbound::http::Readiness;
 use crate::messages::Envelope;
 use crate::pauses::Pauses;
+use crate::readiness::Readiness;
 use crate::shutdown::Shutdown;
 use crate::telemetry;
 
@@ -147,7 +147,7 @@ impl Consumer {
                         // Back to the queue: handled again, or dead-lettered
                         // by the broker at the delivery limit.
                         warn!(
-                            error = format!("{e:#}"),
+                            error = %e,
                             "could not dead-letter; returning the message to the queue"
                         );
                         Some(true)
