@@ -208,3 +208,200 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The policy against a scripted handler: no broker, no database.
+
+    use std::sync::Mutex;
+
+    use futures_util::future::BoxFuture;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::domain::{OpKind, OutcomeEvent};
+    use crate::messages::Undecodable;
+    use crate::shutdown;
+
+    /// What the scripted handler answers, and what it was asked.
+    #[derive(Default)]
+    struct Scripted {
+        /// `None`: `handle` panics.
+        handle: Option<Result<Handled, Interrupted>>,
+        fail_internal: Option<Result<Handled, Interrupted>>,
+        republish: Option<Result<(), StoreError>>,
+        internal_messages: Mutex<Vec<String>>,
+    }
+
+    impl CommandHandler for Scripted {
+        fn handle(&self, _: CommandRequest) -> BoxFuture<'_, Result<Handled, Interrupted>> {
+            let answer = self.handle.clone().expect("the op panics");
+            Box::pin(async move { answer })
+        }
+
+        fn fail_internal<'a>(
+            &'a self,
+            _: &'a CommandRequest,
+            message: String,
+        ) -> BoxFuture<'a, Result<Handled, Interrupted>> {
+            self.internal_messages.lock().unwrap().push(message);
+            let answer = self
+                .fail_internal
+                .clone()
+                .expect("no internal answer scripted");
+            Box::pin(async move { answer })
+        }
+
+        fn append_rejected<'a>(
+            &'a self,
+            _: &'a OutcomeEvent,
+        ) -> BoxFuture<'a, Result<(), StoreError>> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn republish(&self, _: Uuid) -> BoxFuture<'_, Result<(), StoreError>> {
+            let answer = self.republish.clone().expect("no republish scripted");
+            Box::pin(async move { answer })
+        }
+    }
+
+    fn handled(duplicate: bool) -> Handled {
+        let event = super::super::dead_letter::rejected_event(&Undecodable {
+            reason: "any".into(),
+            command_id: Some("c-1".into()),
+            op: None,
+            game_id: Some("g-1".into()),
+            source_ref: None,
+        })
+        .expect("an event");
+        Handled { event, duplicate }
+    }
+
+    fn request() -> CommandRequest {
+        CommandRequest {
+            command_id: "c-1".into(),
+            op: OpKind::Stop,
+            game_id: Some("g-1".into()),
+            image_ref: None,
+            op_source: None,
+            source_ref: None,
+            reason: None,
+            requested_at: None,
+            reply_to: None,
+            malformed: None,
+        }
+    }
+
+    fn corrupt() -> Interrupted {
+        Interrupted::Unrecorded(StoreError::Corrupt("refused".into()))
+    }
+
+    /// Runs the policy over `handler`, with shutdown already requested
+    /// when `stopping` (so an interruption is not retried).
+    async fn decide(
+        handler: Scripted,
+        redeliveries: u64,
+        stopping: bool,
+    ) -> (Decision, Vec<String>) {
+        let scripted = Arc::new(handler);
+        let handler: Arc<dyn CommandHandler> = scripted.clone();
+        let (trigger, shutdown) = shutdown::channel();
+        if stopping {
+            trigger.fire();
+        }
+        let wake = Notify::new();
+        let attempts = Attempts {
+            handler: &handler,
+            delivery_limit: 5,
+            shutdown: &shutdown,
+            relay_wake: &wake,
+        };
+        let decision = attempts.decide(&request(), redeliveries).await;
+        let asked = scripted.internal_messages.lock().unwrap().clone();
+        (decision, asked)
+    }
+
+    #[tokio::test]
+    async fn a_recorded_outcome_is_acked_and_a_duplicate_once_its_outcome_is_queued_again() {
+        let recorded = Scripted {
+            handle: Some(Ok(handled(false))),
+            ..Scripted::default()
+        };
+        assert_eq!(decide(recorded, 0, false).await.0, Decision::Ack);
+        let duplicate = Scripted {
+            handle: Some(Ok(handled(true))),
+            republish: Some(Ok(())),
+            ..Scripted::default()
+        };
+        assert_eq!(decide(duplicate, 0, false).await.0, Decision::Ack);
+        let unqueued = Scripted {
+            handle: Some(Ok(handled(true))),
+            republish: Some(Err(StoreError::Unavailable("down".into()))),
+            ..Scripted::default()
+        };
+        assert_eq!(decide(unqueued, 0, false).await.0, Decision::Requeue);
+    }
+
+    #[tokio::test]
+    async fn the_last_delivery_is_answered_internal_without_running_the_op() {
+        let poison = Scripted {
+            handle: None,
+            fail_internal: Some(Ok(handled(false))),
+            ..Scripted::default()
+        };
+        let (decision, asked) = decide(poison, 5, false).await;
+        assert_eq!(decision, Decision::Ack);
+        assert!(
+            asked[0].starts_with("gave up after 6 deliveries"),
+            "{asked:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panic_or_a_refused_outcome_is_answered_internal() {
+        let panics = Scripted {
+            handle: None,
+            fail_internal: Some(Ok(handled(false))),
+            ..Scripted::default()
+        };
+        let (decision, asked) = decide(panics, 0, false).await;
+        assert_eq!(decision, Decision::Ack);
+        assert!(
+            asked[0].starts_with("panic while handling the command: the op panics"),
+            "{asked:?}"
+        );
+        let refused = Scripted {
+            handle: Some(Err(corrupt())),
+            fail_internal: Some(Ok(handled(false))),
+            ..Scripted::default()
+        };
+        let (decision, asked) = decide(refused, 0, false).await;
+        assert_eq!(decision, Decision::Ack);
+        assert!(
+            asked[0].starts_with("the outcome could not be stored"),
+            "{asked:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_command_not_even_a_failure_can_be_stored_for_is_dead_lettered() {
+        let unrecordable = Scripted {
+            handle: Some(Err(corrupt())),
+            fail_internal: Some(Err(corrupt())),
+            ..Scripted::default()
+        };
+        assert_eq!(
+            decide(unrecordable, 0, false).await.0,
+            Decision::DeadLetter(DeadLetterReason::Unrecordable("refused".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_command_is_left_unacked_at_shutdown() {
+        let interrupted = Scripted {
+            handle: Some(Err(Interrupted::LeaseLost("g-1".into()))),
+            ..Scripted::default()
+        };
+        assert_eq!(decide(interrupted, 0, true).await.0, Decision::Leave);
+    }
+}

@@ -62,7 +62,7 @@ const REJECTED_EVENTS: Uuid = Uuid::from_u128(0x5f1c_2a4e_9b7d_4c1a_8e3f_6d2b_0a
 
 /// The `runtime.rejected` event of an undecodable message whose command_id
 /// could be read.
-fn rejected_event(undecodable: &Undecodable) -> Option<OutcomeEvent> {
+pub(super) fn rejected_event(undecodable: &Undecodable) -> Option<OutcomeEvent> {
     let command_id = undecodable.command_id.clone()?;
     let now = Utc::now();
     Some(OutcomeEvent {
