@@ -7,15 +7,21 @@
 //! rtmanager.dlx (fanout) --> rtmanager.dead-letters (durable queue)
 //! rtmanager.events (topic)   <- outcome events, runtime.<op>.<outcome>
 //! ```
+//!
+//! Every publish goes through [`publish_confirmed`]: one place reads the
+//! broker's `Confirmation`, and its callers branch on a [`PublishError`].
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 
 use crate::config::{AmqpConfig, SecretUrl};
 
@@ -23,6 +29,10 @@ use crate::config::{AmqpConfig, SecretUrl};
 pub const REJECT_REASON_HEADER: &str = "x-rtm-reject-reason";
 /// The binding of the command queue: every `runtime.<op>`.
 pub const COMMAND_BINDING: &str = "runtime.#";
+
+/// AMQP `delivery_mode` of a persistent message: it survives a broker
+/// restart once confirmed.
+pub const PERSISTENT: u8 = 2;
 
 /// How long the TCP connect plus the AMQP handshake may take. lapin puts no
 /// bound on the handshake: a broker that accepts the socket but never
@@ -49,6 +59,64 @@ async fn connect_within(
         Err(_) => {
             anyhow::bail!("cannot connect to RabbitMQ at {url}: no AMQP handshake within {limit:?}")
         }
+    }
+}
+
+/// Why a confirmed publish did not land.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The broker refused it (`basic.nack`), e.g. a queue at its length
+    /// limit with `reject-publish`. Nobody may have it: retry or report.
+    #[error("the broker refused it (nack)")]
+    Nacked,
+    /// Published `mandatory` and no queue took it (`basic.return`).
+    #[error("the broker returned it: no queue is bound for its routing key")]
+    Returned,
+    /// The channel or connection failed before the confirm: whether the
+    /// broker has it is unknown.
+    #[error("the broker link failed: {0}")]
+    Link(#[from] lapin::Error),
+    /// The channel is not in confirm mode (`confirm_select` was never
+    /// sent): a bug of the caller's, never a broker's answer.
+    #[error("the broker did not confirm it (confirms not enabled)")]
+    Unconfirmed,
+}
+
+/// One message to publish.
+pub struct Outgoing<'a> {
+    pub exchange: &'a str,
+    pub routing_key: ShortString,
+    /// Have the broker return it when no queue takes it, rather than drop
+    /// it silently.
+    pub mandatory: bool,
+    pub body: &'a [u8],
+    pub properties: BasicProperties,
+}
+
+/// Publishes `message` on `channel` (in confirm mode) and waits for the
+/// broker's confirm: `Ok` once the broker has taken it.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    message: Outgoing<'_>,
+) -> Result<(), PublishError> {
+    let confirmation = channel
+        .basic_publish(
+            message.exchange.into(),
+            message.routing_key,
+            BasicPublishOptions {
+                mandatory: message.mandatory,
+                ..BasicPublishOptions::default()
+            },
+            message.body,
+            message.properties,
+        )
+        .await?
+        .await?;
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_returned)) => Err(PublishError::Returned),
+        Confirmation::Nack(_) => Err(PublishError::Nacked),
+        Confirmation::NotRequested => Err(PublishError::Unconfirmed),
     }
 }
 

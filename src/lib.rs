@@ -16,11 +16,17 @@
 //!   generic over the ports; callable without a broker. Holds the lease,
 //!   the fence, the operation journal and resume.
 //! - [`messages`]: the wire command, decoded (or refused) at the boundary.
-//! - [`inbound`]: the AMQP command consumer (ack, retry or dead-letter is
-//!   decided there) and HTTP (`/healthz`, `/readyz`, `/metrics`).
-//! - [`outbound`]: the adapters — `postgres`, `redis_lease`, `docker` — and
-//!   the outbox `relay` that publishes the events.
-//! - [`broker`]: the RabbitMQ topology of SPEC §6.
+//! - [`inbound`]: the AMQP command consumer (`consumer/`: the session,
+//!   per-game lanes, the attempt policy that decides ack, requeue or
+//!   dead-letter, and dead-lettering) and HTTP (`/healthz`, `/readyz`,
+//!   `/metrics`).
+//! - [`outbound`]: the adapters — `postgres/` (split by client: the port,
+//!   the outbox, the history, bootstrap), `redis_lease`, `docker` — and the
+//!   outbox `relay` that publishes the events.
+//! - [`broker`]: the RabbitMQ topology of SPEC §6 and the one confirmed
+//!   publish every publisher uses.
+//! - [`readiness`]: the dependency states `/readyz` reports, written by the
+//!   probes, the consumer and the relay.
 //! - [`pauses`]: the backoff of the loops that retry until shutdown.
 //! - [`serve`]: wires it all and runs the worker until shutdown
 //!   ([`shutdown`]); [`telemetry`]: logs and metric names; [`config`]: the
@@ -46,6 +52,7 @@ pub mod messages;
 pub mod outbound;
 pub mod pauses;
 pub mod ports;
+pub mod readiness;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,8 +1,9 @@
 //! Pauses for the loops that retry until shutdown rather than until a
 //! deadline: the consumer's and the relay's reconnects, and a command
 //! waiting until its outcome can be recorded. backon's exponential backoff
-//! is the delay source (its retry combinator fits calls with a deadline,
-//! see `Lifecycle::with_retry`), so each loop still selects on shutdown and
+//! is the delay source (its retry combinator fits calls with a deadline:
+//! the lifecycle's store and Docker calls, retried for `RTM_RETRY_FOR`, and
+//! `serve`'s start-up connects), so each loop still selects on shutdown and
 //! starts over from the shortest pause once it is through. The jitter
 //! keeps workers cut off together from coming back in step.
 

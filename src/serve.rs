@@ -18,13 +18,14 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::inbound::consumer::Consumer;
-use crate::inbound::http::{self, Readiness};
+use crate::inbound::http;
 use crate::lifecycle::Lifecycle;
 use crate::outbound::docker::DockerEngine;
 use crate::outbound::postgres::PgStore;
 use crate::outbound::redis_lease::RedisLeases;
 use crate::outbound::relay::Relay;
 use crate::ports::ContainerEngine;
+use crate::readiness::Readiness;
 use crate::shutdown::{self, Shutdown};
 use crate::telemetry;
 

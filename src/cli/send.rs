@@ -16,14 +16,14 @@ use chrono::Utc;
 use clap::builder::PossibleValuesParser;
 use clap::{Args, Subcommand};
 use futures_util::StreamExt as _;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::options::ConfirmSelectOptions;
+use lapin::{BasicProperties, Channel, Connection};
 use serde::Deserialize;
 use uuid::Uuid;
 
 use super::Exit;
 use super::output::{Style, event_line, human_duration};
-use crate::broker;
+use crate::broker::{self, Outgoing, PublishError};
 use crate::config::Config;
 use crate::domain::{GameId, ImageRef, OpKind, OpSource, OutcomeEvent, StopReason};
 use crate::messages::CommandMessage;
@@ -32,8 +32,6 @@ use crate::messages::CommandMessage;
 /// (`runtime.patch.stop.success`) and rejections (`runtime.rejected`) are
 /// seen too. Filtering happens here, by correlation and command id.
 const EVENT_BINDING: &str = "runtime.#";
-/// AMQP `delivery_mode` of a persistent message.
-const PERSISTENT: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Args)]
 pub struct SendArgs {
@@ -357,35 +355,30 @@ async fn publish(
     let properties = BasicProperties::default()
         .with_message_id(message.command_id.as_str().into())
         .with_content_type("application/json".into())
-        .with_delivery_mode(PERSISTENT)
+        .with_delivery_mode(broker::PERSISTENT)
         .with_timestamp(timestamp)
         .with_app_id("rtmanager-cli".into());
-    let confirm = channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.as_str().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            body,
-            properties,
-        )
-        .await
-        .with_context(|| format!("publish to {exchange} with {routing_key}"))?
-        .await
-        .with_context(|| format!("wait for the broker to confirm the command on {exchange}"))?;
-    match confirm {
-        Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(_returned)) => bail!(
+    let command = Outgoing {
+        exchange,
+        routing_key: routing_key.as_str().into(),
+        mandatory: true,
+        body,
+        properties,
+    };
+    match broker::publish_confirmed(channel, command).await {
+        Ok(()) => Ok(()),
+        Err(PublishError::Returned) => bail!(
             "no queue is bound to {exchange} for {routing_key}: the broker returned the command"
         ),
-        Confirmation::Nack(_) => {
+        Err(PublishError::Nacked) => {
             bail!("the broker refused the command (nack) on {exchange} with {routing_key}")
         }
-        Confirmation::NotRequested => {
+        Err(PublishError::Unconfirmed) => {
             bail!("the broker did not confirm the command (confirms not enabled)")
         }
+        Err(PublishError::Link(e)) => Err(e).with_context(|| {
+            format!("publish the command to {exchange} with {routing_key} and wait for the broker's confirm")
+        }),
     }
 }
 

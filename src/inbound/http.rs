@@ -2,7 +2,6 @@
 //! (each dependency named with its state) and `/metrics` (Prometheus).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -12,35 +11,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
-/// The last known state of each dependency, written by the probes, the
-/// consumer and the relay, read by `/readyz`.
-#[derive(Debug, Default)]
-pub struct Readiness {
-    pub broker: AtomicBool,
-    pub database: AtomicBool,
-    pub redis: AtomicBool,
-    pub docker: AtomicBool,
-}
-
-impl Readiness {
-    pub fn set(flag: &AtomicBool, up: bool) {
-        flag.store(up, Ordering::Relaxed);
-    }
-
-    /// `(name, up)` for every dependency, in a stable order.
-    pub fn states(&self) -> [(&'static str, bool); 4] {
-        [
-            ("broker", self.broker.load(Ordering::Relaxed)),
-            ("database", self.database.load(Ordering::Relaxed)),
-            ("redis", self.redis.load(Ordering::Relaxed)),
-            ("docker", self.docker.load(Ordering::Relaxed)),
-        ]
-    }
-
-    pub fn ready(&self) -> bool {
-        self.states().iter().all(|(_, up)| *up)
-    }
-}
+use crate::readiness::Readiness;
 
 #[derive(Clone)]
 struct AppState {

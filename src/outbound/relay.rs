@@ -24,19 +24,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::ConfirmSelectOptions;
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::broker;
+use crate::broker::{self, Outgoing, PublishError};
 use crate::config::{AmqpConfig, SecretUrl};
-use crate::inbound::http::Readiness;
 use crate::outbound::postgres::{PendingEvent, PgStore};
 use crate::pauses::Pauses;
+use crate::readiness::Readiness;
 use crate::shutdown::Shutdown;
 use crate::telemetry;
 
@@ -129,10 +129,7 @@ impl Relay {
         }
         // Hand over at once rather than after the TTL.
         if leader.valid_until.is_some() {
-            let _ = sqlx::query("delete from relay_leader where holder = $1")
-                .bind(leader.holder)
-                .execute(self.store.pool())
-                .await;
+            let _ = self.store.resign_relay(leader.holder).await;
         }
     }
 
@@ -215,21 +212,12 @@ impl Relay {
     /// holds it.
     async fn lead(&self, leader: &mut Leadership) -> anyhow::Result<bool> {
         let asked = Instant::now();
-        let won: Option<Uuid> = sqlx::query_scalar(
-            "insert into relay_leader (id, holder, expires_at)
-             values (true, $1, now() + make_interval(secs => $2))
-             on conflict (id) do update
-                 set holder = excluded.holder, expires_at = excluded.expires_at
-                 where relay_leader.holder = excluded.holder
-                    or relay_leader.expires_at < now()
-             returning holder",
-        )
-        .bind(leader.holder)
-        .bind(LEADER_TTL.as_secs_f64())
-        .fetch_optional(self.store.pool())
-        .await
-        .context("outbox relay: take or renew leadership")?;
-        if won.is_some() {
+        let won = self
+            .store
+            .lead_relay(leader.holder, LEADER_TTL)
+            .await
+            .context("outbox relay: take or renew leadership")?;
+        if won {
             if leader.valid_until.is_none() {
                 info!("this worker's relay now publishes the outbox");
             }
@@ -271,7 +259,7 @@ impl Relay {
             .with_message_id(ShortString::from(pending.event_id.to_string()))
             .with_type(short(&pending.routing_key)?)
             .with_content_type("application/json".into())
-            .with_delivery_mode(2);
+            .with_delivery_mode(broker::PERSISTENT);
         // The decoder caps correlation ids at 255 bytes; an older row that
         // does not fit still goes out, with the id in its body only.
         match ShortString::try_new(pending.correlation_id.as_str()) {
@@ -283,22 +271,23 @@ impl Relay {
         if let Some(at) = pending.occurred_at() {
             properties = properties.with_timestamp(at.timestamp().max(0) as u64);
         }
-        let confirm = channel
-            .basic_publish(
-                self.amqp.event_exchange.as_str().into(),
-                short(&pending.routing_key)?,
-                MANDATORY,
-                &body,
-                properties.clone(),
-            )
-            .await?
-            .await?;
-        match confirm {
-            Confirmation::Nack(_) => return Ok(Published::Refused("nack")),
-            // Returned unroutable (`mandatory`): no queue took it, so nobody
-            // has it yet. SPEC §6 retries it like a nack.
-            Confirmation::Ack(Some(_)) => return Ok(Published::Refused("returned unroutable")),
-            Confirmation::Ack(None) | Confirmation::NotRequested => {}
+        let event = Outgoing {
+            exchange: &self.amqp.event_exchange,
+            routing_key: short(&pending.routing_key)?,
+            // Only events are `mandatory` (see `reply` for why not replies):
+            // an unroutable one comes back instead of vanishing.
+            mandatory: true,
+            body: &body,
+            properties: properties.clone(),
+        };
+        match broker::publish_confirmed(channel, event).await {
+            Ok(()) => {}
+            Err(PublishError::Nacked) => return Ok(Published::Refused("nack")),
+            // Returned unroutable: no queue took it, so nobody has it yet.
+            // SPEC §6 retries it like a nack.
+            Err(PublishError::Returned) => return Ok(Published::Refused("returned unroutable")),
+            // The link failed: the pass fails and the next one reconnects.
+            Err(e @ (PublishError::Link(_) | PublishError::Unconfirmed)) => return Err(e.into()),
         }
 
         if let Some(queue) = &pending.reply_to
@@ -328,19 +317,14 @@ impl Relay {
             Some(id) => properties.with_correlation_id(short(id)?),
             None => properties,
         };
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                short(queue)?,
-                BasicPublishOptions::default(),
-                body,
-                reply,
-            )
-            .await?
-            .await?;
-        if confirm.is_nack() {
-            anyhow::bail!("the broker refused it");
-        }
+        let reply = Outgoing {
+            exchange: "",
+            routing_key: short(queue)?,
+            mandatory: false,
+            body,
+            properties: reply,
+        };
+        broker::publish_confirmed(channel, reply).await?;
         Ok(())
     }
 }
@@ -380,13 +364,6 @@ enum Published {
     Confirmed,
     Refused(&'static str),
 }
-
-/// Every event is published `mandatory`, so an unroutable one comes back
-/// instead of vanishing.
-const MANDATORY: BasicPublishOptions = BasicPublishOptions {
-    mandatory: true,
-    immediate: false,
-};
 
 /// An AMQP short string, or an error instead of lapin's panic.
 fn short(s: &str) -> anyhow::Result<ShortString> {

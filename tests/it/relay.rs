@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rtmanager::config::SecretUrl;
-use rtmanager::inbound::http::Readiness;
 use rtmanager::outbound::postgres::PgStore;
 use rtmanager::outbound::relay::Relay;
 use rtmanager::ports::RuntimeStore;
+use rtmanager::readiness::Readiness;
 use rtmanager::shutdown::{self, Trigger};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,0 +1,215 @@
+//! The command consumer: takes messages off the quorum queue, decodes them,
+//! runs them through the lifecycle, and acks once the outcome is recorded.
+//!
+//! Each concern has its file:
+//!
+//! - [`session`]: the AMQP side — connect, consume, reconnect, drain at
+//!   shutdown, and [`session::settle`], the one function that acks or nacks.
+//! - [`lanes`]: one queue per game, so a game's commands run in arrival
+//!   order while different games run concurrently (at most `RTM_PREFETCH`).
+//! - [`attempt`]: the attempt policy — poison, retry until recorded, panic
+//!   → `internal` — which turns one delivery into one [`Decision`].
+//! - [`dead_letter`]: an undecodable message's `runtime.rejected` event and
+//!   its copy on the dead-letter exchange.
+//!
+//! What happens to a delivery is decided once, as a [`Decision`]:
+//!
+//! | what happened                         | decision                        |
+//! |---------------------------------------|---------------------------------|
+//! | outcome recorded (success or failure) | `Ack`                           |
+//! | undecodable body                      | `DeadLetter(Undecodable)`: a copy to the DLX with `x-rtm-reject-reason`, then ack |
+//! | interrupted (store down, lease lost)  | none yet: retried in-process with backoff (a requeue would count toward the delivery limit) |
+//! | panic while handling                  | record `internal`, `Ack`        |
+//! | not even a failure can be recorded    | `DeadLetter(Unrecordable)`: rejected, the broker dead-letters it |
+//! | a step before the ack failed (the rejected event or a duplicate's republish could not be stored, the DLX copy not confirmed) | `Requeue` |
+//! | shutdown while interrupted            | `Leave` unacked: redelivered when the channel closes |
+
+mod attempt;
+mod dead_letter;
+mod lanes;
+mod session;
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use lapin::Channel;
+use lapin::message::Delivery;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tracing::{Instrument as _, info_span};
+use uuid::Uuid;
+
+use crate::config::{AmqpConfig, SecretUrl};
+use crate::domain::{CommandRequest, OutcomeEvent};
+use crate::lifecycle::{Handled, Interrupted, Lifecycle};
+use crate::messages::{Envelope, decode_command};
+use crate::ports::{ContainerEngine, LeaseStore, RuntimeStore, StoreError};
+use crate::readiness::Readiness;
+use crate::shutdown::Shutdown;
+use crate::telemetry;
+
+pub use attempt::{DeadLetterReason, Decision};
+
+/// What the consumer asks of the service behind it: run a command, answer
+/// one `internal`, and two outbox writes. The lifecycle implements it; the
+/// consumer holds it as a trait object, so it is not generic over the
+/// lifecycle's three ports.
+pub trait CommandHandler: Send + Sync + 'static {
+    /// Runs one decoded command to its recorded outcome.
+    fn handle(&self, request: CommandRequest) -> BoxFuture<'_, Result<Handled, Interrupted>>;
+    /// Answers a command `internal` with `message`.
+    fn fail_internal<'a>(
+        &'a self,
+        request: &'a CommandRequest,
+        message: String,
+    ) -> BoxFuture<'a, Result<Handled, Interrupted>>;
+    /// Stores the `runtime.rejected` event of an undecodable message.
+    fn append_rejected<'a>(
+        &'a self,
+        event: &'a OutcomeEvent,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Queues a stored outcome for publishing again (a duplicate's).
+    fn republish(&self, event_id: Uuid) -> BoxFuture<'_, Result<(), StoreError>>;
+}
+
+impl<S, L, E> CommandHandler for Lifecycle<S, L, E>
+where
+    S: RuntimeStore,
+    L: LeaseStore,
+    E: ContainerEngine,
+{
+    fn handle(&self, request: CommandRequest) -> BoxFuture<'_, Result<Handled, Interrupted>> {
+        Box::pin(Lifecycle::handle(self, request))
+    }
+
+    fn fail_internal<'a>(
+        &'a self,
+        request: &'a CommandRequest,
+        message: String,
+    ) -> BoxFuture<'a, Result<Handled, Interrupted>> {
+        Box::pin(Lifecycle::fail_internal(self, request, message))
+    }
+
+    fn append_rejected<'a>(
+        &'a self,
+        event: &'a OutcomeEvent,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.store().append_rejected(event))
+    }
+
+    fn republish(&self, event_id: Uuid) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.store().republish(event_id))
+    }
+}
+
+pub struct Consumer {
+    handler: Arc<dyn CommandHandler>,
+    url: SecretUrl,
+    amqp: AmqpConfig,
+    readiness: Arc<Readiness>,
+    relay_wake: Arc<Notify>,
+    /// One permit per message in flight; all permits back means drained.
+    in_flight: Arc<Semaphore>,
+    lanes: lanes::Lanes<Job>,
+    shutdown: Shutdown,
+}
+
+/// One delivery on its way through a lane.
+struct Job {
+    request: CommandRequest,
+    delivery: Delivery,
+    /// The channel it came on: where it is settled.
+    channel: Channel,
+    /// How many times the broker delivered it before (`x-delivery-count`).
+    redeliveries: u64,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Consumer {
+    pub fn new(
+        handler: impl CommandHandler,
+        url: SecretUrl,
+        amqp: AmqpConfig,
+        readiness: Arc<Readiness>,
+        relay_wake: Arc<Notify>,
+        shutdown: Shutdown,
+    ) -> Self {
+        let permits = usize::from(amqp.prefetch);
+        Self {
+            handler: Arc::new(handler),
+            url,
+            amqp,
+            readiness,
+            relay_wake,
+            in_flight: Arc::new(Semaphore::new(permits)),
+            lanes: lanes::Lanes::default(),
+            shutdown,
+        }
+    }
+
+    /// Decodes a delivery: an undecodable one is dead-lettered here, a
+    /// command goes to its game's lane.
+    async fn dispatch(
+        self: Arc<Self>,
+        channel: &Channel,
+        delivery: Delivery,
+        permit: OwnedSemaphorePermit,
+    ) {
+        metrics::counter!(telemetry::COMMANDS_CONSUMED).increment(1);
+        let envelope = Envelope::from(&delivery.properties);
+        match decode_command(&delivery.data, &envelope) {
+            Ok(request) => {
+                let job = Job {
+                    redeliveries: session::delivery_count(&delivery.properties),
+                    request,
+                    delivery,
+                    channel: channel.clone(),
+                    _permit: permit,
+                };
+                let key = job.request.game_id.clone().unwrap_or_default();
+                if let Some(lane) = self.lanes.submit(&key, job) {
+                    tokio::spawn(self.clone().run_lane(lane));
+                }
+            }
+            Err(undecodable) => {
+                let decision = dead_letter::reject(self.handler.as_ref(), undecodable).await;
+                if matches!(decision, Decision::DeadLetter(_)) {
+                    self.relay_wake.notify_one();
+                }
+                self.settle(channel, &delivery, decision).await;
+                drop(permit);
+            }
+        }
+    }
+
+    /// Runs one game's commands in arrival order; ends when none is pending.
+    async fn run_lane(self: Arc<Self>, mut lane: lanes::Lane<Job>) {
+        while let Some(job) = self.lanes.next(&mut lane) {
+            let span = info_span!(
+                "message",
+                command_id = %job.request.command_id,
+                op = %job.request.op,
+                game_id = %lane.key(),
+                correlation_id = %job.request.correlation_id(),
+            );
+            self.process(job).instrument(span).await;
+        }
+    }
+
+    async fn process(&self, job: Job) {
+        let gauge = metrics::gauge!(telemetry::OPERATIONS_IN_FLIGHT);
+        gauge.increment(1.0);
+        let decision = self.attempts().decide(&job.request, job.redeliveries).await;
+        gauge.decrement(1.0);
+        self.relay_wake.notify_one();
+        self.settle(&job.channel, &job.delivery, decision).await;
+    }
+
+    fn attempts(&self) -> attempt::Attempts<'_> {
+        attempt::Attempts {
+            handler: &self.handler,
+            delivery_limit: self.amqp.delivery_limit,
+            shutdown: &self.shutdown,
+            relay_wake: &self.relay_wake,
+        }
+    }
+}

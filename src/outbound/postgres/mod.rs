@@ -1,0 +1,115 @@
+//! The PostgreSQL adapter: runtime records, operation log, outbox, inbox and
+//! fences (SPEC §7, §10). One file per client of the database:
+//!
+//! - [`port`]: the [`RuntimeStore`](crate::ports::RuntimeStore) port the
+//!   lifecycle writes through; [`append`] holds the statements of its one
+//!   transaction, one function each.
+//! - [`outbox`]: the relay's reads and marks, and its leadership lease
+//!   (`relay_leader`).
+//! - [`history`]: the operation history `rtmanager log` prints.
+//! - [`bootstrap`]: connecting (creating the database if missing),
+//!   migrating, and the readiness ping.
+//!
+//! The schema lives in `migrations/` and explains itself there. These files
+//! only speak SQL: every query is a `&'static str` with bind parameters,
+//! checked at run time (no `query!` macros, so the build needs no database).
+//!
+//! Errors: anything that smells of the connection (I/O, pool timeout, server
+//! shutting down, resources exhausted) is [`StoreError::Unavailable`], which
+//! the callers retry; anything else (a constraint the code should never
+//! break, a row that does not decode) is [`StoreError::Corrupt`], which
+//! retrying cannot fix.
+
+mod append;
+mod bootstrap;
+mod history;
+mod outbox;
+mod port;
+
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+use crate::domain::OutcomeEvent;
+use crate::ports::StoreError;
+
+pub use outbox::PendingEvent;
+
+/// How long a query waits for a pooled connection (including connecting)
+/// before it fails: an outage must surface as [`StoreError::Unavailable`],
+/// which the callers retry with backoff, never as a hang.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections per worker. A command holds a connection only for one short
+/// statement or transaction at a time, so fewer connections than
+/// `RTM_PREFETCH` commands in flight suffice; the rest wait their turn.
+pub const MAX_CONNECTIONS: u32 = 10;
+
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The pool settings every `PgStore` is built with.
+    pub fn pool_options() -> PgPoolOptions {
+        PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+    }
+}
+
+/// Maps a sqlx error: connection trouble is `Unavailable` (retry), the rest
+/// `Corrupt` (a bug or a hand edit; retrying will not help).
+fn db_error(doing: &str, error: sqlx::Error) -> StoreError {
+    let message = format!("{doing}: {error}");
+    match &error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed => StoreError::Unavailable(message),
+        sqlx::Error::Database(e) => {
+            // SQLSTATE classes: 08 connection exception, 40 transaction
+            // rollback (serialization failure, deadlock), 53 insufficient
+            // resources, 57 operator intervention (shutdown, statement
+            // timeout), 58 system error. All are worth a retry.
+            let class = e.code().map(|c| c.chars().take(2).collect::<String>());
+            match class.as_deref() {
+                Some("08" | "40" | "53" | "57" | "58") => StoreError::Unavailable(message),
+                _ => StoreError::Corrupt(message),
+            }
+        }
+        _ => StoreError::Corrupt(message),
+    }
+}
+
+/// An outbox payload back as the event it was written from.
+fn decode_event(event_id: Uuid, payload: serde_json::Value) -> Result<OutcomeEvent, StoreError> {
+    serde_json::from_value(payload).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "outbox event {event_id} does not decode as an outcome event: {e}"
+        ))
+    })
+}
+
+/// State directories come from `RTM_STATE_ROOT` and a `GameId`, so they are
+/// UTF-8; anything else would not survive a round trip through `text`.
+fn path_text(path: &Path) -> Result<&str, StoreError> {
+    path.to_str().ok_or_else(|| {
+        StoreError::Corrupt(format!("state directory {} is not UTF-8", path.display()))
+    })
+}
