@@ -4,12 +4,11 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use tokio::time::Instant;
 use tracing::warn;
 
 use super::{Halt, Lifecycle, Op};
-use crate::domain::{ContainerId, ImageRef};
+use crate::domain::{ContainerId, ImageRef, Stage, Step};
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, ContainerInfo, EngineError, Health, LeaseStore, RuntimeStore};
 use crate::telemetry;
@@ -84,8 +83,9 @@ where
             })?;
         self.journal(
             op,
-            &format!("pull {image}"),
-            json!({ "image": image.as_str() }),
+            &Step::Pull {
+                image: image.clone(),
+            },
         )
         .await?;
         Ok(())
@@ -130,8 +130,13 @@ where
         self.docker("remove", || self.engine.remove(id))
             .await
             .map_err(|e| unavailable("remove", &e.to_string()))?;
-        self.journal(op, "remove", json!({ "container_id": id.as_str() }))
-            .await?;
+        self.journal(
+            op,
+            &Step::Remove {
+                container_id: id.clone(),
+            },
+        )
+        .await?;
         Ok(())
     }
 
@@ -149,12 +154,12 @@ where
     /// Creates and starts the game's container and waits until it is up
     /// (SPEC §4). On failure the container's exit code and log tail go in
     /// the `container_start_failed` message and the container is removed.
-    /// `stage` names the journal steps (`start.create`, `rollback.up`, …).
+    /// `stage` is the start the journal steps belong to.
     pub(super) async fn launch(
         &self,
         op: &Op<'_, L>,
         image: &ImageRef,
-        stage: &str,
+        stage: Stage,
     ) -> Result<ContainerInfo, Halt> {
         let mut attempt = 0;
         loop {
@@ -185,7 +190,7 @@ where
         &self,
         op: &Op<'_, L>,
         image: &ImageRef,
-        stage: &str,
+        stage: Stage,
     ) -> Result<ContainerId, Halt> {
         op.check_lease()?;
         let id = self
@@ -200,8 +205,10 @@ where
             })?;
         self.journal(
             op,
-            &format!("{stage}.create"),
-            json!({ "container_id": id.as_str() }),
+            &Step::Create {
+                stage,
+                container_id: id.clone(),
+            },
         )
         .await?;
         Ok(id)
@@ -214,7 +221,7 @@ where
         op: &Op<'_, L>,
         id: &ContainerId,
         image: &ImageRef,
-        stage: &str,
+        stage: Stage,
         running: bool,
     ) -> Result<ContainerInfo, BringUp> {
         if !running {
@@ -242,8 +249,10 @@ where
             }
             self.journal(
                 op,
-                &format!("{stage}.start"),
-                json!({ "container_id": id.as_str() }),
+                &Step::Start {
+                    stage,
+                    container_id: id.clone(),
+                },
             )
             .await
             .map_err(Halt::from)?;
@@ -255,14 +264,13 @@ where
             }
             Err(other) => return Err(other.into()),
         };
-        let detail = json!({
-            "container_id": info.id.as_str(),
-            "address": info.address,
-            "image": image.as_str(),
-        });
-        self.journal(op, &format!("{stage}.up"), detail)
-            .await
-            .map_err(Halt::from)?;
+        let up = Step::Up {
+            stage,
+            container_id: info.id.clone(),
+            address: info.address.clone(),
+            image: image.clone(),
+        };
+        self.journal(op, &up).await.map_err(Halt::from)?;
         Ok(info)
     }
 
@@ -288,20 +296,15 @@ where
         &self,
         op: &Op<'_, L>,
         image: &ImageRef,
-        stage: &str,
+        stage: Stage,
     ) -> Result<Option<ContainerInfo>, Halt> {
-        let journaled = ["up", "start", "create"].iter().find_map(|step| {
-            op.progress
-                .step(&format!("{stage}.{step}"))
-                .and_then(|d| d["container_id"].as_str())
-        });
-        let Some(journaled) = journaled else {
+        let Some(journaled) = op.progress.container(stage) else {
             return Ok(None);
         };
         let Some(info) = self
             .inspect(op)
             .await?
-            .filter(|info| info.id.as_str() == journaled && info.image_ref == image.as_str())
+            .filter(|info| info.id == *journaled && info.image_ref == image.as_str())
         else {
             return Ok(None);
         };

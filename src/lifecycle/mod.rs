@@ -41,7 +41,7 @@ use uuid::Uuid;
 pub use crate::config::LifecycleConfig;
 use crate::domain::{
     Action, Command, CommandRequest, EntryResult, GameId, ImageRef, OpKind, OperationEntry,
-    OutcomeEvent, RecordUpdate, RuntimeRecord, RuntimeState,
+    OutcomeEvent, RecordUpdate, RuntimeRecord, RuntimeState, Stage, Step,
 };
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{
@@ -224,7 +224,7 @@ impl<L: LeaseStore> Op<'_, L> {
         self.progress
             .entry(OpKind::Start, Some(outer), false)
             .is_some()
-            || self.progress.step("start.create").is_some()
+            || self.progress.created(Stage::Start)
     }
 
     /// Stops before the next Docker step if the lease is gone.
@@ -333,8 +333,8 @@ where
             .await?;
         if !progress.is_empty() {
             info!(
-                entries = progress.events.len(),
-                steps = ?progress.steps.keys().collect::<Vec<_>>(),
+                entries = progress.entries.len(),
+                steps = ?progress.steps.iter().map(Step::name).collect::<Vec<_>>(),
                 "resuming a command an earlier attempt left unfinished"
             );
         }
@@ -692,20 +692,10 @@ where
 
     /// Journals a Docker step as done, so a redelivered command can resume
     /// after it.
-    async fn journal(
-        &self,
-        op: &Op<'_, L>,
-        step: &str,
-        detail: serde_json::Value,
-    ) -> Result<(), Interrupted> {
+    async fn journal(&self, op: &Op<'_, L>, step: &Step) -> Result<(), Interrupted> {
         self.store_retrying(|| {
-            self.store.journal(
-                op.game(),
-                op.fence,
-                &op.cmd.command_id,
-                step,
-                detail.clone(),
-            )
+            self.store
+                .journal(op.game(), op.fence, &op.cmd.command_id, step)
         })
         .await
         .map_err(|e| match e {

@@ -9,12 +9,10 @@
 //! not come up (beyond the original) the previous image is started again on
 //! the same state directory.
 
-use serde_json::json;
-
 use super::start::StartPlan;
 use super::{Halt, Interrupted, Lifecycle, Op};
 use crate::domain::image_ref::same_patch_series;
-use crate::domain::{ImageRef, OpKind, RecordUpdate, RuntimeRecord, RuntimeState};
+use crate::domain::{ImageRef, OpKind, RecordUpdate, RuntimeRecord, RuntimeState, Stage, Step};
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, LeaseStore, Recorded, RuntimeStore};
 
@@ -45,13 +43,14 @@ where
         // the previous one.
         let previous = op
             .progress
-            .step("begin")
-            .and_then(|d| d["previous_image"].as_str())
-            .and_then(|raw| ImageRef::parse(raw).ok())
-            .unwrap_or_else(|| record.image_ref.clone());
+            .previous_image()
+            .unwrap_or(&record.image_ref)
+            .clone();
         let previous = &previous;
-        self.journal(op, "begin", json!({ "previous_image": previous.as_str() }))
-            .await?;
+        let begin = Step::Begin {
+            previous_image: previous.clone(),
+        };
+        self.journal(op, &begin).await?;
         entry.previous_image_ref = Some(previous.to_string());
         entry.container_id = record.state.container_id().map(ToString::to_string);
 
@@ -79,19 +78,19 @@ where
             state_dir: record.state_dir.clone(),
         };
         let start = self
-            .run_start(
+            .inner_start(
                 op,
                 StartPlan {
                     image: new_image,
                     outer: Some(OpKind::Patch),
                     previous_image: Some(previous),
                     rolled_back: false,
-                    stage: "start",
+                    stage: Stage::Start,
                     on_failure: Some(stopped_on_previous.clone()),
                 },
             )
             .await?;
-        let start_failure = match start.result {
+        let start_failure = match start {
             Ok(info) => {
                 entry.container_id = Some(info.id.to_string());
                 entry.address = info.address;
@@ -118,19 +117,19 @@ where
 
         // Beyond the original: restore the previous image on the same state.
         let rollback = self
-            .run_start(
+            .inner_start(
                 op,
                 StartPlan {
                     image: previous,
                     outer: Some(OpKind::Patch),
                     previous_image: Some(new_image),
                     rolled_back: true,
-                    stage: "rollback",
+                    stage: Stage::Rollback,
                     on_failure: Some(stopped_on_previous),
                 },
             )
             .await?;
-        let failure = match rollback.result {
+        let failure = match rollback {
             Ok(info) => {
                 entry.rolled_back = true;
                 entry.container_id = Some(info.id.to_string());

@@ -2,7 +2,7 @@
 
 use super::start::StartPlan;
 use super::{Halt, Interrupted, Lifecycle, Op};
-use crate::domain::{OpKind, RecordUpdate, RuntimeState};
+use crate::domain::{OpKind, RecordUpdate, RuntimeState, Stage};
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, LeaseStore, Recorded, RuntimeStore};
 
@@ -40,14 +40,14 @@ where
         }
 
         let start = self
-            .run_start(
+            .inner_start(
                 op,
                 StartPlan {
                     image: &record.image_ref,
                     outer: Some(OpKind::Restart),
                     previous_image: None,
                     rolled_back: false,
-                    stage: "start",
+                    stage: Stage::Start,
                     on_failure: Some(RecordUpdate {
                         game_id: op.game().clone(),
                         image_ref: record.image_ref.clone(),
@@ -57,7 +57,7 @@ where
                 },
             )
             .await?;
-        match start.result {
+        match start {
             Ok(info) => {
                 entry.container_id = Some(info.id.to_string());
                 entry.address = info.address;

@@ -2,11 +2,9 @@
 //! remove reuse. A stop keeps the container; a stop of a container Docker
 //! reports as not running is a no-op (and corrects the record).
 
-use serde_json::json;
-
 use super::{Halt, Interrupted, Lifecycle, Op};
 use crate::domain::{
-    ContainerId, EntryResult, OpKind, RecordUpdate, RuntimeRecord, RuntimeState, StopReason,
+    ContainerId, EntryResult, OpKind, RecordUpdate, RuntimeRecord, RuntimeState, Step, StopReason,
 };
 use crate::error::Failure;
 use crate::ports::{ContainerEngine, LeaseStore, Recorded, RuntimeStore};
@@ -57,8 +55,10 @@ where
                     // Journaled before the stop: if this worker dies during
                     // the grace period, Docker still finishes the stop and
                     // the redelivery must not call it a no-op.
-                    self.journal(op, "stop", json!({ "container_id": info.id.as_str() }))
-                        .await?;
+                    let stop = Step::Stop {
+                        container_id: info.id.clone(),
+                    };
+                    self.journal(op, &stop).await?;
                     self.halt(op, &info.id).await?;
                     Ok((Some(info.id), false))
                 }
@@ -134,7 +134,7 @@ where
         let recorded = op
             .progress
             .entry(OpKind::Stop, Some(outer), false)
-            .is_some_and(|e| e.error_code.is_none());
+            .is_some_and(|e| e.result.error_code().is_none());
         if recorded {
             return Ok(());
         }
