@@ -124,4 +124,20 @@ impl RuntimeRecord {
     pub fn status(&self) -> RuntimeStatus {
         self.state.status()
     }
+
+    /// This record moved to `state`, on its image and state directory.
+    pub fn update(&self, state: RuntimeState) -> RecordUpdate {
+        self.update_to(self.image_ref.clone(), state)
+    }
+
+    /// This record moved to `state` on `image_ref`; the state directory
+    /// outlives every container of the game.
+    pub fn update_to(&self, image_ref: ImageRef, state: RuntimeState) -> RecordUpdate {
+        RecordUpdate {
+            game_id: self.game_id.clone(),
+            image_ref,
+            state,
+            state_dir: self.state_dir.clone(),
+        }
+    }
 }

@@ -101,7 +101,11 @@ where
 
     /// Stops a container (SIGTERM, SIGKILL after the grace period) and
     /// checks that Docker reports it stopped (`container_stop_failed`).
-    pub(super) async fn halt(&self, op: &Op<'_, L>, id: &ContainerId) -> Result<(), Halt> {
+    pub(super) async fn stop_container(
+        &self,
+        op: &Op<'_, L>,
+        id: &ContainerId,
+    ) -> Result<(), Halt> {
         op.check_lease()?;
         let grace = self.cfg.stop_timeout;
         self.docker("stop", || self.engine.stop(id, grace))
@@ -144,7 +148,7 @@ where
     pub(super) async fn clear_leftover(&self, op: &Op<'_, L>) -> Result<(), Halt> {
         if let Some(leftover) = self.inspect(op).await? {
             if leftover.running {
-                self.halt(op, &leftover.id).await?;
+                self.stop_container(op, &leftover.id).await?;
             }
             self.discard(op, &leftover.id).await?;
         }

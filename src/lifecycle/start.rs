@@ -45,7 +45,7 @@ where
 
         let record = match self.load_record(op).await {
             Ok(record) => record,
-            Err(failure) => return self.fail_outer(op, entry, failure, None).await,
+            Err(failure) => return self.finish(op, entry, Err(failure.into()), None).await,
         };
 
         if let Some(record) = &record {
@@ -61,30 +61,24 @@ where
                     entry.previous_image_ref = None;
                     entry.container_id = Some(info.id.to_string());
                     entry.address = info.address.clone();
-                    let update = RecordUpdate {
-                        game_id: op.game().clone(),
-                        image_ref: image.clone(),
-                        state: RuntimeState::Running {
+                    let update = record.update_to(
+                        image.clone(),
+                        RuntimeState::Running {
                             container_id: info.id,
                             address: info.address,
                         },
-                        state_dir: record.state_dir.clone(),
-                    };
-                    return self.write(op, entry, Some(update)).await;
+                    );
+                    return self.finish(op, entry, Ok(Some(update)), None).await;
                 }
-                Err(Halt::Fail(failure)) => return self.fail_outer(op, entry, failure, None).await,
-                Err(Halt::Interrupt(i)) => return Err(i),
+                Err(halt) => return self.finish(op, entry, Err(halt), None).await,
             }
         }
 
-        let on_failure = record.as_ref().map(|r| RecordUpdate {
-            game_id: op.game().clone(),
-            image_ref: r.image_ref.clone(),
-            state: match r.state {
+        let on_failure = record.as_ref().map(|r| {
+            r.update(match r.state {
                 RuntimeState::Removed => RuntimeState::Removed,
                 _ => RuntimeState::Stopped { container_id: None },
-            },
-            state_dir: r.state_dir.clone(),
+            })
         });
         let run = self
             .run_start(
@@ -195,10 +189,12 @@ where
         }
         .await;
 
-        match launched {
+        let (result, update) = match launched {
             Ok(info) => {
                 entry.container_id = Some(info.id.to_string());
                 entry.address = info.address.clone();
+                // A first start has no record to derive from: the engine
+                // names the state directory.
                 let update = RecordUpdate {
                     game_id: op.game().clone(),
                     image_ref: plan.image.clone(),
@@ -208,22 +204,13 @@ where
                     },
                     state_dir: self.engine.state_dir(op.game()),
                 };
-                let recorded = self.write(op, entry, Some(update)).await?;
-                Ok(StartRun {
-                    recorded,
-                    result: Ok(info),
-                })
+                (Ok(info), Ok(Some(update)))
             }
-            Err(Halt::Fail(failure)) => {
-                entry.result = EntryResult::Failure(failure.clone());
-                let recorded = self.write(op, entry, plan.on_failure).await?;
-                Ok(StartRun {
-                    recorded,
-                    result: Err(failure),
-                })
-            }
-            Err(Halt::Interrupt(i)) => Err(i),
-        }
+            Err(Halt::Fail(failure)) => (Err(failure.clone()), Err(failure.into())),
+            Err(Halt::Interrupt(i)) => return Err(i),
+        };
+        let recorded = self.finish(op, entry, update, plan.on_failure).await?;
+        Ok(StartRun { recorded, result })
     }
 }
 
