@@ -22,6 +22,8 @@
 mod container;
 mod gate;
 mod lease;
+#[cfg(test)]
+mod memory;
 mod patch;
 mod record;
 mod remove;
@@ -29,6 +31,8 @@ mod restart;
 mod retry;
 mod start;
 mod stop;
+#[cfg(test)]
+mod tests;
 
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
