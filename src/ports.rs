@@ -282,6 +282,12 @@ pub enum EngineError {
     /// the step.
     #[error("{0}")]
     Rejected(String),
+    /// Only from `start`: the engine still holds a runtime task of an
+    /// earlier start of this container, cut short by an engine restart, and
+    /// refuses to start it again ("already exists", "id already in use").
+    /// Recreating the container clears it.
+    #[error("{0}")]
+    StaleTask(String),
 }
 
 /// Health as reported by an image's HEALTHCHECK.

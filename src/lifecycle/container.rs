@@ -75,7 +75,7 @@ where
         self.docker("pull", || self.engine.pull(image))
             .await
             .map_err(|e| match e {
-                EngineError::Rejected(msg) => Failure::new(
+                EngineError::Rejected(msg) | EngineError::StaleTask(msg) => Failure::new(
                     ErrorCode::ImagePullFailed,
                     format!("image {image} is missing and could not be pulled: {msg}"),
                 ),
@@ -111,7 +111,7 @@ where
         self.docker("stop", || self.engine.stop(id, grace))
             .await
             .map_err(|e| match e {
-                EngineError::Rejected(msg) => Failure::new(
+                EngineError::Rejected(msg) | EngineError::StaleTask(msg) => Failure::new(
                     ErrorCode::ContainerStopFailed,
                     format!("docker could not stop container {id}: {msg}"),
                 ),
@@ -201,7 +201,7 @@ where
             .docker("create", || self.engine.create(op.game(), image))
             .await
             .map_err(|e| match e {
-                EngineError::Rejected(msg) => Failure::new(
+                EngineError::Rejected(msg) | EngineError::StaleTask(msg) => Failure::new(
                     ErrorCode::ContainerStartFailed,
                     format!("create container from {image}: {msg}"),
                 ),
@@ -235,14 +235,15 @@ where
                 Err(EngineError::Unavailable(msg)) => {
                     return Err(Halt::from(unavailable("start", &msg)).into());
                 }
-                Err(EngineError::Rejected(msg)) => {
+                Err(refused @ (EngineError::Rejected(_) | EngineError::StaleTask(_))) => {
                     // The refused start may be a retry of one that took
                     // effect before the engine went away: judge by Docker.
                     let now = self.inspect(op).await?;
                     if !now.is_some_and(|info| info.id == *id && info.running) {
-                        if msg.contains("already exists") || msg.contains("already in use") {
-                            return Err(BringUp::Stale(msg));
-                        }
+                        let msg = match refused {
+                            EngineError::StaleTask(msg) => return Err(BringUp::Stale(msg)),
+                            other => other.to_string(),
+                        };
                         let failure = Failure::new(
                             ErrorCode::ContainerStartFailed,
                             format!("start container: {msg}"),

@@ -331,6 +331,8 @@ struct Host {
     /// Images whose engine exits at boot.
     crashing: HashSet<String>,
     containers: Vec<Container>,
+    /// Starts refused as `StaleTask` (an engine restart kept their task).
+    stale_starts: u32,
     next_id: u32,
     calls: Vec<String>,
 }
@@ -355,6 +357,11 @@ impl MemEngine {
 
     pub fn crashing(&self, image: &str) {
         self.host().crashing.insert(image.to_owned());
+    }
+
+    /// The next `n` starts are refused as `StaleTask`.
+    pub fn stale_starts(&self, n: u32) {
+        self.host().stale_starts = n;
     }
 
     /// The calls that changed the host (`pull`, `create`, `start`, `stop`,
@@ -446,6 +453,12 @@ impl ContainerEngine for MemEngine {
     async fn start(&self, id: &ContainerId) -> Result<(), EngineError> {
         let mut host = self.host();
         host.calls.push(format!("start {id}"));
+        if host.stale_starts > 0 {
+            host.stale_starts -= 1;
+            return Err(EngineError::StaleTask(format!(
+                "start {id}: id already in use"
+            )));
+        }
         let crashing = host.crashing.clone();
         let Some(c) = host.containers.iter_mut().find(|c| c.id == *id) else {
             return Err(EngineError::Rejected(format!("no such container {id}")));

@@ -18,6 +18,13 @@
 //! A business failure is an outcome like any other (recorded, published).
 //! Only [`Interrupted`] escapes: the outcome could not be recorded, or the
 //! lease was lost, so the command must be left for redelivery.
+//!
+//! Where things live: `gate` (lease, fence, the refusals written without
+//! the lease), `lease` (the held lease and its renewal), one file per op,
+//! `container` (the Docker steps they share), `record` (writing entries and
+//! journal steps; every entry under the lease goes through
+//! `Lifecycle::finish`), `retry`. The `memory` ports and `tests` run every op
+//! rule and every resumption under `cargo test --lib`.
 
 mod container;
 mod gate;
@@ -255,12 +262,10 @@ where
         &self.engine
     }
 
-    /// Runs one decoded command to its recorded outcome.
-    #[tracing::instrument(
-        name = "command",
-        skip_all,
-        fields(command_id = %request.command_id, op = %request.op, game_id = request.game_id.as_deref().unwrap_or(""))
-    )]
+    /// Runs one decoded command to its recorded outcome. Its log lines name
+    /// no command: they run in the caller's span, which does (the
+    /// consumer's `message` span records command_id, op, game_id and
+    /// correlation_id); a second span here repeated all of them on every line.
     pub async fn handle(&self, request: CommandRequest) -> Result<Handled, Interrupted> {
         let received_at = Utc::now();
         match self.store_retrying(|| self.store.claim(&request)).await? {

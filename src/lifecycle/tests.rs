@@ -183,6 +183,30 @@ async fn start_of_a_game_docker_no_longer_runs_starts_it_again() {
     assert_eq!(w.docker(), Some((true, A.into())));
 }
 
+#[tokio::test]
+async fn a_start_refused_for_a_stale_task_recreates_the_container_once() {
+    let w = World::new();
+    w.engine.stale_starts(1);
+    success(&w.op(OpKind::Start, Some(A)).await, false);
+    let creates = w
+        .engine
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("create"))
+        .count();
+    assert_eq!(creates, 2, "{:?}", w.engine.calls());
+    assert_eq!(w.docker(), Some((true, A.into())));
+
+    let w = World::new();
+    w.engine.stale_starts(2);
+    let message = failure(
+        &w.op(OpKind::Start, Some(A)).await,
+        ErrorCode::ContainerStartFailed,
+    );
+    assert!(message.contains("already in use"), "{message}");
+    assert_eq!(w.docker(), None, "the failed container is removed");
+}
+
 // --- SPEC §2: stop, remove, restart, patch, unknown games ------------------
 
 #[tokio::test]
