@@ -222,41 +222,36 @@ impl Progress {
 
     /// Whether the stage's new container was created.
     pub fn created(&self, stage: Stage) -> bool {
-        self.steps
-            .iter()
-            .any(|step| matches!(step, Step::Create { stage: s, .. } if *s == stage))
+        self.reached(stage).any(|(how_far, _)| how_far == 0)
     }
 
     /// The stage's container as far as it got: the one journaled up, else
     /// started, else created.
     pub fn container(&self, stage: Stage) -> Option<&ContainerId> {
-        let up = self.steps.iter().find_map(|step| match step {
+        self.reached(stage)
+            .max_by_key(|(how_far, _)| *how_far)
+            .map(|(_, id)| id)
+    }
+
+    /// The stage's container steps: how far each got (created 0, started 1,
+    /// up 2) and its container.
+    fn reached(&self, stage: Stage) -> impl Iterator<Item = (u8, &ContainerId)> {
+        self.steps.iter().filter_map(move |step| match step {
+            Step::Create {
+                stage: s,
+                container_id,
+            } if *s == stage => Some((0, container_id)),
+            Step::Start {
+                stage: s,
+                container_id,
+            } if *s == stage => Some((1, container_id)),
             Step::Up {
                 stage: s,
                 container_id,
                 ..
-            } if *s == stage => Some(container_id),
+            } if *s == stage => Some((2, container_id)),
             _ => None,
-        });
-        let started = || {
-            self.steps.iter().find_map(|step| match step {
-                Step::Start {
-                    stage: s,
-                    container_id,
-                } if *s == stage => Some(container_id),
-                _ => None,
-            })
-        };
-        let created = || {
-            self.steps.iter().find_map(|step| match step {
-                Step::Create {
-                    stage: s,
-                    container_id,
-                } if *s == stage => Some(container_id),
-                _ => None,
-            })
-        };
-        up.or_else(started).or_else(created)
+        })
     }
 }
 
