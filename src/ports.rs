@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+pub use crate::domain::Progress;
 use crate::domain::{
     CommandRequest, ContainerId, GameId, ImageRef, OperationEntry, OutcomeEvent, RecordUpdate,
-    RuntimeRecord,
+    RuntimeRecord, Step,
 };
 
 // ---------------------------------------------------------------------------
@@ -108,40 +109,6 @@ impl WriteFence {
     }
 }
 
-/// What earlier attempts of a command already did: the entries they wrote
-/// (as their events, in write order) and the Docker steps they journaled.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Progress {
-    pub events: Vec<OutcomeEvent>,
-    pub steps: std::collections::HashMap<String, serde_json::Value>,
-}
-
-impl Progress {
-    pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.steps.is_empty()
-    }
-
-    /// The recorded entry of `op` run as a step of `outer`, if any (the
-    /// rollback start is told apart by `rolled_back`).
-    pub fn entry(
-        &self,
-        op: crate::domain::OpKind,
-        outer: Option<crate::domain::OpKind>,
-        rolled_back: bool,
-    ) -> Option<&OutcomeEvent> {
-        // The latest: a later attempt's entry supersedes an earlier one's.
-        self.events.iter().rev().find(|e| {
-            e.op.as_deref() == Some(op.as_str())
-                && e.outer_op.as_deref() == outer.map(|o| o.as_str())
-                && e.rolled_back == rolled_back
-        })
-    }
-
-    pub fn step(&self, name: &str) -> Option<&serde_json::Value> {
-        self.steps.get(name)
-    }
-}
-
 /// An appended entry: its id and the event stored in the outbox with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
@@ -207,7 +174,8 @@ pub trait RuntimeStore: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// What earlier attempts of `command_id` recorded (for a redelivered
-    /// command that must resume). Errors: `Unavailable`, `Corrupt`.
+    /// command that must resume). Errors: `Unavailable`, `Corrupt` (an entry
+    /// or a journal row that does not read back).
     fn progress(
         &self,
         command_id: &str,
@@ -222,8 +190,7 @@ pub trait RuntimeStore: Clone + Send + Sync + 'static {
         game_id: &GameId,
         fence: Fence,
         command_id: &str,
-        step: &str,
-        detail: serde_json::Value,
+        step: &Step,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Queues a stored event to be published again with its own event_id
@@ -315,6 +282,12 @@ pub enum EngineError {
     /// the step.
     #[error("{0}")]
     Rejected(String),
+    /// Only from `start`: the engine still holds a runtime task of an
+    /// earlier start of this container, cut short by an engine restart, and
+    /// refuses to start it again ("already exists", "id already in use").
+    /// Recreating the container clears it.
+    #[error("{0}")]
+    StaleTask(String),
 }
 
 /// Health as reported by an image's HEALTHCHECK.

@@ -8,10 +8,10 @@
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
-#[serde(into = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct ImageRef {
     raw: String,
     /// `[registry[:port]/]path/name`, without tag or digest.
@@ -145,6 +145,13 @@ impl TryFrom<&str> for ImageRef {
     type Error = ImageRefError;
     fn try_from(value: &str) -> Result<Self, Self::Error> {
         Self::parse(value)
+    }
+}
+
+impl TryFrom<String> for ImageRef {
+    type Error = ImageRefError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value)
     }
 }
 

@@ -5,6 +5,7 @@ pub mod command;
 pub mod event;
 pub mod game_id;
 pub mod image_ref;
+pub mod journal;
 pub mod operation;
 pub mod runtime;
 
@@ -12,5 +13,6 @@ pub use command::{Action, Command, CommandRequest, ReplyTo};
 pub use event::OutcomeEvent;
 pub use game_id::GameId;
 pub use image_ref::{AllowedImages, ImageRef, NotSemver};
+pub use journal::{PriorEntry, Progress, Stage, Step};
 pub use operation::{EntryResult, OpKind, OpSource, OperationEntry, Outcome, StopReason};
 pub use runtime::{ContainerId, RecordUpdate, RuntimeRecord, RuntimeState, RuntimeStatus};

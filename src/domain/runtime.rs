@@ -4,11 +4,13 @@ use std::fmt;
 use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 use super::{GameId, ImageRef};
 
 /// A Docker container id as Docker reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct ContainerId(pub String);
 
 impl ContainerId {
@@ -121,5 +123,21 @@ pub struct RuntimeRecord {
 impl RuntimeRecord {
     pub fn status(&self) -> RuntimeStatus {
         self.state.status()
+    }
+
+    /// This record moved to `state`, on its image and state directory.
+    pub fn update(&self, state: RuntimeState) -> RecordUpdate {
+        self.update_to(self.image_ref.clone(), state)
+    }
+
+    /// This record moved to `state` on `image_ref`; the state directory
+    /// outlives every container of the game.
+    pub fn update_to(&self, image_ref: ImageRef, state: RuntimeState) -> RecordUpdate {
+        RecordUpdate {
+            game_id: self.game_id.clone(),
+            image_ref,
+            state,
+            state_dir: self.state_dir.clone(),
+        }
     }
 }

@@ -4,12 +4,11 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use tokio::time::Instant;
 use tracing::warn;
 
 use super::{Halt, Lifecycle, Op};
-use crate::domain::{ContainerId, ImageRef};
+use crate::domain::{ContainerId, ImageRef, Stage, Step};
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, ContainerInfo, EngineError, Health, LeaseStore, RuntimeStore};
 use crate::telemetry;
@@ -76,7 +75,7 @@ where
         self.docker("pull", || self.engine.pull(image))
             .await
             .map_err(|e| match e {
-                EngineError::Rejected(msg) => Failure::new(
+                EngineError::Rejected(msg) | EngineError::StaleTask(msg) => Failure::new(
                     ErrorCode::ImagePullFailed,
                     format!("image {image} is missing and could not be pulled: {msg}"),
                 ),
@@ -84,8 +83,9 @@ where
             })?;
         self.journal(
             op,
-            &format!("pull {image}"),
-            json!({ "image": image.as_str() }),
+            &Step::Pull {
+                image: image.clone(),
+            },
         )
         .await?;
         Ok(())
@@ -101,13 +101,17 @@ where
 
     /// Stops a container (SIGTERM, SIGKILL after the grace period) and
     /// checks that Docker reports it stopped (`container_stop_failed`).
-    pub(super) async fn halt(&self, op: &Op<'_, L>, id: &ContainerId) -> Result<(), Halt> {
+    pub(super) async fn stop_container(
+        &self,
+        op: &Op<'_, L>,
+        id: &ContainerId,
+    ) -> Result<(), Halt> {
         op.check_lease()?;
         let grace = self.cfg.stop_timeout;
         self.docker("stop", || self.engine.stop(id, grace))
             .await
             .map_err(|e| match e {
-                EngineError::Rejected(msg) => Failure::new(
+                EngineError::Rejected(msg) | EngineError::StaleTask(msg) => Failure::new(
                     ErrorCode::ContainerStopFailed,
                     format!("docker could not stop container {id}: {msg}"),
                 ),
@@ -130,8 +134,13 @@ where
         self.docker("remove", || self.engine.remove(id))
             .await
             .map_err(|e| unavailable("remove", &e.to_string()))?;
-        self.journal(op, "remove", json!({ "container_id": id.as_str() }))
-            .await?;
+        self.journal(
+            op,
+            &Step::Remove {
+                container_id: id.clone(),
+            },
+        )
+        .await?;
         Ok(())
     }
 
@@ -139,7 +148,7 @@ where
     pub(super) async fn clear_leftover(&self, op: &Op<'_, L>) -> Result<(), Halt> {
         if let Some(leftover) = self.inspect(op).await? {
             if leftover.running {
-                self.halt(op, &leftover.id).await?;
+                self.stop_container(op, &leftover.id).await?;
             }
             self.discard(op, &leftover.id).await?;
         }
@@ -149,12 +158,12 @@ where
     /// Creates and starts the game's container and waits until it is up
     /// (SPEC §4). On failure the container's exit code and log tail go in
     /// the `container_start_failed` message and the container is removed.
-    /// `stage` names the journal steps (`start.create`, `rollback.up`, …).
+    /// `stage` is the start the journal steps belong to.
     pub(super) async fn launch(
         &self,
         op: &Op<'_, L>,
         image: &ImageRef,
-        stage: &str,
+        stage: Stage,
     ) -> Result<ContainerInfo, Halt> {
         let mut attempt = 0;
         loop {
@@ -185,14 +194,14 @@ where
         &self,
         op: &Op<'_, L>,
         image: &ImageRef,
-        stage: &str,
+        stage: Stage,
     ) -> Result<ContainerId, Halt> {
         op.check_lease()?;
         let id = self
             .docker("create", || self.engine.create(op.game(), image))
             .await
             .map_err(|e| match e {
-                EngineError::Rejected(msg) => Failure::new(
+                EngineError::Rejected(msg) | EngineError::StaleTask(msg) => Failure::new(
                     ErrorCode::ContainerStartFailed,
                     format!("create container from {image}: {msg}"),
                 ),
@@ -200,8 +209,10 @@ where
             })?;
         self.journal(
             op,
-            &format!("{stage}.create"),
-            json!({ "container_id": id.as_str() }),
+            &Step::Create {
+                stage,
+                container_id: id.clone(),
+            },
         )
         .await?;
         Ok(id)
@@ -214,7 +225,7 @@ where
         op: &Op<'_, L>,
         id: &ContainerId,
         image: &ImageRef,
-        stage: &str,
+        stage: Stage,
         running: bool,
     ) -> Result<ContainerInfo, BringUp> {
         if !running {
@@ -224,14 +235,15 @@ where
                 Err(EngineError::Unavailable(msg)) => {
                     return Err(Halt::from(unavailable("start", &msg)).into());
                 }
-                Err(EngineError::Rejected(msg)) => {
+                Err(refused @ (EngineError::Rejected(_) | EngineError::StaleTask(_))) => {
                     // The refused start may be a retry of one that took
                     // effect before the engine went away: judge by Docker.
                     let now = self.inspect(op).await?;
                     if !now.is_some_and(|info| info.id == *id && info.running) {
-                        if msg.contains("already exists") || msg.contains("already in use") {
-                            return Err(BringUp::Stale(msg));
-                        }
+                        let msg = match refused {
+                            EngineError::StaleTask(msg) => return Err(BringUp::Stale(msg)),
+                            other => other.to_string(),
+                        };
                         let failure = Failure::new(
                             ErrorCode::ContainerStartFailed,
                             format!("start container: {msg}"),
@@ -242,8 +254,10 @@ where
             }
             self.journal(
                 op,
-                &format!("{stage}.start"),
-                json!({ "container_id": id.as_str() }),
+                &Step::Start {
+                    stage,
+                    container_id: id.clone(),
+                },
             )
             .await
             .map_err(Halt::from)?;
@@ -255,14 +269,13 @@ where
             }
             Err(other) => return Err(other.into()),
         };
-        let detail = json!({
-            "container_id": info.id.as_str(),
-            "address": info.address,
-            "image": image.as_str(),
-        });
-        self.journal(op, &format!("{stage}.up"), detail)
-            .await
-            .map_err(Halt::from)?;
+        let up = Step::Up {
+            stage,
+            container_id: info.id.clone(),
+            address: info.address.clone(),
+            image: image.clone(),
+        };
+        self.journal(op, &up).await.map_err(Halt::from)?;
         Ok(info)
     }
 
@@ -288,20 +301,15 @@ where
         &self,
         op: &Op<'_, L>,
         image: &ImageRef,
-        stage: &str,
+        stage: Stage,
     ) -> Result<Option<ContainerInfo>, Halt> {
-        let journaled = ["up", "start", "create"].iter().find_map(|step| {
-            op.progress
-                .step(&format!("{stage}.{step}"))
-                .and_then(|d| d["container_id"].as_str())
-        });
-        let Some(journaled) = journaled else {
+        let Some(journaled) = op.progress.container(stage) else {
             return Ok(None);
         };
         let Some(info) = self
             .inspect(op)
             .await?
-            .filter(|info| info.id.as_str() == journaled && info.image_ref == image.as_str())
+            .filter(|info| info.id == *journaled && info.image_ref == image.as_str())
         else {
             return Ok(None);
         };

@@ -9,12 +9,12 @@
 //! not come up (beyond the original) the previous image is started again on
 //! the same state directory.
 
-use serde_json::json;
-
 use super::start::StartPlan;
 use super::{Halt, Interrupted, Lifecycle, Op};
 use crate::domain::image_ref::same_patch_series;
-use crate::domain::{ImageRef, OpKind, RecordUpdate, RuntimeRecord, RuntimeState};
+use crate::domain::{
+    ImageRef, OpKind, OperationEntry, RecordUpdate, RuntimeRecord, RuntimeState, Stage, Step,
+};
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, LeaseStore, Recorded, RuntimeStore};
 
@@ -30,72 +30,70 @@ where
         new_image: &ImageRef,
     ) -> Result<Recorded, Interrupted> {
         let mut entry = op.outer_entry();
+        let result = self.patch_steps(op, new_image, &mut entry).await;
+        self.finish(op, entry, result, None).await
+    }
 
-        let record = match self.patchable_record(op, new_image).await {
-            Ok(record) => record,
-            Err((failure, image_ref)) => {
-                // As the original: the image the failure is about, if any.
-                entry.image_ref = image_ref;
-                return self.fail_outer(op, entry, failure, None).await;
-            }
-        };
+    async fn patch_steps(
+        &self,
+        op: &Op<'_, L>,
+        new_image: &ImageRef,
+        entry: &mut OperationEntry,
+    ) -> Result<Option<RecordUpdate>, Halt> {
+        let record =
+            self.patchable_record(op, new_image)
+                .await
+                .map_err(|(failure, image_ref)| {
+                    // As the original: the image the failure is about, if any.
+                    entry.image_ref = image_ref;
+                    failure
+                })?;
         entry.image_ref = Some(new_image.to_string());
         // The image the game ran before this patch. A resumed patch may find
         // the record already on the new image: the first attempt journaled
         // the previous one.
         let previous = op
             .progress
-            .step("begin")
-            .and_then(|d| d["previous_image"].as_str())
-            .and_then(|raw| ImageRef::parse(raw).ok())
-            .unwrap_or_else(|| record.image_ref.clone());
+            .previous_image()
+            .unwrap_or(&record.image_ref)
+            .clone();
         let previous = &previous;
-        self.journal(op, "begin", json!({ "previous_image": previous.as_str() }))
-            .await?;
+        let begin = Step::Begin {
+            previous_image: previous.clone(),
+        };
+        self.journal(op, &begin).await?;
         entry.previous_image_ref = Some(previous.to_string());
         entry.container_id = record.state.container_id().map(ToString::to_string);
 
         // Beyond the original: pull first, so a pull failure leaves the
         // running game untouched. Skipped when resuming past the new start.
         if !op.resumed_past_start(OpKind::Patch) {
-            let swapped = async {
-                self.ensure_image(op, new_image).await?;
-                self.stop_and_remove(op, OpKind::Patch, &record).await
-            }
-            .await;
-            match swapped {
-                Ok(()) => {}
-                Err(Halt::Fail(failure)) => {
-                    return self.fail_outer(op, entry, failure, None).await;
-                }
-                Err(Halt::Interrupt(i)) => return Err(i),
-            }
+            self.ensure_image(op, new_image).await?;
+            self.stop_and_remove(op, OpKind::Patch, &record).await?;
         }
 
-        let stopped_on_previous = RecordUpdate {
-            game_id: op.game().clone(),
-            image_ref: previous.clone(),
-            state: RuntimeState::Stopped { container_id: None },
-            state_dir: record.state_dir.clone(),
-        };
+        let stopped_on_previous = record.update_to(
+            previous.clone(),
+            RuntimeState::Stopped { container_id: None },
+        );
         let start = self
-            .run_start(
+            .inner_start(
                 op,
                 StartPlan {
                     image: new_image,
                     outer: Some(OpKind::Patch),
                     previous_image: Some(previous),
                     rolled_back: false,
-                    stage: "start",
+                    stage: Stage::Start,
                     on_failure: Some(stopped_on_previous.clone()),
                 },
             )
             .await?;
-        let start_failure = match start.result {
+        let start_failure = match start {
             Ok(info) => {
                 entry.container_id = Some(info.id.to_string());
                 entry.address = info.address;
-                return self.write(op, entry, None).await;
+                return Ok(None);
             }
             Err(f) => f,
         };
@@ -109,28 +107,28 @@ where
             } else {
                 "no rollback for this failure"
             };
-            let failure = Failure::new(
+            return Err(Failure::new(
                 start_failure.code,
                 format!("{failed}; {why}; the game is stopped on {previous}"),
-            );
-            return self.fail_outer(op, entry, failure, None).await;
+            )
+            .into());
         }
 
         // Beyond the original: restore the previous image on the same state.
         let rollback = self
-            .run_start(
+            .inner_start(
                 op,
                 StartPlan {
                     image: previous,
                     outer: Some(OpKind::Patch),
                     previous_image: Some(new_image),
                     rolled_back: true,
-                    stage: "rollback",
+                    stage: Stage::Rollback,
                     on_failure: Some(stopped_on_previous),
                 },
             )
             .await?;
-        let failure = match rollback.result {
+        let failure = match rollback {
             Ok(info) => {
                 entry.rolled_back = true;
                 entry.container_id = Some(info.id.to_string());
@@ -148,7 +146,7 @@ where
                 ),
             ),
         };
-        self.fail_outer(op, entry, failure, None).await
+        Err(failure.into())
     }
 
     /// The record checks and semver pre-checks of SPEC §3 steps 3-4. A

@@ -2,7 +2,7 @@
 
 use super::start::StartPlan;
 use super::{Halt, Interrupted, Lifecycle, Op};
-use crate::domain::{OpKind, RecordUpdate, RuntimeState};
+use crate::domain::{OpKind, OperationEntry, RecordUpdate, RuntimeState, Stage};
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, LeaseStore, Recorded, RuntimeStore};
 
@@ -14,62 +14,55 @@ where
 {
     pub(super) async fn restart(&self, op: &Op<'_, L>) -> Result<Recorded, Interrupted> {
         let mut entry = op.outer_entry();
-        let record = match self.load_existing(op).await {
-            Ok(record) => record,
-            Err(failure) => return self.fail_outer(op, entry, failure, None).await,
-        };
+        let result = self.restart_steps(op, &mut entry).await;
+        self.finish(op, entry, result, None).await
+    }
+
+    async fn restart_steps(
+        &self,
+        op: &Op<'_, L>,
+        entry: &mut OperationEntry,
+    ) -> Result<Option<RecordUpdate>, Halt> {
+        let record = self.load_existing(op).await?;
         entry.image_ref = Some(record.image_ref.to_string());
         entry.container_id = record.state.container_id().map(ToString::to_string);
         if matches!(record.state, RuntimeState::Removed) {
-            let failure = Failure::new(
+            return Err(Failure::new(
                 ErrorCode::Conflict,
                 format!("runtime for game {} is removed; cannot restart", op.game()),
-            );
-            return self.fail_outer(op, entry, failure, None).await;
+            )
+            .into());
         }
 
         // Skipped when resuming past the new start.
         if !op.resumed_past_start(OpKind::Restart) {
-            match self.stop_and_remove(op, OpKind::Restart, &record).await {
-                Ok(()) => {}
-                Err(Halt::Fail(failure)) => {
-                    return self.fail_outer(op, entry, failure, None).await;
-                }
-                Err(Halt::Interrupt(i)) => return Err(i),
-            }
+            self.stop_and_remove(op, OpKind::Restart, &record).await?;
         }
 
         let start = self
-            .run_start(
+            .inner_start(
                 op,
                 StartPlan {
                     image: &record.image_ref,
                     outer: Some(OpKind::Restart),
                     previous_image: None,
                     rolled_back: false,
-                    stage: "start",
-                    on_failure: Some(RecordUpdate {
-                        game_id: op.game().clone(),
-                        image_ref: record.image_ref.clone(),
-                        state: RuntimeState::Stopped { container_id: None },
-                        state_dir: record.state_dir.clone(),
-                    }),
+                    stage: Stage::Start,
+                    on_failure: Some(record.update(RuntimeState::Stopped { container_id: None })),
                 },
             )
             .await?;
-        match start.result {
+        match start {
             Ok(info) => {
                 entry.container_id = Some(info.id.to_string());
                 entry.address = info.address;
-                self.write(op, entry, None).await
+                Ok(None)
             }
-            Err(f) => {
-                let failure = Failure::new(
-                    f.code,
-                    format!("inner start failed: {}; the game is stopped", f.message),
-                );
-                self.fail_outer(op, entry, failure, None).await
-            }
+            Err(f) => Err(Failure::new(
+                f.code,
+                format!("inner start failed: {}; the game is stopped", f.message),
+            )
+            .into()),
         }
     }
 }

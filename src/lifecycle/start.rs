@@ -2,7 +2,9 @@
 //! restart, patch and a rollback reuse under their own lease.
 
 use super::{Halt, Interrupted, Lifecycle, Op};
-use crate::domain::{EntryResult, ImageRef, OpKind, RecordUpdate, RuntimeRecord, RuntimeState};
+use crate::domain::{
+    EntryResult, ImageRef, OpKind, RecordUpdate, RuntimeRecord, RuntimeState, Stage,
+};
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, ContainerInfo, LeaseStore, Recorded, RuntimeStore};
 
@@ -14,8 +16,8 @@ pub(super) struct StartPlan<'a> {
     pub previous_image: Option<&'a ImageRef>,
     /// This start restores the previous image after a failed patch.
     pub rolled_back: bool,
-    /// Names its journal steps: `start`, or `rollback`.
-    pub stage: &'static str,
+    /// The start its journal steps belong to.
+    pub stage: Stage,
     /// The record as a failed start leaves it; `None` leaves no record (a
     /// first start that failed: nothing runs, nothing to track).
     pub on_failure: Option<RecordUpdate>,
@@ -43,7 +45,7 @@ where
 
         let record = match self.load_record(op).await {
             Ok(record) => record,
-            Err(failure) => return self.fail_outer(op, entry, failure, None).await,
+            Err(failure) => return self.finish(op, entry, Err(failure.into()), None).await,
         };
 
         if let Some(record) = &record {
@@ -59,30 +61,24 @@ where
                     entry.previous_image_ref = None;
                     entry.container_id = Some(info.id.to_string());
                     entry.address = info.address.clone();
-                    let update = RecordUpdate {
-                        game_id: op.game().clone(),
-                        image_ref: image.clone(),
-                        state: RuntimeState::Running {
+                    let update = record.update_to(
+                        image.clone(),
+                        RuntimeState::Running {
                             container_id: info.id,
                             address: info.address,
                         },
-                        state_dir: record.state_dir.clone(),
-                    };
-                    return self.write(op, entry, Some(update)).await;
+                    );
+                    return self.finish(op, entry, Ok(Some(update)), None).await;
                 }
-                Err(Halt::Fail(failure)) => return self.fail_outer(op, entry, failure, None).await,
-                Err(Halt::Interrupt(i)) => return Err(i),
+                Err(halt) => return self.finish(op, entry, Err(halt), None).await,
             }
         }
 
-        let on_failure = record.as_ref().map(|r| RecordUpdate {
-            game_id: op.game().clone(),
-            image_ref: r.image_ref.clone(),
-            state: match r.state {
+        let on_failure = record.as_ref().map(|r| {
+            r.update(match r.state {
                 RuntimeState::Removed => RuntimeState::Removed,
                 _ => RuntimeState::Stopped { container_id: None },
-            },
-            state_dir: r.state_dir.clone(),
+            })
         });
         let run = self
             .run_start(
@@ -92,7 +88,7 @@ where
                     outer: None,
                     previous_image: record.as_ref().map(|r| &r.image_ref),
                     rolled_back: false,
-                    stage: "start",
+                    stage: Stage::Start,
                     on_failure,
                 },
             )
@@ -140,6 +136,36 @@ where
         }
     }
 
+    /// The inner start of an outer op (restart, patch), unless an earlier
+    /// attempt of the command recorded it: its failure stands, and so does
+    /// its success while Docker still runs the container it recorded.
+    pub(super) async fn inner_start(
+        &self,
+        op: &Op<'_, L>,
+        plan: StartPlan<'_>,
+    ) -> Result<Result<ContainerInfo, Failure>, Interrupted> {
+        if let Some(done) = op
+            .progress
+            .entry(OpKind::Start, plan.outer, plan.rolled_back)
+        {
+            match &done.result {
+                EntryResult::Failure(failure) => return Ok(Err(failure.clone())),
+                EntryResult::Success { .. } => {
+                    let running = self.inspect(op).await.ok().flatten().filter(|info| {
+                        info.running
+                            && Some(&info.id) == done.container_id.as_ref()
+                            && info.image_ref == plan.image.as_str()
+                    });
+                    // Docker no longer runs what was recorded: start again.
+                    if let Some(info) = running {
+                        return Ok(Ok(info));
+                    }
+                }
+            }
+        }
+        Ok(self.run_start(op, plan).await?.result)
+    }
+
     /// The inner start: image present (pulled if missing), any leftover
     /// container replaced, a fresh container created and started and up.
     /// Writes its own entry; the caller owns the lease.
@@ -153,42 +179,6 @@ where
         entry.previous_image_ref = plan.previous_image.map(ToString::to_string);
         entry.rolled_back = plan.rolled_back;
 
-        // Resuming: an earlier attempt already recorded this step.
-        if plan.outer.is_some()
-            && let Some(done) = op
-                .progress
-                .entry(OpKind::Start, plan.outer, plan.rolled_back)
-        {
-            let recorded = Recorded {
-                operation_id: done.operation_id.unwrap_or_default(),
-                event: done.clone(),
-                answered_before: false,
-            };
-            match done.error_code {
-                Some(code) => {
-                    let message = done.error_message.clone().unwrap_or_default();
-                    return Ok(StartRun {
-                        recorded,
-                        result: Err(Failure::new(code, message)),
-                    });
-                }
-                None => {
-                    let running = self.inspect(op).await.ok().flatten().filter(|info| {
-                        info.running
-                            && Some(info.id.as_str()) == done.container_id.as_deref()
-                            && info.image_ref == plan.image.as_str()
-                    });
-                    // Docker no longer runs what was recorded: start again.
-                    if let Some(info) = running {
-                        return Ok(StartRun {
-                            recorded,
-                            result: Ok(info),
-                        });
-                    }
-                }
-            }
-        }
-
         let launched = async {
             if let Some(info) = self.resume_launch(op, plan.image, plan.stage).await? {
                 return Ok(info);
@@ -199,10 +189,12 @@ where
         }
         .await;
 
-        match launched {
+        let (result, update) = match launched {
             Ok(info) => {
                 entry.container_id = Some(info.id.to_string());
                 entry.address = info.address.clone();
+                // A first start has no record to derive from: the engine
+                // names the state directory.
                 let update = RecordUpdate {
                     game_id: op.game().clone(),
                     image_ref: plan.image.clone(),
@@ -212,22 +204,13 @@ where
                     },
                     state_dir: self.engine.state_dir(op.game()),
                 };
-                let recorded = self.write(op, entry, Some(update)).await?;
-                Ok(StartRun {
-                    recorded,
-                    result: Ok(info),
-                })
+                (Ok(info), Ok(Some(update)))
             }
-            Err(Halt::Fail(failure)) => {
-                entry.result = EntryResult::Failure(failure.clone());
-                let recorded = self.write(op, entry, plan.on_failure).await?;
-                Ok(StartRun {
-                    recorded,
-                    result: Err(failure),
-                })
-            }
-            Err(Halt::Interrupt(i)) => Err(i),
-        }
+            Err(Halt::Fail(failure)) => (Err(failure.clone()), Err(failure.into())),
+            Err(Halt::Interrupt(i)) => return Err(i),
+        };
+        let recorded = self.finish(op, entry, update, plan.on_failure).await?;
+        Ok(StartRun { recorded, result })
     }
 }
 

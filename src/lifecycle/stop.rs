@@ -2,11 +2,9 @@
 //! remove reuse. A stop keeps the container; a stop of a container Docker
 //! reports as not running is a no-op (and corrects the record).
 
-use serde_json::json;
-
 use super::{Halt, Interrupted, Lifecycle, Op};
 use crate::domain::{
-    ContainerId, EntryResult, OpKind, RecordUpdate, RuntimeRecord, RuntimeState, StopReason,
+    ContainerId, EntryResult, OpKind, RuntimeRecord, RuntimeState, Step, StopReason,
 };
 use crate::error::Failure;
 use crate::ports::{ContainerEngine, LeaseStore, Recorded, RuntimeStore};
@@ -33,7 +31,7 @@ where
             Err(failure) => {
                 let mut entry = op.outer_entry();
                 entry.reason = Some(reason.to_string());
-                return self.fail_outer(op, entry, failure, None).await;
+                return self.finish(op, entry, Err(failure.into()), None).await;
             }
         };
         Ok(self.run_stop(op, reason, None, &record).await?.recorded)
@@ -57,9 +55,11 @@ where
                     // Journaled before the stop: if this worker dies during
                     // the grace period, Docker still finishes the stop and
                     // the redelivery must not call it a no-op.
-                    self.journal(op, "stop", json!({ "container_id": info.id.as_str() }))
-                        .await?;
-                    self.halt(op, &info.id).await?;
+                    let stop = Step::Stop {
+                        container_id: info.id.clone(),
+                    };
+                    self.journal(op, &stop).await?;
+                    self.stop_container(op, &info.id).await?;
                     Ok((Some(info.id), false))
                 }
                 // Not a no-op if an earlier attempt of this command did work.
@@ -69,37 +69,22 @@ where
         }
         .await;
 
-        match halted {
-            Ok((container_id, noop)) => {
-                entry.container_id = container_id.as_ref().map(ToString::to_string);
-                entry.result = EntryResult::Success { noop };
-                // A removed game stays removed; otherwise the record now says
-                // what Docker says.
-                let update = match record.state {
-                    RuntimeState::Removed => None,
-                    _ => Some(RecordUpdate {
-                        game_id: op.game().clone(),
-                        image_ref: record.image_ref.clone(),
-                        state: RuntimeState::Stopped { container_id },
-                        state_dir: record.state_dir.clone(),
-                    }),
-                };
-                let recorded = self.write(op, entry, update).await?;
-                Ok(StopRun {
-                    recorded,
-                    result: Ok(()),
-                })
+        let result = match &halted {
+            Err(Halt::Fail(failure)) => Err(failure.clone()),
+            _ => Ok(()),
+        };
+        let update = halted.map(|(container_id, noop)| {
+            entry.container_id = container_id.as_ref().map(ToString::to_string);
+            entry.result = EntryResult::Success { noop };
+            // A removed game stays removed; otherwise the record now says
+            // what Docker says.
+            match record.state {
+                RuntimeState::Removed => None,
+                _ => Some(record.update(RuntimeState::Stopped { container_id })),
             }
-            Err(Halt::Fail(failure)) => {
-                entry.result = EntryResult::Failure(failure.clone());
-                let recorded = self.write(op, entry, None).await?;
-                Ok(StopRun {
-                    recorded,
-                    result: Err(failure),
-                })
-            }
-            Err(Halt::Interrupt(i)) => Err(i),
-        }
+        });
+        let recorded = self.finish(op, entry, update, None).await?;
+        Ok(StopRun { recorded, result })
     }
 
     /// Inner stop (reason `admin_request`), then removal of the container if
@@ -115,7 +100,7 @@ where
         if let Some(info) = self.inspect(op).await? {
             if info.running {
                 // Resumed after a recorded stop, yet running: stop it again.
-                self.halt(op, &info.id).await?;
+                self.stop_container(op, &info.id).await?;
             }
             self.discard(op, &info.id).await?;
         }
@@ -134,7 +119,7 @@ where
         let recorded = op
             .progress
             .entry(OpKind::Stop, Some(outer), false)
-            .is_some_and(|e| e.error_code.is_none());
+            .is_some_and(|e| e.result.error_code().is_none());
         if recorded {
             return Ok(());
         }

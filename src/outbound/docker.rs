@@ -314,7 +314,7 @@ impl ContainerEngine for DockerEngine {
         self.docker
             .start_container(id.as_str(), None)
             .await
-            .map_err(|e| map_err(&format!("start container {id}"), e))
+            .map_err(|e| start_err(&format!("start container {id}"), e))
     }
 
     async fn stop(&self, id: &ContainerId, grace: Duration) -> Result<(), EngineError> {
@@ -435,6 +435,20 @@ fn map_err(context: &str, e: DockerError) -> EngineError {
     }
 }
 
+/// A refused start is [`EngineError::StaleTask`] when the runtime kept a
+/// task of the container across an engine restart: the daemon says so only
+/// in its message ("already exists", "id already in use").
+fn start_err(context: &str, e: DockerError) -> EngineError {
+    match map_err(context, e) {
+        EngineError::Rejected(msg)
+            if msg.contains("already exists") || msg.contains("already in use") =>
+        {
+            EngineError::StaleTask(msg)
+        }
+        other => other,
+    }
+}
+
 /// An error with its sources ("client error (Connect): Connection refused"),
 /// since hyper's top-level messages alone say little.
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -471,6 +485,26 @@ mod tests {
             std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into(),
         );
         assert!(matches!(io, EngineError::Unavailable(_)));
+    }
+
+    #[test]
+    fn a_start_refused_for_a_kept_task_is_a_stale_task() {
+        let stale = start_err(
+            "start container x",
+            DockerError::DockerResponseServerError {
+                status_code: 500,
+                message: "failed to create task for container: id already in use".into(),
+            },
+        );
+        assert!(matches!(stale, EngineError::StaleTask(m) if m.contains("already in use")));
+        let refused = start_err(
+            "start container x",
+            DockerError::DockerResponseServerError {
+                status_code: 404,
+                message: "No such container: x".into(),
+            },
+        );
+        assert!(matches!(refused, EngineError::Rejected(_)));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rtmanager::domain::{
-    CommandRequest, ContainerId, GameId, ImageRef, OutcomeEvent, RuntimeRecord,
+    CommandRequest, ContainerId, GameId, ImageRef, OutcomeEvent, RuntimeRecord, Step,
 };
 use rtmanager::outbound::docker::DockerEngine;
 use rtmanager::outbound::postgres::PgStore;
@@ -102,10 +102,9 @@ impl RuntimeStore for StallingStore {
         game_id: &GameId,
         fence: Fence,
         command_id: &str,
-        step: &str,
-        detail: serde_json::Value,
+        step: &Step,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.inner.journal(game_id, fence, command_id, step, detail)
+        self.inner.journal(game_id, fence, command_id, step)
     }
     fn republish(&self, event_id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.inner.republish(event_id)

@@ -10,7 +10,7 @@ use chrono::Utc;
 use rtmanager::config::SecretUrl;
 use rtmanager::domain::{
     CommandRequest, ContainerId, EntryResult, GameId, ImageRef, OpKind, OperationEntry,
-    OutcomeEvent, RecordUpdate, ReplyTo, RuntimeState,
+    OutcomeEvent, RecordUpdate, ReplyTo, RuntimeState, Stage, Step,
 };
 use rtmanager::error::{ErrorCode, Failure};
 use rtmanager::outbound::postgres::PgStore;
@@ -562,26 +562,23 @@ async fn a_fenced_out_attempt_cannot_journal() {
     let db = TestDb::new().await;
     let store = PgStore::new(db.pool.clone());
     let g = game("g-1");
-    let journal = |fence, container: &str| {
-        store.journal(
-            &g,
-            fence,
-            "cmd-1",
-            "create",
-            serde_json::json!({"container_id": container}),
-        )
+    let create = |container: &str| Step::Create {
+        stage: Stage::Start,
+        container_id: ContainerId(container.to_owned()),
     };
-    let old = store.advance_fence(&g, "cmd-1").await.unwrap();
+    let (store, g) = (&store, &g);
+    let journal = |fence, container: &str| {
+        let step = create(container);
+        async move { store.journal(g, fence, "cmd-1", &step).await }
+    };
+    let old = store.advance_fence(g, "cmd-1").await.unwrap();
     journal(old, "c-old").await.unwrap();
-    let new = store.advance_fence(&g, "cmd-1").await.unwrap();
+    let new = store.advance_fence(g, "cmd-1").await.unwrap();
     journal(new, "c-new").await.unwrap();
     let late = journal(old, "c-late").await;
     assert_eq!(late, Err(StoreError::FenceLost(old.0)));
     let progress = store.progress("cmd-1").await.unwrap();
-    assert_eq!(
-        progress.steps["create"],
-        serde_json::json!({"container_id": "c-new"})
-    );
+    assert_eq!(progress.steps, vec![create("c-new")]);
 }
 
 /// Two copies of a command answered without the lease at once: the second

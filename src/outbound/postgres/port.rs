@@ -8,8 +8,8 @@ use uuid::Uuid;
 
 use super::{PgStore, append, db_error, decode_event, path_text};
 use crate::domain::{
-    CommandRequest, ContainerId, GameId, ImageRef, OperationEntry, OutcomeEvent, RecordUpdate,
-    RuntimeRecord, RuntimeState, RuntimeStatus,
+    CommandRequest, ContainerId, GameId, ImageRef, OperationEntry, OutcomeEvent, PriorEntry,
+    RecordUpdate, RuntimeRecord, RuntimeState, RuntimeStatus, Step,
 };
 use crate::ports::{
     Fence, FenceView, InboxClaim, OperationWrite, Progress, Recorded, RuntimeStore, StoreError,
@@ -35,14 +35,21 @@ impl RuntimeStore for PgStore {
                 .await
                 .map_err(|e| db_error("read the operation journal", e))?;
         Ok(Progress {
-            events: events
+            entries: events
                 .into_iter()
-                .map(|(id, payload)| decode_event(id, payload))
+                .map(|(id, payload)| {
+                    PriorEntry::from_event(&decode_event(id, payload)?).map_err(|e| {
+                        StoreError::Corrupt(format!("outbox event {id} is not an entry: {e}"))
+                    })
+                })
                 .collect::<Result<_, _>>()?,
             steps: steps
                 .into_iter()
-                .map(|(step, detail)| (step, detail.unwrap_or(serde_json::Value::Null)))
-                .collect(),
+                .map(|(step, detail)| {
+                    Step::from_stored(&step, detail.unwrap_or(serde_json::Value::Null))
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -51,8 +58,7 @@ impl RuntimeStore for PgStore {
         game_id: &GameId,
         fence: Fence,
         command_id: &str,
-        step: &str,
-        detail: serde_json::Value,
+        step: &Step,
     ) -> Result<(), StoreError> {
         // Written only while `fence` is the game's: the fence row is locked
         // `for share` for the statement, as `append` does for its commit.
@@ -64,8 +70,8 @@ impl RuntimeStore for PgStore {
                  do update set detail = excluded.detail, done_at = now()",
         )
         .bind(command_id)
-        .bind(step)
-        .bind(Json(detail))
+        .bind(step.name())
+        .bind(Json(step.detail()))
         .bind(game_id.as_str())
         .bind(fence.0)
         .execute(&self.pool)

@@ -1,0 +1,242 @@
+//! The command gate: what a command passes before its op runs, and how it
+//! is answered when it does not get through — the game's lease (waited out
+//! when an earlier attempt of the same command holds it), the fence taken
+//! under it, and the refusals recorded without it.
+
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tracing::{debug, warn};
+
+use super::lease::LeaseGuard;
+use super::{Halt, Handled, Interrupted, Lifecycle, record_metrics};
+use crate::domain::{Command, CommandRequest, EntryResult, OperationEntry};
+use crate::error::{ErrorCode, Failure};
+use crate::ports::{
+    Acquired, ContainerEngine, Fence, InboxClaim, LeaseHolder, LeaseStore, OperationWrite,
+    RuntimeStore, StoreError, WriteFence,
+};
+use crate::telemetry;
+
+/// Whether a command got its game's lease or was answered without it: with
+/// a refusal, or with the outcome another attempt of it recorded while this
+/// one waited. Returned once per command: boxing the answer would buy
+/// nothing.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Gate<L: LeaseStore> {
+    Held(LeaseGuard<L>),
+    Answered(Handled),
+}
+
+impl<S, L, E> Lifecycle<S, L, E>
+where
+    S: RuntimeStore,
+    L: LeaseStore,
+    E: ContainerEngine,
+{
+    /// Takes the game's next fence for this attempt (under its lease), then
+    /// asks the inbox whether another attempt of the command answered it
+    /// meanwhile: `Break` with that answer. The fence first: an earlier
+    /// attempt can no longer write once it moved, so what is read after it
+    /// is all that attempt will ever have done. Asked by every attempt, the
+    /// one that claimed the command first included: a copy may have
+    /// overtaken it.
+    pub(super) async fn take_fence(
+        &self,
+        request: &CommandRequest,
+        command: &Command,
+    ) -> Result<ControlFlow<Handled, Fence>, Interrupted> {
+        let fence = self
+            .store_retrying(|| {
+                self.store
+                    .advance_fence(&command.game_id, &command.command_id)
+            })
+            .await?;
+        match self.store_retrying(|| self.store.claim(request)).await? {
+            InboxClaim::Finished(event) => Ok(ControlFlow::Break(Handled::duplicate(event))),
+            InboxClaim::Fresh | InboxClaim::Unfinished => Ok(ControlFlow::Continue(fence)),
+        }
+    }
+
+    /// Takes the game's lease, or answers the command without it when it is
+    /// refused: with the refusal itself (`conflict`, `service_unavailable`),
+    /// or with `answer` when given. The answer is written under the fence
+    /// seen once refused ([`WriteFence::Seen`]): if any operation took the
+    /// game meanwhile (perhaps another copy of this command, about to run
+    /// it), the answer is dropped and the lease asked for again. A command
+    /// an attempt of which took the game last, or left steps done, is not
+    /// answered here at all ([`Interrupted::Blocked`]).
+    pub(super) async fn lease_or_refusal(
+        &self,
+        request: &CommandRequest,
+        command: &Command,
+        received_at: DateTime<Utc>,
+        answer: Option<&Failure>,
+    ) -> Result<Gate<L>, Interrupted> {
+        let holder = LeaseHolder::new(&command.command_id);
+        loop {
+            let asked = std::time::Instant::now();
+            let leased = self.acquire_lease(request, command, &holder).await;
+            metrics::histogram!(telemetry::LEASE_ACQUIRE_SECONDS)
+                .record(asked.elapsed().as_secs_f64());
+            let refusal = match leased {
+                Ok(gate) => return Ok(gate),
+                Err(Halt::Interrupt(i)) => return Err(i),
+                Err(Halt::Fail(refusal)) => refusal,
+            };
+            // Read once refused, not before asking: only refused commands
+            // pay for it, and whatever took the game before this read shows
+            // in it (below), whatever takes it after makes the answer's
+            // fence check fail.
+            let seen = self
+                .store_retrying(|| self.store.observe_fence(&command.game_id))
+                .await?;
+            // An attempt of this very command took the game last: it is
+            // running (the lease store could not tell us who holds it) or
+            // died holding it, and its outcome or a resumption answers the
+            // command; answering here as well would give it two outcomes.
+            if seen.taken_by.as_deref() == Some(command.command_id.as_str()) {
+                return Err(Interrupted::Blocked(format!(
+                    "{refusal}; an attempt of this command took the game last"
+                )));
+            }
+            let failure = match answer {
+                Some(answer) => answer.clone(),
+                None => {
+                    // An earlier attempt already changed the game: closing
+                    // the command now would strand it half-done. Keep it for
+                    // a later delivery instead.
+                    if !self
+                        .store_retrying(|| self.store.progress(&command.command_id))
+                        .await?
+                        .is_empty()
+                    {
+                        return Err(Interrupted::Blocked(refusal.to_string()));
+                    }
+                    refusal
+                }
+            };
+            match self
+                .reject(request, received_at, failure, WriteFence::Seen(seen.fence))
+                .await
+            {
+                Err(Interrupted::Unrecorded(StoreError::FenceLost(_))) => {
+                    debug!("the game was taken while this command was refused; asking again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                answered => return answered.map(Gate::Answered),
+            }
+        }
+    }
+
+    /// Takes the game's lease. Held by another command: `conflict`. Held by
+    /// an earlier attempt of this same command (its worker died): waited out.
+    pub(super) async fn acquire_lease(
+        &self,
+        request: &CommandRequest,
+        command: &Command,
+        holder: &LeaseHolder,
+    ) -> Result<Gate<L>, Halt> {
+        let ttl = self.cfg.lease_ttl;
+        // A dead attempt's lease expires within one TTL; a live one keeps
+        // renewing, and then this delivery is a duplicate still running.
+        let give_up = tokio::time::Instant::now() + ttl * 2;
+        loop {
+            let asked = tokio::time::Instant::now();
+            let acquired = self
+                .retrying(
+                    || self.leases.acquire(&command.game_id, holder, ttl),
+                    |_| true,
+                )
+                .await
+                .map_err(|e| {
+                    Failure::new(
+                        ErrorCode::ServiceUnavailable,
+                        format!("acquire game lease: {}", e.0),
+                    )
+                })?;
+            match acquired {
+                Acquired::Yes => {
+                    return Ok(Gate::Held(LeaseGuard::hold(
+                        self.leases.clone(),
+                        self.held.clone(),
+                        command.game_id.clone(),
+                        holder.clone(),
+                        ttl,
+                        asked,
+                    )));
+                }
+                Acquired::HeldBy(value)
+                    if LeaseHolder::command_of(&value) == command.command_id =>
+                {
+                    if tokio::time::Instant::now() >= give_up {
+                        return Err(Interrupted::StillRunning(command.game_id.to_string()).into());
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    // The other attempt may have finished meanwhile: answer
+                    // with its outcome rather than take the lease to find
+                    // out, which would make the game's next command a
+                    // `conflict` for that moment.
+                    if let InboxClaim::Finished(event) = self
+                        .store_retrying(|| self.store.claim(request))
+                        .await
+                        .map_err(Interrupted::from)?
+                    {
+                        return Ok(Gate::Answered(Handled::duplicate(event)));
+                    }
+                }
+                Acquired::HeldBy(_) => {
+                    return Err(Failure::new(
+                        ErrorCode::Conflict,
+                        "another lifecycle operation is in progress for this game",
+                    )
+                    .into());
+                }
+            }
+        }
+    }
+
+    /// Records a failure decided without the lease (validation, a refused
+    /// lease): an outer entry echoing the request as sent; no record is
+    /// touched. Another attempt's earlier answer is returned as a duplicate.
+    pub(super) async fn reject(
+        &self,
+        request: &CommandRequest,
+        received_at: DateTime<Utc>,
+        failure: Failure,
+        fence: WriteFence,
+    ) -> Result<Handled, Interrupted> {
+        warn!(error_code = %failure.code, error_message = %failure.message, "command rejected");
+        let now = Utc::now();
+        let entry = OperationEntry {
+            game_id: request.game_id.clone().unwrap_or_default(),
+            op: request.op,
+            outer_op: None,
+            op_source: request.op_source.clone().unwrap_or_default(),
+            reason: request.reason.clone(),
+            correlation_id: request.correlation_id(),
+            command_id: request.command_id.clone(),
+            image_ref: request.image_ref.clone(),
+            previous_image_ref: None,
+            container_id: None,
+            address: None,
+            result: EntryResult::Failure(failure),
+            rolled_back: false,
+            started_at: received_at,
+            finished_at: now,
+        };
+        let recorded = self
+            .append(OperationWrite {
+                entry,
+                fence,
+                record: None,
+            })
+            .await?;
+        if recorded.answered_before {
+            return Ok(Handled::duplicate(recorded.event));
+        }
+        record_metrics(&recorded.event);
+        Ok(Handled::recorded(recorded.event))
+    }
+}

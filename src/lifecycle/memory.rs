@@ -1,0 +1,498 @@
+//! In-memory implementations of the three ports, so the op rules and
+//! resumption are tested in milliseconds without PostgreSQL, Redis or
+//! Docker. Each keeps the contract its port documents (fencing, one outer
+//! outcome per command, repeatable engine calls); the engine logs every
+//! call that changes Docker, which is how a test sees work done or not.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use uuid::Uuid;
+
+use crate::domain::{
+    CommandRequest, ContainerId, GameId, ImageRef, OutcomeEvent, PriorEntry, Progress,
+    RuntimeRecord, Step,
+};
+use crate::ports::{
+    Acquired, ContainerEngine, ContainerInfo, EngineError, Fence, FenceView, InboxClaim,
+    LeaseError, LeaseHolder, LeaseStore, OperationWrite, Recorded, RuntimeStore, StoreError,
+};
+
+#[derive(Default)]
+struct Tables {
+    fences: HashMap<GameId, (i64, Option<String>)>,
+    records: HashMap<GameId, RuntimeRecord>,
+    /// command_id → its outer outcome once finished.
+    inbox: HashMap<String, Option<OutcomeEvent>>,
+    /// The operation log's events, in write order (operation_id = index + 1).
+    log: Vec<OutcomeEvent>,
+    journal: Vec<(String, Step)>,
+}
+
+/// [`RuntimeStore`] over maps behind a mutex. `die_after` names a journal
+/// step (`start.create`) or an entry (`entry stop/patch`,
+/// `entry start/patch rolled_back`): once written, the writer never hears
+/// back, as if its worker died right then (`died` fires).
+#[derive(Clone, Default)]
+pub struct MemStore {
+    tables: Arc<Mutex<Tables>>,
+    pub die_after: Arc<Mutex<Option<String>>>,
+    pub died: Arc<tokio::sync::Notify>,
+}
+
+impl MemStore {
+    /// Never returns if `written` is the point to die at.
+    async fn maybe_die(&self, written: &str) {
+        let die = self.die_after.lock().expect("die point").as_deref() == Some(written);
+        if die {
+            self.died.notify_one();
+            std::future::pending::<()>().await;
+        }
+    }
+
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.tables.lock().expect("store tables")
+    }
+
+    /// Sets a game's record as if an earlier operation had written it.
+    pub fn put_record(&self, record: RuntimeRecord) {
+        self.tables().records.insert(record.game_id.clone(), record);
+    }
+
+    pub fn record(&self, game_id: &GameId) -> Option<RuntimeRecord> {
+        self.tables().records.get(game_id).cloned()
+    }
+
+    /// Every event written, in order.
+    pub fn events(&self) -> Vec<OutcomeEvent> {
+        self.tables().log.clone()
+    }
+
+    /// Journals a step for `command_id` as an earlier attempt would have.
+    pub fn put_step(&self, command_id: &str, step: Step) {
+        let mut t = self.tables();
+        t.journal
+            .retain(|(c, s)| !(c == command_id && s.name() == step.name()));
+        t.journal.push((command_id.to_owned(), step));
+    }
+
+    fn fence_check(t: &Tables, game_id: &str, expected: Option<Fence>) -> Result<(), StoreError> {
+        let Some(expected) = expected else {
+            return Ok(());
+        };
+        let current = t
+            .fences
+            .iter()
+            .find(|(g, _)| g.as_str() == game_id)
+            .map_or(0, |(_, (f, _))| *f);
+        if current == expected.0 {
+            Ok(())
+        } else {
+            Err(StoreError::FenceLost(expected.0))
+        }
+    }
+}
+
+impl RuntimeStore for MemStore {
+    async fn claim(&self, request: &CommandRequest) -> Result<InboxClaim, StoreError> {
+        let mut t = self.tables();
+        Ok(match t.inbox.get(&request.command_id) {
+            None => {
+                t.inbox.insert(request.command_id.clone(), None);
+                InboxClaim::Fresh
+            }
+            Some(None) => InboxClaim::Unfinished,
+            Some(Some(event)) => InboxClaim::Finished(event.clone()),
+        })
+    }
+
+    async fn load(&self, game_id: &GameId) -> Result<Option<RuntimeRecord>, StoreError> {
+        Ok(self.record(game_id))
+    }
+
+    async fn advance_fence(&self, game_id: &GameId, command_id: &str) -> Result<Fence, StoreError> {
+        let mut t = self.tables();
+        let fence = t.fences.entry(game_id.clone()).or_insert((0, None));
+        fence.0 += 1;
+        fence.1 = Some(command_id.to_owned());
+        Ok(Fence(fence.0))
+    }
+
+    async fn observe_fence(&self, game_id: &GameId) -> Result<FenceView, StoreError> {
+        let t = self.tables();
+        let (fence, taken_by) = t.fences.get(game_id).cloned().unwrap_or((0, None));
+        Ok(FenceView {
+            fence: Fence(fence),
+            taken_by,
+        })
+    }
+
+    async fn append(&self, write: OperationWrite, event_id: Uuid) -> Result<Recorded, StoreError> {
+        let entry = &write.entry;
+        let label = format!(
+            "entry {}/{}{}",
+            entry.op,
+            entry.outer_op.map_or("", |o| o.as_str()),
+            if entry.rolled_back {
+                " rolled_back"
+            } else {
+                ""
+            }
+        );
+        let recorded = self.write_entry(write, event_id)?;
+        self.maybe_die(&label).await;
+        Ok(recorded)
+    }
+
+    async fn append_rejected(&self, _event: &OutcomeEvent) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn progress(&self, command_id: &str) -> Result<Progress, StoreError> {
+        self.read_progress(command_id)
+    }
+
+    async fn journal(
+        &self,
+        game_id: &GameId,
+        fence: Fence,
+        command_id: &str,
+        step: &Step,
+    ) -> Result<(), StoreError> {
+        Self::fence_check(&self.tables(), game_id.as_str(), Some(fence))?;
+        self.put_step(command_id, step.clone());
+        self.maybe_die(&step.name()).await;
+        Ok(())
+    }
+
+    async fn republish(&self, _event_id: Uuid) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+impl MemStore {
+    fn write_entry(&self, write: OperationWrite, event_id: Uuid) -> Result<Recorded, StoreError> {
+        let mut t = self.tables();
+        let entry = &write.entry;
+        Self::fence_check(&t, &entry.game_id, write.fence.expected())?;
+        if entry.is_outer()
+            && write.fence.held().is_none()
+            && let Some(Some(event)) = t.inbox.get(&entry.command_id)
+        {
+            return Ok(Recorded {
+                operation_id: event.operation_id.unwrap_or_default(),
+                event: event.clone(),
+                answered_before: true,
+            });
+        }
+        let operation_id = t.log.len() as i64 + 1;
+        let event = OutcomeEvent::from_entry(entry, operation_id, event_id);
+        t.log.push(event.clone());
+        if let Some(update) = write.record {
+            let fence = write
+                .fence
+                .held()
+                .ok_or_else(|| StoreError::Corrupt("a record update without the lease".into()))?;
+            let created_at = t
+                .records
+                .get(&update.game_id)
+                .map_or_else(Utc::now, |r| r.created_at);
+            t.records.insert(
+                update.game_id.clone(),
+                RuntimeRecord {
+                    game_id: update.game_id,
+                    image_ref: update.image_ref,
+                    state: update.state,
+                    state_dir: update.state_dir,
+                    fence: fence.0,
+                    created_at,
+                    updated_at: Utc::now(),
+                },
+            );
+        }
+        if entry.is_outer() {
+            t.inbox
+                .insert(entry.command_id.clone(), Some(event.clone()));
+        }
+        Ok(Recorded {
+            operation_id,
+            event,
+            answered_before: false,
+        })
+    }
+
+    fn read_progress(&self, command_id: &str) -> Result<Progress, StoreError> {
+        let t = self.tables();
+        let entries = t
+            .log
+            .iter()
+            .filter(|e| e.command_id == command_id)
+            .map(|e| PriorEntry::from_event(e).map_err(StoreError::Corrupt))
+            .collect::<Result<_, _>>()?;
+        let steps = t
+            .journal
+            .iter()
+            .filter(|(c, _)| c == command_id)
+            .map(|(_, s)| s.clone())
+            .collect();
+        Ok(Progress { entries, steps })
+    }
+}
+
+/// [`LeaseStore`] over a map; `down` makes every call fail.
+#[derive(Clone, Default)]
+pub struct MemLeases {
+    held: Arc<Mutex<HashMap<GameId, String>>>,
+    pub down: Arc<AtomicBool>,
+}
+
+impl MemLeases {
+    /// Takes a game's lease for another command.
+    pub fn hold(&self, game_id: &GameId, command_id: &str) {
+        let holder = LeaseHolder::new(command_id);
+        self.held
+            .lock()
+            .expect("leases")
+            .insert(game_id.clone(), holder.value());
+    }
+
+    pub fn is_free(&self, game_id: &GameId) -> bool {
+        !self.held.lock().expect("leases").contains_key(game_id)
+    }
+
+    fn up(&self) -> Result<(), LeaseError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(LeaseError("injected: the lease store is down".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl LeaseStore for MemLeases {
+    async fn acquire(
+        &self,
+        game_id: &GameId,
+        holder: &LeaseHolder,
+        _ttl: Duration,
+    ) -> Result<Acquired, LeaseError> {
+        self.up()?;
+        let mut held = self.held.lock().expect("leases");
+        match held.get(game_id) {
+            Some(value) => Ok(Acquired::HeldBy(value.clone())),
+            None => {
+                held.insert(game_id.clone(), holder.value());
+                Ok(Acquired::Yes)
+            }
+        }
+    }
+
+    async fn renew(
+        &self,
+        game_id: &GameId,
+        holder: &LeaseHolder,
+        _ttl: Duration,
+    ) -> Result<bool, LeaseError> {
+        self.up()?;
+        Ok(self.held.lock().expect("leases").get(game_id) == Some(&holder.value()))
+    }
+
+    async fn release(&self, game_id: &GameId, holder: &LeaseHolder) -> Result<bool, LeaseError> {
+        self.up()?;
+        let mut held = self.held.lock().expect("leases");
+        if held.get(game_id) == Some(&holder.value()) {
+            held.remove(game_id);
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Container {
+    id: ContainerId,
+    game_id: GameId,
+    image: String,
+    running: bool,
+    exit_code: Option<i64>,
+}
+
+#[derive(Default)]
+struct Host {
+    /// Images present locally.
+    images: HashSet<String>,
+    /// Images no registry has.
+    unpullable: HashSet<String>,
+    /// Images whose engine exits at boot.
+    crashing: HashSet<String>,
+    containers: Vec<Container>,
+    /// Starts refused as `StaleTask` (an engine restart kept their task).
+    stale_starts: u32,
+    next_id: u32,
+    calls: Vec<String>,
+}
+
+/// [`ContainerEngine`] over a simulated host: every image pullable unless
+/// marked otherwise, engines that run until stopped unless their image is
+/// marked crashing. No HEALTHCHECK: up means still running after the settle
+/// time.
+#[derive(Clone, Default)]
+pub struct MemEngine {
+    host: Arc<Mutex<Host>>,
+}
+
+impl MemEngine {
+    fn host(&self) -> std::sync::MutexGuard<'_, Host> {
+        self.host.lock().expect("engine host")
+    }
+
+    pub fn unpullable(&self, image: &str) {
+        self.host().unpullable.insert(image.to_owned());
+    }
+
+    pub fn crashing(&self, image: &str) {
+        self.host().crashing.insert(image.to_owned());
+    }
+
+    /// The next `n` starts are refused as `StaleTask`.
+    pub fn stale_starts(&self, n: u32) {
+        self.host().stale_starts = n;
+    }
+
+    /// The calls that changed the host (`pull`, `create`, `start`, `stop`,
+    /// `remove`), in order.
+    pub fn calls(&self) -> Vec<String> {
+        self.host().calls.clone()
+    }
+
+    pub fn clear_calls(&self) {
+        self.host().calls.clear();
+    }
+
+    /// A container of the game, as an earlier operation left it.
+    pub fn put_container(&self, game_id: &GameId, image: &str, running: bool) -> ContainerId {
+        let mut host = self.host();
+        host.next_id += 1;
+        let id = ContainerId(format!("c{}", host.next_id));
+        host.images.insert(image.to_owned());
+        host.containers.retain(|c| c.game_id != *game_id);
+        host.containers.push(Container {
+            id: id.clone(),
+            game_id: game_id.clone(),
+            image: image.to_owned(),
+            running,
+            exit_code: None,
+        });
+        id
+    }
+
+    pub fn container(&self, game_id: &GameId) -> Option<ContainerInfo> {
+        self.host()
+            .containers
+            .iter()
+            .find(|c| c.game_id == *game_id)
+            .map(info)
+    }
+}
+
+fn info(c: &Container) -> ContainerInfo {
+    ContainerInfo {
+        id: c.id.clone(),
+        image_ref: c.image.clone(),
+        running: c.running,
+        exit_code: c.exit_code,
+        health: None,
+        address: c.running.then(|| format!("10.0.0.{}", c.id.0.len())),
+    }
+}
+
+impl ContainerEngine for MemEngine {
+    async fn image_present(&self, image: &ImageRef) -> Result<bool, EngineError> {
+        Ok(self.host().images.contains(image.as_str()))
+    }
+
+    async fn pull(&self, image: &ImageRef) -> Result<(), EngineError> {
+        let mut host = self.host();
+        host.calls.push(format!("pull {image}"));
+        if host.unpullable.contains(image.as_str()) {
+            return Err(EngineError::Rejected(format!("pull {image}: not found")));
+        }
+        host.images.insert(image.to_string());
+        Ok(())
+    }
+
+    async fn inspect(&self, game_id: &GameId) -> Result<Option<ContainerInfo>, EngineError> {
+        Ok(self.container(game_id))
+    }
+
+    async fn create(&self, game_id: &GameId, image: &ImageRef) -> Result<ContainerId, EngineError> {
+        let mut host = self.host();
+        host.calls.push(format!("create {image}"));
+        if host.containers.iter().any(|c| c.game_id == *game_id) {
+            return Err(EngineError::Rejected(
+                "name already in use (HTTP 409)".into(),
+            ));
+        }
+        host.next_id += 1;
+        let id = ContainerId(format!("c{}", host.next_id));
+        host.containers.push(Container {
+            id: id.clone(),
+            game_id: game_id.clone(),
+            image: image.to_string(),
+            running: false,
+            exit_code: None,
+        });
+        Ok(id)
+    }
+
+    async fn start(&self, id: &ContainerId) -> Result<(), EngineError> {
+        let mut host = self.host();
+        host.calls.push(format!("start {id}"));
+        if host.stale_starts > 0 {
+            host.stale_starts -= 1;
+            return Err(EngineError::StaleTask(format!(
+                "start {id}: id already in use"
+            )));
+        }
+        let crashing = host.crashing.clone();
+        let Some(c) = host.containers.iter_mut().find(|c| c.id == *id) else {
+            return Err(EngineError::Rejected(format!("no such container {id}")));
+        };
+        if crashing.contains(&c.image) {
+            c.exit_code = Some(1);
+        } else {
+            c.running = true;
+        }
+        Ok(())
+    }
+
+    async fn stop(&self, id: &ContainerId, _grace: Duration) -> Result<(), EngineError> {
+        let mut host = self.host();
+        host.calls.push(format!("stop {id}"));
+        if let Some(c) = host.containers.iter_mut().find(|c| c.id == *id) {
+            c.running = false;
+            c.exit_code = Some(0);
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, id: &ContainerId) -> Result<(), EngineError> {
+        let mut host = self.host();
+        host.calls.push(format!("remove {id}"));
+        host.containers.retain(|c| c.id != *id);
+        Ok(())
+    }
+
+    async fn logs_tail(&self, _id: &ContainerId, _lines: usize) -> Result<String, EngineError> {
+        Ok("engine: fatal: boom\n".into())
+    }
+
+    fn state_dir(&self, game_id: &GameId) -> PathBuf {
+        PathBuf::from("/state").join(game_id.as_str())
+    }
+}

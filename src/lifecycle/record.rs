@@ -1,0 +1,153 @@
+//! Writing what an op did: its entries (each with its event and record
+//! update, under the op's fence), its journaled Docker steps, and the reads
+//! of the game's record the ops start from.
+
+use chrono::Utc;
+use uuid::Uuid;
+
+use super::{Halt, Interrupted, Lifecycle, Op};
+use crate::domain::{
+    EntryResult, ImageRef, OperationEntry, RecordUpdate, RuntimeRecord, RuntimeState, Step,
+};
+use crate::error::{ErrorCode, Failure};
+use crate::ports::{
+    ContainerEngine, LeaseStore, OperationWrite, Recorded, RuntimeStore, StoreError, WriteFence,
+};
+
+impl<S, L, E> Lifecycle<S, L, E>
+where
+    S: RuntimeStore,
+    L: LeaseStore,
+    E: ContainerEngine,
+{
+    /// The game's record as Docker reports it now, for a command answered
+    /// without running to the end; `None` (leave it) when there is no
+    /// record, Docker cannot be asked, or they already agree.
+    pub(super) async fn observed_record(&self, op: &Op<'_, L>) -> Option<RecordUpdate> {
+        let record = self.store.load(op.game()).await.ok().flatten()?;
+        let info = self.engine.inspect(op.game()).await.ok()?;
+        let (image_ref, state) = match info {
+            Some(info) if info.running => (
+                ImageRef::parse(&info.image_ref).unwrap_or_else(|_| record.image_ref.clone()),
+                RuntimeState::Running {
+                    container_id: info.id,
+                    address: info.address,
+                },
+            ),
+            Some(info) => (
+                record.image_ref.clone(),
+                RuntimeState::Stopped {
+                    container_id: Some(info.id),
+                },
+            ),
+            None if matches!(record.state, RuntimeState::Removed) => return None,
+            None => (
+                record.image_ref.clone(),
+                RuntimeState::Stopped { container_id: None },
+            ),
+        };
+        if state == record.state && image_ref == record.image_ref {
+            return None;
+        }
+        Some(record.update_to(image_ref, state))
+    }
+
+    /// Writes an entry of `op` (with its event and record update) under the
+    /// op's fence.
+    pub(super) async fn write(
+        &self,
+        op: &Op<'_, L>,
+        mut entry: OperationEntry,
+        record: Option<RecordUpdate>,
+    ) -> Result<Recorded, Interrupted> {
+        entry.finished_at = Utc::now();
+        self.append(OperationWrite {
+            entry,
+            fence: WriteFence::Held(op.fence),
+            record,
+        })
+        .await
+        .map_err(|e| match e {
+            Interrupted::Unrecorded(StoreError::FenceLost(_)) => {
+                Interrupted::FenceLost(op.game().to_string())
+            }
+            other => other,
+        })
+    }
+
+    /// Journals a Docker step as done, so a redelivered command can resume
+    /// after it.
+    pub(super) async fn journal(&self, op: &Op<'_, L>, step: &Step) -> Result<(), Interrupted> {
+        self.store_retrying(|| {
+            self.store
+                .journal(op.game(), op.fence, &op.cmd.command_id, step)
+        })
+        .await
+        .map_err(|e| match e {
+            StoreError::FenceLost(_) => Interrupted::FenceLost(op.game().to_string()),
+            other => Interrupted::Unrecorded(other),
+        })
+    }
+
+    /// Writes `entry` as its op's steps ended: on success as they left it,
+    /// with their record update; on a business failure as that failure, with
+    /// `on_failure`; an interruption is handed back unwritten. Every entry
+    /// written under the lease goes through here.
+    pub(super) async fn finish(
+        &self,
+        op: &Op<'_, L>,
+        mut entry: OperationEntry,
+        ended: Result<Option<RecordUpdate>, Halt>,
+        on_failure: Option<RecordUpdate>,
+    ) -> Result<Recorded, Interrupted> {
+        let record = match ended {
+            Ok(update) => update,
+            Err(Halt::Fail(failure)) => {
+                entry.result = EntryResult::Failure(failure);
+                on_failure
+            }
+            Err(Halt::Interrupt(i)) => return Err(i),
+        };
+        self.write(op, entry, record).await
+    }
+
+    pub(super) async fn append(&self, write: OperationWrite) -> Result<Recorded, Interrupted> {
+        // The event id is fixed before the first attempt, so a retried write
+        // that did commit cannot produce a second id for the same entry.
+        let event_id = Uuid::now_v7();
+        Ok(self
+            .store_retrying(|| self.store.append(write.clone(), event_id))
+            .await?)
+    }
+
+    /// Loads the game's record, if any: database down →
+    /// `service_unavailable` (beyond the original, which said `internal`),
+    /// a corrupt row → `internal`.
+    pub(super) async fn load_record(
+        &self,
+        op: &Op<'_, L>,
+    ) -> Result<Option<RuntimeRecord>, Failure> {
+        self.store_retrying(|| self.store.load(op.game()))
+            .await
+            .map_err(|e| match e {
+                StoreError::Corrupt(msg) => Failure::new(ErrorCode::Internal, msg),
+                other => Failure::new(
+                    ErrorCode::ServiceUnavailable,
+                    format!("load runtime record: {other}"),
+                ),
+            })
+    }
+
+    /// The game's record, which must exist (`not_found`).
+    pub(super) async fn load_existing(&self, op: &Op<'_, L>) -> Result<RuntimeRecord, Failure> {
+        self.load_record(op).await?.ok_or_else(|| {
+            Failure::new(
+                ErrorCode::NotFound,
+                format!(
+                    "runtime record for game {:?} does not exist",
+                    op.game().as_str()
+                ),
+            )
+        })
+    }
+}

@@ -1,0 +1,550 @@
+//! The op rules of SPEC §2–3 and resumption from every journal step, against
+//! the in-memory ports: no service, milliseconds each.
+
+use std::time::Duration;
+
+use chrono::Utc;
+
+use super::memory::{MemEngine, MemLeases, MemStore};
+use super::{Interrupted, Lifecycle, LifecycleConfig};
+use crate::domain::{
+    CommandRequest, GameId, ImageRef, OpKind, OutcomeEvent, RuntimeRecord, RuntimeState,
+    RuntimeStatus,
+};
+use crate::error::ErrorCode;
+
+const A: &str = "rtm-test/engine:1.4.2";
+const A_NEXT: &str = "rtm-test/engine:1.4.3";
+
+struct World {
+    store: MemStore,
+    leases: MemLeases,
+    engine: MemEngine,
+    service: Lifecycle<MemStore, MemLeases, MemEngine>,
+    game: GameId,
+}
+
+fn config() -> LifecycleConfig {
+    LifecycleConfig {
+        lease_ttl: Duration::from_secs(30),
+        stop_timeout: Duration::from_millis(10),
+        start_settle: Duration::ZERO,
+        health_timeout: Duration::from_millis(10),
+        rollback: true,
+        retry_for: Duration::from_millis(20),
+        ..LifecycleConfig::default()
+    }
+}
+
+impl World {
+    fn new() -> Self {
+        Self::with(config())
+    }
+
+    fn with(cfg: LifecycleConfig) -> Self {
+        let (store, leases, engine) = (
+            MemStore::default(),
+            MemLeases::default(),
+            MemEngine::default(),
+        );
+        let service = Lifecycle::new(store.clone(), leases.clone(), engine.clone(), cfg);
+        Self {
+            store,
+            leases,
+            engine,
+            service,
+            game: GameId::parse("g-1042").unwrap(),
+        }
+    }
+
+    fn request(&self, op: OpKind, image: Option<&str>) -> CommandRequest {
+        CommandRequest {
+            command_id: uuid::Uuid::new_v4().to_string(),
+            op,
+            game_id: Some(self.game.to_string()),
+            image_ref: image.map(str::to_owned),
+            op_source: Some("lobby".into()),
+            source_ref: None,
+            reason: None,
+            requested_at: Some(Utc::now()),
+            reply_to: None,
+            malformed: None,
+        }
+    }
+
+    async fn run(&self, request: CommandRequest) -> OutcomeEvent {
+        let event = self.service.handle(request).await.expect("handled").event;
+        assert!(self.leases.is_free(&self.game), "the lease is released");
+        event
+    }
+
+    async fn op(&self, op: OpKind, image: Option<&str>) -> OutcomeEvent {
+        self.run(self.request(op, image)).await
+    }
+
+    /// A record and a container as earlier operations left them.
+    fn given(&self, status: RuntimeStatus, image: &str) {
+        let state = match status {
+            RuntimeStatus::Running => RuntimeState::Running {
+                container_id: self.engine.put_container(&self.game, image, true),
+                address: None,
+            },
+            RuntimeStatus::Stopped => RuntimeState::Stopped {
+                container_id: Some(self.engine.put_container(&self.game, image, false)),
+            },
+            RuntimeStatus::Removed => RuntimeState::Removed,
+        };
+        self.store.put_record(RuntimeRecord {
+            game_id: self.game.clone(),
+            image_ref: ImageRef::parse(image).unwrap(),
+            state,
+            state_dir: format!("/state/{}", self.game).into(),
+            fence: 0,
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        });
+    }
+
+    fn status(&self) -> (RuntimeStatus, String) {
+        let record = self.store.record(&self.game).expect("a record");
+        (record.status(), record.image_ref.to_string())
+    }
+
+    /// What Docker runs for the game: (running, image).
+    fn docker(&self) -> Option<(bool, String)> {
+        self.engine
+            .container(&self.game)
+            .map(|c| (c.running, c.image_ref))
+    }
+}
+
+fn success(event: &OutcomeEvent, noop: bool) {
+    assert_eq!(event.error_code, None, "{:?}", event.error_message);
+    assert_eq!(event.noop, noop, "noop");
+}
+
+fn failure(event: &OutcomeEvent, code: ErrorCode) -> String {
+    assert_eq!(event.error_code, Some(code), "{:?}", event.error_message);
+    event.error_message.clone().unwrap_or_default()
+}
+
+// --- SPEC §2: start -------------------------------------------------------
+
+#[tokio::test]
+async fn start_of_an_unknown_game_creates_its_record() {
+    let w = World::new();
+    success(&w.op(OpKind::Start, Some(A)).await, false);
+    assert_eq!(w.status(), (RuntimeStatus::Running, A.into()));
+    assert_eq!(w.docker(), Some((true, A.into())));
+    assert!(w.engine.calls().iter().any(|c| c == &format!("pull {A}")));
+}
+
+#[tokio::test]
+async fn start_of_a_removed_game_is_allowed_with_any_image() {
+    let w = World::new();
+    w.given(RuntimeStatus::Removed, A);
+    success(&w.op(OpKind::Start, Some(A_NEXT)).await, false);
+    assert_eq!(w.status(), (RuntimeStatus::Running, A_NEXT.into()));
+}
+
+#[tokio::test]
+async fn start_of_a_stopped_game_takes_its_recorded_image_only() {
+    let w = World::new();
+    w.given(RuntimeStatus::Stopped, A);
+    failure(
+        &w.op(OpKind::Start, Some(A_NEXT)).await,
+        ErrorCode::Conflict,
+    );
+    assert_eq!(w.docker(), Some((false, A.into())), "untouched");
+    success(&w.op(OpKind::Start, Some(A)).await, false);
+    assert_eq!(w.status(), (RuntimeStatus::Running, A.into()));
+    assert_eq!(w.docker(), Some((true, A.into())));
+}
+
+#[tokio::test]
+async fn start_of_a_running_game_is_a_noop_with_its_image_and_a_conflict_with_another() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    w.engine.clear_calls();
+    success(&w.op(OpKind::Start, Some(A)).await, true);
+    failure(
+        &w.op(OpKind::Start, Some(A_NEXT)).await,
+        ErrorCode::Conflict,
+    );
+    assert!(w.engine.calls().is_empty(), "{:?}", w.engine.calls());
+}
+
+#[tokio::test]
+async fn start_of_a_game_docker_no_longer_runs_starts_it_again() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    w.engine.put_container(&w.game, A, false);
+    success(&w.op(OpKind::Start, Some(A)).await, false);
+    assert_eq!(w.docker(), Some((true, A.into())));
+}
+
+#[tokio::test]
+async fn a_start_refused_for_a_stale_task_recreates_the_container_once() {
+    let w = World::new();
+    w.engine.stale_starts(1);
+    success(&w.op(OpKind::Start, Some(A)).await, false);
+    let creates = w
+        .engine
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("create"))
+        .count();
+    assert_eq!(creates, 2, "{:?}", w.engine.calls());
+    assert_eq!(w.docker(), Some((true, A.into())));
+
+    let w = World::new();
+    w.engine.stale_starts(2);
+    let message = failure(
+        &w.op(OpKind::Start, Some(A)).await,
+        ErrorCode::ContainerStartFailed,
+    );
+    assert!(message.contains("already in use"), "{message}");
+    assert_eq!(w.docker(), None, "the failed container is removed");
+}
+
+// --- SPEC §2: stop, remove, restart, patch, unknown games ------------------
+
+#[tokio::test]
+async fn stop_of_a_stopped_game_is_a_noop() {
+    let w = World::new();
+    w.given(RuntimeStatus::Stopped, A);
+    success(&w.op(OpKind::Stop, None).await, true);
+    assert_eq!(w.status().0, RuntimeStatus::Stopped);
+}
+
+#[tokio::test]
+async fn stop_of_a_game_docker_does_not_run_is_a_noop_that_corrects_the_record() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    w.engine.put_container(&w.game, A, false);
+    w.engine.clear_calls();
+    success(&w.op(OpKind::Stop, None).await, true);
+    assert_eq!(w.status().0, RuntimeStatus::Stopped);
+    assert!(w.engine.calls().is_empty(), "{:?}", w.engine.calls());
+}
+
+#[tokio::test]
+async fn stop_of_a_running_game_keeps_its_container() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    success(&w.op(OpKind::Stop, None).await, false);
+    assert_eq!(w.status().0, RuntimeStatus::Stopped);
+    assert_eq!(w.docker(), Some((false, A.into())));
+}
+
+#[tokio::test]
+async fn remove_of_a_removed_game_is_a_noop_and_of_a_running_one_removes_it() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    success(&w.op(OpKind::Remove, None).await, false);
+    assert_eq!(w.status().0, RuntimeStatus::Removed);
+    assert_eq!(w.docker(), None);
+    success(&w.op(OpKind::Remove, None).await, true);
+}
+
+#[tokio::test]
+async fn patch_and_restart_of_a_stopped_game_run_and_leave_it_running() {
+    let w = World::new();
+    w.given(RuntimeStatus::Stopped, A);
+    success(&w.op(OpKind::Restart, None).await, false);
+    assert_eq!(w.status(), (RuntimeStatus::Running, A.into()));
+    success(&w.op(OpKind::Stop, None).await, false);
+    success(&w.op(OpKind::Patch, Some(A_NEXT)).await, false);
+    assert_eq!(w.status(), (RuntimeStatus::Running, A_NEXT.into()));
+    assert_eq!(w.docker(), Some((true, A_NEXT.into())));
+}
+
+#[tokio::test]
+async fn patch_and_restart_of_a_removed_game_are_conflict() {
+    let w = World::new();
+    w.given(RuntimeStatus::Removed, A);
+    failure(&w.op(OpKind::Restart, None).await, ErrorCode::Conflict);
+    failure(
+        &w.op(OpKind::Patch, Some(A_NEXT)).await,
+        ErrorCode::Conflict,
+    );
+}
+
+#[tokio::test]
+async fn any_op_but_start_on_an_unknown_game_is_not_found() {
+    let w = World::new();
+    for (op, image) in [
+        (OpKind::Stop, None),
+        (OpKind::Restart, None),
+        (OpKind::Patch, Some(A_NEXT)),
+        (OpKind::Remove, None),
+    ] {
+        failure(&w.op(op, image).await, ErrorCode::NotFound);
+    }
+    assert!(w.engine.calls().is_empty());
+}
+
+// --- SPEC §3: patch -------------------------------------------------------
+
+#[tokio::test]
+async fn patch_needs_semver_tags_and_says_which_is_not() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, "rtm-test/engine:latest");
+    let message = failure(
+        &w.op(OpKind::Patch, Some(A)).await,
+        ErrorCode::ImageRefNotSemver,
+    );
+    assert!(message.starts_with("current image_ref"), "{message}");
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    for new in [
+        "rtm-test/engine:1.4",
+        "rtm-test/engine@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+    ] {
+        let message = failure(
+            &w.op(OpKind::Patch, Some(new)).await,
+            ErrorCode::ImageRefNotSemver,
+        );
+        assert!(message.starts_with("new image_ref"), "{message}");
+    }
+    assert_eq!(
+        w.docker(),
+        Some((true, A.into())),
+        "a rejected patch never disturbs the game"
+    );
+}
+
+#[tokio::test]
+async fn patch_must_keep_major_and_minor() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    for new in ["rtm-test/engine:1.5.0", "rtm-test/engine:2.4.2"] {
+        let message = failure(
+            &w.op(OpKind::Patch, Some(new)).await,
+            ErrorCode::SemverPatchOnly,
+        );
+        assert!(message.contains("current=1.4.2"), "{message}");
+    }
+    assert_eq!(w.docker(), Some((true, A.into())));
+}
+
+#[tokio::test]
+async fn patch_allows_a_downgrade_the_same_tag_and_a_pre_release() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    for new in [
+        "rtm-test/engine:1.4.1",
+        "rtm-test/engine:1.4.1",
+        "rtm-test/engine:v1.4.3-rc.1",
+    ] {
+        success(&w.op(OpKind::Patch, Some(new)).await, false);
+        assert_eq!(w.status(), (RuntimeStatus::Running, new.into()));
+    }
+}
+
+#[tokio::test]
+async fn the_correlation_id_is_the_source_ref_else_the_command_id() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    let mut request = w.request(OpKind::Patch, Some(A_NEXT));
+    request.source_ref = Some("lobby-77".into());
+    w.run(request).await;
+    let request = w.request(OpKind::Restart, None);
+    let command_id = request.command_id.clone();
+    w.run(request).await;
+    for event in w.store.events() {
+        let expected = if event.op.as_deref() == Some("restart")
+            || event.outer_op.as_deref() == Some("restart")
+        {
+            command_id.as_str()
+        } else {
+            "lobby-77"
+        };
+        assert_eq!(event.correlation_id, expected, "{event:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_lease_held_by_another_command_is_conflict() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    w.leases.hold(&w.game, "another-command");
+    let event = w
+        .service
+        .handle(w.request(OpKind::Stop, None))
+        .await
+        .unwrap()
+        .event;
+    let message = failure(&event, ErrorCode::Conflict);
+    assert_eq!(
+        message,
+        "another lifecycle operation is in progress for this game"
+    );
+}
+
+#[tokio::test]
+async fn a_lease_store_error_is_service_unavailable() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    w.leases
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let event = w
+        .service
+        .handle(w.request(OpKind::Stop, None))
+        .await
+        .unwrap()
+        .event;
+    let message = failure(&event, ErrorCode::ServiceUnavailable);
+    assert!(message.starts_with("acquire game lease: "), "{message}");
+    assert_eq!(w.docker(), Some((true, A.into())));
+}
+
+#[tokio::test]
+async fn a_pull_failure_leaves_the_game_untouched() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    w.engine.unpullable(A_NEXT);
+    failure(
+        &w.op(OpKind::Patch, Some(A_NEXT)).await,
+        ErrorCode::ImagePullFailed,
+    );
+    assert_eq!(w.docker(), Some((true, A.into())));
+    assert_eq!(w.status(), (RuntimeStatus::Running, A.into()));
+}
+
+#[tokio::test]
+async fn a_patch_that_does_not_come_up_is_rolled_back() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    w.engine.crashing(A_NEXT);
+    let event = w.op(OpKind::Patch, Some(A_NEXT)).await;
+    let message = failure(&event, ErrorCode::ContainerStartFailed);
+    assert!(event.rolled_back);
+    assert!(message.contains("rolled back to"), "{message}");
+    assert_eq!(w.status(), (RuntimeStatus::Running, A.into()));
+    assert_eq!(w.docker(), Some((true, A.into())));
+    let rollback = w
+        .store
+        .events()
+        .into_iter()
+        .find(|e| e.op.as_deref() == Some("start") && e.rolled_back);
+    assert!(rollback.is_some_and(|e| e.error_code.is_none()));
+}
+
+#[tokio::test]
+async fn without_rollback_a_failed_patch_leaves_the_game_stopped() {
+    let w = World::with(LifecycleConfig {
+        rollback: false,
+        ..config()
+    });
+    w.given(RuntimeStatus::Running, A);
+    w.engine.crashing(A_NEXT);
+    let event = w.op(OpKind::Patch, Some(A_NEXT)).await;
+    let message = failure(&event, ErrorCode::ContainerStartFailed);
+    assert!(!event.rolled_back);
+    assert!(message.contains("RTM_ROLLBACK=false"), "{message}");
+    assert_eq!(w.status(), (RuntimeStatus::Stopped, A.into()));
+    assert_eq!(w.docker(), None);
+}
+
+#[tokio::test]
+async fn a_patch_whose_rollback_fails_too_leaves_the_game_stopped() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    w.engine.crashing(A_NEXT);
+    w.engine.crashing(A);
+    let event = w.op(OpKind::Patch, Some(A_NEXT)).await;
+    let message = failure(&event, ErrorCode::ContainerStartFailed);
+    assert!(!event.rolled_back);
+    assert!(message.contains("failed too"), "{message}");
+    assert_eq!(w.status(), (RuntimeStatus::Stopped, A.into()));
+}
+
+// --- Resumption from every journal step -----------------------------------
+
+/// Runs a patch whose worker dies right after `point` is written, then
+/// delivers the command again: it must finish as `expect_rolled_back` says,
+/// and no Docker call of the dead attempt may be made again.
+async fn patch_resumed_after(point: &str, crashing_new: bool) {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    if crashing_new {
+        w.engine.crashing(A_NEXT);
+    }
+    w.engine.clear_calls();
+    *w.store.die_after.lock().unwrap() = Some(point.to_owned());
+    let request = w.request(OpKind::Patch, Some(A_NEXT));
+    tokio::select! {
+        handled = w.service.handle(request.clone()) => panic!("never died at {point}: {handled:?}"),
+        () = w.store.died.notified() => {}
+    }
+    *w.store.die_after.lock().unwrap() = None;
+    let before = w.engine.calls();
+    w.engine.clear_calls();
+    // The dead attempt's lease is released as its future is dropped.
+    let redelivered = loop {
+        match w.service.handle(request.clone()).await {
+            Err(Interrupted::StillRunning(_)) => tokio::task::yield_now().await,
+            other => break other.expect("handled").event,
+        }
+    };
+    let after = w.engine.calls();
+    for call in &after {
+        assert!(
+            !before.contains(call),
+            "{point}: {call} done again; before {before:?}, after {after:?}"
+        );
+    }
+    if crashing_new {
+        failure(&redelivered, ErrorCode::ContainerStartFailed);
+        assert!(redelivered.rolled_back, "{point}");
+        assert_eq!(w.docker(), Some((true, A.into())), "{point}");
+    } else {
+        success(&redelivered, false);
+        assert_eq!(w.docker(), Some((true, A_NEXT.into())), "{point}");
+        assert_eq!(
+            w.status(),
+            (RuntimeStatus::Running, A_NEXT.into()),
+            "{point}"
+        );
+    }
+    let outers = w
+        .store
+        .events()
+        .into_iter()
+        .filter(|e| e.outer_op.is_none())
+        .count();
+    assert_eq!(outers, 1, "{point}: one outer outcome");
+}
+
+#[tokio::test]
+async fn a_patch_resumes_from_every_step_of_its_new_start() {
+    for point in [
+        "begin",
+        &format!("pull {A_NEXT}"),
+        "stop",
+        "entry stop/patch",
+        "remove",
+        "start.create",
+        "start.start",
+        "start.up",
+        "entry start/patch",
+    ] {
+        patch_resumed_after(point, false).await;
+    }
+}
+
+#[tokio::test]
+async fn a_patch_resumes_from_every_step_of_its_rollback() {
+    for point in [
+        "start.create",
+        "entry start/patch",
+        "rollback.create",
+        "rollback.start",
+        "rollback.up",
+        "entry start/patch rolled_back",
+    ] {
+        patch_resumed_after(point, true).await;
+    }
+}
