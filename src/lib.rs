@@ -8,13 +8,15 @@
 //! # Map
 //!
 //! - [`domain`]: the vocabulary — `GameId`, `ImageRef` and its semver rules,
-//!   runtime records, operation entries, commands, outcome events. No I/O.
+//!   runtime records, operation entries, journal steps, commands, outcome
+//!   events. No I/O.
 //! - [`error`]: `ErrorCode`, the one list of stable wire codes.
 //! - [`ports`]: the traits the domain owns — `RuntimeStore` (PostgreSQL),
 //!   `LeaseStore` (Redis), `ContainerEngine` (Docker).
 //! - [`lifecycle`]: one service per op (start, stop, restart, patch, remove),
-//!   generic over the ports; callable without a broker. Holds the lease,
-//!   the fence, the operation journal and resume.
+//!   generic over the ports; callable without a broker. Holds the command
+//!   gate (inbox, lease, fence), the operation journal and resume; its
+//!   in-memory ports test every op rule without a service.
 //! - [`messages`]: the wire command, decoded (or refused) at the boundary.
 //! - [`inbound`]: the AMQP command consumer (`consumer/`: the session,
 //!   per-game lanes, the attempt policy that decides ack, requeue or
