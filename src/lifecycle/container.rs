@@ -61,18 +61,42 @@ where
         result
     }
 
+    /// The failure message with the exit code (when it exited) and the tail
+    /// of the container's log.
+    async fn diagnose(&self, id: &ContainerId, why: &str) -> String {
+        let mut message = why.to_owned();
+        match self.engine.logs_tail(id, LOG_TAIL_LINES).await {
+            Ok(tail) if !tail.trim().is_empty() => {
+                message.push_str("; log tail:\n");
+                message.push_str(&printable_tail(tail.trim_end()));
+            }
+            Ok(_) => message.push_str("; the container logged nothing"),
+            Err(e) => message.push_str(&format!("; log tail unavailable: {e}")),
+        }
+        message
+    }
+}
+
+impl<S, L, E> Op<'_, S, L, E>
+where
+    S: RuntimeStore,
+    L: LeaseStore,
+    E: ContainerEngine,
+{
     /// The image is present, pulling it if missing (`image_pull_failed`).
-    pub(super) async fn ensure_image(&self, op: &Op<'_, L>, image: &ImageRef) -> Result<(), Halt> {
-        op.check_lease()?;
+    pub(super) async fn ensure_image(&self, image: &ImageRef) -> Result<(), Halt> {
+        self.check_lease()?;
         let present = self
-            .docker("image_present", || self.engine.image_present(image))
+            .lc
+            .docker("image_present", || self.lc.engine.image_present(image))
             .await
             .map_err(|e| unavailable("image inspect", &e.to_string()))?;
         if present {
             return Ok(());
         }
-        op.check_lease()?;
-        self.docker("pull", || self.engine.pull(image))
+        self.check_lease()?;
+        self.lc
+            .docker("pull", || self.lc.engine.pull(image))
             .await
             .map_err(|e| match e {
                 EngineError::Rejected(msg) | EngineError::StaleTask(msg) => Failure::new(
@@ -81,34 +105,29 @@ where
                 ),
                 EngineError::Unavailable(msg) => unavailable("pull", &msg),
             })?;
-        self.journal(
-            op,
-            &Step::Pull {
-                image: image.clone(),
-            },
-        )
+        self.journal(&Step::Pull {
+            image: image.clone(),
+        })
         .await?;
         Ok(())
     }
 
     /// What Docker reports about the game's container.
-    pub(super) async fn inspect(&self, op: &Op<'_, L>) -> Result<Option<ContainerInfo>, Halt> {
+    pub(super) async fn inspect(&self) -> Result<Option<ContainerInfo>, Halt> {
         Ok(self
-            .docker("inspect", || self.engine.inspect(op.game()))
+            .lc
+            .docker("inspect", || self.lc.engine.inspect(self.game()))
             .await
             .map_err(|e| unavailable("inspect", &e.to_string()))?)
     }
 
     /// Stops a container (SIGTERM, SIGKILL after the grace period) and
     /// checks that Docker reports it stopped (`container_stop_failed`).
-    pub(super) async fn stop_container(
-        &self,
-        op: &Op<'_, L>,
-        id: &ContainerId,
-    ) -> Result<(), Halt> {
-        op.check_lease()?;
-        let grace = self.cfg.stop_timeout;
-        self.docker("stop", || self.engine.stop(id, grace))
+    pub(super) async fn stop_container(&self, id: &ContainerId) -> Result<(), Halt> {
+        self.check_lease()?;
+        let grace = self.lc.cfg.stop_timeout;
+        self.lc
+            .docker("stop", || self.lc.engine.stop(id, grace))
             .await
             .map_err(|e| match e {
                 EngineError::Rejected(msg) | EngineError::StaleTask(msg) => Failure::new(
@@ -117,7 +136,7 @@ where
                 ),
                 EngineError::Unavailable(msg) => unavailable("stop", &msg),
             })?;
-        match self.inspect(op).await? {
+        match self.inspect().await? {
             Some(info) if info.running && info.id == *id => Err(Failure::new(
                 ErrorCode::ContainerStopFailed,
                 format!("container {id} is still running after stop"),
@@ -129,28 +148,26 @@ where
 
     /// Removes a container; the state directory is kept
     /// (`service_unavailable` on a Docker error, as the original).
-    pub(super) async fn discard(&self, op: &Op<'_, L>, id: &ContainerId) -> Result<(), Halt> {
-        op.check_lease()?;
-        self.docker("remove", || self.engine.remove(id))
+    pub(super) async fn discard(&self, id: &ContainerId) -> Result<(), Halt> {
+        self.check_lease()?;
+        self.lc
+            .docker("remove", || self.lc.engine.remove(id))
             .await
             .map_err(|e| unavailable("remove", &e.to_string()))?;
-        self.journal(
-            op,
-            &Step::Remove {
-                container_id: id.clone(),
-            },
-        )
+        self.journal(&Step::Remove {
+            container_id: id.clone(),
+        })
         .await?;
         Ok(())
     }
 
     /// Replaces any leftover container of the game: stop, then remove.
-    pub(super) async fn clear_leftover(&self, op: &Op<'_, L>) -> Result<(), Halt> {
-        if let Some(leftover) = self.inspect(op).await? {
+    pub(super) async fn clear_leftover(&self) -> Result<(), Halt> {
+        if let Some(leftover) = self.inspect().await? {
             if leftover.running {
-                self.stop_container(op, &leftover.id).await?;
+                self.stop_container(&leftover.id).await?;
             }
-            self.discard(op, &leftover.id).await?;
+            self.discard(&leftover.id).await?;
         }
         Ok(())
     }
@@ -161,28 +178,27 @@ where
     /// `stage` is the start the journal steps belong to.
     pub(super) async fn launch(
         &self,
-        op: &Op<'_, L>,
         image: &ImageRef,
         stage: Stage,
     ) -> Result<ContainerInfo, Halt> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let id = self.create(op, image, stage).await?;
-            match self.bring_up(op, &id, image, stage, false).await {
+            let id = self.create(image, stage).await?;
+            match self.bring_up(&id, image, stage, false).await {
                 // A start cut short by an engine restart leaves a task
                 // behind that the engine refuses to start again ("already
                 // exists", "id already in use"): replace the container once.
                 Err(BringUp::Stale(msg)) if attempt == 1 => {
                     warn!(container_id = %id, error = %msg, "the engine kept a stale task; recreating the container");
-                    self.discard(op, &id).await?;
+                    self.discard(&id).await?;
                 }
                 Err(BringUp::Stale(msg)) => {
                     let failure = Failure::new(
                         ErrorCode::ContainerStartFailed,
                         format!("start container: {msg}"),
                     );
-                    return Err(self.failed_start(op, &id, failure).await);
+                    return Err(self.failed_start(&id, failure).await);
                 }
                 Err(BringUp::Halt(halt)) => return Err(halt),
                 Ok(info) => return Ok(info),
@@ -190,15 +206,11 @@ where
         }
     }
 
-    async fn create(
-        &self,
-        op: &Op<'_, L>,
-        image: &ImageRef,
-        stage: Stage,
-    ) -> Result<ContainerId, Halt> {
-        op.check_lease()?;
+    async fn create(&self, image: &ImageRef, stage: Stage) -> Result<ContainerId, Halt> {
+        self.check_lease()?;
         let id = self
-            .docker("create", || self.engine.create(op.game(), image))
+            .lc
+            .docker("create", || self.lc.engine.create(self.game(), image))
             .await
             .map_err(|e| match e {
                 EngineError::Rejected(msg) | EngineError::StaleTask(msg) => Failure::new(
@@ -207,13 +219,10 @@ where
                 ),
                 EngineError::Unavailable(msg) => unavailable("create", &msg),
             })?;
-        self.journal(
-            op,
-            &Step::Create {
-                stage,
-                container_id: id.clone(),
-            },
-        )
+        self.journal(&Step::Create {
+            stage,
+            container_id: id.clone(),
+        })
         .await?;
         Ok(id)
     }
@@ -222,15 +231,14 @@ where
     /// until it is up; journals both.
     async fn bring_up(
         &self,
-        op: &Op<'_, L>,
         id: &ContainerId,
         image: &ImageRef,
         stage: Stage,
         running: bool,
     ) -> Result<ContainerInfo, BringUp> {
         if !running {
-            op.check_lease().map_err(Halt::from)?;
-            match self.docker("start", || self.engine.start(id)).await {
+            self.check_lease().map_err(Halt::from)?;
+            match self.lc.docker("start", || self.lc.engine.start(id)).await {
                 Ok(()) => {}
                 Err(EngineError::Unavailable(msg)) => {
                     return Err(Halt::from(unavailable("start", &msg)).into());
@@ -238,7 +246,7 @@ where
                 Err(refused @ (EngineError::Rejected(_) | EngineError::StaleTask(_))) => {
                     // The refused start may be a retry of one that took
                     // effect before the engine went away: judge by Docker.
-                    let now = self.inspect(op).await?;
+                    let now = self.inspect().await?;
                     if !now.is_some_and(|info| info.id == *id && info.running) {
                         let msg = match refused {
                             EngineError::StaleTask(msg) => return Err(BringUp::Stale(msg)),
@@ -248,24 +256,21 @@ where
                             ErrorCode::ContainerStartFailed,
                             format!("start container: {msg}"),
                         );
-                        return Err(self.failed_start(op, id, failure).await.into());
+                        return Err(self.failed_start(id, failure).await.into());
                     }
                 }
             }
-            self.journal(
-                op,
-                &Step::Start {
-                    stage,
-                    container_id: id.clone(),
-                },
-            )
+            self.journal(&Step::Start {
+                stage,
+                container_id: id.clone(),
+            })
             .await
             .map_err(Halt::from)?;
         }
-        let info = match self.wait_up(op, id).await {
+        let info = match self.wait_up(id).await {
             Ok(info) => info,
             Err(Halt::Fail(failure)) if failure.code == ErrorCode::ContainerStartFailed => {
-                return Err(self.failed_start(op, id, failure).await.into());
+                return Err(self.failed_start(id, failure).await.into());
             }
             Err(other) => return Err(other.into()),
         };
@@ -275,19 +280,19 @@ where
             address: info.address.clone(),
             image: image.clone(),
         };
-        self.journal(op, &up).await.map_err(Halt::from)?;
+        self.journal(&up).await.map_err(Halt::from)?;
         Ok(info)
     }
 
     /// A failed start: the diagnosis (exit code, log tail) in the message,
     /// and the container removed.
-    async fn failed_start(&self, op: &Op<'_, L>, id: &ContainerId, failure: Failure) -> Halt {
+    async fn failed_start(&self, id: &ContainerId, failure: Failure) -> Halt {
         // No Docker step without the lease, not even this clean-up.
-        if let Err(lost) = op.check_lease() {
+        if let Err(lost) = self.check_lease() {
             return lost.into();
         }
-        let message = self.diagnose(id, &failure.message).await;
-        if let Err(e) = self.engine.remove(id).await {
+        let message = self.lc.diagnose(id, &failure.message).await;
+        if let Err(e) = self.lc.engine.remove(id).await {
             warn!(container_id = %id, error = %e, "could not remove the failed container");
         }
         Failure::new(ErrorCode::ContainerStartFailed, message).into()
@@ -299,24 +304,20 @@ where
     /// so an engine that was already booting is not booted twice.
     pub(super) async fn resume_launch(
         &self,
-        op: &Op<'_, L>,
         image: &ImageRef,
         stage: Stage,
     ) -> Result<Option<ContainerInfo>, Halt> {
-        let Some(journaled) = op.progress.container(stage) else {
+        let Some(journaled) = self.progress.container(stage) else {
             return Ok(None);
         };
         let Some(info) = self
-            .inspect(op)
+            .inspect()
             .await?
             .filter(|info| info.id == *journaled && info.image_ref == image.as_str())
         else {
             return Ok(None);
         };
-        match self
-            .bring_up(op, &info.id, image, stage, info.running)
-            .await
-        {
+        match self.bring_up(&info.id, image, stage, info.running).await {
             Ok(info) => Ok(Some(info)),
             // Could not resume it: start afresh.
             Err(BringUp::Stale(_)) => Ok(None),
@@ -326,12 +327,12 @@ where
 
     /// Up means up: healthy within `RTM_HEALTH_TIMEOUT` when the image has a
     /// HEALTHCHECK, else still running after `RTM_START_SETTLE`.
-    async fn wait_up(&self, op: &Op<'_, L>, id: &ContainerId) -> Result<ContainerInfo, Halt> {
+    async fn wait_up(&self, id: &ContainerId) -> Result<ContainerInfo, Halt> {
         let since = Instant::now();
         let failed = |why: String| Halt::Fail(Failure::new(ErrorCode::ContainerStartFailed, why));
         loop {
-            op.check_lease()?;
-            let info = match self.inspect(op).await? {
+            self.check_lease()?;
+            let info = match self.inspect().await? {
                 Some(info) if info.id == *id => info,
                 _ => {
                     return Err(failed(format!(
@@ -351,31 +352,16 @@ where
                 Some(Health::Unhealthy) => {
                     return Err(failed("container reported unhealthy".to_owned()));
                 }
-                Some(Health::Starting) if waited >= self.cfg.health_timeout => {
+                Some(Health::Starting) if waited >= self.lc.cfg.health_timeout => {
                     return Err(failed(format!(
                         "container did not become healthy within {:?}",
-                        self.cfg.health_timeout
+                        self.lc.cfg.health_timeout
                     )));
                 }
-                None if waited >= self.cfg.start_settle => return Ok(info),
+                None if waited >= self.lc.cfg.start_settle => return Ok(info),
                 Some(Health::Starting) | None => tokio::time::sleep(UP_POLL).await,
             }
         }
-    }
-
-    /// The failure message with the exit code (when it exited) and the tail
-    /// of the container's log.
-    async fn diagnose(&self, id: &ContainerId, why: &str) -> String {
-        let mut message = why.to_owned();
-        match self.engine.logs_tail(id, LOG_TAIL_LINES).await {
-            Ok(tail) if !tail.trim().is_empty() => {
-                message.push_str("; log tail:\n");
-                message.push_str(&printable_tail(tail.trim_end()));
-            }
-            Ok(_) => message.push_str("; the container logged nothing"),
-            Err(e) => message.push_str(&format!("; log tail unavailable: {e}")),
-        }
-        message
     }
 }
 

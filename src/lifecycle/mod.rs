@@ -22,9 +22,11 @@
 //! Where things live: `gate` (lease, fence, the refusals written without
 //! the lease), `lease` (the held lease and its renewal), one file per op,
 //! `container` (the Docker steps they share), `record` (writing entries and
-//! journal steps; every entry under the lease goes through
-//! `Lifecycle::finish`), `retry`. The `memory` ports and `tests` run every op
-//! rule and every resumption under `cargo test --lib`.
+//! journal steps; every entry under the lease goes through `Op::finish`),
+//! `retry`. An op and its steps are methods of `Op`, the per-operation
+//! context (the services, command, lease, fence, progress), so no step
+//! takes the operation as an argument. The `memory` ports and `tests` run
+//! every op rule and every resumption under `cargo test --lib`.
 
 mod container;
 mod gate;
@@ -165,8 +167,11 @@ pub struct Lifecycle<S, L, E> {
     held: lease::HeldLeases,
 }
 
-/// One operation running under its lease.
-struct Op<'a, L: LeaseStore> {
+/// One operation running under its lease: the command, its lease and
+/// fence, and what earlier attempts did. The op's steps are its methods, so
+/// each reaches the services and this context without it threaded through.
+struct Op<'a, S, L: LeaseStore, E> {
+    lc: &'a Lifecycle<S, L, E>,
     cmd: &'a Command,
     fence: Fence,
     lease: &'a LeaseGuard<L>,
@@ -175,7 +180,7 @@ struct Op<'a, L: LeaseStore> {
     progress: Progress,
 }
 
-impl<L: LeaseStore> Op<'_, L> {
+impl<S, L: LeaseStore, E> Op<'_, S, L, E> {
     fn game(&self) -> &GameId {
         &self.cmd.game_id
     }
@@ -332,6 +337,7 @@ where
             );
         }
         let op = Op {
+            lc: self,
             cmd: command,
             fence,
             lease,
@@ -339,11 +345,11 @@ where
             progress,
         };
         let recorded = match &command.action {
-            Action::Start { image_ref } => self.start(&op, image_ref).await?,
-            Action::Stop { reason } => self.stop(&op, *reason).await?,
-            Action::Restart => self.restart(&op).await?,
-            Action::Patch { new_image_ref } => self.patch(&op, new_image_ref).await?,
-            Action::Remove => self.remove(&op).await?,
+            Action::Start { image_ref } => op.start(image_ref).await?,
+            Action::Stop { reason } => op.stop(*reason).await?,
+            Action::Restart => op.restart().await?,
+            Action::Patch { new_image_ref } => op.patch(new_image_ref).await?,
+            Action::Remove => op.remove().await?,
         };
         let event = recorded.event;
         record_metrics(&event);
@@ -395,6 +401,7 @@ where
                 ControlFlow::Break(answered) => return Ok(answered),
             };
             let op = Op {
+                lc: self,
                 cmd: &command,
                 fence,
                 lease: &lease,
@@ -405,8 +412,8 @@ where
             entry.image_ref = request.image_ref.clone();
             // The interrupted attempt may have changed the game: the record
             // is set to what Docker reports, so they agree again.
-            let record = self.observed_record(&op).await;
-            let recorded = self.finish(&op, entry, Err(failure.into()), record).await?;
+            let record = op.observed_record().await;
+            let recorded = op.finish(entry, Err(failure.into()), record).await?;
             record_metrics(&recorded.event);
             Ok(Handled::recorded(recorded.event))
         }

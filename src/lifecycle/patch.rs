@@ -10,7 +10,7 @@
 //! the same state directory.
 
 use super::start::StartPlan;
-use super::{Halt, Interrupted, Lifecycle, Op};
+use super::{Halt, Interrupted, Op};
 use crate::domain::image_ref::same_patch_series;
 use crate::domain::{
     ImageRef, OpKind, OperationEntry, RecordUpdate, RuntimeRecord, RuntimeState, Stage, Step,
@@ -18,41 +18,36 @@ use crate::domain::{
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, LeaseStore, Recorded, RuntimeStore};
 
-impl<S, L, E> Lifecycle<S, L, E>
+impl<S, L, E> Op<'_, S, L, E>
 where
     S: RuntimeStore,
     L: LeaseStore,
     E: ContainerEngine,
 {
-    pub(super) async fn patch(
-        &self,
-        op: &Op<'_, L>,
-        new_image: &ImageRef,
-    ) -> Result<Recorded, Interrupted> {
-        let mut entry = op.outer_entry();
-        let result = self.patch_steps(op, new_image, &mut entry).await;
-        self.finish(op, entry, result, None).await
+    pub(super) async fn patch(&self, new_image: &ImageRef) -> Result<Recorded, Interrupted> {
+        let mut entry = self.outer_entry();
+        let result = self.patch_steps(new_image, &mut entry).await;
+        self.finish(entry, result, None).await
     }
 
     async fn patch_steps(
         &self,
-        op: &Op<'_, L>,
         new_image: &ImageRef,
         entry: &mut OperationEntry,
     ) -> Result<Option<RecordUpdate>, Halt> {
-        let record =
-            self.patchable_record(op, new_image)
-                .await
-                .map_err(|(failure, image_ref)| {
-                    // As the original: the image the failure is about, if any.
-                    entry.image_ref = image_ref;
-                    failure
-                })?;
+        let record = self
+            .patchable_record(new_image)
+            .await
+            .map_err(|(failure, image_ref)| {
+                // As the original: the image the failure is about, if any.
+                entry.image_ref = image_ref;
+                failure
+            })?;
         entry.image_ref = Some(new_image.to_string());
         // The image the game ran before this patch. A resumed patch may find
         // the record already on the new image: the first attempt journaled
         // the previous one.
-        let previous = op
+        let previous = self
             .progress
             .previous_image()
             .unwrap_or(&record.image_ref)
@@ -61,15 +56,15 @@ where
         let begin = Step::Begin {
             previous_image: previous.clone(),
         };
-        self.journal(op, &begin).await?;
+        self.journal(&begin).await?;
         entry.previous_image_ref = Some(previous.to_string());
         entry.container_id = record.state.container_id().map(ToString::to_string);
 
         // Beyond the original: pull first, so a pull failure leaves the
         // running game untouched. Skipped when resuming past the new start.
-        if !op.resumed_past_start(OpKind::Patch) {
-            self.ensure_image(op, new_image).await?;
-            self.stop_and_remove(op, OpKind::Patch, &record).await?;
+        if !self.resumed_past_start(OpKind::Patch) {
+            self.ensure_image(new_image).await?;
+            self.stop_and_remove(OpKind::Patch, &record).await?;
         }
 
         let stopped_on_previous = record.update_to(
@@ -77,17 +72,14 @@ where
             RuntimeState::Stopped { container_id: None },
         );
         let start = self
-            .inner_start(
-                op,
-                StartPlan {
-                    image: new_image,
-                    outer: Some(OpKind::Patch),
-                    previous_image: Some(previous),
-                    rolled_back: false,
-                    stage: Stage::Start,
-                    on_failure: Some(stopped_on_previous.clone()),
-                },
-            )
+            .inner_start(StartPlan {
+                image: new_image,
+                outer: Some(OpKind::Patch),
+                previous_image: Some(previous),
+                rolled_back: false,
+                stage: Stage::Start,
+                on_failure: Some(stopped_on_previous.clone()),
+            })
             .await?;
         let start_failure = match start {
             Ok(info) => {
@@ -101,7 +93,7 @@ where
         let failed = format!("inner start failed: {}", start_failure.message);
 
         let rollback_applies = start_failure.code == ErrorCode::ContainerStartFailed;
-        if !rollback_applies || !self.cfg.rollback {
+        if !rollback_applies || !self.lc.cfg.rollback {
             let why = if rollback_applies {
                 "rollback is disabled (RTM_ROLLBACK=false)"
             } else {
@@ -116,17 +108,14 @@ where
 
         // Beyond the original: restore the previous image on the same state.
         let rollback = self
-            .inner_start(
-                op,
-                StartPlan {
-                    image: previous,
-                    outer: Some(OpKind::Patch),
-                    previous_image: Some(new_image),
-                    rolled_back: true,
-                    stage: Stage::Rollback,
-                    on_failure: Some(stopped_on_previous),
-                },
-            )
+            .inner_start(StartPlan {
+                image: previous,
+                outer: Some(OpKind::Patch),
+                previous_image: Some(new_image),
+                rolled_back: true,
+                stage: Stage::Rollback,
+                on_failure: Some(stopped_on_previous),
+            })
             .await?;
         let failure = match rollback {
             Ok(info) => {
@@ -154,15 +143,14 @@ where
     /// one, or none), which the outer entry records.
     async fn patchable_record(
         &self,
-        op: &Op<'_, L>,
         new_image: &ImageRef,
     ) -> Result<RuntimeRecord, (Failure, Option<String>)> {
-        let record = self.load_existing(op).await.map_err(|f| (f, None))?;
+        let record = self.load_existing().await.map_err(|f| (f, None))?;
         if matches!(record.state, RuntimeState::Removed) {
             return Err((
                 Failure::new(
                     ErrorCode::Conflict,
-                    format!("runtime for game {} is removed; cannot patch", op.game()),
+                    format!("runtime for game {} is removed; cannot patch", self.game()),
                 ),
                 None,
             ));

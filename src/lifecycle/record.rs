@@ -20,12 +20,28 @@ where
     L: LeaseStore,
     E: ContainerEngine,
 {
+    pub(super) async fn append(&self, write: OperationWrite) -> Result<Recorded, Interrupted> {
+        // The event id is fixed before the first attempt, so a retried write
+        // that did commit cannot produce a second id for the same entry.
+        let event_id = Uuid::now_v7();
+        Ok(self
+            .store_retrying(|| self.store.append(write.clone(), event_id))
+            .await?)
+    }
+}
+
+impl<S, L, E> Op<'_, S, L, E>
+where
+    S: RuntimeStore,
+    L: LeaseStore,
+    E: ContainerEngine,
+{
     /// The game's record as Docker reports it now, for a command answered
     /// without running to the end; `None` (leave it) when there is no
     /// record, Docker cannot be asked, or they already agree.
-    pub(super) async fn observed_record(&self, op: &Op<'_, L>) -> Option<RecordUpdate> {
-        let record = self.store.load(op.game()).await.ok().flatten()?;
-        let info = self.engine.inspect(op.game()).await.ok()?;
+    pub(super) async fn observed_record(&self) -> Option<RecordUpdate> {
+        let record = self.lc.store.load(self.game()).await.ok().flatten()?;
+        let info = self.lc.engine.inspect(self.game()).await.ok()?;
         let (image_ref, state) = match info {
             Some(info) if info.running => (
                 ImageRef::parse(&info.image_ref).unwrap_or_else(|_| record.image_ref.clone()),
@@ -52,41 +68,43 @@ where
         Some(record.update_to(image_ref, state))
     }
 
-    /// Writes an entry of `op` (with its event and record update) under the
-    /// op's fence.
+    /// Writes an entry of this op (with its event and record update) under
+    /// its fence.
     pub(super) async fn write(
         &self,
-        op: &Op<'_, L>,
         mut entry: OperationEntry,
         record: Option<RecordUpdate>,
     ) -> Result<Recorded, Interrupted> {
         entry.finished_at = Utc::now();
-        self.append(OperationWrite {
-            entry,
-            fence: WriteFence::Held(op.fence),
-            record,
-        })
-        .await
-        .map_err(|e| match e {
-            Interrupted::Unrecorded(StoreError::FenceLost(_)) => {
-                Interrupted::FenceLost(op.game().to_string())
-            }
-            other => other,
-        })
+        self.lc
+            .append(OperationWrite {
+                entry,
+                fence: WriteFence::Held(self.fence),
+                record,
+            })
+            .await
+            .map_err(|e| match e {
+                Interrupted::Unrecorded(StoreError::FenceLost(_)) => {
+                    Interrupted::FenceLost(self.game().to_string())
+                }
+                other => other,
+            })
     }
 
     /// Journals a Docker step as done, so a redelivered command can resume
     /// after it.
-    pub(super) async fn journal(&self, op: &Op<'_, L>, step: &Step) -> Result<(), Interrupted> {
-        self.store_retrying(|| {
-            self.store
-                .journal(op.game(), op.fence, &op.cmd.command_id, step)
-        })
-        .await
-        .map_err(|e| match e {
-            StoreError::FenceLost(_) => Interrupted::FenceLost(op.game().to_string()),
-            other => Interrupted::Unrecorded(other),
-        })
+    pub(super) async fn journal(&self, step: &Step) -> Result<(), Interrupted> {
+        self.lc
+            .store_retrying(|| {
+                self.lc
+                    .store
+                    .journal(self.game(), self.fence, &self.cmd.command_id, step)
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::FenceLost(_) => Interrupted::FenceLost(self.game().to_string()),
+                other => Interrupted::Unrecorded(other),
+            })
     }
 
     /// Writes `entry` as its op's steps ended: on success as they left it,
@@ -95,7 +113,6 @@ where
     /// written under the lease goes through here.
     pub(super) async fn finish(
         &self,
-        op: &Op<'_, L>,
         mut entry: OperationEntry,
         ended: Result<Option<RecordUpdate>, Halt>,
         on_failure: Option<RecordUpdate>,
@@ -108,26 +125,15 @@ where
             }
             Err(Halt::Interrupt(i)) => return Err(i),
         };
-        self.write(op, entry, record).await
-    }
-
-    pub(super) async fn append(&self, write: OperationWrite) -> Result<Recorded, Interrupted> {
-        // The event id is fixed before the first attempt, so a retried write
-        // that did commit cannot produce a second id for the same entry.
-        let event_id = Uuid::now_v7();
-        Ok(self
-            .store_retrying(|| self.store.append(write.clone(), event_id))
-            .await?)
+        self.write(entry, record).await
     }
 
     /// Loads the game's record, if any: database down →
     /// `service_unavailable` (beyond the original, which said `internal`),
     /// a corrupt row → `internal`.
-    pub(super) async fn load_record(
-        &self,
-        op: &Op<'_, L>,
-    ) -> Result<Option<RuntimeRecord>, Failure> {
-        self.store_retrying(|| self.store.load(op.game()))
+    pub(super) async fn load_record(&self) -> Result<Option<RuntimeRecord>, Failure> {
+        self.lc
+            .store_retrying(|| self.lc.store.load(self.game()))
             .await
             .map_err(|e| match e {
                 StoreError::Corrupt(msg) => Failure::new(ErrorCode::Internal, msg),
@@ -139,13 +145,13 @@ where
     }
 
     /// The game's record, which must exist (`not_found`).
-    pub(super) async fn load_existing(&self, op: &Op<'_, L>) -> Result<RuntimeRecord, Failure> {
-        self.load_record(op).await?.ok_or_else(|| {
+    pub(super) async fn load_existing(&self) -> Result<RuntimeRecord, Failure> {
+        self.load_record().await?.ok_or_else(|| {
             Failure::new(
                 ErrorCode::NotFound,
                 format!(
                     "runtime record for game {:?} does not exist",
-                    op.game().as_str()
+                    self.game().as_str()
                 ),
             )
         })

@@ -1,41 +1,37 @@
 //! `remove`: stop if running, remove the container, record `removed`. The
 //! state directory is kept, so a later start is a new life on the old data.
 
-use super::{Halt, Interrupted, Lifecycle, Op};
+use super::{Halt, Interrupted, Op};
 use crate::domain::{EntryResult, OpKind, OperationEntry, RecordUpdate, RuntimeState};
 use crate::ports::{ContainerEngine, LeaseStore, Recorded, RuntimeStore};
 
-impl<S, L, E> Lifecycle<S, L, E>
+impl<S, L, E> Op<'_, S, L, E>
 where
     S: RuntimeStore,
     L: LeaseStore,
     E: ContainerEngine,
 {
-    pub(super) async fn remove(&self, op: &Op<'_, L>) -> Result<Recorded, Interrupted> {
-        let mut entry = op.outer_entry();
-        let result = self.remove_steps(op, &mut entry).await;
-        self.finish(op, entry, result, None).await
+    pub(super) async fn remove(&self) -> Result<Recorded, Interrupted> {
+        let mut entry = self.outer_entry();
+        let result = self.remove_steps(&mut entry).await;
+        self.finish(entry, result, None).await
     }
 
-    async fn remove_steps(
-        &self,
-        op: &Op<'_, L>,
-        entry: &mut OperationEntry,
-    ) -> Result<Option<RecordUpdate>, Halt> {
-        let record = self.load_existing(op).await?;
+    async fn remove_steps(&self, entry: &mut OperationEntry) -> Result<Option<RecordUpdate>, Halt> {
+        let record = self.load_existing().await?;
         entry.image_ref = Some(record.image_ref.to_string());
-        let container = self.inspect(op).await?;
+        let container = self.inspect().await?;
         // A no-op is decided from what Docker reports, not the record alone.
         if matches!(record.state, RuntimeState::Removed) && container.is_none() {
             // A no-op, unless an earlier attempt of this command did it.
-            let noop = op.progress.is_empty();
+            let noop = self.progress.is_empty();
             entry.result = EntryResult::Success { noop };
             return Ok((!noop).then(|| record.update(RuntimeState::Removed)));
         }
-        self.inner_stop(op, OpKind::Remove, &record).await?;
-        if let Some(info) = self.inspect(op).await? {
+        self.inner_stop(OpKind::Remove, &record).await?;
+        if let Some(info) = self.inspect().await? {
             entry.container_id = Some(info.id.to_string());
-            self.discard(op, &info.id).await?;
+            self.discard(&info.id).await?;
         }
         Ok(Some(record.update(RuntimeState::Removed)))
     }

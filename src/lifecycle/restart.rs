@@ -1,56 +1,55 @@
 //! `restart`: stop → remove → start with the current image, under one lease.
 
 use super::start::StartPlan;
-use super::{Halt, Interrupted, Lifecycle, Op};
+use super::{Halt, Interrupted, Op};
 use crate::domain::{OpKind, OperationEntry, RecordUpdate, RuntimeState, Stage};
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, LeaseStore, Recorded, RuntimeStore};
 
-impl<S, L, E> Lifecycle<S, L, E>
+impl<S, L, E> Op<'_, S, L, E>
 where
     S: RuntimeStore,
     L: LeaseStore,
     E: ContainerEngine,
 {
-    pub(super) async fn restart(&self, op: &Op<'_, L>) -> Result<Recorded, Interrupted> {
-        let mut entry = op.outer_entry();
-        let result = self.restart_steps(op, &mut entry).await;
-        self.finish(op, entry, result, None).await
+    pub(super) async fn restart(&self) -> Result<Recorded, Interrupted> {
+        let mut entry = self.outer_entry();
+        let result = self.restart_steps(&mut entry).await;
+        self.finish(entry, result, None).await
     }
 
     async fn restart_steps(
         &self,
-        op: &Op<'_, L>,
         entry: &mut OperationEntry,
     ) -> Result<Option<RecordUpdate>, Halt> {
-        let record = self.load_existing(op).await?;
+        let record = self.load_existing().await?;
         entry.image_ref = Some(record.image_ref.to_string());
         entry.container_id = record.state.container_id().map(ToString::to_string);
         if matches!(record.state, RuntimeState::Removed) {
             return Err(Failure::new(
                 ErrorCode::Conflict,
-                format!("runtime for game {} is removed; cannot restart", op.game()),
+                format!(
+                    "runtime for game {} is removed; cannot restart",
+                    self.game()
+                ),
             )
             .into());
         }
 
         // Skipped when resuming past the new start.
-        if !op.resumed_past_start(OpKind::Restart) {
-            self.stop_and_remove(op, OpKind::Restart, &record).await?;
+        if !self.resumed_past_start(OpKind::Restart) {
+            self.stop_and_remove(OpKind::Restart, &record).await?;
         }
 
         let start = self
-            .inner_start(
-                op,
-                StartPlan {
-                    image: &record.image_ref,
-                    outer: Some(OpKind::Restart),
-                    previous_image: None,
-                    rolled_back: false,
-                    stage: Stage::Start,
-                    on_failure: Some(record.update(RuntimeState::Stopped { container_id: None })),
-                },
-            )
+            .inner_start(StartPlan {
+                image: &record.image_ref,
+                outer: Some(OpKind::Restart),
+                previous_image: None,
+                rolled_back: false,
+                stage: Stage::Start,
+                on_failure: Some(record.update(RuntimeState::Stopped { container_id: None })),
+            })
             .await?;
         match start {
             Ok(info) => {

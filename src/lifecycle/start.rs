@@ -1,7 +1,7 @@
 //! `start`: the outer handle's state rules (SPEC §2) and the inner run that
 //! restart, patch and a rollback reuse under their own lease.
 
-use super::{Halt, Interrupted, Lifecycle, Op};
+use super::{Halt, Interrupted, Op};
 use crate::domain::{
     EntryResult, ImageRef, OpKind, RecordUpdate, RuntimeRecord, RuntimeState, Stage,
 };
@@ -29,34 +29,30 @@ pub(super) struct StartRun {
     pub result: Result<ContainerInfo, Failure>,
 }
 
-impl<S, L, E> Lifecycle<S, L, E>
+impl<S, L, E> Op<'_, S, L, E>
 where
     S: RuntimeStore,
     L: LeaseStore,
     E: ContainerEngine,
 {
-    pub(super) async fn start(
-        &self,
-        op: &Op<'_, L>,
-        image: &ImageRef,
-    ) -> Result<Recorded, Interrupted> {
-        let mut entry = op.outer_entry();
+    pub(super) async fn start(&self, image: &ImageRef) -> Result<Recorded, Interrupted> {
+        let mut entry = self.outer_entry();
         entry.image_ref = Some(image.to_string());
 
-        let record = match self.load_record(op).await {
+        let record = match self.load_record().await {
             Ok(record) => record,
-            Err(failure) => return self.finish(op, entry, Err(failure.into()), None).await,
+            Err(failure) => return self.finish(entry, Err(failure.into()), None).await,
         };
 
         if let Some(record) = &record {
             entry.previous_image_ref = Some(record.image_ref.to_string());
-            match self.start_rule(op, record, image).await {
+            match self.start_rule(record, image).await {
                 Ok(StartRule::Go) => {}
                 Ok(StartRule::Noop(info)) => {
                     // Running as asked; a no-op unless an earlier attempt of
                     // this command is what started it.
                     entry.result = EntryResult::Success {
-                        noop: op.progress.is_empty(),
+                        noop: self.progress.is_empty(),
                     };
                     entry.previous_image_ref = None;
                     entry.container_id = Some(info.id.to_string());
@@ -68,9 +64,9 @@ where
                             address: info.address,
                         },
                     );
-                    return self.finish(op, entry, Ok(Some(update)), None).await;
+                    return self.finish(entry, Ok(Some(update)), None).await;
                 }
-                Err(halt) => return self.finish(op, entry, Err(halt), None).await,
+                Err(halt) => return self.finish(entry, Err(halt), None).await,
             }
         }
 
@@ -81,17 +77,14 @@ where
             })
         });
         let run = self
-            .run_start(
-                op,
-                StartPlan {
-                    image,
-                    outer: None,
-                    previous_image: record.as_ref().map(|r| &r.image_ref),
-                    rolled_back: false,
-                    stage: Stage::Start,
-                    on_failure,
-                },
-            )
+            .run_start(StartPlan {
+                image,
+                outer: None,
+                previous_image: record.as_ref().map(|r| &r.image_ref),
+                rolled_back: false,
+                stage: Stage::Start,
+                on_failure,
+            })
             .await?;
         Ok(run.recorded)
     }
@@ -99,7 +92,6 @@ where
     /// SPEC §2 for a start on a known game, decided from what Docker reports.
     async fn start_rule(
         &self,
-        op: &Op<'_, L>,
         record: &RuntimeRecord,
         image: &ImageRef,
     ) -> Result<StartRule, Halt> {
@@ -112,12 +104,12 @@ where
                 ErrorCode::Conflict,
                 format!(
                     "game {} is stopped with image {current}; start it with that image, or patch it to {image}",
-                    op.game()
+                    self.game()
                 ),
             )
             .into()),
             RuntimeState::Running { .. } if same_image => {
-                match self.inspect(op).await? {
+                match self.inspect().await? {
                     Some(info) if info.running && info.image_ref == image.as_str() => {
                         Ok(StartRule::Noop(info))
                     }
@@ -129,7 +121,7 @@ where
                 ErrorCode::Conflict,
                 format!(
                     "game {} is running image {current}; use patch to change its image",
-                    op.game()
+                    self.game()
                 ),
             )
             .into()),
@@ -141,17 +133,16 @@ where
     /// its success while Docker still runs the container it recorded.
     pub(super) async fn inner_start(
         &self,
-        op: &Op<'_, L>,
         plan: StartPlan<'_>,
     ) -> Result<Result<ContainerInfo, Failure>, Interrupted> {
-        if let Some(done) = op
+        if let Some(done) = self
             .progress
             .entry(OpKind::Start, plan.outer, plan.rolled_back)
         {
             match &done.result {
                 EntryResult::Failure(failure) => return Ok(Err(failure.clone())),
                 EntryResult::Success { .. } => {
-                    let running = self.inspect(op).await.ok().flatten().filter(|info| {
+                    let running = self.inspect().await.ok().flatten().filter(|info| {
                         info.running
                             && Some(&info.id) == done.container_id.as_ref()
                             && info.image_ref == plan.image.as_str()
@@ -163,29 +154,25 @@ where
                 }
             }
         }
-        Ok(self.run_start(op, plan).await?.result)
+        Ok(self.run_start(plan).await?.result)
     }
 
     /// The inner start: image present (pulled if missing), any leftover
     /// container replaced, a fresh container created and started and up.
     /// Writes its own entry; the caller owns the lease.
-    pub(super) async fn run_start(
-        &self,
-        op: &Op<'_, L>,
-        plan: StartPlan<'_>,
-    ) -> Result<StartRun, Interrupted> {
-        let mut entry = op.entry(OpKind::Start, plan.outer);
+    pub(super) async fn run_start(&self, plan: StartPlan<'_>) -> Result<StartRun, Interrupted> {
+        let mut entry = self.entry(OpKind::Start, plan.outer);
         entry.image_ref = Some(plan.image.to_string());
         entry.previous_image_ref = plan.previous_image.map(ToString::to_string);
         entry.rolled_back = plan.rolled_back;
 
         let launched = async {
-            if let Some(info) = self.resume_launch(op, plan.image, plan.stage).await? {
+            if let Some(info) = self.resume_launch(plan.image, plan.stage).await? {
                 return Ok(info);
             }
-            self.ensure_image(op, plan.image).await?;
-            self.clear_leftover(op).await?;
-            self.launch(op, plan.image, plan.stage).await
+            self.ensure_image(plan.image).await?;
+            self.clear_leftover().await?;
+            self.launch(plan.image, plan.stage).await
         }
         .await;
 
@@ -196,20 +183,20 @@ where
                 // A first start has no record to derive from: the engine
                 // names the state directory.
                 let update = RecordUpdate {
-                    game_id: op.game().clone(),
+                    game_id: self.game().clone(),
                     image_ref: plan.image.clone(),
                     state: RuntimeState::Running {
                         container_id: info.id.clone(),
                         address: info.address.clone(),
                     },
-                    state_dir: self.engine.state_dir(op.game()),
+                    state_dir: self.lc.engine.state_dir(self.game()),
                 };
                 (Ok(info), Ok(Some(update)))
             }
             Err(Halt::Fail(failure)) => (Err(failure.clone()), Err(failure.into())),
             Err(Halt::Interrupt(i)) => return Err(i),
         };
-        let recorded = self.finish(op, entry, update, plan.on_failure).await?;
+        let recorded = self.finish(entry, update, plan.on_failure).await?;
         Ok(StartRun { recorded, result })
     }
 }

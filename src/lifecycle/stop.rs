@@ -2,7 +2,7 @@
 //! remove reuse. A stop keeps the container; a stop of a container Docker
 //! reports as not running is a no-op (and corrects the record).
 
-use super::{Halt, Interrupted, Lifecycle, Op};
+use super::{Halt, Interrupted, Op};
 use crate::domain::{
     ContainerId, EntryResult, OpKind, RuntimeRecord, RuntimeState, Step, StopReason,
 };
@@ -15,56 +15,51 @@ pub(super) struct StopRun {
     pub result: Result<(), Failure>,
 }
 
-impl<S, L, E> Lifecycle<S, L, E>
+impl<S, L, E> Op<'_, S, L, E>
 where
     S: RuntimeStore,
     L: LeaseStore,
     E: ContainerEngine,
 {
-    pub(super) async fn stop(
-        &self,
-        op: &Op<'_, L>,
-        reason: StopReason,
-    ) -> Result<Recorded, Interrupted> {
-        let record = match self.load_existing(op).await {
+    pub(super) async fn stop(&self, reason: StopReason) -> Result<Recorded, Interrupted> {
+        let record = match self.load_existing().await {
             Ok(record) => record,
             Err(failure) => {
-                let mut entry = op.outer_entry();
+                let mut entry = self.outer_entry();
                 entry.reason = Some(reason.to_string());
-                return self.finish(op, entry, Err(failure.into()), None).await;
+                return self.finish(entry, Err(failure.into()), None).await;
             }
         };
-        Ok(self.run_stop(op, reason, None, &record).await?.recorded)
+        Ok(self.run_stop(reason, None, &record).await?.recorded)
     }
 
     /// The inner stop. Writes its own entry; the caller owns the lease.
     pub(super) async fn run_stop(
         &self,
-        op: &Op<'_, L>,
         reason: StopReason,
         outer: Option<OpKind>,
         record: &RuntimeRecord,
     ) -> Result<StopRun, Interrupted> {
-        let mut entry = op.entry(OpKind::Stop, outer);
+        let mut entry = self.entry(OpKind::Stop, outer);
         entry.reason = Some(reason.to_string());
         entry.image_ref = Some(record.image_ref.to_string());
 
         let halted: Result<(Option<ContainerId>, bool), Halt> = async {
-            match self.inspect(op).await? {
+            match self.inspect().await? {
                 Some(info) if info.running => {
                     // Journaled before the stop: if this worker dies during
                     // the grace period, Docker still finishes the stop and
-                    // the redelivery must not call it a no-op.
+                    // the redelivery must not call it a no-self.
                     let stop = Step::Stop {
                         container_id: info.id.clone(),
                     };
-                    self.journal(op, &stop).await?;
-                    self.stop_container(op, &info.id).await?;
+                    self.journal(&stop).await?;
+                    self.stop_container(&info.id).await?;
                     Ok((Some(info.id), false))
                 }
                 // Not a no-op if an earlier attempt of this command did work.
-                Some(info) => Ok((Some(info.id), op.progress.is_empty())),
-                None => Ok((None, op.progress.is_empty())),
+                Some(info) => Ok((Some(info.id), self.progress.is_empty())),
+                None => Ok((None, self.progress.is_empty())),
             }
         }
         .await;
@@ -83,7 +78,7 @@ where
                 _ => Some(record.update(RuntimeState::Stopped { container_id })),
             }
         });
-        let recorded = self.finish(op, entry, update, None).await?;
+        let recorded = self.finish(entry, update, None).await?;
         Ok(StopRun { recorded, result })
     }
 
@@ -92,17 +87,16 @@ where
     /// code becomes the outer failure's code.
     pub(super) async fn stop_and_remove(
         &self,
-        op: &Op<'_, L>,
         outer: OpKind,
         record: &RuntimeRecord,
     ) -> Result<(), Halt> {
-        self.inner_stop(op, outer, record).await?;
-        if let Some(info) = self.inspect(op).await? {
+        self.inner_stop(outer, record).await?;
+        if let Some(info) = self.inspect().await? {
             if info.running {
                 // Resumed after a recorded stop, yet running: stop it again.
-                self.stop_container(op, &info.id).await?;
+                self.stop_container(&info.id).await?;
             }
-            self.discard(op, &info.id).await?;
+            self.discard(&info.id).await?;
         }
         Ok(())
     }
@@ -112,11 +106,10 @@ where
     /// outer failure, with its code.
     pub(super) async fn inner_stop(
         &self,
-        op: &Op<'_, L>,
         outer: OpKind,
         record: &RuntimeRecord,
     ) -> Result<(), Halt> {
-        let recorded = op
+        let recorded = self
             .progress
             .entry(OpKind::Stop, Some(outer), false)
             .is_some_and(|e| e.result.error_code().is_none());
@@ -124,7 +117,7 @@ where
             return Ok(());
         }
         let stop = self
-            .run_stop(op, StopReason::AdminRequest, Some(outer), record)
+            .run_stop(StopReason::AdminRequest, Some(outer), record)
             .await?;
         if let Err(f) = stop.result {
             return Err(Failure::new(f.code, format!("inner stop failed: {}", f.message)).into());
