@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::{Halt, Lifecycle, Op};
+use super::{Halt, Op};
 use crate::domain::{ContainerId, ImageRef, Stage, Step};
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, ContainerInfo, EngineError, Health, LeaseStore, RuntimeStore};
@@ -39,7 +39,7 @@ fn unavailable(what: &str, e: &str) -> Failure {
     Failure::new(ErrorCode::ServiceUnavailable, format!("docker {what}: {e}"))
 }
 
-impl<S, L, E> Lifecycle<S, L, E>
+impl<S, L, E> Op<'_, S, L, E>
 where
     S: RuntimeStore,
     L: LeaseStore,
@@ -54,6 +54,7 @@ where
     {
         let since = Instant::now();
         let result = self
+            .lc
             .retrying(call, |e| matches!(e, EngineError::Unavailable(_)))
             .await;
         metrics::histogram!(telemetry::DOCKER_CALL_SECONDS, "call" => name)
@@ -65,7 +66,7 @@ where
     /// of the container's log.
     async fn diagnose(&self, id: &ContainerId, why: &str) -> String {
         let mut message = why.to_owned();
-        match self.engine.logs_tail(id, LOG_TAIL_LINES).await {
+        match self.lc.engine.logs_tail(id, LOG_TAIL_LINES).await {
             Ok(tail) if !tail.trim().is_empty() => {
                 message.push_str("; log tail:\n");
                 message.push_str(&printable_tail(tail.trim_end()));
@@ -75,19 +76,11 @@ where
         }
         message
     }
-}
 
-impl<S, L, E> Op<'_, S, L, E>
-where
-    S: RuntimeStore,
-    L: LeaseStore,
-    E: ContainerEngine,
-{
     /// The image is present, pulling it if missing (`image_pull_failed`).
     pub(super) async fn ensure_image(&self, image: &ImageRef) -> Result<(), Halt> {
         self.check_lease()?;
         let present = self
-            .lc
             .docker("image_present", || self.lc.engine.image_present(image))
             .await
             .map_err(|e| unavailable("image inspect", &e.to_string()))?;
@@ -95,8 +88,7 @@ where
             return Ok(());
         }
         self.check_lease()?;
-        self.lc
-            .docker("pull", || self.lc.engine.pull(image))
+        self.docker("pull", || self.lc.engine.pull(image))
             .await
             .map_err(|e| match e {
                 EngineError::Rejected(msg) | EngineError::StaleTask(msg) => Failure::new(
@@ -115,7 +107,6 @@ where
     /// What Docker reports about the game's container.
     pub(super) async fn inspect(&self) -> Result<Option<ContainerInfo>, Halt> {
         Ok(self
-            .lc
             .docker("inspect", || self.lc.engine.inspect(self.game()))
             .await
             .map_err(|e| unavailable("inspect", &e.to_string()))?)
@@ -126,8 +117,7 @@ where
     pub(super) async fn stop_container(&self, id: &ContainerId) -> Result<(), Halt> {
         self.check_lease()?;
         let grace = self.lc.cfg.stop_timeout;
-        self.lc
-            .docker("stop", || self.lc.engine.stop(id, grace))
+        self.docker("stop", || self.lc.engine.stop(id, grace))
             .await
             .map_err(|e| match e {
                 EngineError::Rejected(msg) | EngineError::StaleTask(msg) => Failure::new(
@@ -150,8 +140,7 @@ where
     /// (`service_unavailable` on a Docker error, as the original).
     pub(super) async fn discard(&self, id: &ContainerId) -> Result<(), Halt> {
         self.check_lease()?;
-        self.lc
-            .docker("remove", || self.lc.engine.remove(id))
+        self.docker("remove", || self.lc.engine.remove(id))
             .await
             .map_err(|e| unavailable("remove", &e.to_string()))?;
         self.journal(&Step::Remove {
@@ -209,7 +198,6 @@ where
     async fn create(&self, image: &ImageRef, stage: Stage) -> Result<ContainerId, Halt> {
         self.check_lease()?;
         let id = self
-            .lc
             .docker("create", || self.lc.engine.create(self.game(), image))
             .await
             .map_err(|e| match e {
@@ -238,7 +226,7 @@ where
     ) -> Result<ContainerInfo, BringUp> {
         if !running {
             self.check_lease().map_err(Halt::from)?;
-            match self.lc.docker("start", || self.lc.engine.start(id)).await {
+            match self.docker("start", || self.lc.engine.start(id)).await {
                 Ok(()) => {}
                 Err(EngineError::Unavailable(msg)) => {
                     return Err(Halt::from(unavailable("start", &msg)).into());
@@ -291,7 +279,7 @@ where
         if let Err(lost) = self.check_lease() {
             return lost.into();
         }
-        let message = self.lc.diagnose(id, &failure.message).await;
+        let message = self.diagnose(id, &failure.message).await;
         if let Err(e) = self.lc.engine.remove(id).await {
             warn!(container_id = %id, error = %e, "could not remove the failed container");
         }
