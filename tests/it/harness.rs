@@ -3,11 +3,21 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
+use std::path::Path;
 use std::time::Duration;
 
+use rtmanager::config::{AmqpConfig, Config, LifecycleConfig, SecretUrl};
+use rtmanager::domain::AllowedImages;
+use rtmanager::lifecycle::Lifecycle;
+use rtmanager::outbound::docker::DockerEngine;
+use rtmanager::outbound::postgres::PgStore;
+use rtmanager::outbound::redis_lease::RedisLeases;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, PgPool};
 use uuid::Uuid;
+
+use crate::docker_support::DockerTestEnv;
 
 /// The server the tests create their databases on (any database works as
 /// the admin connection).
@@ -105,6 +115,123 @@ impl Drop for TestDb {
         })
         .join();
     }
+}
+
+/// The lifecycle settings of every test: short enough to keep the suite
+/// quick, long enough for the test engine to start and settle. A test that
+/// needs another value names it: `LifecycleConfig { lease_ttl: …,
+/// ..lifecycle_config() }`.
+pub fn lifecycle_config() -> LifecycleConfig {
+    LifecycleConfig {
+        lease_ttl: Duration::from_secs(6),
+        stop_timeout: Duration::from_secs(2),
+        start_settle: Duration::from_millis(800),
+        health_timeout: Duration::from_secs(15),
+        rollback: true,
+        allowed_images: AllowedImages::any(),
+        retry_for: Duration::from_secs(2),
+    }
+}
+
+/// One test's world on the real services: its own database, Redis prefix,
+/// container prefix and state root, all gone when it drops. Lifecycles are
+/// built over it with whichever port a test swaps for a wrapper.
+pub struct World {
+    pub db: TestDb,
+    pub docker: DockerTestEnv,
+    pub leases: RedisLeases,
+}
+
+impl World {
+    pub async fn new() -> Self {
+        let db = TestDb::new().await;
+        let docker = DockerTestEnv::new().await;
+        let prefix = format!("{}:", unique("rtmtest"));
+        let leases = RedisLeases::connect(&SecretUrl::new(redis_url()), &prefix)
+            .await
+            .expect("connect to redis");
+        Self { db, docker, leases }
+    }
+
+    pub fn store(&self) -> PgStore {
+        PgStore::new(self.db.pool.clone())
+    }
+
+    /// The lifecycle on this world's real ports.
+    pub fn lifecycle(
+        &self,
+        config: LifecycleConfig,
+    ) -> Lifecycle<PgStore, RedisLeases, DockerEngine> {
+        Lifecycle::new(
+            self.store(),
+            self.leases.clone(),
+            self.docker.engine.clone(),
+            config,
+        )
+    }
+}
+
+/// Names for one test's own AMQP topology on the shared broker, after `id`.
+pub fn test_amqp(id: &str) -> AmqpConfig {
+    AmqpConfig {
+        command_exchange: format!("rtmt.{id}.commands"),
+        command_queue: format!("rtmt.{id}.commands"),
+        event_exchange: format!("rtmt.{id}.events"),
+        dead_letter_exchange: format!("rtmt.{id}.dlx"),
+        dead_letter_queue: format!("rtmt.{id}.dead-letters"),
+        delivery_limit: 3,
+        prefetch: 4,
+    }
+}
+
+/// The whole worker's environment for one test: its database, topology,
+/// container prefix and state root, a fresh Redis prefix and HTTP port, and
+/// the test timings. An environment, not just a `Config`, so a test can run
+/// the binary with it too; a test that needs another value inserts it.
+pub fn worker_env(
+    database_url: &str,
+    amqp: &AmqpConfig,
+    container_prefix: &str,
+    state_root: &Path,
+) -> HashMap<String, String> {
+    [
+        ("RTM_AMQP_URL", amqp_url()),
+        ("DATABASE_URL", database_url.to_owned()),
+        ("RTM_REDIS_URL", redis_url()),
+        ("RTM_REDIS_PREFIX", format!("{}:", unique("rtmtest"))),
+        ("RTM_STATE_ROOT", state_root.display().to_string()),
+        ("RTM_CONTAINER_PREFIX", container_prefix.to_owned()),
+        ("RTM_COMMAND_EXCHANGE", amqp.command_exchange.clone()),
+        ("RTM_COMMAND_QUEUE", amqp.command_queue.clone()),
+        ("RTM_EVENT_EXCHANGE", amqp.event_exchange.clone()),
+        (
+            "RTM_DEAD_LETTER_EXCHANGE",
+            amqp.dead_letter_exchange.clone(),
+        ),
+        ("RTM_DEAD_LETTER_QUEUE", amqp.dead_letter_queue.clone()),
+        ("RTM_DELIVERY_LIMIT", amqp.delivery_limit.to_string()),
+        ("RTM_CPUS", "0.5".into()),
+        ("RTM_MEMORY", "128m".into()),
+        ("RTM_STOP_TIMEOUT", "2s".into()),
+        ("RTM_START_SETTLE", "800ms".into()),
+        ("RTM_HEALTH_TIMEOUT", "15s".into()),
+        ("RTM_LEASE_TTL", "6s".into()),
+        ("RTM_RETRY_FOR", "3s".into()),
+        ("RTM_SHUTDOWN_TIMEOUT", "20s".into()),
+        (
+            "RTM_HTTP_ADDR",
+            format!("127.0.0.1:{}", crate::procs::free_port()),
+        ),
+        ("RTM_LOG_FORMAT", "pretty".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// The worker `Config` that `env` (from `worker_env`) gives.
+pub fn worker_config(env: &HashMap<String, String>) -> Config {
+    Config::from_lookup(|k| env.get(k).cloned()).expect("test config")
 }
 
 /// A decoded command as the lobby would send it, with a fresh command_id.

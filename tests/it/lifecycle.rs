@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use rtmanager::config::{LifecycleConfig, SecretUrl};
+use rtmanager::config::LifecycleConfig;
 use rtmanager::domain::{
     AllowedImages, CommandRequest, GameId, OpKind, Outcome, OutcomeEvent, RuntimeStatus,
 };
@@ -15,8 +15,8 @@ use rtmanager::outbound::postgres::PgStore;
 use rtmanager::outbound::redis_lease::RedisLeases;
 use rtmanager::ports::{Acquired, ContainerEngine, LeaseHolder, LeaseStore, RuntimeStore};
 
-use crate::docker_support::{DockerTestEnv, TestImageTag};
-use crate::harness::{TestDb, assert_success, command_request, redis_url, unique};
+use crate::docker_support::TestImageTag;
+use crate::harness::{World, assert_success, command_request, lifecycle_config, unique};
 
 const ENGINE_142: &str = "rtm-test/engine:1.4.2";
 const ENGINE_143: &str = "rtm-test/engine:1.4.3";
@@ -27,9 +27,16 @@ type Service = Lifecycle<PgStore, RedisLeases, DockerEngine>;
 /// state root.
 struct Rig {
     service: Service,
-    leases: RedisLeases,
-    db: TestDb,
-    docker: DockerTestEnv,
+    world: World,
+}
+
+/// A rig is the shared test world plus the one lifecycle over it.
+impl std::ops::Deref for Rig {
+    type Target = World;
+
+    fn deref(&self) -> &World {
+        &self.world
+    }
 }
 
 /// A row of `operation_log`, the columns the tests look at.
@@ -47,42 +54,17 @@ struct LogRow {
     finished_at: chrono::DateTime<Utc>,
 }
 
-fn test_config() -> LifecycleConfig {
-    LifecycleConfig {
-        lease_ttl: Duration::from_secs(6),
-        stop_timeout: Duration::from_secs(2),
-        start_settle: Duration::from_millis(800),
-        health_timeout: Duration::from_secs(15),
-        rollback: true,
-        allowed_images: AllowedImages::any(),
-        retry_for: Duration::from_secs(2),
-    }
-}
-
 impl Rig {
     async fn new() -> Self {
         Self::with(|_| {}).await
     }
 
     async fn with(edit: impl FnOnce(&mut LifecycleConfig)) -> Self {
-        let mut cfg = test_config();
+        let mut cfg = lifecycle_config();
         edit(&mut cfg);
-        let db = TestDb::new().await;
-        let docker = DockerTestEnv::new().await;
-        let leases = RedisLeases::connect(
-            &SecretUrl::new(redis_url()),
-            &format!("{}:", unique("rtmtest")),
-        )
-        .await
-        .expect("connect to redis");
-        let store = PgStore::new(db.pool.clone());
-        let service = Lifecycle::new(store, leases.clone(), docker.engine.clone(), cfg);
-        Self {
-            service,
-            leases,
-            db,
-            docker,
-        }
+        let world = World::new().await;
+        let service = world.lifecycle(cfg);
+        Self { world, service }
     }
 
     fn game(&self) -> GameId {

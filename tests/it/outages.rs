@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use rtmanager::config::{LifecycleConfig, SecretUrl};
-use rtmanager::domain::{AllowedImages, GameId, OpKind, OutcomeEvent};
+use rtmanager::domain::{GameId, OpKind, OutcomeEvent};
 use rtmanager::error::ErrorCode;
 use rtmanager::lifecycle::Lifecycle;
 use rtmanager::outbound::docker::DockerEngine;
@@ -15,21 +15,20 @@ use rtmanager::outbound::redis_lease::RedisLeases;
 use rtmanager::ports::{ContainerEngine, LeaseStore};
 
 use crate::docker_support::{DockerTestEnv, test_docker_config};
-use crate::harness::{TestDb, assert_success, command_request, redis_url, unique, wait_for_lease};
+use crate::harness::{
+    TestDb, World, assert_success, command_request, lifecycle_config, redis_url, unique,
+    wait_for_lease,
+};
 use crate::procs::ScenarioDir;
 use crate::services;
 
 const RETRY_FOR: Duration = Duration::from_secs(3);
 
+/// The shared settings with this file's retry budget.
 fn config() -> LifecycleConfig {
     LifecycleConfig {
-        lease_ttl: Duration::from_secs(6),
-        stop_timeout: Duration::from_secs(2),
-        start_settle: Duration::from_millis(800),
-        health_timeout: Duration::from_secs(15),
-        rollback: true,
-        allowed_images: AllowedImages::any(),
         retry_for: RETRY_FOR,
+        ..lifecycle_config()
     }
 }
 
@@ -143,20 +142,9 @@ async fn an_operation_longer_than_the_lease_ttl_keeps_its_lease() {
         stop_timeout: grace,
         ..config()
     };
-    let db = TestDb::new().await;
-    let docker = DockerTestEnv::new().await;
-    let prefix = format!("{}:", unique("rtmtest"));
-    let leases = RedisLeases::connect(&SecretUrl::new(redis_url()), &prefix)
-        .await
-        .unwrap();
-    let lifecycle = || {
-        Lifecycle::new(
-            PgStore::new(db.pool.clone()),
-            leases.clone(),
-            docker.engine.clone(),
-            cfg.clone(),
-        )
-    };
+    let world = World::new().await;
+    let (docker, leases) = (&world.docker, &world.leases);
+    let lifecycle = || world.lifecycle(cfg.clone());
     let game = docker.game();
     let started = lifecycle()
         .handle(command_request(
@@ -173,7 +161,7 @@ async fn an_operation_longer_than_the_lease_ttl_keeps_its_lease() {
         let (lifecycle, stop) = (lifecycle(), stop.clone());
         tokio::spawn(async move { lifecycle.handle(stop).await })
     };
-    wait_for_lease(&leases, &game, &stop.command_id).await;
+    wait_for_lease(leases, &game, &stop.command_id).await;
     let held = leases.holder_of(&game).await.unwrap();
     let since = Instant::now();
 

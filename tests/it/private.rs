@@ -5,7 +5,6 @@
 //! against a private PostgreSQL cluster this test stops and starts.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::time::Duration;
 
 use rtmanager::config::Config;
@@ -15,8 +14,8 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 
 use crate::docker_support::DockerTestEnv;
-use crate::harness::{amqp_url, assert_success, eventually, redis_url, unique};
-use crate::procs::{ScenarioDir, free_port};
+use crate::harness::{assert_success, eventually, unique, worker_config, worker_env};
+use crate::procs::ScenarioDir;
 use crate::services;
 use crate::topology::Topology;
 
@@ -50,41 +49,25 @@ impl Worker {
 /// The worker's settings: this test's database URL, topology, container
 /// prefix and state root; a fresh HTTP port each time.
 fn config(database_url: &str, topology: &Topology, docker: &DockerTestEnv) -> Config {
-    let amqp = &topology.amqp;
-    let env: HashMap<&str, String> = [
-        ("RTM_AMQP_URL", amqp_url()),
-        ("DATABASE_URL", database_url.to_owned()),
-        ("RTM_REDIS_URL", redis_url()),
-        ("RTM_REDIS_PREFIX", format!("{}:", unique("rtmtest"))),
-        (
-            "RTM_STATE_ROOT",
-            docker.state_root.path().display().to_string(),
-        ),
-        ("RTM_CONTAINER_PREFIX", docker.prefix.clone()),
-        ("RTM_COMMAND_EXCHANGE", amqp.command_exchange.clone()),
-        ("RTM_COMMAND_QUEUE", amqp.command_queue.clone()),
-        ("RTM_EVENT_EXCHANGE", amqp.event_exchange.clone()),
-        (
-            "RTM_DEAD_LETTER_EXCHANGE",
-            amqp.dead_letter_exchange.clone(),
-        ),
-        ("RTM_DEAD_LETTER_QUEUE", amqp.dead_letter_queue.clone()),
-        ("RTM_DELIVERY_LIMIT", amqp.delivery_limit.to_string()),
-        ("RTM_CPUS", "0.5".into()),
-        ("RTM_MEMORY", "128m".into()),
-        ("RTM_STOP_TIMEOUT", "2s".into()),
+    let mut env = worker_env(
+        database_url,
+        &topology.amqp,
+        &docker.prefix,
+        docker.state_root.path(),
+    );
+    for (key, value) in [
         // A long settle: the command is still running when PostgreSQL goes.
-        ("RTM_START_SETTLE", "3s".into()),
-        ("RTM_LEASE_TTL", "4s".into()),
-        ("RTM_RETRY_FOR", "2s".into()),
+        ("RTM_START_SETTLE", "3s"),
+        // The service's default: no test timing here.
+        ("RTM_HEALTH_TIMEOUT", "60s"),
+        ("RTM_LEASE_TTL", "4s"),
+        ("RTM_RETRY_FOR", "2s"),
         // Long enough for the operation to reach its (failing) record step.
-        ("RTM_SHUTDOWN_TIMEOUT", "15s".into()),
-        ("RTM_HTTP_ADDR", format!("127.0.0.1:{}", free_port())),
-        ("RTM_LOG_FORMAT", "pretty".into()),
-    ]
-    .into_iter()
-    .collect();
-    Config::from_lookup(|k| env.get(k).cloned()).expect("test config")
+        ("RTM_SHUTDOWN_TIMEOUT", "15s"),
+    ] {
+        env.insert(key.to_owned(), value.to_owned());
+    }
+    worker_config(&env)
 }
 
 #[tokio::test]

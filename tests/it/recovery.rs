@@ -6,55 +6,30 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rtmanager::config::{LifecycleConfig, SecretUrl};
-use rtmanager::domain::{AllowedImages, CommandRequest, GameId, OpKind};
+use rtmanager::config::LifecycleConfig;
+use rtmanager::domain::{CommandRequest, GameId, OpKind};
 use rtmanager::lifecycle::{Handled, Interrupted, Lifecycle};
 use rtmanager::outbound::docker::DockerEngine;
 use rtmanager::outbound::postgres::PgStore;
 use rtmanager::outbound::redis_lease::RedisLeases;
 use rtmanager::ports::{ContainerEngine, ContainerInfo, LeaseHolder, LeaseStore, RuntimeStore};
 
-use crate::docker_support::DockerTestEnv;
 use crate::fakes::{FlakyLeases, HangingEngine, StallingStore};
 use crate::harness::{
-    TestDb, assert_success, command_request, eventually, redis_url, unique, wait_for_lease,
+    World, assert_success, command_request, eventually, lifecycle_config, wait_for_lease,
 };
 
-/// The real adapters of one test; services are built from them with
-/// whichever wrappers a test needs.
-struct World {
-    db: TestDb,
-    docker: DockerTestEnv,
-    leases: RedisLeases,
-}
-
+/// This file's settings: a short lease TTL, so a lost lease expires quickly.
 fn config() -> LifecycleConfig {
     LifecycleConfig {
         lease_ttl: Duration::from_secs(3),
-        stop_timeout: Duration::from_secs(2),
-        start_settle: Duration::from_millis(800),
-        health_timeout: Duration::from_secs(15),
-        rollback: true,
-        allowed_images: AllowedImages::any(),
-        retry_for: Duration::from_secs(2),
+        ..lifecycle_config()
     }
 }
 
+/// The shared test world, with the wrappers these tests put in place of
+/// one real port.
 impl World {
-    async fn new() -> Self {
-        let db = TestDb::new().await;
-        let docker = DockerTestEnv::new().await;
-        let prefix = format!("{}:", unique("rtmtest"));
-        let leases = RedisLeases::connect(&SecretUrl::new(redis_url()), &prefix)
-            .await
-            .unwrap();
-        Self { db, docker, leases }
-    }
-
-    fn store(&self) -> PgStore {
-        PgStore::new(self.db.pool.clone())
-    }
-
     /// The lifecycle on the real adapters.
     fn plain(&self) -> Lifecycle<PgStore, RedisLeases, DockerEngine> {
         self.with_engine(self.docker.engine.clone())

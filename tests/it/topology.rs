@@ -12,7 +12,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use rtmanager::broker;
 use rtmanager::config::{AmqpConfig, SecretUrl};
 
-use crate::harness::{amqp_url, unique};
+use crate::harness::{amqp_url, test_amqp, unique};
 
 pub struct Topology {
     pub amqp: AmqpConfig,
@@ -26,15 +26,7 @@ impl Topology {
     /// would (so the test may publish and bind before any worker runs).
     pub async fn new() -> Self {
         let id = unique("r");
-        let amqp = AmqpConfig {
-            command_exchange: format!("rtmt.{id}.commands"),
-            command_queue: format!("rtmt.{id}.commands"),
-            event_exchange: format!("rtmt.{id}.events"),
-            dead_letter_exchange: format!("rtmt.{id}.dlx"),
-            dead_letter_queue: format!("rtmt.{id}.dead-letters"),
-            delivery_limit: 3,
-            prefetch: 4,
-        };
+        let amqp = test_amqp(&id);
         let conn = broker::connect(&SecretUrl::new(amqp_url()), "rtmanager test")
             .await
             .unwrap();
@@ -171,42 +163,47 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        // The topology is durable: delete it from a helper thread.
-        let amqp = self.amqp.clone();
         let queues = std::mem::take(&mut self.queues);
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let url = SecretUrl::new(amqp_url());
-                let Ok(conn) = broker::connect(&url, "rtmanager test cleanup").await else {
-                    return;
-                };
-                let Ok(ch) = conn.create_channel().await else {
-                    return;
-                };
-                for queue in queues
-                    .iter()
-                    .chain([&amqp.command_queue, &amqp.dead_letter_queue])
-                {
-                    let _ = ch
-                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                for exchange in [
-                    &amqp.command_exchange,
-                    &amqp.event_exchange,
-                    &amqp.dead_letter_exchange,
-                ] {
-                    let _ = ch
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-                let _ = conn.close(200, "bye".into()).await;
-            });
-        })
-        .join();
+        delete_topology(self.amqp.clone(), SecretUrl::new(amqp_url()), queues);
     }
+}
+
+/// Deletes a test's durable topology (its exchanges, the command and dead
+/// letter queues, and `extra_queues`) from a helper thread with its own
+/// runtime, so it goes away even when the test panics: async drop is not a
+/// thing. Shared by every test that declares a topology of its own.
+pub fn delete_topology(amqp: AmqpConfig, url: SecretUrl, extra_queues: Vec<String>) {
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let Ok(conn) = broker::connect(&url, "rtmanager test cleanup").await else {
+                return;
+            };
+            let Ok(ch) = conn.create_channel().await else {
+                return;
+            };
+            for queue in extra_queues
+                .iter()
+                .chain([&amqp.command_queue, &amqp.dead_letter_queue])
+            {
+                let _ = ch
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            for exchange in [
+                &amqp.command_exchange,
+                &amqp.event_exchange,
+                &amqp.dead_letter_exchange,
+            ] {
+                let _ = ch
+                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
+            let _ = conn.close(200, "bye".into()).await;
+        });
+    })
+    .join();
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
@@ -23,7 +23,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
 use crate::docker_support::ContainerGuard;
-use crate::harness::{TestDb, amqp_url, eventually, redis_url, unique, wait_for_lease};
+use crate::harness::{
+    TestDb, eventually, test_amqp, unique, wait_for_lease, worker_config, worker_env,
+};
+use crate::procs::free_port;
 use crate::schema::assert_valid_event;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -66,36 +69,9 @@ impl WorkerRig {
         let prefix = format!("{}-", unique("rtmt"));
         let containers = ContainerGuard::new(&prefix);
         let state_root = TempDir::new().unwrap();
-        let port = free_port();
-        let mut env: HashMap<String, String> = [
-            ("RTM_AMQP_URL", amqp_url()),
-            ("DATABASE_URL", db.url.clone()),
-            ("RTM_REDIS_URL", redis_url()),
-            ("RTM_REDIS_PREFIX", format!("rtmtest:{id}:")),
-            ("RTM_STATE_ROOT", state_root.path().display().to_string()),
-            ("RTM_CONTAINER_PREFIX", prefix.clone()),
-            ("RTM_COMMAND_EXCHANGE", format!("rtmt.{id}.commands")),
-            ("RTM_COMMAND_QUEUE", format!("rtmt.{id}.commands")),
-            ("RTM_EVENT_EXCHANGE", format!("rtmt.{id}.events")),
-            ("RTM_DEAD_LETTER_EXCHANGE", format!("rtmt.{id}.dlx")),
-            ("RTM_DEAD_LETTER_QUEUE", format!("rtmt.{id}.dead-letters")),
-            ("RTM_CPUS", "0.5".into()),
-            ("RTM_MEMORY", "128m".into()),
-            ("RTM_STOP_TIMEOUT", "2s".into()),
-            ("RTM_START_SETTLE", "800ms".into()),
-            ("RTM_HEALTH_TIMEOUT", "15s".into()),
-            ("RTM_LEASE_TTL", "6s".into()),
-            ("RTM_RETRY_FOR", "3s".into()),
-            ("RTM_SHUTDOWN_TIMEOUT", "20s".into()),
-            ("RTM_DELIVERY_LIMIT", "3".into()),
-            ("RTM_HTTP_ADDR", format!("127.0.0.1:{port}")),
-            ("RTM_LOG_FORMAT", "pretty".into()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
+        let mut env = worker_env(&db.url, &test_amqp(&id), &prefix, state_root.path());
         edit(&mut env);
-        let config = Config::from_lookup(|k| env.get(k).cloned()).expect("test config");
+        let config = worker_config(&env);
 
         // The test declares the topology too, so it can publish before the
         // worker is up, and binds its own event queue first: no event missed.
@@ -297,39 +273,11 @@ impl Drop for WorkerRig {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        // The topology is durable: delete it from a helper thread.
-        let amqp = self.config.amqp.clone();
-        let url = self.config.amqp_url.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let Ok(conn) = broker::connect(&url, "rtmanager test cleanup").await else {
-                    return;
-                };
-                let Ok(ch) = conn.create_channel().await else {
-                    return;
-                };
-                for queue in [&amqp.command_queue, &amqp.dead_letter_queue] {
-                    let _ = ch
-                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                for exchange in [
-                    &amqp.command_exchange,
-                    &amqp.event_exchange,
-                    &amqp.dead_letter_exchange,
-                ] {
-                    let _ = ch
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-                let _ = conn.close(200, "bye".into()).await;
-            });
-        })
-        .join();
+        crate::topology::delete_topology(
+            self.config.amqp.clone(),
+            self.config.amqp_url.clone(),
+            Vec::new(),
+        );
     }
 }
 
@@ -351,14 +299,6 @@ async fn next_event(consumer: &mut Consumer) -> Seen {
         message_id: props.message_id().as_ref().map(ToString::to_string),
         kind: props.kind().as_ref().map(ToString::to_string),
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The broker's `x-delivery-count` of a delivery (absent on the first).
