@@ -143,20 +143,9 @@ impl Topology {
     /// Messages ready in `queue` (delivered, unacknowledged ones are not
     /// counted) and its consumers, as the broker has them.
     pub async fn depth(&self, queue: &str) -> (u32, u32) {
-        // A fresh channel: a passive declare's failure would close it.
-        let channel = self.conn.create_channel().await.unwrap();
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let declared = declared_queue(&self.conn, queue)
             .await
             .expect("the queue exists");
-        let _ = channel.close(200, "probe".into()).await;
         (declared.message_count(), declared.consumer_count())
     }
 }
@@ -166,6 +155,25 @@ impl Drop for Topology {
         let queues = std::mem::take(&mut self.queues);
         delete_topology(self.amqp.clone(), SecretUrl::new(amqp_url()), queues);
     }
+}
+
+/// `queue` as the broker has it (passive declare), `None` if it does not
+/// exist. A fresh channel each time: a passive declare's failure closes it.
+pub async fn declared_queue(conn: &Connection, queue: &str) -> Option<lapin::Queue> {
+    let channel = conn.create_channel().await.ok()?;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok()?;
+    let _ = channel.close(200, "probe".into()).await;
+    Some(declared)
 }
 
 /// Deletes a test's durable topology (its exchanges, the command and dead

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
@@ -229,23 +229,9 @@ impl WorkerRig {
         Some(self.declared(queue).await?.consumer_count())
     }
 
-    /// `queue` as the broker has it (passive declare), `None` if it does
-    /// not exist. A fresh channel each time: that answer closes it.
+    /// `queue` as the broker has it, `None` if it does not exist.
     async fn declared(&self, queue: &str) -> Option<lapin::Queue> {
-        let channel = self.conn.create_channel().await.ok()?;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .ok()?;
-        let _ = channel.close(200, "probe".into()).await;
-        Some(declared)
+        crate::topology::declared_queue(&self.conn, queue).await
     }
 
     fn boots(&self, game: &GameId) -> String {
