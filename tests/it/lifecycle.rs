@@ -463,13 +463,28 @@ async fn a_patch_that_does_not_come_up_is_rolled_back() {
         message.contains("fatal: cannot load world"),
         "the log tail is reported: {message}"
     );
+    assert_rolled_back_to_142(&rig, &game, &correlation, &event, &message).await;
+    assert_eq!(rig.outbox_count(&correlation).await, 4);
+}
+
+/// What a patch rolled back to `ENGINE_142` leaves: its message says so,
+/// its four entries (the rollback's start marked), the record and Docker on
+/// the previous image in the event's container, and one boot of the new
+/// engine between two of the old on the same state directory.
+async fn assert_rolled_back_to_142(
+    rig: &Rig,
+    game: &GameId,
+    correlation: &str,
+    event: &OutcomeEvent,
+    message: &str,
+) {
+    assert!(event.rolled_back, "{message}");
     assert!(
         message.contains("rolled back to rtm-test/engine:1.4.2"),
         "{message}"
     );
-
     assert_eq!(
-        rig.steps(&game, &correlation).await,
+        rig.steps(game, correlation).await,
         [
             "patch.stop.success",
             "patch.start.failure",
@@ -477,23 +492,23 @@ async fn a_patch_that_does_not_come_up_is_rolled_back() {
             "patch.failure"
         ]
     );
-    let log = rig.log(&game).await;
+    let log = rig.log(game).await;
     let rollback = &log[log.len() - 2];
     assert!(rollback.rolled_back, "the rollback start is marked");
     assert_eq!(rollback.image_ref.as_deref(), Some(ENGINE_142));
     assert_eq!(
-        rig.status(&game).await,
+        rig.status(game).await,
         (RuntimeStatus::Running, ENGINE_142.into())
     );
-    let (running, image, _) = rig.docker_state(&game).await.unwrap();
+    let (running, image, id) = rig.docker_state(game).await.unwrap();
     assert!(running);
-    assert_eq!(image, ENGINE_142);
+    assert_eq!(image, ENGINE_142, "the previous image runs again");
+    assert_eq!(event.container_id.as_deref(), Some(id.as_str()));
     assert_eq!(
-        rig.boots(&game).await,
+        rig.boots(game).await,
         "1.4.2\n1.4.3\n1.4.2\n",
-        "same state directory"
+        "the new engine booted once, on the same state directory"
     );
-    assert_eq!(rig.outbox_count(&correlation).await, 4);
 }
 
 /// A new image that starts but never turns healthy is rolled back like one
@@ -515,37 +530,7 @@ async fn a_patch_whose_new_engine_never_turns_healthy_is_rolled_back() {
         message.contains("unhealthy") || message.contains("did not become healthy"),
         "{message}"
     );
-    assert!(
-        message.contains("rolled back to rtm-test/engine:1.4.2"),
-        "{message}"
-    );
-    assert_eq!(
-        rig.steps(&game, &correlation).await,
-        [
-            "patch.stop.success",
-            "patch.start.failure",
-            "patch.start.success",
-            "patch.failure"
-        ]
-    );
-    let log = rig.log(&game).await;
-    let rollback = &log[log.len() - 2];
-    assert!(rollback.rolled_back, "the rollback start is marked");
-    assert_eq!(rollback.image_ref.as_deref(), Some(ENGINE_142));
-
-    assert_eq!(
-        rig.status(&game).await,
-        (RuntimeStatus::Running, ENGINE_142.into())
-    );
-    let (running, image, id) = rig.docker_state(&game).await.unwrap();
-    assert!(running);
-    assert_eq!(image, ENGINE_142, "the previous image runs again");
-    assert_eq!(event.container_id.as_deref(), Some(id.as_str()));
-    assert_eq!(
-        rig.boots(&game).await,
-        "1.4.2\n1.4.3\n1.4.2\n",
-        "the unhealthy engine booted once, on the same state directory"
-    );
+    assert_rolled_back_to_142(&rig, &game, &correlation, &event, &message).await;
 }
 
 /// The previous image no longer starts either (its tag was moved to an
