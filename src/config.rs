@@ -176,16 +176,19 @@ impl Config {
                 "RTM_AMQP_URL",
                 "amqp://guest:guest@127.0.0.1:5672/%2f",
                 &["amqp", "amqps"],
+                parse_amqp,
             )?,
             database_url: env.url(
                 "DATABASE_URL",
                 "postgres://postgres@127.0.0.1:5432/rtmanager",
                 &["postgres", "postgresql"],
+                parse_postgres,
             )?,
             redis_url: env.url(
                 "RTM_REDIS_URL",
                 "redis://127.0.0.1:6379",
                 &["redis", "rediss"],
+                parse_redis,
             )?,
             redis_prefix: env.string("RTM_REDIS_PREFIX", "rtmanager:"),
             docker,
@@ -239,11 +242,17 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         self.parse(name, default, parse_duration)
     }
 
+    /// A connection URL: the scheme must be one of `schemes` and the
+    /// driver's own parser (`driver`) must accept it, so a URL that can
+    /// never work stops start-up here instead of being retried as if its
+    /// server were down. Neither the value nor the parser's words reach the
+    /// error with the password in them.
     fn url(
         &self,
         name: &'static str,
         default: &str,
         schemes: &[&str],
+        driver: impl FnOnce(&str) -> Result<(), String>,
     ) -> Result<SecretUrl, ConfigError> {
         let raw = self.string(name, default);
         let url = SecretUrl(raw.trim().to_owned());
@@ -251,11 +260,8 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
             .0
             .split_once("://")
             .is_some_and(|(scheme, rest)| schemes.contains(&scheme) && !rest.is_empty());
-        if scheme_ok {
-            Ok(url)
-        } else {
-            // The value itself may hold a password: show it redacted.
-            Err(ConfigError {
+        if !scheme_ok {
+            return Err(ConfigError {
                 variable: name,
                 reason: format!(
                     "must be a URL starting with {} (got {url})",
@@ -265,14 +271,46 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
                         .collect::<Vec<_>>()
                         .join(" or ")
                 ),
-            })
+            });
         }
+        driver(url.expose()).map_err(|why| ConfigError {
+            variable: name,
+            reason: format!(
+                "cannot be parsed: {} (got {url}; a password holding / ? # @ or % must be percent-encoded)",
+                url.scrub(&why)
+            ),
+        })?;
+        Ok(url)
     }
 }
 
-/// `30s`, `500ms`, `2m`, `1h`, or a combination such as `1m30s`.
+/// The URL checks of the three drivers, each the parser the driver itself
+/// connects with.
+fn parse_amqp(url: &str) -> Result<(), String> {
+    url.parse::<lapin::uri::AMQPUri>().map(drop)
+}
+
+fn parse_postgres(url: &str) -> Result<(), String> {
+    url.parse::<sqlx::postgres::PgConnectOptions>()
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+fn parse_redis(url: &str) -> Result<(), String> {
+    redis::Client::open(url)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// The longest duration any variable takes. Bounded so that arithmetic on
+/// a configured duration (`ttl * 2`, a deadline from now) can never
+/// overflow, whatever an operator writes.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 86_400);
+
+/// `30s`, `500ms`, `2m`, `1h`, `7d`, or a combination such as `1m30s`; at
+/// most [`MAX_DURATION`].
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
-    let err = || "must be a duration such as 30s, 500ms, 2m or 1h".to_string();
+    let err = || "must be a duration such as 30s, 500ms, 2m, 1h or 7d".to_string();
     let mut rest = raw.trim();
     if rest.is_empty() {
         return Err(err());
@@ -293,10 +331,14 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
             "s" => Duration::from_secs(value),
             "m" => Duration::from_secs(value.saturating_mul(60)),
             "h" => Duration::from_secs(value.saturating_mul(3600)),
+            "d" => Duration::from_secs(value.saturating_mul(86_400)),
             _ => return Err(err()),
         };
         total = total.saturating_add(part);
         rest = &rest[unit_len..];
+    }
+    if total > MAX_DURATION {
+        return Err("must be at most 366d".into());
     }
     Ok(total)
 }
@@ -356,24 +398,46 @@ impl SecretUrl {
 
     /// The URL with any password replaced by `***`.
     pub fn redacted(&self) -> String {
-        let Some((scheme, rest)) = self.0.split_once("://") else {
+        if !self.0.contains("://") {
             return "***".into();
-        };
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(authority_end);
-        let redacted = match authority.rsplit_once('@') {
-            Some((userinfo, host)) => {
-                let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-                let masked = if userinfo.contains(':') {
-                    format!("{user}:***")
-                } else {
-                    user.to_owned()
-                };
-                format!("{scheme}://{masked}@{host}{tail}")
-            }
+        }
+        let redacted = match self.password_span() {
+            Some((start, end)) => format!("{}***{}", &self.0[..start], &self.0[end..]),
             None => self.0.clone(),
         };
         redact_query_password(&redacted)
+    }
+
+    /// Where the password sits in the URL, as a byte range. Operators do
+    /// not always percent-encode it, so it may hold `/`, `?`, `#` or `@`:
+    /// it runs from the first `:` of the authority to the *last* `@` of the
+    /// whole URL. That may also cover a path or a query holding an `@`
+    /// (masking more than the password is harmless; printing part of one is
+    /// not).
+    fn password_span(&self) -> Option<(usize, usize)> {
+        let after_scheme = self.0.find("://")? + 3;
+        let rest = &self.0[after_scheme..];
+        let at = rest.rfind('@')?;
+        let colon = rest[..at].find(':')?;
+        Some((after_scheme + colon + 1, after_scheme + at))
+    }
+
+    /// `text` (a parser's message about this URL) with the password taken
+    /// out, as written and percent-decoded.
+    fn scrub(&self, text: &str) -> String {
+        let Some((start, end)) = self.password_span() else {
+            return text.to_owned();
+        };
+        let password = &self.0[start..end];
+        if password.is_empty() {
+            return text.to_owned();
+        }
+        let mut scrubbed = text.replace(password, "***");
+        let decoded = percent_decode(password);
+        if !decoded.is_empty() {
+            scrubbed = scrubbed.replace(&decoded, "***");
+        }
+        scrubbed
     }
 }
 
@@ -390,6 +454,27 @@ fn redact_query_password(url: &str) -> String {
         })
         .collect();
     format!("{base}?{}", masked.join("&"))
+}
+
+/// `%XX` escapes decoded (lossily: this only finds the text to mask).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl fmt::Debug for SecretUrl {
@@ -487,12 +572,88 @@ mod tests {
         assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 
+    /// Whatever a password holds, unencoded or percent-encoded, it shows in
+    /// no Debug, Display or error; a URL its driver cannot parse is a
+    /// start-up error naming the variable.
+    #[test]
+    fn passwords_never_print_whatever_they_hold() {
+        let passwords = [
+            "pa/ss",
+            "pa?ss",
+            "pa#ss",
+            "p@ss",
+            "p:ss",
+            "x/?#@y",
+            "pa%2Fss",
+            "pa%3Fs%23",
+        ];
+        let vars = [
+            ("RTM_AMQP_URL", "amqp", "/%2f"),
+            ("DATABASE_URL", "postgres", "/rtm"),
+            ("RTM_REDIS_URL", "redis", "/0"),
+        ];
+        for password in passwords {
+            let decoded = percent_decode(password);
+            for (var, scheme, path) in vars {
+                let url = format!("{scheme}://lobby:{password}@db.example:5999{path}");
+                let shown = match load(&[(var, &url)]) {
+                    Ok(c) => {
+                        let url = [&c.amqp_url, &c.database_url, &c.redis_url]
+                            .into_iter()
+                            .find(|u| u.expose() == url)
+                            .expect("the URL as given")
+                            .clone();
+                        assert!(url.redacted().contains("lobby:***@"), "{url}");
+                        format!("{c:?} {url} {}", url.redacted())
+                    }
+                    Err(e) => {
+                        assert_eq!(e.variable, var);
+                        assert!(e.to_string().contains(var), "{e}");
+                        e.to_string()
+                    }
+                };
+                assert!(!shown.contains(password), "{var} {password:?}: {shown}");
+                assert!(!shown.contains(&decoded), "{var} {decoded:?}: {shown}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_url_its_driver_cannot_parse_stops_start_up() {
+        for (var, url) in [
+            ("DATABASE_URL", "postgres://rtm:pa/ss@db/rtm"),
+            ("DATABASE_URL", "postgres://rtm@db:notaport/rtm"),
+            ("RTM_REDIS_URL", "redis://:pa#ss@cache:6379"),
+            ("RTM_AMQP_URL", "amqp://guest:gu?est@broker:5672/%2f"),
+        ] {
+            let err = load(&[(var, url)]).expect_err(url);
+            assert_eq!(err.variable, var, "{url}");
+            assert!(err.reason.contains("cannot be parsed"), "{err}");
+            for secret in ["pa/ss", "pa#ss", "gu?est"] {
+                assert!(!err.to_string().contains(secret), "{err}");
+            }
+        }
+    }
+
     #[test]
     fn durations_and_sizes() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        for bad in ["", "s", "10", "1.5s", "-1s", "10 s", "5d"] {
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("366d"), Ok(MAX_DURATION));
+        for bad in [
+            "",
+            "s",
+            "10",
+            "1.5s",
+            "-1s",
+            "10 s",
+            "5w",
+            "367d",
+            "18446744073709551615h",
+            "99999999999999999999999s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
         assert_eq!(parse_bytes("512m"), Ok(512 << 20));

@@ -19,6 +19,7 @@ mod recovery;
 mod relay;
 #[path = "../support/schema.rs"]
 mod schema;
+mod secrets;
 #[path = "../faults/services.rs"]
 #[allow(dead_code)]
 mod services;
