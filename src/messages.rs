@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::domain::command::echo_cut;
 use crate::domain::{CommandRequest, OpKind, ReplyTo};
 
 /// The largest command body accepted.
@@ -44,20 +45,16 @@ pub struct Undecodable {
 pub fn decode_command(body: &[u8], envelope: &Envelope) -> Result<CommandRequest, Undecodable> {
     let undecodable = |reason: String, object: Option<&Map<String, Value>>| {
         // Only values that can travel in an event and an AMQP property.
-        let text = |key: &str| {
-            object
-                .and_then(|o| o.get(key))
-                .and_then(Value::as_str)
-                .filter(|s| is_identifier(s))
-                .map(str::to_owned)
-        };
+        let raw = |key: &str| object.and_then(|o| o.get(key)).and_then(Value::as_str);
+        let identifier = |key: &str| raw(key).filter(|s| is_identifier(s)).map(str::to_owned);
+        let echo = |key: &str| raw(key).map(echo_text);
         Undecodable {
             reason,
-            command_id: text("command_id")
+            command_id: identifier("command_id")
                 .or_else(|| envelope.message_id.clone().filter(|id| is_identifier(id))),
-            op: text("op"),
-            game_id: text("game_id"),
-            source_ref: text("source_ref"),
+            op: echo("op"),
+            game_id: echo("game_id"),
+            source_ref: identifier("source_ref"),
         }
     };
 
@@ -77,6 +74,19 @@ pub fn decode_command(body: &[u8], envelope: &Envelope) -> Result<CommandRequest
             None,
         ));
     };
+    // An outcome event carries an `op` and a `command_id` too: taken for a
+    // command it would be answered, and the answer could come back the same
+    // way. It is dead-lettered, and with no command_id echoed no event
+    // answers it (SPEC §6, issue 10).
+    if object.contains_key("event_id") && object.contains_key("schema_version") {
+        return Err(Undecodable {
+            reason: "message is an rtmanager outcome event, not a command".into(),
+            command_id: None,
+            op: None,
+            game_id: None,
+            source_ref: None,
+        });
+    }
     let op = match object.get("op") {
         None | Some(Value::Null) => {
             return Err(undecodable("op is missing".into(), Some(&object)));
@@ -104,7 +114,7 @@ pub fn decode_command(body: &[u8], envelope: &Envelope) -> Result<CommandRequest
         // column: the value is echoed with them replaced, and refused.
         Some(Value::String(s)) if s.chars().any(char::is_control) => {
             problems.push(format!("{key} must not contain control characters"));
-            Some(s.replace(char::is_control, "\u{FFFD}"))
+            Some(echo_text(s))
         }
         Some(Value::String(s)) => Some(s.clone()),
         Some(other) => {
@@ -115,17 +125,20 @@ pub fn decode_command(body: &[u8], envelope: &Envelope) -> Result<CommandRequest
             None
         }
     };
+    // The command_id and source_ref have limits of their own (below); every
+    // other field is cut to what an echo may hold.
     let command_id = text("command_id");
-    let game_id = text("game_id");
+    let source_ref = text("source_ref");
+    let mut echoed = |key: &str| text(key).as_deref().map(echo_cut);
+    let game_id = echoed("game_id");
     let image_ref = match op {
-        OpKind::Start => text("image_ref"),
-        OpKind::Patch => text("new_image_ref"),
+        OpKind::Start => echoed("image_ref"),
+        OpKind::Patch => echoed("new_image_ref"),
         _ => None,
     };
-    let op_source = text("op_source");
-    let source_ref = text("source_ref");
-    let reason = text("reason");
-    let requested_at = text("requested_at");
+    let op_source = echoed("op_source");
+    let reason = echoed("reason");
+    let requested_at = echoed("requested_at");
     let requested_at = requested_at.and_then(|raw| match DateTime::parse_from_rfc3339(&raw) {
         Ok(t) => Some(t.with_timezone(&Utc)),
         Err(e) => {
@@ -195,6 +208,12 @@ pub const MAX_IDENTIFIER_BYTES: usize = 255;
 /// [`MAX_IDENTIFIER_BYTES`] bytes, no control characters.
 pub fn is_identifier(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_IDENTIFIER_BYTES && !s.chars().any(char::is_control)
+}
+
+/// A raw value as an event may echo it: control characters (which no text
+/// column holds) replaced, cut by [`echo_cut`].
+fn echo_text(raw: &str) -> String {
+    echo_cut(&raw.replace(char::is_control, "\u{FFFD}"))
 }
 
 fn json_type(value: &Value) -> &'static str {
@@ -294,6 +313,34 @@ mod tests {
         let err = decode(r#"{"op":"explode","command_id":"c7"}"#).unwrap_err();
         assert_eq!(err.command_id.as_deref(), Some("c7"));
         assert_eq!(err.op.as_deref(), Some("explode"));
+    }
+
+    #[test]
+    fn every_echoed_value_is_cut_to_256_bytes() {
+        let long = "g".repeat(8000);
+        let r = decode(&format!(
+            r#"{{"op":"start","game_id":"{long}","image_ref":"{long}","op_source":"{long}","requested_at":"{long}"}}"#
+        ))
+        .unwrap();
+        for value in [&r.game_id, &r.image_ref, &r.op_source] {
+            let value = value.as_deref().unwrap();
+            assert!(value.len() <= 256 && value.ends_with('…'), "{value}");
+        }
+        assert!(
+            r.malformed.unwrap().len() < 1024,
+            "the problem is bounded too"
+        );
+        let err = decode(&format!(r#"{{"op":"{long}","game_id":"{long}"}}"#)).unwrap_err();
+        assert!(err.op.unwrap().len() <= 256);
+        assert!(err.game_id.unwrap().len() <= 256);
+    }
+
+    #[test]
+    fn an_outcome_event_is_never_taken_for_a_command() {
+        let event = include_str!("../tests/fixtures/events/runtime.stop.success--noop.json");
+        let err = decode(event).unwrap_err();
+        assert!(err.reason.contains("outcome event"), "{}", err.reason);
+        assert_eq!(err.command_id, None, "no event answers it");
     }
 
     #[test]

@@ -8,6 +8,30 @@ use super::image_ref::{AllowedImages, ImageRef};
 use super::operation::{OpKind, OpSource, StopReason};
 use crate::error::{ErrorCode, Failure};
 
+/// The most bytes of a raw value an `invalid_request` echoes (SPEC §6).
+pub const MAX_ECHO_BYTES: usize = 256;
+
+/// Cuts a raw value to at most [`MAX_ECHO_BYTES`] bytes, a trailing `…`
+/// included, on a character boundary. A cut value never passes validation
+/// (no game_id, image, op_source, reason or time holds a `…`), so cutting
+/// at decode time only bounds what is stored and echoed: an 8,000-character
+/// game_id is answered `invalid_request` instead of failing the write of
+/// its answer on an index (issue 10).
+pub fn echo_cut(raw: &str) -> String {
+    if raw.len() <= MAX_ECHO_BYTES {
+        return raw.to_owned();
+    }
+    const ELLIPSIS: char = '…';
+    let mut end = MAX_ECHO_BYTES - ELLIPSIS.len_utf8();
+    while !raw.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut cut = String::with_capacity(MAX_ECHO_BYTES);
+    cut.push_str(&raw[..end]);
+    cut.push(ELLIPSIS);
+    cut
+}
+
 /// Where a request/reply caller wants its outer outcome (AMQP `reply_to`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplyTo {
@@ -16,7 +40,8 @@ pub struct ReplyTo {
 }
 
 /// A command as decoded from the wire: the op is known, everything else is
-/// still the raw text the sender wrote (missing fields are `None`).
+/// still the raw text the sender wrote (missing fields are `None`), each
+/// field cut by [`echo_cut`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandRequest {
     /// The idempotency key: the message's `command_id`, else the AMQP
@@ -69,6 +94,28 @@ pub struct Command {
 }
 
 impl CommandRequest {
+    /// Refuses a `reply_to` that names one of this service's own queues
+    /// (SPEC §6): the reply would come back as a command, be answered, and
+    /// be replied to again, without end. The reply is dropped and the
+    /// command answered `invalid_request` (to the events exchange only).
+    pub fn refuse_reply_to(&mut self, is_own_queue: impl Fn(&str) -> bool) {
+        if let Some(reply) = self.reply_to.take_if(|r| is_own_queue(&r.queue)) {
+            let problem = format!(
+                "reply_to {:?} names this service's own queue",
+                echo_cut(&reply.queue)
+            );
+            self.add_problem(problem);
+        }
+    }
+
+    /// Records one more reason the request is malformed.
+    pub fn add_problem(&mut self, problem: String) {
+        self.malformed = Some(match self.malformed.take() {
+            Some(earlier) => format!("{earlier}; {problem}"),
+            None => problem,
+        });
+    }
+
     /// The correlation id linking the outer operation to its inner ones:
     /// the `source_ref`, else the `command_id` (so a redelivered command
     /// keeps its correlation).
@@ -242,6 +289,42 @@ mod tests {
             let failure = r.validate(&allowed).unwrap_err();
             assert_eq!(failure.code, code, "{r:?}: {}", failure.message);
         }
+    }
+
+    #[test]
+    fn an_echo_is_cut_to_256_bytes_on_a_character_boundary() {
+        assert_eq!(echo_cut("g-1"), "g-1");
+        let exact = "x".repeat(MAX_ECHO_BYTES);
+        assert_eq!(echo_cut(&exact), exact, "256 bytes fit");
+        for raw in ["x".repeat(8000), "é".repeat(4000), "😀".repeat(2000)] {
+            let cut = echo_cut(&raw);
+            assert!(cut.len() <= MAX_ECHO_BYTES, "{} bytes", cut.len());
+            assert!(cut.ends_with('…'));
+            assert!(raw.starts_with(cut.trim_end_matches('…')));
+        }
+    }
+
+    #[test]
+    fn a_reply_to_one_of_our_own_queues_is_refused() {
+        let mut r = request(OpKind::Stop);
+        r.reply_to = Some(ReplyTo {
+            queue: "rtmanager.commands".into(),
+            correlation_id: None,
+        });
+        r.refuse_reply_to(|q| q == "rtmanager.commands");
+        assert_eq!(r.reply_to, None, "never replied to");
+        let failure = r.validate(&AllowedImages::any()).unwrap_err();
+        assert_eq!(failure.code, ErrorCode::InvalidRequest);
+        assert!(failure.message.contains("own queue"), "{}", failure.message);
+
+        let mut r = request(OpKind::Stop);
+        r.reply_to = Some(ReplyTo {
+            queue: "lobby.replies".into(),
+            correlation_id: None,
+        });
+        r.refuse_reply_to(|q| q == "rtmanager.commands");
+        assert!(r.reply_to.is_some());
+        assert!(r.validate(&AllowedImages::any()).is_ok());
     }
 
     #[test]

@@ -211,6 +211,36 @@ async fn invalid_request_is_recorded_and_answered() {
     );
 }
 
+/// Issue 10, point 3: an 8,000-character game_id, decoded as the worker
+/// decodes it, is answered `invalid_request` with its echo cut to 256
+/// bytes, and the answer is written (uncut it overflowed the btree index of
+/// `operation_log`, so the command got no answer at all).
+#[tokio::test]
+async fn an_8000_character_game_id_is_answered_invalid_request() {
+    let rig = Rig::new().await;
+    let long = "g".repeat(8000);
+    let body = serde_json::json!({"command_id": unique("long"), "op": "stop",
+                                  "game_id": long, "op_source": "lobby"});
+    let request = rtmanager::messages::decode_command(
+        &serde_json::to_vec(&body).unwrap(),
+        &rtmanager::messages::Envelope::default(),
+    )
+    .expect("a command");
+    let event = rig.run(request).await;
+    let message = assert_failure(&event, ErrorCode::InvalidRequest);
+    assert!(message.contains("game_id"), "{message}");
+    assert!(message.len() < 1024, "the message is bounded: {message}");
+    assert!(event.game_id.len() <= 256, "{} bytes", event.game_id.len());
+    assert!(event.game_id.ends_with('…') && long.starts_with(event.game_id.trim_end_matches('…')));
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM operation_log WHERE game_id = $1")
+        .bind(&event.game_id)
+        .fetch_one(&rig.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(logged, 1, "the answer is in the operation log");
+    assert_eq!(rig.outbox_count(&event.correlation_id).await, 1);
+}
+
 #[tokio::test]
 async fn image_outside_the_allow_list_is_refused() {
     let rig = Rig::with(|c| c.allowed_images = AllowedImages::parse("rtm-test/engine")).await;

@@ -15,6 +15,7 @@ use lapin::{BasicProperties, Channel, Connection, Consumer};
 use rtmanager::broker;
 use rtmanager::config::Config;
 use rtmanager::domain::{GameId, OutcomeEvent};
+use rtmanager::error::ErrorCode;
 use rtmanager::outbound::docker::DockerEngine;
 use rtmanager::ports::ContainerEngine;
 use serde_json::{Value, json};
@@ -797,5 +798,147 @@ async fn readyz_names_the_dependency_that_is_down() {
     assert!(body.contains("\"docker\":\"up\""), "{body}");
     let (status, _) = rig.http_get("/healthz").await;
     assert_eq!(status, 200, "alive even when not ready");
+    rig.shutdown().await;
+}
+
+/// Issue 10, point 7: `RTM_PREFETCH` commands queued behind one slow game
+/// must not keep another game's command from starting. With 4 slots, five
+/// restarts of a game whose engine takes its 2 s grace period to stop are
+/// published, then a stop of another game: that stop must be answered
+/// before even the first restart (which alone takes over 2 s), not after
+/// the slow game frees a slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_queued_behind_a_slow_game_do_not_hold_up_another_game() {
+    let mut rig = WorkerRig::prepare_with(|env| {
+        env.insert("RTM_PREFETCH".into(), "4".into());
+    })
+    .await;
+    rig.launch();
+    let (slow, quick) = (rig.game(), rig.game());
+    for (game, image) in [
+        (&slow, "rtm-test/slow:1.4.2"),
+        (&quick, "rtm-test/engine:1.4.2"),
+    ] {
+        let events = rig
+            .run(json!({"op": "start", "game_id": game, "image_ref": image}))
+            .await;
+        assert_eq!(keys(&events), ["runtime.start.success"]);
+    }
+    let mut restarts = Vec::new();
+    for _ in 0..5 {
+        restarts.push(rig.publish(json!({"op": "restart", "game_id": slow})).await);
+    }
+    let stop = rig.publish(json!({"op": "stop", "game_id": quick})).await;
+
+    let mut outer = Vec::new();
+    while outer.len() < 6 {
+        let seen = rig.next_event().await;
+        if seen.event.outer_op.is_none() {
+            outer.push(seen);
+        }
+    }
+    let order: Vec<&str> = outer.iter().map(|s| s.event.command_id.as_str()).collect();
+    assert_eq!(
+        order[0],
+        stop,
+        "the other game's stop waited behind the slow game's queue: {:?}",
+        keys(&outer)
+    );
+    assert_eq!(&order[1..], restarts, "the slow game's restarts, in order");
+    for seen in &outer {
+        assert_eq!(seen.event.error_code, None, "{:?}", seen.body);
+    }
+    rig.shutdown().await;
+}
+
+/// Issue 10, point 1: a `reply_to` naming the command queue made the reply
+/// come back as a command, answered as a duplicate, replied to again —
+/// thousands of events for one command. Now it is refused (one
+/// `invalid_request`, no reply), so is one naming the dead-letter queue, and
+/// an outcome event published as a command is dead-lettered unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_to_naming_the_command_queue_is_refused_and_never_loops() {
+    let mut rig = WorkerRig::start().await;
+    let own = [
+        rig.config.amqp.command_queue.clone(),
+        rig.config.amqp.dead_letter_queue.clone(),
+    ];
+    let mut refused = Vec::new();
+    for queue in &own {
+        let command_id = unique("loop");
+        let body = json!({"command_id": command_id, "op": "stop", "game_id": rig.game(),
+                          "op_source": "lobby"});
+        rig.publish_raw(
+            "runtime.stop",
+            &serde_json::to_vec(&body).unwrap(),
+            BasicProperties::default().with_reply_to(queue.as_str().into()),
+        )
+        .await;
+        refused.push(command_id);
+    }
+    // An outcome event, as a reply that found its way back would be.
+    let answer = rig.next_event().await;
+    rig.publish_raw(
+        "runtime.stop",
+        &serde_json::to_vec(&answer.body).unwrap(),
+        BasicProperties::default(),
+    )
+    .await;
+
+    // A loop shows within seconds (2,386 events in 6 s before the fix).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sentinel = rig
+        .publish(json!({"op": "stop", "game_id": rig.game()}))
+        .await;
+    let mut seen = vec![answer];
+    seen.extend(rig.until_outer(&sentinel).await);
+    let mut per_command: HashMap<String, Vec<Seen>> = HashMap::new();
+    for event in seen {
+        per_command
+            .entry(event.event.command_id.clone())
+            .or_default()
+            .push(event);
+    }
+    for (queue, command_id) in own.iter().zip(&refused) {
+        let events = &per_command[command_id];
+        assert_eq!(keys(events), ["runtime.stop.failure"], "{command_id}");
+        let event = &events[0].event;
+        assert_eq!(event.error_code, Some(ErrorCode::InvalidRequest));
+        let message = event.error_message.as_deref().unwrap();
+        assert!(
+            message.contains("own queue") && message.contains(queue.as_str()),
+            "{message}"
+        );
+    }
+    assert_eq!(
+        per_command.len(),
+        3,
+        "only the refusals and the sentinel: {:?}",
+        per_command.keys()
+    );
+    assert_eq!(
+        rig.queue_depth(&rig.config.amqp.dead_letter_queue).await,
+        1,
+        "the republished event is dead-lettered, nothing replied there"
+    );
+    assert_eq!(rig.queue_depth(&rig.config.amqp.command_queue).await, 0);
+    rig.shutdown().await;
+}
+
+/// Issue 10, point 3: an 8,000-character game_id is answered
+/// `invalid_request` (echo cut to 256 bytes) and acknowledged, not
+/// dead-lettered unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_8000_character_game_id_is_answered_invalid_request_by_the_worker() {
+    let mut rig = WorkerRig::start().await;
+    let long = "g".repeat(8000);
+    let events = rig.run(json!({"op": "stop", "game_id": long})).await;
+    assert_eq!(keys(&events), ["runtime.stop.failure"]);
+    let event = &events[0].event;
+    assert_eq!(event.error_code, Some(ErrorCode::InvalidRequest));
+    assert!(event.game_id.len() <= 256 && event.game_id.ends_with('…'));
+    assert!(long.starts_with(event.game_id.trim_end_matches('…')));
+    assert_eq!(rig.queue_depth(&rig.config.amqp.dead_letter_queue).await, 0);
+    assert_eq!(rig.queue_depth(&rig.config.amqp.command_queue).await, 0);
     rig.shutdown().await;
 }

@@ -34,8 +34,8 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use lapin::Channel;
 use lapin::message::Delivery;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-use tracing::{Instrument as _, info_span};
+use tokio::sync::{Notify, Semaphore};
+use tracing::{Instrument as _, debug, info_span};
 use uuid::Uuid;
 
 use crate::config::{AmqpConfig, SecretUrl};
@@ -113,7 +113,10 @@ pub struct Consumer {
     shutdown: Shutdown,
 }
 
-/// One delivery on its way through a lane.
+/// One delivery on its way through a lane. It holds no in-flight slot
+/// while it waits behind its game's earlier commands: it takes one only
+/// when it starts, so a busy game never occupies the slots other games
+/// need (SPEC §10).
 struct Job {
     request: CommandRequest,
     delivery: Delivery,
@@ -121,7 +124,6 @@ struct Job {
     channel: Channel,
     /// How many times the broker delivered it before (`x-delivery-count`).
     redeliveries: u64,
-    _permit: OwnedSemaphorePermit,
 }
 
 impl Consumer {
@@ -146,24 +148,20 @@ impl Consumer {
         }
     }
 
-    /// Decodes a delivery: an undecodable one is dead-lettered here, a
-    /// command goes to its game's lane.
-    async fn dispatch(
-        self: Arc<Self>,
-        channel: &Channel,
-        delivery: Delivery,
-        permit: OwnedSemaphorePermit,
-    ) {
+    /// Decodes a delivery: a command goes to its game's lane, an
+    /// undecodable one is dead-lettered by a task of its own, so neither
+    /// ever holds up the consume loop.
+    fn dispatch(self: Arc<Self>, channel: &Channel, delivery: Delivery) {
         metrics::counter!(telemetry::COMMANDS_CONSUMED).increment(1);
         let envelope = Envelope::from(&delivery.properties);
         match decode_command(&delivery.data, &envelope) {
-            Ok(request) => {
+            Ok(mut request) => {
+                request.refuse_reply_to(|queue| self.is_own_queue(queue));
                 let job = Job {
                     redeliveries: session::delivery_count(&delivery.properties),
                     request,
                     delivery,
                     channel: channel.clone(),
-                    _permit: permit,
                 };
                 let key = job.request.game_id.clone().unwrap_or_default();
                 if let Some(lane) = self.lanes.submit(&key, job) {
@@ -171,19 +169,46 @@ impl Consumer {
                 }
             }
             Err(undecodable) => {
-                let decision = dead_letter::reject(self.handler.as_ref(), undecodable).await;
-                if matches!(decision, Decision::DeadLetter(_)) {
-                    self.relay_wake.notify_one();
-                }
-                self.settle(channel, &delivery, decision).await;
-                drop(permit);
+                let channel = channel.clone();
+                tokio::spawn(async move {
+                    // Counted in flight, so the drain at shutdown waits for it.
+                    let Ok(_permit) = self.in_flight.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let decision = dead_letter::reject(self.handler.as_ref(), undecodable).await;
+                    if matches!(decision, Decision::DeadLetter(_)) {
+                        self.relay_wake.notify_one();
+                    }
+                    self.settle(&channel, &delivery, decision).await;
+                });
             }
         }
     }
 
+    /// Whether `queue` is one this service consumes or fills: a reply sent
+    /// there would come back as a command (SPEC §6).
+    fn is_own_queue(&self, queue: &str) -> bool {
+        queue == self.amqp.command_queue || queue == self.amqp.dead_letter_queue
+    }
+
     /// Runs one game's commands in arrival order; ends when none is pending.
+    /// Each takes an in-flight slot only when it starts. Once shutdown is
+    /// requested, the commands still waiting are handed back to the broker
+    /// unstarted (another worker, or this one's successor, runs them): none
+    /// takes a lease this worker would not live to release.
     async fn run_lane(self: Arc<Self>, mut lane: lanes::Lane<Job>) {
         while let Some(job) = self.lanes.next(&mut lane) {
+            let mut shutdown = self.shutdown.clone();
+            let permit = tokio::select! {
+                permit = self.in_flight.clone().acquire_owned() => permit.ok(),
+                () = shutdown.wait() => None,
+            };
+            let Some(_permit) = permit.filter(|_| !self.shutdown.is_set()) else {
+                debug!(command_id = %job.request.command_id, "shutting down: handing the command back unstarted");
+                self.settle(&job.channel, &job.delivery, Decision::Requeue)
+                    .await;
+                continue;
+            };
             let span = info_span!(
                 "message",
                 command_id = %job.request.command_id,

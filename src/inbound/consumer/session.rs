@@ -86,8 +86,15 @@ impl Consumer {
         let conn = broker::connect(&self.url, "rtmanager worker").await?;
         let channel = conn.create_channel().await?;
         broker::declare_topology(&channel, &self.amqp).await?;
+        // The broker may deliver twice as many commands as run at once: the
+        // other half waits in lanes behind busy games without holding a slot,
+        // so `RTM_PREFETCH` commands queued for one slow game still leave
+        // room for a delivery of another game's (SPEC §10).
         channel
-            .basic_qos(self.amqp.prefetch, BasicQosOptions::default())
+            .basic_qos(
+                broker_prefetch(self.amqp.prefetch),
+                BasicQosOptions::default(),
+            )
             .await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -117,10 +124,7 @@ impl Consumer {
                 next = stream.next() => match next {
                     None => anyhow::bail!("the broker cancelled the consumer"),
                     Some(Err(e)) => return Err(e.into()),
-                    Some(Ok(delivery)) => {
-                        let permit = self.in_flight.clone().acquire_owned().await?;
-                        self.clone().dispatch(&channel, delivery, permit).await;
-                    }
+                    Some(Ok(delivery)) => self.clone().dispatch(&channel, delivery),
                 }
             }
         }
@@ -179,6 +183,14 @@ impl Consumer {
             }
         }
     }
+}
+
+/// Unacked deliveries the broker may hand this worker: its in-flight slots
+/// (`RTM_PREFETCH`), as many waiting behind busy games, and one more, so
+/// that even with one slot a command queued behind a busy game leaves room
+/// for another game's.
+pub(super) fn broker_prefetch(slots: u16) -> u16 {
+    slots.saturating_mul(2).saturating_add(1)
 }
 
 /// The envelope the decoder reads from a delivery's properties.
