@@ -14,7 +14,7 @@ use uuid::Uuid;
 pub use crate::domain::Progress;
 use crate::domain::{
     CommandRequest, ContainerId, GameId, ImageRef, OperationEntry, OutcomeEvent, RecordUpdate,
-    RuntimeRecord, Step,
+    ReplyTo, RuntimeRecord, Step,
 };
 
 // ---------------------------------------------------------------------------
@@ -53,6 +53,23 @@ pub enum InboxClaim {
     Unfinished,
     /// Finished: this is its stored outer outcome, to publish again as is.
     Finished(OutcomeEvent),
+    /// The command_id was claimed by another command (another game, op,
+    /// image or reason; SPEC §6): this message is answered on its own and
+    /// never run. `first` describes that other command, for the answer.
+    Reused { first: String },
+}
+
+/// Whose answer an outer entry is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Answers {
+    /// Its command's: stored as the outcome in the command's inbox row, and
+    /// replied to where that row says.
+    #[default]
+    Command,
+    /// A message's that reused another command's command_id: the inbox row
+    /// stays the other command's, and the reply goes where this message
+    /// asked.
+    Reuse { reply_to: Option<ReplyTo> },
 }
 
 /// One entry to append, with the changes that must commit with it.
@@ -64,6 +81,8 @@ pub struct OperationWrite {
     /// The game's record as this step leaves it; only with
     /// [`WriteFence::Held`].
     pub record: Option<RecordUpdate>,
+    /// For an outer entry: which message it answers.
+    pub answers: Answers,
 }
 
 /// A game's current fence, as read by a command refused its lease.

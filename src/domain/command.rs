@@ -116,6 +116,14 @@ impl CommandRequest {
         });
     }
 
+    /// What makes this command this command, as far as its command_id is
+    /// concerned (SPEC §6): op, game, image and reason as sent. A message
+    /// that repeats the command_id with another fingerprint is not a
+    /// duplicate but a reuse. Every part is already cut by [`echo_cut`].
+    pub fn fingerprint(&self) -> String {
+        serde_json::json!([self.op.as_str(), self.game_id, self.image_ref, self.reason]).to_string()
+    }
+
     /// The correlation id linking the outer operation to its inner ones:
     /// the `source_ref`, else the `command_id` (so a redelivered command
     /// keeps its correlation).

@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tracing::{debug, warn};
+use uuid::Uuid;
 
 use super::lease::LeaseGuard;
 use super::{Halt, Handled, Interrupted, Lifecycle, record_metrics};
 use crate::domain::{Command, CommandRequest, EntryResult, OperationEntry};
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{
-    Acquired, ContainerEngine, Fence, InboxClaim, LeaseHolder, LeaseStore, OperationWrite,
+    Acquired, Answers, ContainerEngine, Fence, InboxClaim, LeaseHolder, LeaseStore, OperationWrite,
     RuntimeStore, StoreError, WriteFence,
 };
 use crate::telemetry;
@@ -55,6 +56,9 @@ where
             .await?;
         match self.store_retrying(|| self.store.claim(request)).await? {
             InboxClaim::Finished(event) => Ok(ControlFlow::Break(Handled::duplicate(event))),
+            InboxClaim::Reused { first } => Ok(ControlFlow::Break(
+                self.answer_reuse(request, Utc::now(), &first).await?,
+            )),
             InboxClaim::Fresh | InboxClaim::Unfinished => Ok(ControlFlow::Continue(fence)),
         }
     }
@@ -207,36 +211,84 @@ where
         failure: Failure,
         fence: WriteFence,
     ) -> Result<Handled, Interrupted> {
-        warn!(error_code = %failure.code, error_message = %failure.message, "command rejected");
-        let now = Utc::now();
-        let entry = OperationEntry {
-            game_id: request.game_id.clone().unwrap_or_default(),
-            op: request.op,
-            outer_op: None,
-            op_source: request.op_source.clone().unwrap_or_default(),
-            reason: request.reason.clone(),
-            correlation_id: request.correlation_id(),
-            command_id: request.command_id.clone(),
-            image_ref: request.image_ref.clone(),
-            previous_image_ref: None,
-            container_id: None,
-            address: None,
-            result: EntryResult::Failure(failure),
-            rolled_back: false,
-            started_at: received_at,
-            finished_at: now,
+        let write = OperationWrite {
+            entry: rejection(request, received_at, failure),
+            fence,
+            record: None,
+            answers: Answers::Command,
         };
-        let recorded = self
-            .append(OperationWrite {
-                entry,
-                fence,
-                record: None,
-            })
-            .await?;
+        let recorded = self.append(write).await?;
         if recorded.answered_before {
             return Ok(Handled::duplicate(recorded.event));
         }
         record_metrics(&recorded.event);
         Ok(Handled::recorded(recorded.event))
+    }
+
+    /// Answers a message whose command_id another command claimed first
+    /// (SPEC §6): `invalid_request` on the message's own game, not run, and
+    /// never the other command's outcome. Its event id is derived from the
+    /// command_id and what the message asks, so a redelivery of it finds
+    /// this answer rather than writing a second.
+    pub(super) async fn answer_reuse(
+        &self,
+        request: &CommandRequest,
+        received_at: DateTime<Utc>,
+        first: &str,
+    ) -> Result<Handled, Interrupted> {
+        let failure = Failure::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "command_id {:?} was already used for another command ({first}); \
+                 a command_id names one command",
+                request.command_id
+            ),
+        );
+        let event_id = Uuid::new_v5(
+            &REUSE_ANSWERS,
+            format!("{}\n{}", request.command_id, request.fingerprint()).as_bytes(),
+        );
+        let write = OperationWrite {
+            entry: rejection(request, received_at, failure),
+            fence: WriteFence::Unchecked,
+            record: None,
+            answers: Answers::Reuse {
+                reply_to: request.reply_to.clone(),
+            },
+        };
+        let recorded = self.append_as(write, event_id).await?;
+        record_metrics(&recorded.event);
+        Ok(Handled::recorded(recorded.event))
+    }
+}
+
+/// The namespace of the event ids of answers to a reused command_id.
+const REUSE_ANSWERS: Uuid = Uuid::from_u128(0x2b7e_9c41_d03a_4f86_a1c5_77e0_3d9b_52f8);
+
+/// The outer entry of a failure decided without the lease (validation, a
+/// refused lease, a reused command_id), echoing the request as sent; no
+/// record is touched.
+fn rejection(
+    request: &CommandRequest,
+    received_at: DateTime<Utc>,
+    failure: Failure,
+) -> OperationEntry {
+    warn!(error_code = %failure.code, error_message = %failure.message, "command rejected");
+    OperationEntry {
+        game_id: request.game_id.clone().unwrap_or_default(),
+        op: request.op,
+        outer_op: None,
+        op_source: request.op_source.clone().unwrap_or_default(),
+        reason: request.reason.clone(),
+        correlation_id: request.correlation_id(),
+        command_id: request.command_id.clone(),
+        image_ref: request.image_ref.clone(),
+        previous_image_ref: None,
+        container_id: None,
+        address: None,
+        result: EntryResult::Failure(failure),
+        rolled_back: false,
+        started_at: received_at,
+        finished_at: Utc::now(),
     }
 }

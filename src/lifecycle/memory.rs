@@ -17,8 +17,9 @@ use crate::domain::{
     CommandRequest, ContainerId, GameId, ImageRef, OutcomeEvent, PriorEntry, Progress,
     RuntimeRecord, Step,
 };
+use crate::error::ErrorCode;
 use crate::ports::{
-    Acquired, ContainerEngine, ContainerInfo, EngineError, Fence, FenceView, InboxClaim,
+    Acquired, Answers, ContainerEngine, ContainerInfo, EngineError, Fence, FenceView, InboxClaim,
     LeaseError, LeaseHolder, LeaseStore, OperationWrite, Recorded, RuntimeStore, StoreError,
 };
 
@@ -26,11 +27,21 @@ use crate::ports::{
 struct Tables {
     fences: HashMap<GameId, (i64, Option<String>)>,
     records: HashMap<GameId, RuntimeRecord>,
-    /// command_id → its outer outcome once finished.
-    inbox: HashMap<String, Option<OutcomeEvent>>,
+    /// command_id → the claiming request's fingerprint and description, and
+    /// its outer outcome once finished.
+    inbox: HashMap<String, Claimed>,
     /// The operation log's events, in write order (operation_id = index + 1).
     log: Vec<OutcomeEvent>,
     journal: Vec<(String, Step)>,
+}
+
+/// An inbox row.
+#[derive(Default)]
+struct Claimed {
+    /// `None` for a row an entry created without a claim.
+    fingerprint: Option<String>,
+    first: String,
+    outcome: Option<OutcomeEvent>,
 }
 
 /// [`RuntimeStore`] over maps behind a mutex. `die_after` names a journal
@@ -100,13 +111,39 @@ impl MemStore {
 impl RuntimeStore for MemStore {
     async fn claim(&self, request: &CommandRequest) -> Result<InboxClaim, StoreError> {
         let mut t = self.tables();
+        let fingerprint = request.fingerprint();
         Ok(match t.inbox.get(&request.command_id) {
             None => {
-                t.inbox.insert(request.command_id.clone(), None);
+                let first = format!(
+                    "{} of game {:?}",
+                    request.op,
+                    request.game_id.as_deref().unwrap_or_default()
+                );
+                t.inbox.insert(
+                    request.command_id.clone(),
+                    Claimed {
+                        fingerprint: Some(fingerprint),
+                        first,
+                        outcome: None,
+                    },
+                );
                 InboxClaim::Fresh
             }
-            Some(None) => InboxClaim::Unfinished,
-            Some(Some(event)) => InboxClaim::Finished(event.clone()),
+            Some(claimed)
+                if claimed
+                    .fingerprint
+                    .as_ref()
+                    .is_some_and(|f| *f != fingerprint) =>
+            {
+                InboxClaim::Reused {
+                    first: claimed.first.clone(),
+                }
+            }
+            Some(Claimed { outcome: None, .. }) => InboxClaim::Unfinished,
+            Some(Claimed {
+                outcome: Some(event),
+                ..
+            }) => InboxClaim::Finished(event.clone()),
         })
     }
 
@@ -178,10 +215,21 @@ impl MemStore {
     fn write_entry(&self, write: OperationWrite, event_id: Uuid) -> Result<Recorded, StoreError> {
         let mut t = self.tables();
         let entry = &write.entry;
+        if let Some(event) = t.log.iter().find(|e| e.event_id == event_id) {
+            return Ok(Recorded {
+                operation_id: event.operation_id.unwrap_or_default(),
+                event: event.clone(),
+                answered_before: false,
+            });
+        }
         Self::fence_check(&t, &entry.game_id, write.fence.expected())?;
-        if entry.is_outer()
+        let answers_inbox = entry.is_outer() && write.answers == Answers::Command;
+        if answers_inbox
             && write.fence.held().is_none()
-            && let Some(Some(event)) = t.inbox.get(&entry.command_id)
+            && let Some(Claimed {
+                outcome: Some(event),
+                ..
+            }) = t.inbox.get(&entry.command_id)
         {
             return Ok(Recorded {
                 operation_id: event.operation_id.unwrap_or_default(),
@@ -214,9 +262,9 @@ impl MemStore {
                 },
             );
         }
-        if entry.is_outer() {
-            t.inbox
-                .insert(entry.command_id.clone(), Some(event.clone()));
+        if answers_inbox {
+            let claimed = t.inbox.entry(entry.command_id.clone()).or_default();
+            claimed.outcome.get_or_insert_with(|| event.clone());
         }
         Ok(Recorded {
             operation_id,
@@ -230,7 +278,10 @@ impl MemStore {
         let entries = t
             .log
             .iter()
-            .filter(|e| e.command_id == command_id)
+            // As the PostgreSQL store: an invalid_request is never a step.
+            .filter(|e| {
+                e.command_id == command_id && e.error_code != Some(ErrorCode::InvalidRequest)
+            })
             .map(|e| PriorEntry::from_event(e).map_err(StoreError::Corrupt))
             .collect::<Result<_, _>>()?;
         let steps = t

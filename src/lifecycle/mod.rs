@@ -282,6 +282,9 @@ where
                 info!(outcome = %event.outcome, "duplicate of a finished command: republishing its outcome");
                 return Ok(Handled::duplicate(event));
             }
+            InboxClaim::Reused { first } => {
+                return self.answer_reuse(&request, received_at, &first).await;
+            }
         }
 
         let command = match request.validate(&self.cfg.allowed_images) {
@@ -378,10 +381,13 @@ where
         message: String,
     ) -> Result<Handled, Interrupted> {
         let failure = Failure::new(ErrorCode::Internal, message);
-        if let InboxClaim::Finished(event) =
-            self.store_retrying(|| self.store.claim(request)).await?
-        {
-            return Ok(Handled::duplicate(event));
+        match self.store_retrying(|| self.store.claim(request)).await? {
+            InboxClaim::Finished(event) => return Ok(Handled::duplicate(event)),
+            // Its answer is fixed whatever went wrong on the way to it.
+            InboxClaim::Reused { first } => {
+                return self.answer_reuse(request, Utc::now(), &first).await;
+            }
+            InboxClaim::Fresh | InboxClaim::Unfinished => {}
         }
         let Ok(command) = request.validate(&self.cfg.allowed_images) else {
             return self

@@ -11,7 +11,8 @@ use crate::domain::{
 };
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{
-    ContainerEngine, LeaseStore, OperationWrite, Recorded, RuntimeStore, StoreError, WriteFence,
+    Answers, ContainerEngine, LeaseStore, OperationWrite, Recorded, RuntimeStore, StoreError,
+    WriteFence,
 };
 
 impl<S, L, E> Lifecycle<S, L, E>
@@ -23,7 +24,17 @@ where
     pub(super) async fn append(&self, write: OperationWrite) -> Result<Recorded, Interrupted> {
         // The event id is fixed before the first attempt, so a retried write
         // that did commit cannot produce a second id for the same entry.
-        let event_id = Uuid::now_v7();
+        self.append_as(write, Uuid::now_v7()).await
+    }
+
+    /// [`Self::append`] with the event id given: one derived from the
+    /// message makes a redelivery of it find its answer instead of writing
+    /// a second one.
+    pub(super) async fn append_as(
+        &self,
+        write: OperationWrite,
+        event_id: Uuid,
+    ) -> Result<Recorded, Interrupted> {
         Ok(self
             .store_retrying(|| self.store.append(write.clone(), event_id))
             .await?)
@@ -81,6 +92,7 @@ where
                 entry,
                 fence: WriteFence::Held(self.fence),
                 record,
+                answers: Answers::Command,
             })
             .await
             .map_err(|e| match e {

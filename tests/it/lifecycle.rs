@@ -241,6 +241,61 @@ async fn an_8000_character_game_id_is_answered_invalid_request() {
     assert_eq!(rig.outbox_count(&event.correlation_id).await, 1);
 }
 
+/// Issue 10, point 4: a command_id names one command. A start of game B
+/// reusing the command_id of game A's start is answered `invalid_request`
+/// on B and never runs (it used to get A's outcome and B never started);
+/// its redelivery finds that answer; A's duplicate still gets A's outcome;
+/// a stop of A reusing the id does not stop A.
+#[tokio::test]
+async fn a_reused_command_id_is_answered_on_its_own_game_and_never_run() {
+    let rig = Rig::new().await;
+    let (a, b) = (rig.game(), rig.game());
+    let mut first = rig.request(OpKind::Start, &a, Some(ENGINE_142));
+    first.command_id = unique("reused");
+    let first_event = rig.run(first.clone()).await;
+    assert_success(&first_event);
+
+    let mut other_game = rig.request(OpKind::Start, &b, Some(ENGINE_142));
+    other_game.command_id = first.command_id.clone();
+    let event = rig.run(other_game.clone()).await;
+    let message = assert_failure(&event, ErrorCode::InvalidRequest);
+    assert!(
+        message.contains("already used for another command"),
+        "{message}"
+    );
+    assert!(
+        message.contains(a.as_str()),
+        "names the command it was used for: {message}"
+    );
+    assert_eq!(event.game_id, b.as_str(), "answered on its own game");
+    assert_eq!(event.command_id, first.command_id);
+    assert!(rig.docker_state(&b).await.is_none(), "B never ran");
+
+    let again = rig.run(other_game).await;
+    assert_eq!(
+        again.event_id, event.event_id,
+        "a redelivery finds its answer"
+    );
+    assert_eq!(rig.log(&b).await.len(), 1, "written once");
+
+    let duplicate = rig.run(first.clone()).await;
+    assert_eq!(
+        duplicate.event_id, first_event.event_id,
+        "A keeps its outcome"
+    );
+
+    let mut other_op = rig.request(OpKind::Stop, &a, None);
+    other_op.command_id = first.command_id.clone();
+    assert_failure(&rig.run(other_op).await, ErrorCode::InvalidRequest);
+    let mut other_image = rig.request(OpKind::Start, &a, Some(ENGINE_143));
+    other_image.command_id = first.command_id.clone();
+    assert_failure(&rig.run(other_image).await, ErrorCode::InvalidRequest);
+    let (running, image, _) = rig.docker_state(&a).await.expect("A's container");
+    assert!(running, "A still runs");
+    assert_eq!(image, ENGINE_142);
+    assert_eq!(rig.status(&a).await.0, RuntimeStatus::Running);
+}
+
 #[tokio::test]
 async fn image_outside_the_allow_list_is_refused() {
     let rig = Rig::with(|c| c.allowed_images = AllowedImages::parse("rtm-test/engine")).await;

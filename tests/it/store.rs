@@ -15,7 +15,7 @@ use rtmanager::domain::{
 use rtmanager::error::{ErrorCode, Failure};
 use rtmanager::outbound::postgres::PgStore;
 use rtmanager::ports::{
-    Fence, FenceView, InboxClaim, OperationWrite, RuntimeStore, StoreError, WriteFence,
+    Answers, Fence, FenceView, InboxClaim, OperationWrite, RuntimeStore, StoreError, WriteFence,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor};
@@ -97,6 +97,7 @@ fn write(
         entry,
         fence: fence.map_or(WriteFence::Unchecked, WriteFence::Held),
         record,
+        answers: Answers::Command,
     }
 }
 
@@ -106,6 +107,7 @@ fn seen(entry: OperationEntry, saw: Fence) -> OperationWrite {
         entry,
         fence: WriteFence::Seen(saw),
         record: None,
+        answers: Answers::Command,
     }
 }
 
@@ -613,6 +615,7 @@ async fn a_record_change_without_the_lease_is_refused() {
                 entry: entry("g-1", "cmd-1", OpKind::Start, None),
                 fence: WriteFence::Seen(seen),
                 record: Some(record("g-1", IMAGE, running("c-1"))),
+                answers: Answers::Command,
             },
             Uuid::new_v4(),
         )

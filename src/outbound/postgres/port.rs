@@ -12,16 +12,20 @@ use crate::domain::{
     RecordUpdate, RuntimeRecord, RuntimeState, RuntimeStatus, Step,
 };
 use crate::ports::{
-    Fence, FenceView, InboxClaim, OperationWrite, Progress, Recorded, RuntimeStore, StoreError,
-    WriteFence,
+    Answers, Fence, FenceView, InboxClaim, OperationWrite, Progress, Recorded, RuntimeStore,
+    StoreError, WriteFence,
 };
 
 impl RuntimeStore for PgStore {
     async fn progress(&self, command_id: &str) -> Result<Progress, StoreError> {
+        // `invalid_request` is answered before any lease, so it is never a
+        // step of a run; leaving it out keeps the answer to a message that
+        // reused this command_id (SPEC §6) out of the command's progress.
         let events: Vec<(Uuid, serde_json::Value)> = sqlx::query_as(
             "select o.event_id, o.payload
              from operation_log l join outbox o on o.operation_id = l.operation_id
              where l.command_id = $1
+               and l.error_code is distinct from 'invalid_request'
              order by l.operation_id",
         )
         .bind(command_id)
@@ -126,9 +130,11 @@ impl RuntimeStore for PgStore {
         // The primary key decides: whoever inserts the row owns the command.
         // A concurrent claim of the same id waits for the inserting
         // statement, then inserts nothing.
+        let fingerprint = request.fingerprint();
         let inserted = sqlx::query(
-            "insert into inbox (command_id, game_id, op, reply_to, reply_correlation_id)
-             values ($1, $2, $3, $4, $5)
+            "insert into inbox (command_id, game_id, op, reply_to, reply_correlation_id,
+                                fingerprint)
+             values ($1, $2, $3, $4, $5, $6)
              on conflict (command_id) do nothing",
         )
         .bind(&request.command_id)
@@ -136,6 +142,7 @@ impl RuntimeStore for PgStore {
         .bind(request.op.as_str())
         .bind(reply_to)
         .bind(reply_correlation_id)
+        .bind(&fingerprint)
         .execute(&self.pool)
         .await
         .map_err(|e| db_error("claim the command in the inbox", e))?;
@@ -145,8 +152,15 @@ impl RuntimeStore for PgStore {
 
         // `outcome_event_id` is set exactly when the command finished (a
         // check constraint), and the foreign key keeps its event.
-        let row: Option<(Option<Uuid>, Option<serde_json::Value>)> = sqlx::query_as(
-            "select i.outcome_event_id, o.payload
+        type ClaimRow = (
+            Option<Uuid>,
+            Option<serde_json::Value>,
+            Option<String>,
+            String,
+            String,
+        );
+        let row: Option<ClaimRow> = sqlx::query_as(
+            "select i.outcome_event_id, o.payload, i.fingerprint, i.op, i.game_id
              from inbox i
              left join outbox o on o.event_id = i.outcome_event_id
              where i.command_id = $1",
@@ -156,11 +170,17 @@ impl RuntimeStore for PgStore {
         .await
         .map_err(|e| db_error("read the inbox", e))?;
         match row {
-            Some((None, _)) => Ok(InboxClaim::Unfinished),
-            Some((Some(event_id), Some(payload))) => {
+            // Rows claimed before fingerprints were kept have none.
+            Some((_, _, Some(first), op, game_id)) if first != fingerprint => {
+                Ok(InboxClaim::Reused {
+                    first: format!("{op} of game {game_id:?}"),
+                })
+            }
+            Some((None, ..)) => Ok(InboxClaim::Unfinished),
+            Some((Some(event_id), Some(payload), ..)) => {
                 Ok(InboxClaim::Finished(decode_event(event_id, payload)?))
             }
-            Some((Some(event_id), None)) => Err(StoreError::Corrupt(format!(
+            Some((Some(event_id), None, ..)) => Err(StoreError::Corrupt(format!(
                 "command {:?} finished with outcome event {event_id}, which is not in the outbox",
                 request.command_id
             ))),
@@ -245,7 +265,11 @@ impl RuntimeStore for PgStore {
             entry,
             fence,
             record,
+            answers,
         } = write;
+        // Only a command's own answer goes in (and is checked against) its
+        // inbox row; a reused command_id's answer stands on its own.
+        let answers_inbox = entry.is_outer() && answers == Answers::Command;
         let record = record
             .map(|record| checked_record(record, &entry))
             .transpose()?;
@@ -282,7 +306,7 @@ impl RuntimeStore for PgStore {
         // stands only if no other attempt of the command answered it first:
         // two copies refused at once give one outcome. The inbox row is
         // locked after the fence row, in the order every append takes them.
-        if entry.is_outer()
+        if answers_inbox
             && fence.held().is_none()
             && let Some(answered) = append::lock_inbox_answer(&mut tx, &entry.command_id).await?
         {
@@ -303,16 +327,19 @@ impl RuntimeStore for PgStore {
         let operation_id = append::insert_entry(&mut tx, &entry, fence.held()).await?;
         let event = OutcomeEvent::from_entry(&entry, operation_id, event_id);
         // Only the outer event answers a request/reply caller.
-        let reply = if entry.is_outer() {
-            append::reply_address(&mut tx, &entry.command_id).await?
-        } else {
-            (None, None)
+        let reply = match &answers {
+            _ if !entry.is_outer() => (None, None),
+            Answers::Command => append::reply_address(&mut tx, &entry.command_id).await?,
+            Answers::Reuse { reply_to } => reply_to
+                .as_ref()
+                .map(|r| (Some(r.queue.clone()), r.correlation_id.clone()))
+                .unwrap_or_default(),
         };
         append::insert_event(&mut tx, &entry, &event, operation_id, reply).await?;
         if let Some((record, state_dir)) = &record {
             append::upsert_record(&mut tx, record, state_dir, fence.held()).await?;
         }
-        if entry.is_outer() {
+        if answers_inbox {
             append::finish_inbox(&mut tx, &entry, event_id).await?;
         }
         tx.commit()

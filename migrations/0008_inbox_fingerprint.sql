@@ -1,0 +1,11 @@
+-- A command_id names one command (SPEC §6). The inbox remembers what the
+-- claiming message asked for, so a later message that reuses its command_id
+-- for another game, op, image or reason is recognised: it is answered
+-- `invalid_request` on its own game and not run, instead of being taken for
+-- a duplicate and answered with the other command's outcome (a lobby whose
+-- id counter restarts would otherwise lose commands silently).
+--
+-- The value is the requester's `CommandRequest::fingerprint` (a JSON array
+-- of op, game_id, image and reason as sent). Rows claimed before this
+-- migration have none and are never taken for a reuse.
+alter table inbox add column fingerprint text;
