@@ -12,6 +12,7 @@
 //!   lifecycle answers with `invalid_request`, like any other failure.
 
 use chrono::{DateTime, Utc};
+use lapin::BasicProperties;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -28,6 +29,19 @@ pub struct Envelope {
     pub message_id: Option<String>,
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
+}
+
+/// The envelope the decoder reads from a delivery's properties: only these
+/// three. Nothing else a publisher sets is trusted (the delivery count, for
+/// one, is the broker's; see the consumer's session).
+impl From<&BasicProperties> for Envelope {
+    fn from(props: &BasicProperties) -> Self {
+        Envelope {
+            message_id: props.message_id().as_ref().map(ToString::to_string),
+            reply_to: props.reply_to().as_ref().map(ToString::to_string),
+            correlation_id: props.correlation_id().as_ref().map(ToString::to_string),
+        }
+    }
 }
 
 /// A body that is not a command at all, with what could still be read.
@@ -93,7 +107,10 @@ pub fn decode_command(body: &[u8], envelope: &Envelope) -> Result<CommandRequest
         }
         Some(Value::String(op)) => OpKind::parse(op).ok_or_else(|| {
             undecodable(
-                format!("op {op:?} is unknown (expected start, stop, restart, patch or remove)"),
+                format!(
+                    "op {:?} is unknown (expected start, stop, restart, patch or remove)",
+                    echo_cut(op)
+                ),
                 Some(&object),
             )
         })?,
@@ -399,5 +416,242 @@ mod tests {
         let r = decode_command(&body, &Envelope::default()).unwrap();
         assert_eq!(r.image_ref.as_deref(), Some("e:1.0.0"));
         assert_eq!(r.op_source.as_deref(), Some("admin"));
+    }
+}
+
+/// The decoder against arbitrary input (issue 10): arbitrary bytes,
+/// arbitrary JSON (objects biased towards the command's own fields), and
+/// arbitrary AMQP properties. Whatever comes in, it never panics, never
+/// lets a value past its limits, and every input ends as a command, an
+/// `invalid_request` (or `image_not_allowed`), or a dead-letter reason.
+#[cfg(test)]
+mod properties {
+    use arbtest::arbitrary::{Result, Unstructured};
+    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+    use super::*;
+    use crate::domain::AllowedImages;
+    use crate::domain::command::MAX_ECHO_BYTES;
+    use crate::error::ErrorCode;
+
+    /// A bound on any reason or message the decoder or validation writes:
+    /// every raw value in one is cut, so they stay short.
+    const MAX_MESSAGE_BYTES: usize = 4 * 1024;
+
+    const FIELDS: [&str; 13] = [
+        "command_id",
+        "op",
+        "game_id",
+        "image_ref",
+        "new_image_ref",
+        "op_source",
+        "source_ref",
+        "reason",
+        "requested_at",
+        "event_id",
+        "schema_version",
+        "extra",
+        "",
+    ];
+    const OPS: [&str; 7] = [
+        "start", "stop", "restart", "patch", "remove", "Stop", "explode",
+    ];
+    const GOOD: [&str; 8] = [
+        "g-1042",
+        "rtm-test/engine:1.4.2",
+        "registry.example:5000/galaxy/engine:1.4.3",
+        "lobby",
+        "admin",
+        "game_finished",
+        "2026-11-26T07:00:00Z",
+        "c-1",
+    ];
+
+    fn text(u: &mut Unstructured) -> Result<String> {
+        Ok(match u.int_in_range(0..=5)? {
+            0 => u.choose(&GOOD)?.to_string(),
+            1 => u.choose(&OPS)?.to_string(),
+            // Long enough to pass every limit.
+            2 => u
+                .choose(&["x", "é", "😀", "\0", "a/"])?
+                .repeat(u.int_in_range(60..=9000)?),
+            3 => format!("{}\u{0}{}", u.choose(&GOOD)?, u.choose(&GOOD)?),
+            _ => u.arbitrary()?,
+        })
+    }
+
+    fn json(u: &mut Unstructured, depth: u32) -> Result<Value> {
+        let kinds = if depth == 0 { 4 } else { 6 };
+        Ok(match u.int_in_range(0..=kinds)? {
+            0 => Value::Null,
+            1 => Value::Bool(u.arbitrary()?),
+            2 => Value::from(u.arbitrary::<f64>()?),
+            3 => Value::from(u.arbitrary::<i64>()?),
+            4 => Value::String(text(u)?),
+            5 => {
+                let len = u.int_in_range(0..=4)?;
+                Value::Array(
+                    (0..len)
+                        .map(|_| json(u, depth - 1))
+                        .collect::<Result<_>>()?,
+                )
+            }
+            _ => object(u, depth - 1)?,
+        })
+    }
+
+    fn object(u: &mut Unstructured, depth: u32) -> Result<Value> {
+        let mut object = Map::new();
+        for _ in 0..u.int_in_range(0..=10)? {
+            let key = if u.ratio(4, 5)? {
+                u.choose(&FIELDS)?.to_string()
+            } else {
+                u.arbitrary()?
+            };
+            let value = match key.as_str() {
+                "op" if u.ratio(3, 4)? => Value::String(u.choose(&OPS)?.to_string()),
+                _ if u.ratio(1, 2)? => Value::String(text(u)?),
+                _ => json(u, depth)?,
+            };
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
+
+    fn body(u: &mut Unstructured) -> Result<Vec<u8>> {
+        Ok(match u.int_in_range(0..=5)? {
+            0 => u.arbitrary()?,
+            1 => json(u, 3)?.to_string().into_bytes(),
+            2 => {
+                // Just over the limit, but otherwise a fine command.
+                let mut o = object(u, 1)?;
+                o["pad"] = Value::String("x".repeat(MAX_COMMAND_BYTES));
+                o.to_string().into_bytes()
+            }
+            _ => object(u, 2)?.to_string().into_bytes(),
+        })
+    }
+
+    fn short(u: &mut Unstructured) -> Result<Option<ShortString>> {
+        Ok(if u.arbitrary()? {
+            // An AMQP short string: the wire holds at most 255 bytes.
+            let mut s = text(u)?;
+            while s.len() > 255 {
+                s.pop();
+            }
+            Some(ShortString::from(s))
+        } else {
+            None
+        })
+    }
+
+    fn properties(u: &mut Unstructured) -> Result<BasicProperties> {
+        let mut props = BasicProperties::default();
+        if let Some(id) = short(u)? {
+            props = props.with_message_id(id);
+        }
+        if let Some(queue) = short(u)? {
+            props = props.with_reply_to(queue);
+        }
+        if let Some(id) = short(u)? {
+            props = props.with_correlation_id(id);
+        }
+        if u.arbitrary()? {
+            let mut headers = FieldTable::default();
+            let count = match u.int_in_range(0..=2)? {
+                0 => AMQPValue::LongLongInt(u.arbitrary()?),
+                1 => AMQPValue::LongString(LongString::from(text(u)?)),
+                _ => AMQPValue::Boolean(u.arbitrary()?),
+            };
+            headers.insert("x-delivery-count".into(), count);
+            props = props.with_headers(headers);
+        }
+        Ok(props)
+    }
+
+    fn bounded(what: &str, value: Option<&str>, limit: usize) {
+        if let Some(value) = value {
+            assert!(value.len() <= limit, "{what} is {} bytes", value.len());
+            assert!(!value.chars().any(char::is_control), "{what} {value:?}");
+        }
+    }
+
+    /// The property: see the module comment.
+    fn check(body: &[u8], props: &BasicProperties) {
+        let envelope = Envelope::from(props);
+        match decode_command(body, &envelope) {
+            Ok(request) => {
+                assert!(
+                    is_identifier(&request.command_id),
+                    "{:?}",
+                    request.command_id
+                );
+                bounded("game_id", request.game_id.as_deref(), MAX_ECHO_BYTES);
+                bounded("image", request.image_ref.as_deref(), MAX_ECHO_BYTES);
+                bounded("op_source", request.op_source.as_deref(), MAX_ECHO_BYTES);
+                bounded("reason", request.reason.as_deref(), MAX_ECHO_BYTES);
+                bounded(
+                    "source_ref",
+                    request.source_ref.as_deref(),
+                    MAX_IDENTIFIER_BYTES,
+                );
+                bounded("malformed", request.malformed.as_deref(), MAX_MESSAGE_BYTES);
+                match request.validate(&AllowedImages::parse("rtm-test")) {
+                    Ok(command) => assert_eq!(command.command_id, request.command_id),
+                    Err(failure) => {
+                        assert!(
+                            matches!(
+                                failure.code,
+                                ErrorCode::InvalidRequest | ErrorCode::ImageNotAllowed
+                            ),
+                            "{failure:?}"
+                        );
+                        assert!(!failure.message.is_empty());
+                        assert!(
+                            failure.message.len() <= MAX_MESSAGE_BYTES,
+                            "{}",
+                            failure.message.len()
+                        );
+                    }
+                }
+            }
+            Err(undecodable) => {
+                assert!(!undecodable.reason.is_empty(), "a dead-letter reason");
+                bounded("reason", Some(&undecodable.reason), MAX_MESSAGE_BYTES);
+                if let Some(id) = &undecodable.command_id {
+                    assert!(is_identifier(id), "{id:?}");
+                }
+                bounded("op", undecodable.op.as_deref(), MAX_ECHO_BYTES);
+                bounded("game_id", undecodable.game_id.as_deref(), MAX_ECHO_BYTES);
+                bounded(
+                    "source_ref",
+                    undecodable.source_ref.as_deref(),
+                    MAX_IDENTIFIER_BYTES,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn any_input_is_a_command_an_invalid_request_or_a_dead_letter_reason() {
+        arbtest::arbtest(|u| {
+            let body = body(u)?;
+            let props = properties(u)?;
+            check(&body, &props);
+            Ok(())
+        })
+        .budget_ms(3_000)
+        .run();
+    }
+
+    #[test]
+    fn any_bytes_at_all() {
+        arbtest::arbtest(|u| {
+            let body: Vec<u8> = u.arbitrary()?;
+            check(&body, &BasicProperties::default());
+            Ok(())
+        })
+        .budget_ms(1_000)
+        .run();
     }
 }

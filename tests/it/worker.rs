@@ -942,3 +942,39 @@ async fn an_8000_character_game_id_is_answered_invalid_request_by_the_worker() {
     assert_eq!(rig.queue_depth(&rig.config.amqp.command_queue).await, 0);
     rig.shutdown().await;
 }
+
+/// SPEC §6: the delivery count used for poison protection is the broker's
+/// alone, so a publisher cannot make a first delivery look like a last one.
+/// The worker relies on RabbitMQ's quorum queue to overwrite a published
+/// `x-delivery-count` on a first delivery; this pins that behaviour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publishers_forged_delivery_count_never_reaches_the_worker() {
+    let rig = WorkerRig::prepare().await;
+    let mut headers = FieldTable::default();
+    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(99));
+    rig.publish_raw(
+        "runtime.stop",
+        br#"{"op":"stop","game_id":"g-1","op_source":"lobby"}"#,
+        BasicProperties::default().with_headers(headers),
+    )
+    .await;
+    let message = rig
+        .channel
+        .basic_get(
+            rig.config.amqp.command_queue.as_str().into(),
+            BasicGetOptions::default(),
+        )
+        .await
+        .unwrap()
+        .expect("the command");
+    assert_eq!(
+        redeliveries(&message.delivery.properties),
+        0,
+        "a first delivery, whatever the publisher wrote"
+    );
+    message
+        .delivery
+        .ack(BasicAckOptions::default())
+        .await
+        .unwrap();
+}

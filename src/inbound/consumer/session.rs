@@ -18,7 +18,6 @@ use tracing::{debug, error, info, warn};
 use super::attempt::{DeadLetterReason, Decision};
 use super::{Consumer, dead_letter};
 use crate::broker;
-use crate::messages::Envelope;
 use crate::pauses::Pauses;
 use crate::readiness::Readiness;
 use crate::shutdown::Shutdown;
@@ -191,17 +190,6 @@ impl Consumer {
 /// for another game's.
 pub(super) fn broker_prefetch(slots: u16) -> u16 {
     slots.saturating_mul(2).saturating_add(1)
-}
-
-/// The envelope the decoder reads from a delivery's properties.
-impl From<&BasicProperties> for Envelope {
-    fn from(props: &BasicProperties) -> Self {
-        Envelope {
-            message_id: props.message_id().as_ref().map(ToString::to_string),
-            reply_to: props.reply_to().as_ref().map(ToString::to_string),
-            correlation_id: props.correlation_id().as_ref().map(ToString::to_string),
-        }
-    }
 }
 
 /// `x-delivery-count`, set by quorum queues on redeliveries (absent on the
