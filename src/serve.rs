@@ -142,10 +142,15 @@ pub async fn run_with<E: ContainerEngine>(
     )
     .run(config.shutdown_timeout)
     .await;
-    // Operations that outlived the shutdown timeout are abandoned with the
-    // process; their commands come back unacked. Their leases go now rather
-    // than blocking the games for a TTL.
-    lifecycle.release_held_leases().await;
+    // Operations stopped at the shutdown timeout released their leases as
+    // they unwound; one whose Docker call never returned keeps it until it
+    // expires, rather than let another worker in mid-call.
+    if lifecycle.leases_held() > 0 {
+        warn!(
+            leases = lifecycle.leases_held(),
+            "exiting with leases held by operations still in a Docker call; they expire within RTM_LEASE_TTL"
+        );
+    }
 
     // The relay outlives the consumer by one pass, so the last outcomes go out.
     relay_trigger.fire();

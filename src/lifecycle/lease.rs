@@ -20,17 +20,27 @@ use crate::ports::{LeaseHolder, LeaseStore};
 /// cancelled, so it must not wait on anything else.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The leases this process holds, so shutdown can release whatever the
-/// in-flight operations still hold when their time is up.
-/// Each with its `lost` flag, so releasing one also stops its holder.
-pub(super) type HeldLeases = Arc<Mutex<HashMap<GameId, (LeaseHolder, Arc<AtomicBool>)>>>;
+/// The leases this process holds, each with its operation's stop flags, so
+/// shutdown can stop whatever the in-flight operations still do when their
+/// time is up. It stops them and never releases for them: a lease goes only
+/// once its operation has stopped touching Docker (SPEC §10).
+pub(super) type HeldLeases = Arc<Mutex<HashMap<GameId, (LeaseHolder, Arc<Stop>)>>>;
+
+/// Why a held lease's operation must stop before its next Docker step.
+#[derive(Debug, Default)]
+pub(super) struct Stop {
+    /// The lease may have passed to someone else.
+    lost: AtomicBool,
+    /// Shutdown's time for in-flight operations is up.
+    shutdown: AtomicBool,
+}
 
 pub(super) struct LeaseGuard<L: LeaseStore> {
     leases: L,
     registry: HeldLeases,
     game_id: GameId,
     holder: LeaseHolder,
-    lost: Arc<AtomicBool>,
+    stop: Arc<Stop>,
     /// When the lease may have run out, counted from when the last good
     /// acquire or renewal was *sent*: checked by time, not only by the
     /// renewer's flag, so a worker that was paused for longer than the TTL
@@ -51,37 +61,40 @@ impl<L: LeaseStore> LeaseGuard<L> {
         ttl: Duration,
         asked: Instant,
     ) -> Self {
-        let lost = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(Stop::default());
         let valid_until = Arc::new(Mutex::new(asked + usable(ttl)));
         let renewer = tokio::spawn(renew_until_lost(
             leases.clone(),
             game_id.clone(),
             holder.clone(),
             ttl,
-            lost.clone(),
+            stop.clone(),
             valid_until.clone(),
         ));
         registry
             .lock()
             .expect("lease registry")
-            .insert(game_id.clone(), (holder.clone(), lost.clone()));
+            .insert(game_id.clone(), (holder.clone(), stop.clone()));
         Self {
             leases,
             registry,
             game_id,
             holder,
-            lost,
+            stop,
             valid_until,
             renewer,
             released: false,
         }
     }
 
-    /// `Err` once the lease may have passed to someone else.
+    /// `Err` once the lease may have passed to someone else, or shutdown
+    /// stopped the operation.
     pub(super) fn check(&self) -> Result<(), Interrupted> {
         let expired = Instant::now() >= *self.valid_until.lock().expect("lease clock");
-        if expired || self.lost.load(Ordering::Acquire) {
+        if expired || self.stop.lost.load(Ordering::Acquire) {
             Err(Interrupted::LeaseLost(self.game_id.to_string()))
+        } else if self.stop.shutdown.load(Ordering::Acquire) {
+            Err(Interrupted::ShuttingDown(self.game_id.to_string()))
         } else {
             Ok(())
         }
@@ -127,15 +140,14 @@ impl<L: LeaseStore> Drop for LeaseGuard<L> {
     }
 }
 
-/// Releases every lease still registered (shutdown, after the in-flight
-/// operations had their time).
-pub(super) async fn release_all<L: LeaseStore>(leases: &L, registry: &HeldLeases) {
-    let held: Vec<(GameId, (LeaseHolder, Arc<AtomicBool>))> =
-        registry.lock().expect("lease registry").drain().collect();
-    for (game_id, (holder, lost)) in held {
-        // Its operation, still running, stops before its next Docker step.
-        lost.store(true, Ordering::Release);
-        release(leases, &game_id, &holder).await;
+/// Stops every operation still holding a lease before its next Docker step
+/// (shutdown, after the in-flight operations had their time). Each releases
+/// its own lease as it unwinds, once its Docker call in flight returned;
+/// releasing them here instead let another worker take a game while this
+/// one still stopped its container.
+pub(super) fn stop_all(registry: &HeldLeases) {
+    for (_, stop) in registry.lock().expect("lease registry").values() {
+        stop.shutdown.store(true, Ordering::Release);
     }
 }
 
@@ -159,7 +171,7 @@ async fn renew_until_lost<L: LeaseStore>(
     game_id: GameId,
     holder: LeaseHolder,
     ttl: Duration,
-    lost: Arc<AtomicBool>,
+    stop: Arc<Stop>,
     valid_until: Arc<Mutex<Instant>>,
 ) {
     let every = ttl / 3;
@@ -172,7 +184,7 @@ async fn renew_until_lost<L: LeaseStore>(
             }
             Ok(Ok(false)) => {
                 warn!(game_id = %game_id, "lease lost: it expired or was taken over");
-                lost.store(true, Ordering::Release);
+                stop.lost.store(true, Ordering::Release);
                 return;
             }
             Ok(Err(e)) => warn!(game_id = %game_id, error = %e, "lease renewal failed"),
@@ -183,7 +195,7 @@ async fn renew_until_lost<L: LeaseStore>(
         let until = *valid_until.lock().expect("lease clock");
         if Instant::now() + every >= until {
             warn!(game_id = %game_id, "lease presumed lost: renewals failed for most of its TTL");
-            lost.store(true, Ordering::Release);
+            stop.lost.store(true, Ordering::Release);
             return;
         }
     }

@@ -119,6 +119,8 @@ pub enum Interrupted {
     Unrecorded(StoreError),
     #[error("the lease of game {0} was lost; stopping before the next Docker step")]
     LeaseLost(String),
+    #[error("shutting down: the operation on game {0} stops before its next Docker step")]
+    ShuttingDown(String),
     #[error("a newer operation took the fence of game {0}")]
     FenceLost(String),
     #[error("an earlier attempt of this command still holds the lease of game {0}")]
@@ -249,10 +251,16 @@ where
         }
     }
 
-    /// Releases the leases operations still hold; for shutdown, once the
-    /// in-flight operations had `RTM_SHUTDOWN_TIMEOUT`.
-    pub async fn release_held_leases(&self) {
-        lease::release_all(&self.leases, &self.held).await;
+    /// Stops the operations still running before their next Docker step;
+    /// for shutdown, once they had `RTM_SHUTDOWN_TIMEOUT`. Each releases its
+    /// lease once its Docker call in flight has returned.
+    pub fn stop_operations(&self) {
+        lease::stop_all(&self.held);
+    }
+
+    /// How many leases operations of this process hold.
+    pub fn leases_held(&self) -> usize {
+        self.held.lock().expect("lease registry").len()
     }
 
     pub fn config(&self) -> &LifecycleConfig {

@@ -978,3 +978,82 @@ async fn a_publishers_forged_delivery_count_never_reaches_the_worker() {
         .await
         .unwrap();
 }
+
+/// Issue 10, point 8, with the real binary: at `RTM_SHUTDOWN_TIMEOUT` an
+/// operation still in a Docker call is stopped before its next step and
+/// its lease is released only once that call has returned (it used to be
+/// released while the slow engine was still stopping, letting another
+/// worker take the game mid-stop); a command waiting in the game's lane is
+/// handed back unstarted; the worker exits 0 holding nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_shutdown_timeout_a_lease_is_released_only_once_docker_is_done() {
+    let mut rig = WorkerRig::prepare_with(|env| {
+        env.insert("RTM_SHUTDOWN_TIMEOUT".into(), "500ms".into());
+    })
+    .await;
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_rtmanager"))
+        .arg("serve")
+        .env_clear()
+        .envs(&rig.env)
+        .env("PATH", std::env::var("PATH").unwrap())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start rtmanager serve");
+    let game = rig.game();
+    let started = rig
+        .run(json!({"op": "start", "game_id": game, "image_ref": "rtm-test/slow:1.4.2"}))
+        .await;
+    assert_eq!(keys(&started), ["runtime.start.success"]);
+    let leases = rtmanager::outbound::redis_lease::RedisLeases::connect(
+        &rig.config.redis_url,
+        &rig.config.redis_prefix,
+    )
+    .await
+    .unwrap();
+    let docker = DockerEngine::connect(rig.config.docker.clone())
+        .await
+        .unwrap();
+    // The slow engine takes its whole 2 s grace period to stop: the
+    // shutdown timeout (0.5 s) runs out in the middle of the restart's stop.
+    let restart = rig.publish(json!({"op": "restart", "game_id": game})).await;
+    let queued = rig.publish(json!({"op": "restart", "game_id": game})).await;
+    wait_for_lease(&leases, &game, &restart).await;
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while leases.holder_of(&game).await.unwrap().is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lease is never released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let info = docker.inspect(&game).await.unwrap().expect("the container");
+    assert!(
+        !info.running,
+        "the lease was released while the engine was still being stopped"
+    );
+
+    let status = tokio::task::spawn_blocking(move || worker.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "graceful exit");
+    assert_eq!(leases.holder_of(&game).await.unwrap(), None);
+    // Neither restart finished: both wait in the queue for the next worker.
+    eventually(WAIT, "both restarts back in the queue", || async {
+        (rig.queue_depth(&rig.config.amqp.command_queue).await == 2).then_some(())
+    })
+    .await;
+    let after = docker.inspect(&game).await.unwrap().expect("the container");
+    assert!(
+        !after.running,
+        "no step was taken after the stop: {after:?}"
+    );
+    let _ = queued;
+}

@@ -263,6 +263,8 @@ mod tests {
             let answer = self.republish.clone().expect("no republish scripted");
             Box::pin(async move { answer })
         }
+
+        fn stop_operations(&self) {}
     }
 
     fn handled(duplicate: bool) -> Handled {

@@ -69,6 +69,9 @@ pub trait CommandHandler: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     /// Queues a stored outcome for publishing again (a duplicate's).
     fn republish(&self, event_id: Uuid) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Stops the operations still running before their next Docker step
+    /// (shutdown's time for them is up).
+    fn stop_operations(&self);
 }
 
 impl<S, L, E> CommandHandler for Lifecycle<S, L, E>
@@ -98,6 +101,10 @@ where
 
     fn republish(&self, event_id: Uuid) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.store().republish(event_id))
+    }
+
+    fn stop_operations(&self) {
+        Lifecycle::stop_operations(self);
     }
 }
 

@@ -23,6 +23,10 @@ use crate::readiness::Readiness;
 use crate::shutdown::Shutdown;
 use crate::telemetry;
 
+/// How long operations stopped at the shutdown timeout have to finish the
+/// Docker call they are in (a stop's grace period, a pull).
+const STOPPING_GRACE: Duration = Duration::from_secs(120);
+
 /// Reconnects after the broker went away: from half a second up to 5 s
 /// (the relay's too), so a returning broker is found within seconds.
 fn reconnect_pauses() -> Pauses {
@@ -59,12 +63,32 @@ impl Consumer {
         }
         let permits = u32::from(this.amqp.prefetch);
         info!("stopped consuming; waiting for the commands in flight");
-        match tokio::time::timeout(drain_timeout, this.in_flight.acquire_many(permits)).await {
-            Ok(_) => info!("all commands in flight finished"),
-            Err(_) => warn!(
+        let drained = this.in_flight.acquire_many(permits);
+        tokio::pin!(drained);
+        if tokio::time::timeout(drain_timeout, &mut drained)
+            .await
+            .is_ok()
+        {
+            info!("all commands in flight finished");
+        } else {
+            // Their time is up: each stops before its next Docker step and
+            // releases its lease once the call in flight returns, never
+            // before (another worker could take the game mid-call). A call
+            // that does not return in time leaves its lease to expire.
+            warn!(
                 ?drain_timeout,
-                "commands still in flight at the shutdown timeout; they will be redelivered"
-            ),
+                "commands still in flight at the shutdown timeout: stopping them before their next Docker step; they will be redelivered"
+            );
+            this.handler.stop_operations();
+            if tokio::time::timeout(STOPPING_GRACE, &mut drained)
+                .await
+                .is_err()
+            {
+                warn!(
+                    grace = ?STOPPING_GRACE,
+                    "a Docker call in flight did not return; exiting with its lease held (it expires within RTM_LEASE_TTL)"
+                );
+            }
         }
         // Channel first, then the connection: closing the connection under
         // an open channel makes lapin log errors on a clean shutdown.
