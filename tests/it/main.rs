@@ -2,6 +2,7 @@
 //! RabbitMQ, Docker). Each test isolates itself: its own database, Redis key prefix,
 //! container prefix, game ids and state directory.
 
+mod consumer;
 mod docker_support;
 mod engine;
 mod fakes;

@@ -31,7 +31,7 @@ pub enum Decision {
     /// Its outcome is recorded (or it was dead-lettered by copy): done.
     Ack,
     /// Back to the queue now, to be handled again (counts toward the
-    /// delivery limit).
+    /// delivery limit): only a command shutdown caught before it started.
     Requeue,
     /// Never to be handled again: to the dead-letter exchange.
     DeadLetter(DeadLetterReason),
@@ -62,6 +62,37 @@ enum NoOutcome {
 /// In-process retries of an interrupted command: from 1 s up to 10 s.
 fn retry_pauses() -> Pauses {
     Pauses::new(Duration::from_secs(1), Duration::from_secs(10))
+}
+
+/// Retries `call` with backoff until it succeeds; `None` once shutdown is
+/// requested, and the message is left unacked to come back. The steps
+/// before an ack are retried here rather than by a requeue: a requeue
+/// counts toward the delivery limit, and a message requeued through an
+/// outage ended dead-lettered by the broker, with no reason and no event.
+pub(super) async fn retry_until_shutdown<T, E, Fut>(
+    shutdown: &Shutdown,
+    what: &str,
+    mut call: impl FnMut() -> Fut,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut pauses = retry_pauses();
+    let mut shutdown = shutdown.clone();
+    loop {
+        match call().await {
+            Ok(done) => return Some(done),
+            Err(e) => warn!(error = %e, "could not {what} yet; retrying"),
+        }
+        if shutdown.is_set() {
+            return None;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(pauses.next_pause()) => {}
+            () = shutdown.wait() => return None,
+        }
+    }
 }
 
 /// The policy, over what one consumer holds.
@@ -104,18 +135,21 @@ impl Attempts<'_> {
     }
 
     /// A duplicate: publish the stored outcome again, with the same
-    /// event_id. If that cannot be queued, the duplicate is not acked: it
-    /// comes back and is answered then.
+    /// event_id. Until that is queued the duplicate is not acked.
     async fn republish(&self, handled: &Handled) -> Decision {
-        match self.handler.republish(handled.event.event_id).await {
-            Ok(()) => {
+        let event_id = handled.event.event_id;
+        let queued = retry_until_shutdown(
+            self.shutdown,
+            "queue the duplicate's outcome for republishing",
+            || self.handler.republish(event_id),
+        )
+        .await;
+        match queued {
+            Some(()) => {
                 self.relay_wake.notify_one();
                 Decision::Ack
             }
-            Err(e) => {
-                warn!(error = %e, "could not queue the duplicate's outcome for republishing; returning it to the queue");
-                Decision::Requeue
-            }
+            None => Decision::Leave,
         }
     }
 
@@ -341,7 +375,9 @@ mod tests {
             republish: Some(Err(StoreError::Unavailable("down".into()))),
             ..Scripted::default()
         };
-        assert_eq!(decide(unqueued, 0, false).await.0, Decision::Requeue);
+        // Retried in-process, never requeued (a requeue counts toward the
+        // delivery limit); at shutdown it is left to come back.
+        assert_eq!(decide(unqueued, 0, true).await.0, Decision::Leave);
     }
 
     #[tokio::test]

@@ -3,6 +3,8 @@
 //! message goes to the dead-letter exchange with the reason in
 //! `x-rtm-reject-reason`, then the original is acked.
 
+use std::time::Duration;
+
 use chrono::Utc;
 use lapin::Channel;
 use lapin::message::Delivery;
@@ -11,27 +13,69 @@ use tracing::warn;
 use uuid::Uuid;
 
 use super::CommandHandler;
-use super::attempt::{DeadLetterReason, Decision};
+use super::attempt::{DeadLetterReason, Decision, retry_until_shutdown};
 use crate::broker::{self, Outgoing, PublishError, REJECT_REASON_HEADER};
 use crate::domain::event::{REJECTED_ROUTING_KEY, SCHEMA_VERSION};
 use crate::domain::{Outcome, OutcomeEvent};
 use crate::error::ErrorCode;
 use crate::messages::Undecodable;
+use crate::shutdown::Shutdown;
 
 /// Stores the `runtime.rejected` event of an undecodable message, then
-/// decides to dead-letter it. The event first: if it cannot be stored, the
-/// message goes back to the queue and is handled again, rather than
-/// dead-lettered with its event lost. Its id is derived from the
-/// command_id, so handling the message twice stores it once.
-pub(super) async fn reject(handler: &dyn CommandHandler, undecodable: Undecodable) -> Decision {
+/// decides to dead-letter it. The event first, retried while the database
+/// is out (the message waits unacked in its own task, holding up nothing),
+/// rather than dead-lettered with its event lost; at shutdown it is left
+/// to come back. Its id is derived from the command_id, so handling the
+/// message twice stores it once.
+pub(super) async fn reject(
+    handler: &dyn CommandHandler,
+    undecodable: Undecodable,
+    shutdown: &Shutdown,
+) -> Decision {
     warn!(reason = %undecodable.reason, command_id = ?undecodable.command_id, "undecodable message: dead-lettering");
-    if let Some(event) = rejected_event(&undecodable)
-        && let Err(e) = handler.append_rejected(&event).await
-    {
-        warn!(error = %e, "could not record the runtime.rejected event; returning the message to the queue");
-        return Decision::Requeue;
+    if let Some(event) = rejected_event(&undecodable) {
+        let stored = retry_until_shutdown(shutdown, "record the runtime.rejected event", || {
+            handler.append_rejected(&event)
+        })
+        .await;
+        if stored.is_none() {
+            return Decision::Leave;
+        }
     }
     Decision::DeadLetter(DeadLetterReason::Undecodable(undecodable.reason))
+}
+
+/// How long the broker may take to confirm a dead-letter copy.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Copies `delivery` to the dead-letter exchange ([`copy_to`]) until the
+/// broker confirms it: `false` if shutdown came first or the channel is
+/// gone (the message comes back then, unacked).
+pub(super) async fn copy_until_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    delivery: &Delivery,
+    reason: &str,
+    shutdown: &Shutdown,
+) -> bool {
+    retry_until_shutdown(shutdown, "dead-letter the message", move || async move {
+        if !channel.status().connected() {
+            // Not an error to retry: the message returns with the channel.
+            return Ok(false);
+        }
+        match tokio::time::timeout(
+            CONFIRM_TIMEOUT,
+            copy_to(channel, exchange, delivery, reason),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(true),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no confirm within {CONFIRM_TIMEOUT:?}")),
+        }
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// Publishes a copy of `delivery` to `exchange` with `reason` in

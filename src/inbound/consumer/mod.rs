@@ -21,7 +21,8 @@
 //! | interrupted (store down, lease lost)  | none yet: retried in-process with backoff (a requeue would count toward the delivery limit) |
 //! | panic while handling                  | record `internal`, `Ack`        |
 //! | not even a failure can be recorded    | `DeadLetter(Unrecordable)`: rejected, the broker dead-letters it |
-//! | a step before the ack failed (the rejected event or a duplicate's republish could not be stored, the DLX copy not confirmed) | `Requeue` |
+//! | a step before the ack failed (the rejected event or a duplicate's republish could not be stored, the DLX copy not confirmed) | none yet: retried in-process with backoff; `Leave` at shutdown |
+//! | waiting in its lane when shutdown came   | `Requeue`: handed back unstarted |
 //! | shutdown while interrupted            | `Leave` unacked: redelivered when the channel closes |
 
 mod attempt;
@@ -182,7 +183,9 @@ impl Consumer {
                     let Ok(_permit) = self.in_flight.clone().acquire_owned().await else {
                         return;
                     };
-                    let decision = dead_letter::reject(self.handler.as_ref(), undecodable).await;
+                    let decision =
+                        dead_letter::reject(self.handler.as_ref(), undecodable, &self.shutdown)
+                            .await;
                     if matches!(decision, Decision::DeadLetter(_)) {
                         self.relay_wake.notify_one();
                     }

@@ -165,21 +165,22 @@ impl Consumer {
             Decision::Requeue => Some(true),
             Decision::DeadLetter(DeadLetterReason::Undecodable(reason)) => {
                 let exchange = self.amqp.dead_letter_exchange.as_str();
-                match dead_letter::copy_to(channel, exchange, delivery, &reason).await {
-                    Ok(()) => {
-                        metrics::counter!(telemetry::COMMANDS_DEAD_LETTERED).increment(1);
-                        None
-                    }
-                    Err(e) => {
-                        // Back to the queue: handled again, or dead-lettered
-                        // by the broker at the delivery limit.
-                        warn!(
-                            error = %e,
-                            "could not dead-letter; returning the message to the queue"
-                        );
-                        Some(true)
-                    }
+                if !dead_letter::copy_until_confirmed(
+                    channel,
+                    exchange,
+                    delivery,
+                    &reason,
+                    &self.shutdown,
+                )
+                .await
+                {
+                    debug!(
+                        "not dead-lettered before shutdown or the channel closed; it comes back"
+                    );
+                    return;
                 }
+                metrics::counter!(telemetry::COMMANDS_DEAD_LETTERED).increment(1);
+                None
             }
             Decision::DeadLetter(DeadLetterReason::Unrecordable(why)) => {
                 // The broker dead-letters it (reason `rejected`) for an

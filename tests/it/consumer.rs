@@ -1,0 +1,250 @@
+//! The consumer over the real broker with a scripted handler: what a step
+//! before the ack that cannot be done yet (the database is out) does to the
+//! queue (issue 10, point 9). The handler fakes the outage, which the real
+//! lifecycle cannot produce on demand; the broker is the real one.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::AMQPValue;
+use lapin::{BasicProperties, Channel};
+use rtmanager::config::SecretUrl;
+use rtmanager::domain::{CommandRequest, OutcomeEvent};
+use rtmanager::inbound::consumer::{CommandHandler, Consumer};
+use rtmanager::lifecycle::{Handled, Interrupted};
+use rtmanager::ports::StoreError;
+use rtmanager::readiness::Readiness;
+use uuid::Uuid;
+
+use crate::harness::{amqp_url, eventually, test_amqp, unique};
+
+/// How long the fake database is out.
+const OUTAGE: Duration = Duration::from_secs(3);
+
+/// A handler whose outbox writes fail until `back`, as with PostgreSQL
+/// down; every command is answered at once, game `dup`'s as a duplicate.
+struct Flaky {
+    back: Instant,
+    event: OutcomeEvent,
+    rejected_calls: AtomicU32,
+    republish_calls: AtomicU32,
+    handled: Mutex<Vec<(String, Instant)>>,
+}
+
+impl Flaky {
+    fn outbox_write(&self, calls: &AtomicU32) -> Result<(), StoreError> {
+        calls.fetch_add(1, Ordering::SeqCst);
+        if Instant::now() < self.back {
+            Err(StoreError::Unavailable(
+                "PostgreSQL is down (scripted)".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn handled(&self, command_id: &str) -> Vec<Instant> {
+        let handled = self.handled.lock().unwrap();
+        handled
+            .iter()
+            .filter(|(id, _)| id == command_id)
+            .map(|(_, at)| *at)
+            .collect()
+    }
+}
+
+/// The handler the consumer holds, sharing its state with the test.
+struct Scripted(Arc<Flaky>);
+
+impl std::ops::Deref for Scripted {
+    type Target = Flaky;
+
+    fn deref(&self) -> &Flaky {
+        &self.0
+    }
+}
+
+impl CommandHandler for Scripted {
+    fn handle(&self, request: CommandRequest) -> BoxFuture<'_, Result<Handled, Interrupted>> {
+        self.handled
+            .lock()
+            .unwrap()
+            .push((request.command_id.clone(), Instant::now()));
+        let handled = Handled {
+            event: self.event.clone(),
+            duplicate: request.game_id.as_deref() == Some("dup"),
+        };
+        Box::pin(async move { Ok(handled) })
+    }
+
+    fn fail_internal<'a>(
+        &'a self,
+        request: &'a CommandRequest,
+        message: String,
+    ) -> BoxFuture<'a, Result<Handled, Interrupted>> {
+        panic!(
+            "{}: not expected to fail internal: {message}",
+            request.command_id
+        )
+    }
+
+    fn append_rejected<'a>(&'a self, _: &'a OutcomeEvent) -> BoxFuture<'a, Result<(), StoreError>> {
+        let result = self.outbox_write(&self.rejected_calls);
+        Box::pin(async move { result })
+    }
+
+    fn republish(&self, _: Uuid) -> BoxFuture<'_, Result<(), StoreError>> {
+        let result = self.outbox_write(&self.republish_calls);
+        Box::pin(async move { result })
+    }
+
+    fn stop_operations(&self) {}
+}
+
+async fn publish(channel: &Channel, exchange: &str, key: &str, body: &str) {
+    channel
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// With the database out, an undecodable message waits for its
+/// `runtime.rejected` event to be stored and a duplicate for its outcome
+/// to be queued again — in-process, holding up no other command — and
+/// neither is requeued: requeues counted toward the delivery limit, and
+/// the broker dead-lettered the message with no reason and no event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_before_the_ack_wait_out_an_outage_without_requeue_or_blocking() {
+    let id = unique("consumer");
+    let amqp = test_amqp(&id);
+    let url = SecretUrl::new(amqp_url());
+    let event: OutcomeEvent = serde_json::from_str(include_str!(
+        "../fixtures/events/runtime.stop.success--noop.json"
+    ))
+    .unwrap();
+    let flaky = Arc::new(Flaky {
+        back: Instant::now() + OUTAGE,
+        event,
+        rejected_calls: AtomicU32::new(0),
+        republish_calls: AtomicU32::new(0),
+        handled: Mutex::new(Vec::new()),
+    });
+    let (trigger, shutdown) = rtmanager::shutdown::channel();
+    let consumer = Consumer::new(
+        Scripted(flaky.clone()),
+        url.clone(),
+        amqp.clone(),
+        Arc::new(Readiness::default()),
+        Arc::new(tokio::sync::Notify::new()),
+        shutdown,
+    );
+    let running = tokio::spawn(consumer.run(Duration::from_secs(10)));
+
+    let conn = rtmanager::broker::connect(&url, "consumer test")
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the consumer's topology",
+        || async { crate::topology::declared_queue(&conn, &amqp.command_queue).await },
+    )
+    .await;
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let exchange = amqp.command_exchange.as_str();
+    publish(
+        &channel,
+        exchange,
+        "runtime.explode",
+        r#"{"op":"explode","command_id":"bad-1"}"#,
+    )
+    .await;
+    publish(
+        &channel,
+        exchange,
+        "runtime.stop",
+        r#"{"op":"stop","game_id":"dup","command_id":"dup-1","op_source":"lobby"}"#,
+    )
+    .await;
+    publish(
+        &channel,
+        exchange,
+        "runtime.stop",
+        r#"{"op":"stop","game_id":"quick","command_id":"quick-1","op_source":"lobby"}"#,
+    )
+    .await;
+
+    let dead = eventually(Duration::from_secs(30), "the dead letter", || async {
+        channel
+            .basic_get(
+                amqp.dead_letter_queue.as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+    })
+    .await;
+    let quick = flaky.handled("quick-1");
+    assert_eq!(quick.len(), 1, "the other command ran once");
+    assert!(
+        quick[0] < flaky.back,
+        "the other command waited for the outage to end"
+    );
+    let headers = dead
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    match headers.inner().get("x-rtm-reject-reason") {
+        Some(AMQPValue::LongString(reason)) => {
+            assert!(reason.to_string().contains("explode"), "{reason}");
+        }
+        other => panic!("dead-lettered without its reason: {other:?}"),
+    }
+    assert!(
+        headers.inner().get("x-delivery-count").is_none(),
+        "the message was requeued: {headers:?}"
+    );
+    assert!(flaky.rejected_calls.load(Ordering::SeqCst) >= 2, "retried");
+
+    eventually(
+        Duration::from_secs(30),
+        "the duplicate's republish",
+        || async {
+            (Instant::now() > flaky.back && flaky.republish_calls.load(Ordering::SeqCst) >= 2)
+                .then_some(())
+        },
+    )
+    .await;
+    trigger.fire();
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the consumer stops")
+        .unwrap();
+    assert_eq!(
+        flaky.handled("dup-1").len(),
+        1,
+        "the duplicate was not redelivered"
+    );
+    let left = crate::topology::declared_queue(&conn, &amqp.command_queue)
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(left, 0, "everything was acked");
+    crate::topology::delete_topology(amqp, url, Vec::new());
+}
