@@ -20,6 +20,9 @@ pub struct Config {
     pub amqp: AmqpConfig,
     pub lifecycle: LifecycleConfig,
     pub shutdown_timeout: Duration,
+    /// `RTM_RETENTION`: how long finished inbox rows and published outbox
+    /// rows are kept.
+    pub retention: Duration,
     pub http_addr: SocketAddr,
     pub log_format: LogFormat,
 }
@@ -195,6 +198,17 @@ impl Config {
             amqp,
             lifecycle,
             shutdown_timeout: env.duration("RTM_SHUTDOWN_TIMEOUT", "60s")?,
+            retention: env.parse("RTM_RETENTION", "7d", |s| {
+                parse_duration(s).and_then(|d| {
+                    // A duplicate is recognised only while its command's
+                    // inbox row is kept: far less than a redelivery can take.
+                    if d >= Duration::from_secs(3600) {
+                        Ok(d)
+                    } else {
+                        Err("must be at least 1h (duplicates are recognised only within it)".into())
+                    }
+                })
+            })?,
             http_addr: env.parse("RTM_HTTP_ADDR", "127.0.0.1:9090", |s| {
                 s.parse::<SocketAddr>()
                     .map_err(|e| format!("must be host:port ({e})"))
@@ -660,5 +674,21 @@ mod tests {
         assert_eq!(parse_bytes("1G"), Ok(1 << 30));
         assert!(parse_bytes("1k").is_err());
         assert_eq!(parse_cpus("0.5"), Ok(500_000_000));
+    }
+
+    #[test]
+    fn retention_is_a_week_by_default_and_at_least_an_hour() {
+        assert_eq!(
+            load(&[]).unwrap().retention,
+            Duration::from_secs(7 * 24 * 3600)
+        );
+        assert_eq!(
+            load(&[("RTM_RETENTION", "30d")]).unwrap().retention,
+            Duration::from_secs(30 * 24 * 3600)
+        );
+        for short in ["59m", "0s", "soon"] {
+            let err = load(&[("RTM_RETENTION", short)]).unwrap_err();
+            assert_eq!(err.variable, "RTM_RETENTION", "{short}");
+        }
     }
 }

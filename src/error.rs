@@ -51,6 +51,11 @@ impl ErrorCode {
         ErrorCode::ContainerStopFailed,
     ];
 
+    /// The code of a wire name, as read back from `operation_log`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|code| code.as_str() == name)
+    }
+
     /// The wire name, as stored in `operation_log.error_code`.
     pub const fn as_str(self) -> &'static str {
         match self {

@@ -111,6 +111,7 @@ pub async fn run_with<E: ContainerEngine>(
     let relay = {
         let (store, url, amqp) = (store.clone(), config.amqp_url.clone(), config.amqp.clone());
         let (wake, readiness) = (relay_wake.clone(), readiness.clone());
+        let retention = config.retention;
         tokio::spawn(async move {
             loop {
                 let relay = Relay::new(
@@ -119,7 +120,8 @@ pub async fn run_with<E: ContainerEngine>(
                     amqp.clone(),
                     wake.clone(),
                     readiness.clone(),
-                );
+                )
+                .with_retention(retention);
                 match tokio::spawn(relay.run(relay_stop.clone())).await {
                     Ok(()) => return,
                     Err(e) => {

@@ -145,7 +145,7 @@ where
         let ttl = self.cfg.lease_ttl;
         // A dead attempt's lease expires within one TTL; a live one keeps
         // renewing, and then this delivery is a duplicate still running.
-        let give_up = tokio::time::Instant::now() + ttl * 2;
+        let give_up = tokio::time::Instant::now() + ttl.saturating_mul(2);
         loop {
             let asked = tokio::time::Instant::now();
             let acquired = self

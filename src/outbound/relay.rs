@@ -29,12 +29,12 @@ use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::broker::{self, Outgoing, PublishError};
 use crate::config::{AmqpConfig, SecretUrl};
-use crate::outbound::postgres::{PendingEvent, PgStore};
+use crate::outbound::postgres::{PendingEvent, PgStore, Swept};
 use crate::pauses::Pauses;
 use crate::readiness::Readiness;
 use crate::shutdown::Shutdown;
@@ -54,7 +54,12 @@ pub struct Relay {
     amqp: AmqpConfig,
     wake: Arc<Notify>,
     readiness: Arc<Readiness>,
+    /// `RTM_RETENTION`: the leader sweeps what is older.
+    retention: Duration,
 }
+
+/// How often the leading relay sweeps what `RTM_RETENTION` lets go.
+const SWEEP_EVERY: Duration = Duration::from_secs(600);
 
 /// This relay's claim to publish.
 struct Leadership {
@@ -89,6 +94,34 @@ impl Relay {
             amqp,
             wake,
             readiness,
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+
+    /// Keeps finished inbox rows and published outbox rows for `retention`
+    /// (default 7 days).
+    pub fn with_retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Sweeps, if this relay leads and the last sweep is `SWEEP_EVERY` old;
+    /// a failed sweep is tried again next time, nothing else depends on it.
+    async fn sweep_if_due(&self, leader: &Leadership, last: &mut Option<Instant>) {
+        if !leader.holds() || last.is_some_and(|at| at.elapsed() < SWEEP_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        match self.store.sweep(self.retention).await {
+            Ok(swept) if swept == Swept::default() => debug!("retention sweep: nothing to delete"),
+            Ok(swept) => info!(
+                inbox = swept.inbox,
+                outbox = swept.outbox,
+                fences = swept.fences,
+                retention = ?self.retention,
+                "retention sweep deleted old rows"
+            ),
+            Err(e) => warn!(error = %e, "retention sweep failed; trying again later"),
         }
     }
 
@@ -102,11 +135,13 @@ impl Relay {
         };
         let mut failures = Pauses::new(POLL, Duration::from_secs(5));
         let mut refusals = Refusals::default();
+        let mut swept: Option<Instant> = None;
         loop {
             let stopping = shutdown.is_set();
             let pause = match self.pass(&mut link, &mut leader, &mut refusals).await {
                 Ok(()) => {
                     failures.reset();
+                    self.sweep_if_due(&leader, &mut swept).await;
                     POLL
                 }
                 Err(e) => {

@@ -13,7 +13,7 @@ use rtmanager::domain::{
     OutcomeEvent, RecordUpdate, ReplyTo, RuntimeState, Stage, Step,
 };
 use rtmanager::error::{ErrorCode, Failure};
-use rtmanager::outbound::postgres::PgStore;
+use rtmanager::outbound::postgres::{PgStore, Swept};
 use rtmanager::ports::{
     Answers, Fence, FenceView, InboxClaim, OperationWrite, RuntimeStore, StoreError, WriteFence,
 };
@@ -1197,6 +1197,136 @@ async fn history_is_newest_first_and_filters_by_correlation() {
         newest_first[1..]
     );
     assert_eq!(store.history("g-unknown", None, 100).await.unwrap(), []);
+}
+
+/// Issue 10, point 11: `RTM_RETENTION`. A sweep deletes finished inbox
+/// rows and published outbox rows older than the retention, and fence rows
+/// at 0 of games with no record; it keeps the operation log (the history
+/// still shows the entry, rebuilt from the log), anything younger, an
+/// unpublished event, the entries of a command still unfinished, and any
+/// fence that ever moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_deletes_only_what_retention_lets_go() {
+    let db = TestDb::new().await;
+    let store = PgStore::new(db.pool.clone());
+    let g = game("g-1");
+    // cmd-old finished long ago, cmd-new just now; cmd-open is a patch
+    // whose worker died after its inner stop.
+    for command in ["cmd-old", "cmd-new", "cmd-open"] {
+        assert_eq!(
+            store
+                .claim(&request(command, Some("g-1"), None))
+                .await
+                .unwrap(),
+            InboxClaim::Fresh
+        );
+    }
+    for (command, op, outer) in [
+        ("cmd-old", OpKind::Stop, None),
+        ("cmd-new", OpKind::Stop, None),
+        ("cmd-open", OpKind::Stop, Some(OpKind::Patch)),
+    ] {
+        let fence = store.advance_fence(&g, command).await.unwrap();
+        store
+            .append(
+                write(entry("g-1", command, op, outer), Some(fence), None),
+                Uuid::new_v4(),
+            )
+            .await
+            .unwrap();
+    }
+    let unsent = store
+        .append(
+            write(entry("g-2", "cmd-unsent", OpKind::Stop, None), None, None),
+            Uuid::new_v4(),
+        )
+        .await
+        .unwrap();
+    // Everything published and (but cmd-new) eight days old.
+    sqlx::query("update outbox set sent_at = now() - interval '8 days', created_at = now() - interval '8 days' where game_id = 'g-1'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("update outbox set sent_at = now() where correlation_id = 'corr-cmd-new'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("update outbox set sent_at = null, created_at = now() - interval '8 days' where event_id = $1")
+        .bind(unsent.event.event_id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("update inbox set finished_at = now() - interval '8 days' where command_id in ('cmd-old', 'cmd-unsent')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // A game only ever refused (fence row at 0, no record).
+    store.observe_fence(&game("ghost")).await.unwrap();
+    let before = store.history("g-1", None, 100).await.unwrap();
+
+    let swept = store
+        .sweep(Duration::from_secs(7 * 24 * 3600))
+        .await
+        .unwrap();
+
+    let inbox: Vec<String> = sqlx::query_scalar("select command_id from inbox order by command_id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(inbox, ["cmd-new", "cmd-open"], "finished long ago: gone");
+    let outbox: Vec<String> =
+        sqlx::query_scalar("select correlation_id from outbox order by correlation_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        outbox,
+        ["corr-cmd-new", "corr-cmd-open", "corr-cmd-unsent"],
+        "young, still needed by an unfinished command, or unsent: kept"
+    );
+    assert_eq!(log_rows(&db).await, 4, "the operation log is kept");
+    let fences: Vec<String> =
+        sqlx::query_scalar("select game_id from game_fences order by game_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        fences,
+        ["g-1"],
+        "a fence that moved is kept, the ghost's is not"
+    );
+    assert_eq!(
+        swept,
+        Swept {
+            inbox: 2,
+            outbox: 1,
+            fences: 1
+        }
+    );
+
+    let after = store.history("g-1", None, 100).await.unwrap();
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "the history still shows every entry"
+    );
+    let old = after.last().unwrap();
+    assert_eq!(old.command_id, "cmd-old");
+    assert_eq!(old.event_id, Uuid::nil(), "rebuilt from the log");
+    // The same entry but its event id (and timestamps, which the log
+    // column keeps to the microsecond).
+    let mut expected = before.last().unwrap().clone();
+    assert!(
+        (expected.finished_at - old.finished_at)
+            .num_milliseconds()
+            .abs()
+            < 1
+    );
+    expected.event_id = Uuid::nil();
+    expected.started_at = old.started_at;
+    expected.finished_at = old.finished_at;
+    expected.occurred_at = old.occurred_at;
+    assert_eq!(*old, expected);
 }
 
 // ---------------------------------------------------------------------------

@@ -205,14 +205,30 @@ impl Attempts<'_> {
     ) -> Result<Handled, NoOutcome> {
         let mut pauses = retry_pauses();
         loop {
-            match self.handler.fail_internal(request, message.clone()).await {
-                Ok(handled) => return Ok(handled),
-                Err(Interrupted::Unrecorded(StoreError::Corrupt(why))) => {
+            let (handler, owned, message) =
+                (self.handler.clone(), request.clone(), message.clone());
+            // A task of its own like the op's: a panic here must not take
+            // the lane down with the delivery unacked.
+            let answered = tokio::spawn(
+                async move { handler.fail_internal(&owned, message).await }.in_current_span(),
+            )
+            .await;
+            match answered {
+                Ok(Ok(handled)) => return Ok(handled),
+                Ok(Err(Interrupted::Unrecorded(StoreError::Corrupt(why)))) => {
                     return Err(NoOutcome::Unrecordable(why));
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     warn!(error = %e, "could not record the command's internal failure yet; retrying")
                 }
+                Err(join) if join.is_panic() => {
+                    let message = panic_message(join.into_panic());
+                    error!(panic = %message, "answering the command internal panicked");
+                    return Err(NoOutcome::Unrecordable(format!(
+                        "panic while answering the command internal: {message}"
+                    )));
+                }
+                Err(join) => warn!(error = %join, "internal answer task cancelled; retrying"),
             }
             self.pause_before_retry(&mut pauses).await?;
         }
@@ -221,11 +237,14 @@ impl Attempts<'_> {
     /// Waits the next of `pauses` before an in-process retry; gives up at
     /// shutdown, leaving the message unacked.
     async fn pause_before_retry(&self, pauses: &mut Pauses) -> Result<(), NoOutcome> {
-        if self.shutdown.is_set() {
+        let mut shutdown = self.shutdown.clone();
+        if shutdown.is_set() {
             return Err(NoOutcome::Shutdown);
         }
-        tokio::time::sleep(pauses.next_pause()).await;
-        Ok(())
+        tokio::select! {
+            () = tokio::time::sleep(pauses.next_pause()) => Ok(()),
+            () = shutdown.wait() => Err(NoOutcome::Shutdown),
+        }
     }
 
     /// The broker dead-letters a message returned more than
@@ -419,6 +438,19 @@ mod tests {
             asked[0].starts_with("the outcome could not be stored"),
             "{asked:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_answering_internal_dead_letters_the_command() {
+        // `handle` panics, then so does `fail_internal` (nothing scripted).
+        let (decision, asked) = decide(Scripted::default(), 0, false).await;
+        assert_eq!(asked.len(), 1, "asked once: {asked:?}");
+        match decision {
+            Decision::DeadLetter(DeadLetterReason::Unrecordable(why)) => {
+                assert!(why.contains("no internal answer scripted"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

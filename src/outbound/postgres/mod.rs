@@ -7,6 +7,7 @@
 //! - [`outbox`]: the relay's reads and marks, and its leadership lease
 //!   (`relay_leader`).
 //! - [`history`]: the operation history `rtmanager log` prints.
+//! - [`retention`]: the sweep of what `RTM_RETENTION` keeps only a while.
 //! - [`bootstrap`]: connecting (creating the database if missing),
 //!   migrating, and the readiness ping.
 //!
@@ -25,6 +26,7 @@ mod bootstrap;
 mod history;
 mod outbox;
 mod port;
+mod retention;
 
 use std::path::Path;
 use std::time::Duration;
@@ -37,6 +39,7 @@ use crate::domain::OutcomeEvent;
 use crate::ports::StoreError;
 
 pub use outbox::PendingEvent;
+pub use retention::Swept;
 
 /// How long a query waits for a pooled connection (including connecting)
 /// before it fails: an outage must surface as [`StoreError::Unavailable`],
