@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::{Halt, Op};
+use super::{Halt, Interrupted, Op};
 use crate::domain::{ContainerId, ImageRef, Stage, Step};
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, ContainerInfo, EngineError, Health, LeaseStore, RuntimeStore};
@@ -32,6 +32,12 @@ impl From<Halt> for BringUp {
     }
 }
 
+impl From<Interrupted> for BringUp {
+    fn from(i: Interrupted) -> Self {
+        BringUp::Halt(i.into())
+    }
+}
+
 /// How often start-up is polled.
 const UP_POLL: Duration = Duration::from_millis(100);
 
@@ -46,8 +52,14 @@ where
     E: ContainerEngine,
 {
     /// An engine call, retried while Docker is unreachable (for
-    /// `RTM_RETRY_FOR`); a refusal is returned at once.
-    async fn docker<T, F, Fut>(&self, name: &'static str, call: F) -> Result<T, EngineError>
+    /// `RTM_RETRY_FOR`) and the lease is still held; a refusal is returned
+    /// at once. `Err` (outer) when the lease went during the retries: a
+    /// retry is a Docker step like any other, never taken without it.
+    async fn docker<T, F, Fut>(
+        &self,
+        name: &'static str,
+        call: F,
+    ) -> Result<Result<T, EngineError>, Interrupted>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, EngineError>>,
@@ -55,11 +67,16 @@ where
         let since = Instant::now();
         let result = self
             .lc
-            .retrying(call, |e| matches!(e, EngineError::Unavailable(_)))
+            .retrying(call, |e| {
+                matches!(e, EngineError::Unavailable(_)) && self.check_lease().is_ok()
+            })
             .await;
         metrics::histogram!(telemetry::DOCKER_CALL_SECONDS, "call" => name)
             .record(since.elapsed().as_secs_f64());
-        result
+        if result.is_err() {
+            self.check_lease()?;
+        }
+        Ok(result)
     }
 
     /// The failure message with the exit code (when it exited) and the tail
@@ -82,14 +99,14 @@ where
         self.check_lease()?;
         let present = self
             .docker("image_present", || self.lc.engine.image_present(image))
-            .await
+            .await?
             .map_err(|e| unavailable("image inspect", &e.to_string()))?;
         if present {
             return Ok(());
         }
         self.check_lease()?;
         self.docker("pull", || self.lc.engine.pull(image))
-            .await
+            .await?
             .map_err(|e| match e {
                 EngineError::Rejected(msg) | EngineError::StaleTask(msg) => Failure::new(
                     ErrorCode::ImagePullFailed,
@@ -108,7 +125,7 @@ where
     pub(super) async fn inspect(&self) -> Result<Option<ContainerInfo>, Halt> {
         Ok(self
             .docker("inspect", || self.lc.engine.inspect(self.game()))
-            .await
+            .await?
             .map_err(|e| unavailable("inspect", &e.to_string()))?)
     }
 
@@ -118,7 +135,7 @@ where
         self.check_lease()?;
         let grace = self.lc.cfg.stop_timeout;
         self.docker("stop", || self.lc.engine.stop(id, grace))
-            .await
+            .await?
             .map_err(|e| match e {
                 EngineError::Rejected(msg) | EngineError::StaleTask(msg) => Failure::new(
                     ErrorCode::ContainerStopFailed,
@@ -141,7 +158,7 @@ where
     pub(super) async fn discard(&self, id: &ContainerId) -> Result<(), Halt> {
         self.check_lease()?;
         self.docker("remove", || self.lc.engine.remove(id))
-            .await
+            .await?
             .map_err(|e| unavailable("remove", &e.to_string()))?;
         self.journal(&Step::Remove {
             container_id: id.clone(),
@@ -195,18 +212,45 @@ where
         }
     }
 
+    /// Creates the game's container. Repeatable: a refused create may be
+    /// the retry of one whose answer was lost after the engine made the
+    /// container ("name already in use"). Whatever container of the game
+    /// Docker then has, made under this lease, is replaced once, rather
+    /// than failing the start and leaving it behind.
     async fn create(&self, image: &ImageRef, stage: Stage) -> Result<ContainerId, Halt> {
-        self.check_lease()?;
-        let id = self
-            .docker("create", || self.lc.engine.create(self.game(), image))
-            .await
-            .map_err(|e| match e {
-                EngineError::Rejected(msg) | EngineError::StaleTask(msg) => Failure::new(
-                    ErrorCode::ContainerStartFailed,
-                    format!("create container from {image}: {msg}"),
-                ),
-                EngineError::Unavailable(msg) => unavailable("create", &msg),
-            })?;
+        let mut replaced = false;
+        let id = loop {
+            self.check_lease()?;
+            let created = self
+                .docker("create", || self.lc.engine.create(self.game(), image))
+                .await?;
+            match created {
+                Ok(id) => break id,
+                Err(EngineError::Unavailable(msg)) => {
+                    return Err(unavailable("create", &msg).into());
+                }
+                Err(EngineError::Rejected(msg) | EngineError::StaleTask(msg)) => {
+                    let in_the_way = if replaced {
+                        None
+                    } else {
+                        self.inspect().await?
+                    };
+                    let Some(leftover) = in_the_way else {
+                        return Err(Failure::new(
+                            ErrorCode::ContainerStartFailed,
+                            format!("create container from {image}: {msg}"),
+                        )
+                        .into());
+                    };
+                    warn!(container_id = %leftover.id, error = %msg, "create refused with a container of the game in the way (an earlier create's answer was lost?); replacing it");
+                    if leftover.running {
+                        self.stop_container(&leftover.id).await?;
+                    }
+                    self.discard(&leftover.id).await?;
+                    replaced = true;
+                }
+            }
+        };
         self.journal(&Step::Create {
             stage,
             container_id: id.clone(),
@@ -226,7 +270,7 @@ where
     ) -> Result<ContainerInfo, BringUp> {
         if !running {
             self.check_lease().map_err(Halt::from)?;
-            match self.docker("start", || self.lc.engine.start(id)).await {
+            match self.docker("start", || self.lc.engine.start(id)).await? {
                 Ok(()) => {}
                 Err(EngineError::Unavailable(msg)) => {
                     return Err(Halt::from(unavailable("start", &msg)).into());

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use rtmanager::domain::{
@@ -113,7 +113,10 @@ impl RuntimeStore for StallingStore {
 
 /// An engine whose `stop`, `start` or `create` never returns once armed (or
 /// whose `create` panics, with `panic_on_create`): the worker
-/// died in the middle of that Docker call.
+/// died in the middle of that Docker call. Also: a create whose answer is
+/// lost once (`lose_create_answer`: Docker made the container, the call
+/// timed out), and a Docker that cannot be reached for stops
+/// (`stop_unavailable`, counting the calls in `stop_calls`).
 #[derive(Clone)]
 pub struct HangingEngine {
     pub inner: DockerEngine,
@@ -121,6 +124,9 @@ pub struct HangingEngine {
     pub hang_start: Arc<AtomicBool>,
     pub hang_create: Arc<AtomicBool>,
     pub panic_on_create: Arc<AtomicBool>,
+    pub lose_create_answer: Arc<AtomicBool>,
+    pub stop_unavailable: Arc<AtomicBool>,
+    pub stop_calls: Arc<AtomicU32>,
     pub reached: Arc<Notify>,
 }
 
@@ -132,6 +138,9 @@ impl HangingEngine {
             hang_start: Arc::default(),
             hang_create: Arc::default(),
             panic_on_create: Arc::default(),
+            lose_create_answer: Arc::default(),
+            stop_unavailable: Arc::default(),
+            stop_calls: Arc::default(),
             reached: Arc::new(Notify::new()),
         }
     }
@@ -161,7 +170,13 @@ impl ContainerEngine for HangingEngine {
             self.reached.notify_one();
             std::future::pending::<()>().await;
         }
-        self.inner.create(game_id, image).await
+        let created = self.inner.create(game_id, image).await;
+        if created.is_ok() && self.lose_create_answer.swap(false, Ordering::SeqCst) {
+            return Err(EngineError::Unavailable(
+                "injected: the create timed out after Docker made the container".into(),
+            ));
+        }
+        created
     }
     async fn start(&self, id: &ContainerId) -> Result<(), EngineError> {
         // The container really starts; the call just never reports back.
@@ -173,6 +188,12 @@ impl ContainerEngine for HangingEngine {
         result
     }
     async fn stop(&self, id: &ContainerId, grace: Duration) -> Result<(), EngineError> {
+        self.stop_calls.fetch_add(1, Ordering::SeqCst);
+        if self.stop_unavailable.load(Ordering::SeqCst) {
+            return Err(EngineError::Unavailable(
+                "injected: Docker is unreachable".into(),
+            ));
+        }
         if self.hang_stop.load(Ordering::SeqCst) {
             self.reached.notify_one();
             std::future::pending::<()>().await;

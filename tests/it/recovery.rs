@@ -562,3 +562,88 @@ fn spawn_handle<S: RuntimeStore, L: LeaseStore, E: ContainerEngine>(
     let request = request.clone();
     tokio::spawn(async move { lifecycle.handle(request).await })
 }
+
+/// Issue 10, point 10: a create whose answer was lost after Docker made the
+/// container is retried; the retry meets "name already in use", and the
+/// container in the way (made under this very lease) is replaced. It used
+/// to fail `container_start_failed` and leave the container behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_answer_was_lost_is_repeated_and_the_start_succeeds() {
+    let world = World::new().await;
+    let game = world.docker.game();
+    let engine = HangingEngine::new(world.docker.engine.clone());
+    engine.lose_create_answer.store(true, Ordering::SeqCst);
+    let handled = world
+        .with_engine(engine.clone())
+        .handle(world.request(OpKind::Start, &game, Some("rtm-test/engine:1.4.2")))
+        .await
+        .unwrap();
+    assert!(
+        !engine.lose_create_answer.load(Ordering::SeqCst),
+        "the fault fired"
+    );
+    assert_success(&handled.event);
+    let info = world
+        .docker
+        .engine
+        .inspect(&game)
+        .await
+        .unwrap()
+        .expect("the game's container");
+    assert!(info.running);
+    assert_eq!(
+        handled.event.container_id.as_deref(),
+        Some(info.id.as_str()),
+        "the container the event names is the one Docker runs"
+    );
+    assert_eq!(world.boots(&game), "1.4.2\n", "booted once");
+}
+
+/// Issue 10, point 10: Docker retries are Docker steps, never taken without
+/// the lease. With Docker unreachable for a stop and the lease lost
+/// meanwhile, the stop is abandoned for redelivery at once; it used to go on
+/// calling Docker for all of `RTM_RETRY_FOR`, then record
+/// `service_unavailable` for a game another worker may hold by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_retries_stop_once_the_lease_is_lost() {
+    let world = World::new().await;
+    let game = world.started("rtm-test/engine:1.4.2").await;
+    let engine = HangingEngine::new(world.docker.engine.clone());
+    engine.stop_unavailable.store(true, Ordering::SeqCst);
+    let leases = FlakyLeases::new(world.leases.clone());
+    leases.fail_renewals.store(true, Ordering::SeqCst);
+    let lifecycle = Lifecycle::new(
+        world.store(),
+        leases,
+        engine.clone(),
+        LifecycleConfig {
+            retry_for: Duration::from_secs(120),
+            ..config()
+        },
+    );
+    let stop = world.request(OpKind::Stop, &game, None);
+    let since = std::time::Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(60), lifecycle.handle(stop.clone()))
+        .await
+        .expect("the stop gives up long before RTM_RETRY_FOR");
+    assert!(
+        matches!(outcome, Err(Interrupted::LeaseLost(_))),
+        "{outcome:?}"
+    );
+    assert!(
+        since.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        since.elapsed()
+    );
+    let calls = engine.stop_calls.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        engine.stop_calls.load(Ordering::SeqCst),
+        calls,
+        "no Docker call after giving up"
+    );
+    assert!(
+        world.entries(&stop.command_id).await.is_empty(),
+        "nothing recorded"
+    );
+}
