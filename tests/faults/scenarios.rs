@@ -1425,7 +1425,8 @@ pub async fn downstream_queue_full() -> Result<Row, String> {
     for (game, id) in refused.iter().zip(&stops) {
         if rig.wait_outer(id, Duration::from_secs(60)).await.is_none() {
             return Err(format!(
-                "{game}: the stop {} was never published within 60 s",
+                "{game}: the stop {} was never published within 60 s (another game's \
+                 refused event must not hold it up)",
                 short(id)
             ));
         }
