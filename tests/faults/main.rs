@@ -204,3 +204,8 @@ fn two_workers_closed_loop_kill() {
 fn paused_worker_fenced() {
     run("paused_worker_fenced", scenarios::paused_worker_fenced());
 }
+
+#[test]
+fn downstream_queue_full() {
+    run("downstream_queue_full", scenarios::downstream_queue_full());
+}

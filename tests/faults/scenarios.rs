@@ -1302,3 +1302,387 @@ pub fn compact_log_line(line: &str) -> String {
     }
     out.chars().take(400).collect()
 }
+
+// ------------------------------- 6. a downstream consumer's queue refuses
+
+/// The downstream consumer's queue: bound to real stops only.
+const DOWNSTREAM_QUEUE: &str = "rtmfaults.downstream.stops";
+const DOWNSTREAM_BINDING: &str = "runtime.stop.#";
+/// How long the downstream queue refuses at least.
+const REFUSING_FOR: Duration = Duration::from_secs(10);
+
+/// A downstream consumer's queue refuses publishes (`x-max-length` 1 with
+/// `x-overflow: reject-publish`, held full by a filler message, so the
+/// broker nacks every event routed to it) for at least 10 s, then its
+/// consumer comes back and drains it.
+///
+/// Event routing keys (`runtime.<op>.<outcome>`, SPEC §6) carry no game id,
+/// so no binding refuses one game's events only. The queue is bound to
+/// `runtime.stop.#` (real stops, not a patch's or restart's inner stop), and
+/// the command stream decides which games it touches: the refused games
+/// (g01, g02) are stopped while the queue is full, so their stop events are
+/// nacked, and then sent a restart and a patch whose events must wait behind
+/// the refused stop (SPEC §6: only the refused event's game waits). The
+/// other games (g03-g06) are patched and restarted meanwhile: their events
+/// route only to the suite's observer, so "unaffected" means each of their
+/// outcomes is received while the queue still refuses. A nack refuses the
+/// publish as a whole, but the observer's queue keeps its copy of each
+/// attempt (ignored by the order check as a second arrival).
+///
+/// Checked besides `Rig::finish` (no event lost, per-game order, ...):
+/// every event of the free games written during the window received before
+/// the drain; at the drain, each refused game's stop and later events still
+/// unsent, none of its later events received yet, and
+/// `rtmanager_events_refused_total` above 0; after the drain, the downstream
+/// queue got the filler and then every stop event written (the refused
+/// games' and a free game's stop sent after the drain), each once (a
+/// second copy, at-least-once publishing, is a finding, not a violation).
+pub async fn downstream_queue_full() -> Result<Row, String> {
+    use lapin::options::{
+        BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+
+    let key = "downstream_queue_full";
+    let rig = Rig::new(key, RigOptions::default()).await?;
+
+    // The downstream queue, full before any worker publishes.
+    let conn = rtmanager::broker::connect(
+        &rtmanager::config::SecretUrl::new(rig.rmq.url()),
+        "rtmanager faults downstream consumer",
+    )
+    .await
+    .map_err(|e| format!("connect the downstream consumer: {e:#}"))?;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|e| format!("downstream channel: {e}"))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| format!("downstream confirms: {e}"))?;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongInt(1));
+    arguments.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
+    channel
+        .queue_declare(
+            DOWNSTREAM_QUEUE.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .map_err(|e| format!("declare the downstream queue: {e}"))?;
+    channel
+        .queue_bind(
+            DOWNSTREAM_QUEUE.into(),
+            rig.amqp.event_exchange.as_str().into(),
+            DOWNSTREAM_BINDING.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("bind the downstream queue: {e}"))?;
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            DOWNSTREAM_QUEUE.into(),
+            BasicPublishOptions::default(),
+            b"filler",
+            lapin::BasicProperties::default().with_message_id("filler".into()),
+        )
+        .await
+        .map_err(|e| format!("publish the filler: {e}"))?
+        .await
+        .map_err(|e| format!("confirm the filler: {e}"))?;
+    if !matches!(confirm, lapin::Confirmation::Ack(None)) {
+        return Err(format!("the filler was not confirmed: {confirm:?}"));
+    }
+
+    rig.start_workers().await?;
+    let all = games(6);
+    let (refused, free) = all.split_at(2);
+    let mut violations = Vec::new();
+
+    // Every game running before the queue matters (starts do not route to it).
+    for game in &all {
+        start_game(&rig, game, "rtm-test/engine:1.4.2").await?;
+    }
+
+    // The refused games' stops: each is published (the observer's copy
+    // arrives) and nacked.
+    let window = Instant::now();
+    let mut stops = Vec::new();
+    for game in refused {
+        stops.push(rig.send(game, Cmd::Stop, 1).await);
+    }
+    for (game, id) in refused.iter().zip(&stops) {
+        if rig.wait_outer(id, Duration::from_secs(60)).await.is_none() {
+            return Err(format!(
+                "{game}: the stop {} was never published within 60 s (another game's \
+                 refused event must not hold it up)",
+                short(id)
+            ));
+        }
+    }
+    // Later commands of the refused games: their events must wait.
+    let mut waiting = Vec::new();
+    for cmd in [Cmd::Restart, Cmd::Patch("rtm-test/engine:1.4.3".into())] {
+        for game in refused {
+            waiting.push((game.clone(), rig.send(game, cmd.clone(), 1).await));
+        }
+    }
+    // The free games' commands, meanwhile: their events must flow.
+    let mut flowing = Vec::new();
+    for cmd in [Cmd::Patch("rtm-test/engine:1.4.3".into()), Cmd::Restart] {
+        for game in free {
+            flowing.push((game.clone(), rig.send(game, cmd.clone(), 1).await));
+        }
+    }
+    let free_seen = poll_for(Duration::from_secs(90), Duration::from_millis(100), || {
+        std::future::ready(
+            flowing
+                .iter()
+                .all(|(_, id)| {
+                    rig.observer
+                        .find(|s| s.is_outer() && s.str("command_id") == Some(id))
+                        .is_some()
+                })
+                .then(|| window.elapsed()),
+        )
+    })
+    .await;
+    // The refused games' later commands are done and written, unsent.
+    let written = poll_for(
+        Duration::from_secs(90),
+        Duration::from_millis(200),
+        || async {
+            let mut n = 0i64;
+            for (_, id) in &waiting {
+                if outer_recorded(&rig, id).await.ok()? {
+                    n += 1;
+                }
+            }
+            (n as usize == waiting.len()).then_some(())
+        },
+    )
+    .await;
+    if written.is_none() {
+        violations
+            .push("the refused games' restart and patch were not recorded within 90 s".to_owned());
+    }
+    let left = REFUSING_FOR.saturating_sub(window.elapsed());
+    tokio::time::sleep(left).await;
+
+    // At the drain: what the refusal held back, and what it did not.
+    let refused_for = window.elapsed();
+    let at_drain = rig.observer.snapshot().len();
+    match free_seen {
+        Some(after) => rig.note(format!(
+            "the free games' {} outcomes were all received {:.1} s into the {:.1} s refusal",
+            flowing.len(),
+            after.as_secs_f64(),
+            refused_for.as_secs_f64()
+        )),
+        None => violations.push(format!(
+            "the free games' outcomes were not all received while the queue refused ({} of {})",
+            flowing
+                .iter()
+                .filter(|(_, id)| rig
+                    .observer
+                    .find(|s| s.is_outer() && s.str("command_id") == Some(id))
+                    .is_some())
+                .count(),
+            flowing.len()
+        )),
+    }
+    let unsent: Vec<(String, String, bool)> =
+        sqlx::query_as("select game_id, routing_key, sent_at is null from outbox order by seq")
+            .fetch_all(&rig.db)
+            .await
+            .map_err(|e| format!("read outbox: {e}"))?;
+    for game in free {
+        let held: Vec<&str> = unsent
+            .iter()
+            .filter(|(g, _, u)| g == game && *u)
+            .map(|(_, k, _)| k.as_str())
+            .collect();
+        if !held.is_empty() {
+            violations.push(format!(
+                "{game} (not refused) still had unsent events at the drain: {}",
+                held.join(", ")
+            ));
+        }
+    }
+    for (game, stop) in refused.iter().zip(&stops) {
+        let game_rows: Vec<&(String, String, bool)> =
+            unsent.iter().filter(|(g, _, _)| g == game).collect();
+        let first_unsent = game_rows.iter().position(|(_, _, u)| *u);
+        let stop_at = game_rows
+            .iter()
+            .position(|(_, k, _)| k.starts_with("runtime.stop."));
+        let held = game_rows.iter().filter(|(_, _, u)| *u).count();
+        if first_unsent.is_none() || first_unsent != stop_at {
+            violations.push(format!(
+                "{game}: at the drain its oldest unsent event is not its refused stop {} \
+                 (unsent: {held} of {})",
+                short(stop),
+                game_rows.len()
+            ));
+        } else if game_rows[stop_at.unwrap_or(0)..].iter().any(|(_, _, u)| !u) {
+            violations.push(format!(
+                "{game}: an event written after its refused stop was sent before it"
+            ));
+        } else {
+            rig.note(format!(
+                "{game}: at the drain its stop and {} later event(s) waited unsent",
+                held - 1
+            ));
+        }
+    }
+    let seen = rig.observer.snapshot();
+    for (game, id) in &waiting {
+        if seen[..at_drain.min(seen.len())]
+            .iter()
+            .any(|s| s.str("command_id") == Some(id))
+        {
+            violations.push(format!(
+                "{game}: an event of {} (sent after its refused stop) was received before the drain",
+                short(id)
+            ));
+        }
+    }
+    let refusals = refused_total(&rig.workers[0]).await;
+    match refusals {
+        Ok(n) if n > 0.0 => rig.note(format!(
+            "rtmanager_events_refused_total {n} at the drain, {:.1} s after the first stop",
+            refused_for.as_secs_f64()
+        )),
+        other => violations.push(format!(
+            "rtmanager_events_refused_total at the drain: {other:?} (expected above 0)"
+        )),
+    }
+
+    // The downstream consumer comes back and drains its queue.
+    let mut consumer = channel
+        .basic_consume(
+            DOWNSTREAM_QUEUE.into(),
+            "downstream".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("consume the downstream queue: {e}"))?;
+    let drained_at = Instant::now();
+    let downstream = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let collector = tokio::spawn({
+        let downstream = downstream.clone();
+        async move {
+            while let Some(Ok(d)) = consumer.next().await {
+                let id = d
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                downstream
+                    .lock()
+                    .unwrap()
+                    .push((id, d.routing_key.to_string()));
+            }
+        }
+    });
+    // A free game's stop after the drain goes straight through.
+    let late_stop = rig.send(&free[0], Cmd::Stop, 1).await;
+    let mut row = rig.finish(title(key), Expect::all_success()).await;
+    row.violations.extend(violations);
+    // The refused games' later events arrived, after the drain began.
+    let seen = rig.observer.snapshot();
+    for (game, id) in &waiting {
+        if !seen[at_drain.min(seen.len())..]
+            .iter()
+            .any(|s| s.is_outer() && s.str("command_id") == Some(id))
+        {
+            row.violations.push(format!(
+                "{game}: the outcome of {} was not received after the drain",
+                short(id)
+            ));
+        }
+    }
+    // The downstream queue: the filler, then every stop event written.
+    let stop_events: Vec<String> = sqlx::query_scalar(
+        "select event_id::text from outbox where routing_key like 'runtime.stop.%' order by seq",
+    )
+    .fetch_all(&rig.db)
+    .await
+    .map_err(|e| format!("read outbox: {e}"))?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    collector.abort();
+    let got = downstream.lock().unwrap().clone();
+    let ids: Vec<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+    if ids.first() != Some(&"filler") {
+        row.violations.push(format!(
+            "the downstream queue did not hand out its filler first: {ids:?}"
+        ));
+    }
+    let mut missing = 0;
+    for event in &stop_events {
+        match ids.iter().filter(|id| **id == event.as_str()).count() {
+            1 => {}
+            0 => {
+                missing += 1;
+                row.violations.push(format!(
+                    "stop event {} was never delivered to the downstream queue",
+                    short(event)
+                ));
+            }
+            n => row.findings.push(format!(
+                "stop event {} reached the downstream queue {n} times (at-least-once)",
+                short(event)
+            )),
+        }
+    }
+    if ids
+        .iter()
+        .skip(1)
+        .any(|id| !stop_events.iter().any(|e| e == id))
+    {
+        row.violations.push(format!(
+            "the downstream queue got messages that are not stop events: {ids:?}"
+        ));
+    }
+    row.notes.push(format!(
+        "downstream queue ({DOWNSTREAM_BINDING}, x-max-length 1, reject-publish, held full): \
+         refused for {:.1} s, then drained; it got the filler and {} of {} stop event(s) \
+         (the refused games' and {}'s stop {} sent after the drain), {:.1} s drain to quiet",
+        refused_for.as_secs_f64(),
+        stop_events.len() - missing,
+        stop_events.len(),
+        free[0],
+        short(&late_stop),
+        drained_at.elapsed().as_secs_f64()
+    ));
+    Ok(row)
+}
+
+/// `rtmanager_events_refused_total` as this worker's `/metrics` reports it.
+async fn refused_total(w: &crate::worker::Worker) -> Result<f64, String> {
+    match w.http_get("/metrics").await {
+        Ok((200, body)) => Ok(body
+            .lines()
+            .filter(|l| l.starts_with(rtmanager::telemetry::EVENTS_REFUSED))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()),
+        Ok((status, _)) => Err(format!("{}: /metrics answered {status}", w.name)),
+        Err(e) => Err(format!("{}: /metrics did not answer: {e}", w.name)),
+    }
+}
