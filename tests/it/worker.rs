@@ -235,6 +235,29 @@ impl WorkerRig {
         crate::topology::declared_queue(&self.conn, queue).await
     }
 
+    /// Runs the real `rtmanager serve` binary with this rig's environment.
+    fn spawn_binary(&self) -> std::process::Child {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rtmanager"))
+            .arg("serve")
+            .env_clear()
+            .envs(&self.env)
+            .env("PATH", std::env::var("PATH").unwrap())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start rtmanager serve")
+    }
+
+    /// The worker's leases, as Redis has them.
+    async fn leases(&self) -> rtmanager::outbound::redis_lease::RedisLeases {
+        rtmanager::outbound::redis_lease::RedisLeases::connect(
+            &self.config.redis_url,
+            &self.config.redis_prefix,
+        )
+        .await
+        .unwrap()
+    }
+
     fn boots(&self, game: &GameId) -> String {
         std::fs::read_to_string(self.state_root.path().join(game.as_str()).join("boots"))
             .unwrap_or_default()
@@ -266,6 +289,24 @@ impl Drop for WorkerRig {
             Vec::new(),
         );
     }
+}
+
+/// Sends SIGTERM to a worker process.
+fn sigterm(worker: &std::process::Child) {
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+}
+
+/// Waits for a worker process to exit; its exit code.
+async fn exit_code(mut worker: std::process::Child) -> Option<i32> {
+    tokio::task::spawn_blocking(move || worker.wait())
+        .await
+        .unwrap()
+        .unwrap()
+        .code()
 }
 
 async fn next_event(consumer: &mut Consumer) -> Seen {
@@ -719,35 +760,18 @@ async fn a_command_that_keeps_killing_workers_is_answered_internal_on_its_last_d
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_operation_in_flight_finish_and_exits_0() {
     let mut rig = WorkerRig::prepare().await;
-    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_rtmanager"))
-        .arg("serve")
-        .env_clear()
-        .envs(&rig.env)
-        .env("PATH", std::env::var("PATH").unwrap())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start rtmanager serve");
+    let worker = rig.spawn_binary();
     let game = rig.game();
     rig.run(json!({"op": "start", "game_id": game, "image_ref": "rtm-test/slow:1.4.2"}))
         .await;
     // The patch's inner stop of the slow engine takes the 2 s grace period:
     // SIGTERM lands in the middle of it.
-    let leases = rtmanager::outbound::redis_lease::RedisLeases::connect(
-        &rig.config.redis_url,
-        &rig.config.redis_prefix,
-    )
-    .await
-    .unwrap();
+    let leases = rig.leases().await;
     let patch = rig
         .publish(json!({"op": "patch", "game_id": game, "new_image_ref": "rtm-test/slow:1.4.3"}))
         .await;
     wait_for_lease(&leases, &game, &patch).await;
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &worker.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    sigterm(&worker);
     let events = rig.until_outer(&patch).await;
     assert_eq!(
         keys(&events),
@@ -758,11 +782,7 @@ async fn sigterm_lets_the_operation_in_flight_finish_and_exits_0() {
         ],
         "the operation in flight finished"
     );
-    let status = tokio::task::spawn_blocking(move || worker.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "graceful exit");
+    assert_eq!(exit_code(worker).await, Some(0), "graceful exit");
     // Its lease was released on the way out.
     assert_eq!(leases.holder_of(&game).await.unwrap(), None);
 }
@@ -991,26 +1011,13 @@ async fn at_the_shutdown_timeout_a_lease_is_released_only_once_docker_is_done() 
         env.insert("RTM_SHUTDOWN_TIMEOUT".into(), "500ms".into());
     })
     .await;
-    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_rtmanager"))
-        .arg("serve")
-        .env_clear()
-        .envs(&rig.env)
-        .env("PATH", std::env::var("PATH").unwrap())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start rtmanager serve");
+    let worker = rig.spawn_binary();
     let game = rig.game();
     let started = rig
         .run(json!({"op": "start", "game_id": game, "image_ref": "rtm-test/slow:1.4.2"}))
         .await;
     assert_eq!(keys(&started), ["runtime.start.success"]);
-    let leases = rtmanager::outbound::redis_lease::RedisLeases::connect(
-        &rig.config.redis_url,
-        &rig.config.redis_prefix,
-    )
-    .await
-    .unwrap();
+    let leases = rig.leases().await;
     let docker = DockerEngine::connect(rig.config.docker.clone())
         .await
         .unwrap();
@@ -1019,11 +1026,7 @@ async fn at_the_shutdown_timeout_a_lease_is_released_only_once_docker_is_done() 
     let restart = rig.publish(json!({"op": "restart", "game_id": game})).await;
     let queued = rig.publish(json!({"op": "restart", "game_id": game})).await;
     wait_for_lease(&leases, &game, &restart).await;
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &worker.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    sigterm(&worker);
 
     let deadline = tokio::time::Instant::now() + WAIT;
     while leases.holder_of(&game).await.unwrap().is_some() {
@@ -1039,11 +1042,7 @@ async fn at_the_shutdown_timeout_a_lease_is_released_only_once_docker_is_done() 
         "the lease was released while the engine was still being stopped"
     );
 
-    let status = tokio::task::spawn_blocking(move || worker.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "graceful exit");
+    assert_eq!(exit_code(worker).await, Some(0), "graceful exit");
     assert_eq!(leases.holder_of(&game).await.unwrap(), None);
     // Neither restart finished: both wait in the queue for the next worker.
     eventually(WAIT, "both restarts back in the queue", || async {
