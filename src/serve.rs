@@ -33,6 +33,8 @@ use crate::telemetry;
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// How long one probe may take before its dependency counts as down.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the metrics recorder folds histogram samples into its buckets.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
 async fn within<E: std::fmt::Display>(
     limit: Duration,
@@ -88,6 +90,19 @@ pub async fn run_with<E: ContainerEngine>(
         .await
         .with_context(|| format!("listen on RTM_HTTP_ADDR {}", config.http_addr))?;
     info!(addr = %config.http_addr, "serving /healthz, /readyz and /metrics");
+    // The recorder drains histogram samples only in its upkeep, which its
+    // own HTTP listener would run; ours is axum's, so it is run here, or
+    // samples pile up in memory until `/metrics` is scraped.
+    let upkeep = {
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(METRICS_UPKEEP);
+            loop {
+                every.tick().await;
+                metrics.run_upkeep();
+            }
+        })
+    };
     let app = http::router(readiness.clone(), metrics);
     let mut http_stop = stop.clone();
     let http = tokio::spawn(async move {
@@ -164,6 +179,7 @@ pub async fn run_with<E: ContainerEngine>(
         warn!("the outbox relay did not stop in time; unsent events stay in the outbox");
     }
     probes.abort();
+    upkeep.abort();
     match http.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => warn!(error = %e, "HTTP server error"),
