@@ -41,7 +41,105 @@ pub struct DockerConfig {
     /// `RTM_MEMORY` in bytes.
     pub memory_bytes: i64,
     pub pids_limit: i64,
+    /// Linux capability names (without `CAP_`), checked at load.
     pub cap_add: Vec<String>,
+    /// `RTM_ENGINE_USER`: who the engines run as and who owns their state
+    /// directories; `None` leaves the image's user.
+    pub engine_user: Option<EngineUser>,
+    /// `RTM_LOG_MAX_SIZE` in bytes and `RTM_LOG_MAX_FILES`: the json-file
+    /// log rotation of every engine, so no engine can fill the disk.
+    pub log_max_bytes: i64,
+    pub log_max_files: u32,
+}
+
+/// A numeric `uid[:gid]` (the gid defaults to the uid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl EngineUser {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let err = || format!("must be a numeric uid or uid:gid, not {raw:?}");
+        let (uid, gid) = match raw.split_once(':') {
+            Some((uid, gid)) => (uid, gid),
+            None => (raw, raw),
+        };
+        Ok(Self {
+            uid: uid.parse().map_err(|_| err())?,
+            gid: gid.parse().map_err(|_| err())?,
+        })
+    }
+
+    /// As Docker's `User` wants it.
+    pub fn docker_user(self) -> String {
+        format!("{}:{}", self.uid, self.gid)
+    }
+}
+
+/// The Linux capabilities `RTM_CAP_ADD` may name.
+const CAPABILITIES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// `RTM_CAP_ADD`: comma-separated capability names, `CAP_` optional, any
+/// case; `ALL` is refused (it would undo the drop of all the others).
+fn parse_caps(raw: &str) -> Result<Vec<String>, String> {
+    raw.split(',')
+        .map(|c| c.trim().to_ascii_uppercase())
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            let name = c.strip_prefix("CAP_").unwrap_or(&c).to_owned();
+            if CAPABILITIES.contains(&name.as_str()) {
+                Ok(name)
+            } else if name == "ALL" {
+                Err("ALL is refused: name the capabilities the engines need".to_owned())
+            } else {
+                Err(format!("{c:?} is not a Linux capability"))
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -148,12 +246,29 @@ impl Config {
                     .filter(|n| *n > 0)
                     .ok_or_else(|| "must be a positive whole number".into())
             })?,
-            cap_add: env
-                .string("RTM_CAP_ADD", "")
-                .split(',')
-                .map(|c| c.trim().to_ascii_uppercase())
-                .filter(|c| !c.is_empty())
-                .collect(),
+            cap_add: env.parse("RTM_CAP_ADD", "", parse_caps)?,
+            engine_user: env.parse("RTM_ENGINE_USER", "", |s| {
+                if s.is_empty() {
+                    Ok(None)
+                } else {
+                    EngineUser::parse(s).map(Some)
+                }
+            })?,
+            log_max_bytes: env.parse("RTM_LOG_MAX_SIZE", "10m", |s| {
+                parse_size(s).and_then(|n| {
+                    if n >= 1 << 10 {
+                        Ok(n)
+                    } else {
+                        Err("must be at least 1k".into())
+                    }
+                })
+            })?,
+            log_max_files: env.parse("RTM_LOG_MAX_FILES", "3", |s| {
+                s.parse::<u32>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| "must be a positive whole number".into())
+            })?,
         };
         let amqp = AmqpConfig {
             command_exchange: env.non_empty("RTM_COMMAND_EXCHANGE", "rtmanager.commands")?,
@@ -377,6 +492,16 @@ fn parse_cpus(raw: &str) -> Result<i64, String> {
 
 /// `512m`, `1g`, `1024k`, or a plain number of bytes (Docker's units).
 fn parse_bytes(raw: &str) -> Result<i64, String> {
+    let bytes = parse_size(raw)?;
+    // Docker refuses less than 6 MiB.
+    if bytes < 6 << 20 {
+        return Err("must be at least 6m (Docker's minimum)".into());
+    }
+    Ok(bytes)
+}
+
+/// A size in bytes: `4096`, `10k`, `512m`, `1g` (a trailing `b` allowed).
+fn parse_size(raw: &str) -> Result<i64, String> {
     let err = || "must be a size such as 512m or 1g".to_string();
     let lower = raw.to_ascii_lowercase();
     let trimmed = lower.strip_suffix('b').unwrap_or(&lower);
@@ -388,12 +513,7 @@ fn parse_bytes(raw: &str) -> Result<i64, String> {
         _ => return Err(err()),
     };
     let n: i64 = digits.parse().map_err(|_| err())?;
-    let bytes = n.checked_mul(multiplier).ok_or_else(err)?;
-    // Docker refuses less than 6 MiB.
-    if bytes < 6 << 20 {
-        return Err("must be at least 6m (Docker's minimum)".into());
-    }
-    Ok(bytes)
+    n.checked_mul(multiplier).ok_or_else(err)
 }
 
 /// A connection URL whose password never reaches a log line, an error or a
@@ -689,6 +809,57 @@ mod tests {
         for short in ["59m", "0s", "soon"] {
             let err = load(&[("RTM_RETENTION", short)]).unwrap_err();
             assert_eq!(err.variable, "RTM_RETENTION", "{short}");
+        }
+    }
+
+    #[test]
+    fn engine_hygiene_settings() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.docker.engine_user, None);
+        assert_eq!(c.docker.log_max_bytes, 10 << 20);
+        assert_eq!(c.docker.log_max_files, 3);
+        assert!(c.docker.cap_add.is_empty());
+
+        let c = load(&[
+            ("RTM_ENGINE_USER", "4242"),
+            ("RTM_LOG_MAX_SIZE", "512k"),
+            ("RTM_LOG_MAX_FILES", "1"),
+            ("RTM_CAP_ADD", "net_bind_service, CAP_SYS_NICE"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.docker.engine_user,
+            Some(EngineUser {
+                uid: 4242,
+                gid: 4242
+            })
+        );
+        assert_eq!(c.docker.log_max_bytes, 512 << 10);
+        assert_eq!(c.docker.log_max_files, 1);
+        assert_eq!(c.docker.cap_add, ["NET_BIND_SERVICE", "SYS_NICE"]);
+        assert_eq!(
+            load(&[("RTM_ENGINE_USER", "1000:1001")])
+                .unwrap()
+                .docker
+                .engine_user
+                .map(EngineUser::docker_user)
+                .as_deref(),
+            Some("1000:1001")
+        );
+
+        let refused = [
+            ("RTM_ENGINE_USER", "games"),
+            ("RTM_ENGINE_USER", "1000:"),
+            ("RTM_ENGINE_USER", "-1"),
+            ("RTM_LOG_MAX_SIZE", "100"),
+            ("RTM_LOG_MAX_SIZE", "huge"),
+            ("RTM_LOG_MAX_FILES", "0"),
+            ("RTM_CAP_ADD", "ALL"),
+            ("RTM_CAP_ADD", "NET_BIND_SERVICE,FLY"),
+        ];
+        for (var, value) in refused {
+            let err = load(&[(var, value)]).unwrap_err();
+            assert_eq!(err.variable, var, "{value}");
         }
     }
 }

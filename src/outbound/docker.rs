@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, HealthStatusEnum, HostConfig, RestartPolicy,
-    RestartPolicyNameEnum,
+    ContainerCreateBody, ContainerInspectResponse, HealthStatusEnum, HostConfig,
+    HostConfigLogConfig, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, LogsOptionsBuilder,
@@ -41,7 +41,7 @@ use bollard::query_parameters::{
 use bollard::{API_DEFAULT_VERSION, Docker};
 use futures_util::StreamExt as _;
 
-use crate::config::DockerConfig;
+use crate::config::{DockerConfig, EngineUser};
 use crate::domain::{ContainerId, GameId, ImageRef};
 use crate::ports::{ContainerEngine, ContainerInfo, EngineError, Health};
 
@@ -159,6 +159,7 @@ impl DockerEngine {
         ContainerCreateBody {
             image: Some(image.as_str().to_owned()),
             labels: Some(labels),
+            user: cfg.engine_user.map(EngineUser::docker_user),
             host_config: Some(HostConfig {
                 binds: Some(vec![format!("{state_dir}:{}:rw", cfg.state_mount)]),
                 network_mode: Some(cfg.network.clone()),
@@ -169,6 +170,15 @@ impl DockerEngine {
                 init: Some(true),
                 nano_cpus: Some(cfg.nano_cpus),
                 memory: Some(cfg.memory_bytes),
+                // Swap equal to memory means none beyond the limit.
+                memory_swap: Some(cfg.memory_bytes),
+                log_config: Some(HostConfigLogConfig {
+                    typ: Some("json-file".to_owned()),
+                    config: Some(HashMap::from([
+                        ("max-size".to_owned(), cfg.log_max_bytes.to_string()),
+                        ("max-file".to_owned(), cfg.log_max_files.to_string()),
+                    ])),
+                }),
                 pids_limit: Some(cfg.pids_limit),
                 cap_drop: Some(vec!["ALL".to_owned()]),
                 cap_add: Some(cfg.cap_add.clone()),
@@ -285,14 +295,16 @@ impl ContainerEngine for DockerEngine {
     async fn create(&self, game_id: &GameId, image: &ImageRef) -> Result<ContainerId, EngineError> {
         let name = self.container_name(game_id);
         let state_dir = self.state_dir(game_id);
-        tokio::fs::create_dir_all(&state_dir).await.map_err(|e| {
-            // A local file-system refusal (permissions, a file in the way):
-            // retrying will not help.
-            EngineError::Rejected(format!(
-                "create state directory {}: {e}",
-                state_dir.display()
-            ))
-        })?;
+        prepare_state_dir(&state_dir, self.cfg.engine_user)
+            .await
+            .map_err(|e| {
+                // A local file-system refusal (permissions, a file in the
+                // way): retrying will not help.
+                EngineError::Rejected(format!(
+                    "prepare state directory {}: {e}",
+                    state_dir.display()
+                ))
+            })?;
         let state_dir = state_dir.to_str().ok_or_else(|| {
             EngineError::Rejected(format!(
                 "state directory {} is not valid UTF-8",
@@ -462,6 +474,25 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     message
+}
+
+/// Creates a game's state directory (or tightens an existing one) as
+/// `0700`, owned by the engine user when one is set: an engine running as
+/// root in its container could otherwise leave a setuid file there that any
+/// local user of the host could run.
+async fn prepare_state_dir(dir: &std::path::Path, user: Option<EngineUser>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    tokio::fs::create_dir_all(dir).await?;
+    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).await?;
+    if let Some(user) = user {
+        let dir = dir.to_owned();
+        tokio::task::spawn_blocking(move || {
+            std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -31,6 +31,9 @@ pub fn test_docker_config(prefix: &str, state_root: &Path) -> DockerConfig {
         memory_bytes: 128 * 1024 * 1024,
         pids_limit: 64,
         cap_add: Vec::new(),
+        engine_user: None,
+        log_max_bytes: 1 << 20,
+        log_max_files: 2,
     }
 }
 

@@ -437,3 +437,79 @@ async fn wait_for_logs(engine: &DockerEngine, id: &ContainerId, needle: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Issue 10, point 6 and 11: what an engine can do to its host. Its state
+/// directory is `0700` (a setuid file an engine leaves there is out of
+/// other host users' reach), it has no swap beyond its memory limit, and
+/// its output is rotated.
+#[tokio::test]
+async fn a_state_directory_is_private_and_the_container_has_no_swap_and_rotated_logs() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let env = DockerTestEnv::new().await;
+    let game = env.game();
+    let state_dir = env.engine.state_dir(&game);
+    // A directory left open by an older version is tightened too.
+    std::fs::create_dir_all(&state_dir).unwrap();
+    std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let id = env
+        .engine
+        .create(&game, &image("rtm-test/engine:1.4.2"))
+        .await
+        .expect("create");
+    let mode = std::fs::metadata(&state_dir).unwrap().mode() & 0o7777;
+    assert_eq!(mode, 0o700, "state directory mode {mode:o}");
+
+    let c = test_client()
+        .await
+        .inspect_container(id.as_str(), None)
+        .await
+        .expect("inspect");
+    let host = c.host_config.expect("host config");
+    assert_eq!(host.memory, Some(128 * 1024 * 1024));
+    assert_eq!(host.memory_swap, host.memory, "no swap beyond the limit");
+    let log = host.log_config.expect("log config");
+    assert_eq!(log.typ.as_deref(), Some("json-file"));
+    let opts = log.config.unwrap_or_default();
+    assert_eq!(opts.get("max-size").map(String::as_str), Some("1048576"));
+    assert_eq!(opts.get("max-file").map(String::as_str), Some("2"));
+    assert_eq!(c.config.and_then(|c| c.user).unwrap_or_default(), "");
+
+    // The engine, as root in its container, still writes its state.
+    env.engine.start(&id).await.expect("start");
+    wait_for_file(&state_dir.join("boots"), "1.4.2", Duration::from_secs(10)).await;
+}
+
+/// With `RTM_ENGINE_USER`, the state directory belongs to that user and the
+/// engine runs as it: what it writes there is that user's, not root's.
+#[tokio::test]
+async fn an_engine_user_owns_the_state_directory_and_runs_the_engine() {
+    use std::os::unix::fs::MetadataExt as _;
+    let env = DockerTestEnv::with(|cfg| {
+        cfg.engine_user = Some(rtmanager::config::EngineUser {
+            uid: 4242,
+            gid: 4343,
+        });
+    })
+    .await;
+    let (game, id) = started(&env, "rtm-test/engine:1.4.2").await;
+    let state_dir = env.engine.state_dir(&game);
+    let dir = std::fs::metadata(&state_dir).unwrap();
+    assert_eq!((dir.uid(), dir.gid()), (4242, 4343));
+    assert_eq!(dir.mode() & 0o7777, 0o700);
+
+    let c = test_client()
+        .await
+        .inspect_container(id.as_str(), None)
+        .await
+        .expect("inspect");
+    assert_eq!(c.config.and_then(|c| c.user).as_deref(), Some("4242:4343"));
+    let boots = state_dir.join("boots");
+    wait_for_file(&boots, "1.4.2", Duration::from_secs(10)).await;
+    let file = std::fs::metadata(&boots).unwrap();
+    assert_eq!(
+        (file.uid(), file.gid()),
+        (4242, 4343),
+        "the engine wrote its state as the engine user"
+    );
+}
