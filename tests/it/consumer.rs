@@ -3,7 +3,7 @@
 //! queue (issue 10, point 9). The handler fakes the outage, which the real
 //! lifecycle cannot produce on demand; the broker is the real one.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,8 @@ struct Flaky {
     event: OutcomeEvent,
     rejected_calls: AtomicU32,
     republish_calls: AtomicU32,
+    /// Set once a republish was stored: the duplicate is acked next.
+    republished: AtomicBool,
     handled: Mutex<Vec<(String, Instant)>>,
 }
 
@@ -98,6 +100,9 @@ impl CommandHandler for Scripted {
 
     fn republish(&self, _: Uuid) -> BoxFuture<'_, Result<(), StoreError>> {
         let result = self.outbox_write(&self.republish_calls);
+        if result.is_ok() {
+            self.republished.store(true, Ordering::SeqCst);
+        }
         Box::pin(async move { result })
     }
 
@@ -126,6 +131,7 @@ async fn publish(channel: &Channel, exchange: &str, key: &str, body: &str) {
 /// the broker dead-lettered the message with no reason and no event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steps_before_the_ack_wait_out_an_outage_without_requeue_or_blocking() {
+    crate::harness::init_logs();
     let id = unique("consumer");
     let amqp = test_amqp(&id);
     let url = SecretUrl::new(amqp_url());
@@ -138,6 +144,7 @@ async fn steps_before_the_ack_wait_out_an_outage_without_requeue_or_blocking() {
         event,
         rejected_calls: AtomicU32::new(0),
         republish_calls: AtomicU32::new(0),
+        republished: AtomicBool::new(false),
         handled: Mutex::new(Vec::new()),
     });
     let (trigger, shutdown) = rtmanager::shutdown::channel();
@@ -154,11 +161,13 @@ async fn steps_before_the_ack_wait_out_an_outage_without_requeue_or_blocking() {
     let conn = rtmanager::broker::connect(&url, "consumer test")
         .await
         .unwrap();
-    eventually(
-        Duration::from_secs(30),
-        "the consumer's topology",
-        || async { crate::topology::declared_queue(&conn, &amqp.command_queue).await },
-    )
+    // Consuming, so the queue's binding (declared before) is in place too:
+    // a command published before it would be dropped unrouted.
+    eventually(Duration::from_secs(30), "the consumer", || async {
+        crate::topology::declared_queue(&conn, &amqp.command_queue)
+            .await
+            .filter(|q| q.consumer_count() > 0)
+    })
     .await;
     let channel = conn.create_channel().await.unwrap();
     channel
@@ -226,7 +235,8 @@ async fn steps_before_the_ack_wait_out_an_outage_without_requeue_or_blocking() {
         Duration::from_secs(30),
         "the duplicate's republish",
         || async {
-            (Instant::now() > flaky.back && flaky.republish_calls.load(Ordering::SeqCst) >= 2)
+            (flaky.republished.load(Ordering::SeqCst)
+                && flaky.republish_calls.load(Ordering::SeqCst) >= 2)
                 .then_some(())
         },
     )
