@@ -1060,7 +1060,10 @@ pub async fn paused_worker_fenced() -> Result<Row, String> {
             // The old engine ignores SIGTERM: the patch's inner `docker
             // stop` lasts the whole grace period, and w1 is paused inside it.
             stop_timeout: "3s",
-            // w1 holds only the patch, so the next command goes to w2.
+            // One slot: the broker hands w1 at most three commands (its
+            // slot, as many waiting behind busy games, and one more; SPEC
+            // §10). The patch and two fillers fill them, so the next command
+            // goes to w2.
             prefetch: Some("1"),
             ..RigOptions::default()
         },
@@ -1086,6 +1089,23 @@ pub async fn paused_worker_fenced() -> Result<Row, String> {
         })
         .await
         .ok_or("Docker never reported the inner stop's SIGTERM")?;
+    // Two starts of other games wait in w1 behind the patch's slot, so w1
+    // has all the commands the broker gives it: the restart below goes to
+    // w2, not to a paused worker's socket.
+    for filler in ["f1", "f2"] {
+        rig.send(filler, Cmd::Start("rtm-test/engine:1.4.2".into()), 1)
+            .await;
+    }
+    if poll_for(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || async { (rig.queue_ready().await == Some(0)).then_some(()) },
+    )
+    .await
+    .is_none()
+    {
+        return Err("w1 never took the two fillers".into());
+    }
     w1.pause();
     let paused_at = Instant::now();
     let mut violations = Vec::new();
