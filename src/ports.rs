@@ -138,6 +138,22 @@ pub struct Recorded {
     pub answered_before: bool,
 }
 
+/// What an attempt under the game's lease starts from, read after it took
+/// the game's next fence: [`RuntimeStore::begin`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Begun {
+    /// This attempt's fence.
+    pub fence: Fence,
+    /// The command's inbox row, read after the fence moved: another attempt
+    /// may have answered it meanwhile.
+    pub claim: InboxClaim,
+    /// What earlier attempts of the command recorded.
+    pub progress: Progress,
+    /// The game's record; `Err` with why when its row does not make a valid
+    /// record (the op answers that `internal`).
+    pub record: Result<Option<RuntimeRecord>, String>,
+}
+
 pub trait RuntimeStore: Clone + Send + Sync + 'static {
     /// Claims `request.command_id` in the inbox (remembering its `reply_to`
     /// for the outer event). Errors: `Unavailable`.
@@ -216,6 +232,40 @@ pub trait RuntimeStore: Clone + Send + Sync + 'static {
     /// (the answer to a duplicate of a finished command). Errors:
     /// `Unavailable`.
     fn republish(&self, event_id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// An attempt's start under the game's lease: [`advance_fence`], then,
+    /// read after it, [`claim`], [`progress`] and [`load`]. The fence
+    /// first: an earlier attempt can no longer write once it moved, so what
+    /// is read after it is all that attempt will ever have done. A store
+    /// that can does it in one round trip (PostgreSQL: `rtm_begin`). Errors:
+    /// those of the four.
+    ///
+    /// [`advance_fence`]: Self::advance_fence
+    /// [`claim`]: Self::claim
+    /// [`progress`]: Self::progress
+    /// [`load`]: Self::load
+    fn begin(
+        &self,
+        game_id: &GameId,
+        request: &CommandRequest,
+    ) -> impl Future<Output = Result<Begun, StoreError>> + Send {
+        async move {
+            let fence = self.advance_fence(game_id, &request.command_id).await?;
+            let claim = self.claim(request).await?;
+            let progress = self.progress(&request.command_id).await?;
+            let record = match self.load(game_id).await {
+                Ok(record) => Ok(record),
+                Err(StoreError::Corrupt(why)) => Err(why),
+                Err(e) => return Err(e),
+            };
+            Ok(Begun {
+                fence,
+                claim,
+                progress,
+                record,
+            })
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

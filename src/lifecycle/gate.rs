@@ -15,7 +15,7 @@ use super::{Halt, Handled, Interrupted, Lifecycle, record_metrics};
 use crate::domain::{Command, CommandRequest, EntryResult, OperationEntry};
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{
-    Acquired, Answers, ContainerEngine, Fence, InboxClaim, LeaseHolder, LeaseStore, OperationWrite,
+    Acquired, Answers, Begun, ContainerEngine, InboxClaim, LeaseHolder, LeaseStore, OperationWrite,
     RuntimeStore, StoreError, WriteFence,
 };
 use crate::telemetry;
@@ -36,30 +36,28 @@ where
     L: LeaseStore,
     E: ContainerEngine,
 {
-    /// Takes the game's next fence for this attempt (under its lease), then
-    /// asks the inbox whether another attempt of the command answered it
-    /// meanwhile: `Break` with that answer. The fence first: an earlier
-    /// attempt can no longer write once it moved, so what is read after it
-    /// is all that attempt will ever have done. Asked by every attempt, the
-    /// one that claimed the command first included: a copy may have
-    /// overtaken it.
+    /// Takes the game's next fence for this attempt (under its lease) and
+    /// reads what the attempt starts from ([`RuntimeStore::begin`], one
+    /// round trip): `Break` with the answer when another attempt of the
+    /// command answered it meanwhile. The fence first: an earlier attempt
+    /// can no longer write once it moved, so what is read after it is all
+    /// that attempt will ever have done. Asked by every attempt, the one
+    /// that claimed the command first included: a copy may have overtaken
+    /// it.
     pub(super) async fn take_fence(
         &self,
         request: &CommandRequest,
         command: &Command,
-    ) -> Result<ControlFlow<Handled, Fence>, Interrupted> {
-        let fence = self
-            .store_retrying(|| {
-                self.store
-                    .advance_fence(&command.game_id, &command.command_id)
-            })
+    ) -> Result<ControlFlow<Handled, Begun>, Interrupted> {
+        let begun = self
+            .store_retrying(|| self.store.begin(&command.game_id, request))
             .await?;
-        match self.store_retrying(|| self.store.claim(request)).await? {
+        match begun.claim {
             InboxClaim::Finished(event) => Ok(ControlFlow::Break(Handled::duplicate(event))),
             InboxClaim::Reused { first } => Ok(ControlFlow::Break(
                 self.answer_reuse(request, Utc::now(), &first).await?,
             )),
-            InboxClaim::Fresh | InboxClaim::Unfinished => Ok(ControlFlow::Continue(fence)),
+            InboxClaim::Fresh | InboxClaim::Unfinished => Ok(ControlFlow::Continue(begun)),
         }
     }
 

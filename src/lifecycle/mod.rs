@@ -54,11 +54,12 @@ use tracing::{debug, info, warn};
 pub use crate::config::LifecycleConfig;
 use crate::domain::{
     Action, Command, CommandRequest, EntryResult, GameId, OpKind, OperationEntry, OutcomeEvent,
-    Stage, Step,
+    RuntimeRecord, Stage, Step,
 };
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{
-    ContainerEngine, Fence, InboxClaim, LeaseStore, Progress, RuntimeStore, StoreError, WriteFence,
+    Begun, ContainerEngine, Fence, InboxClaim, LeaseStore, Progress, RuntimeStore, StoreError,
+    WriteFence,
 };
 use crate::telemetry;
 use gate::Gate;
@@ -180,6 +181,9 @@ struct Op<'a, S, L: LeaseStore, E> {
     started_at: DateTime<Utc>,
     /// What earlier attempts of this command did (empty on a first attempt).
     progress: Progress,
+    /// The game's record as read after the fence was taken; `Err` when its
+    /// row is corrupt.
+    record: Result<Option<RuntimeRecord>, String>,
 }
 
 impl<S, L: LeaseStore, E> Op<'_, S, L, E> {
@@ -331,15 +335,17 @@ where
         command: &Command,
         lease: &LeaseGuard<L>,
     ) -> Result<Handled, Interrupted> {
-        let fence = match self.take_fence(request, command).await? {
-            ControlFlow::Continue(fence) => fence,
+        let Begun {
+            fence,
+            progress,
+            record,
+            ..
+        } = match self.take_fence(request, command).await? {
+            ControlFlow::Continue(begun) => begun,
             ControlFlow::Break(answered) => return Ok(answered),
         };
         // An earlier attempt may have died part-way: this one resumes from
         // what it recorded.
-        let progress = self
-            .store_retrying(|| self.store.progress(&command.command_id))
-            .await?;
         if !progress.is_empty() {
             info!(
                 entries = progress.entries.len(),
@@ -354,6 +360,7 @@ where
             lease,
             started_at: Utc::now(),
             progress,
+            record,
         };
         let recorded = match &command.action {
             Action::Start { image_ref } => op.start(image_ref).await?,
@@ -410,17 +417,18 @@ where
             Gate::Answered(handled) => return Ok(handled),
         };
         let answered = async {
-            let fence = match self.take_fence(request, &command).await? {
-                ControlFlow::Continue(fence) => fence,
+            let begun = match self.take_fence(request, &command).await? {
+                ControlFlow::Continue(begun) => begun,
                 ControlFlow::Break(answered) => return Ok(answered),
             };
             let op = Op {
                 lc: self,
                 cmd: &command,
-                fence,
+                fence: begun.fence,
                 lease: &lease,
                 started_at: Utc::now(),
                 progress: Progress::default(),
+                record: begun.record,
             };
             let mut entry = op.outer_entry();
             entry.image_ref = request.image_ref.clone();

@@ -140,20 +140,13 @@ where
         self.write(entry, record).await
     }
 
-    /// Loads the game's record, if any: database down →
-    /// `service_unavailable` (beyond the original, which said `internal`),
-    /// a corrupt row → `internal`.
+    /// The game's record, if any, as read when the fence was taken (a
+    /// database error there interrupted the command before any op ran); a
+    /// corrupt row is `internal`.
     pub(super) async fn load_record(&self) -> Result<Option<RuntimeRecord>, Failure> {
-        self.lc
-            .store_retrying(|| self.lc.store.load(self.game()))
-            .await
-            .map_err(|e| match e {
-                StoreError::Corrupt(msg) => Failure::new(ErrorCode::Internal, msg),
-                other => Failure::new(
-                    ErrorCode::ServiceUnavailable,
-                    format!("load runtime record: {other}"),
-                ),
-            })
+        self.record
+            .clone()
+            .map_err(|why| Failure::new(ErrorCode::Internal, why))
     }
 
     /// The game's record, which must exist (`not_found`).

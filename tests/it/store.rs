@@ -666,6 +666,113 @@ async fn advance_fence_waits_for_a_transaction_holding_the_fence() {
     assert_eq!(next, Fence(2));
 }
 
+/// `begin` (one call to `rtm_begin`) gives what its four parts give: the
+/// next fence, the inbox's answer, the command's progress and the record.
+/// And it reads after the fence moved: an earlier attempt's step committed
+/// while `begin` waited for that attempt's `for share` lock is in the
+/// progress it returns (a single statement would have read from before the
+/// wait, and the attempt resumed without the step).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn begin_reads_what_an_earlier_attempt_committed_while_it_waited() {
+    let db = TestDb::new().await;
+    let store = PgStore::new(db.pool.clone());
+    let g = game("g-1");
+    let cmd = request("cmd-1", Some("g-1"), None);
+
+    // A first attempt: fresh, fence 1, nothing done, no record.
+    let first = store.begin(&g, &cmd).await.unwrap();
+    assert_eq!(first.fence, Fence(1));
+    assert_eq!(first.claim, InboxClaim::Fresh);
+    assert!(first.progress.is_empty());
+    assert_eq!(first.record, Ok(None));
+    let update = record("g-1", IMAGE, running("c-1"));
+    store
+        .append(
+            write(
+                entry("g-1", "cmd-1", OpKind::Start, Some(OpKind::Patch)),
+                Some(first.fence),
+                Some(update),
+            ),
+            Uuid::now_v7(),
+        )
+        .await
+        .unwrap();
+
+    // That attempt, still holding the fence row, journals a step and has
+    // not committed yet when the second attempt begins.
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::query("select fence from game_fences where game_id = 'g-1' for share")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "insert into operation_journal (command_id, step, detail)
+         values ('cmd-1', 'stop', '{\"container_id\": \"c-1\"}')",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let second = tokio::spawn({
+        let store = store.clone();
+        let (g, cmd) = (g.clone(), cmd.clone());
+        async move { store.begin(&g, &cmd).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "begin waits for the fence row's lock"
+    );
+    tx.commit().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("begin finishes once the lock is released")
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.fence, Fence(2));
+    assert_eq!(second.claim, InboxClaim::Unfinished);
+    assert_eq!(
+        second.progress.steps,
+        [Step::Stop {
+            container_id: ContainerId("c-1".into())
+        }],
+        "the step committed while begin waited"
+    );
+    assert_eq!(second.progress.entries.len(), 1, "the inner start");
+    let loaded = second.record.unwrap().expect("the record");
+    assert_eq!(loaded.state, running("c-1"));
+    assert_eq!(loaded.fence, 1);
+
+    // Once finished, a third attempt is answered with the outcome; a
+    // command reusing the id for something else is told so.
+    let outer = store
+        .append(
+            write(
+                entry("g-1", "cmd-1", OpKind::Patch, None),
+                Some(second.fence),
+                None,
+            ),
+            Uuid::now_v7(),
+        )
+        .await
+        .unwrap();
+    let third = store.begin(&g, &cmd).await.unwrap();
+    assert_eq!(third.fence, Fence(3));
+    assert_eq!(third.claim, InboxClaim::Finished(outer.event));
+    let other = request("cmd-1", Some("g-2"), None);
+    assert!(matches!(
+        store.begin(&game("g-2"), &other).await.unwrap().claim,
+        InboxClaim::Reused { .. }
+    ));
+
+    // A corrupt record is the op's to answer, not an outage.
+    sqlx::query("update runtime_records set current_image_ref = '' where game_id = 'g-1'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let corrupt = store.begin(&g, &cmd).await.unwrap().record.unwrap_err();
+    assert!(corrupt.contains("no current image_ref"), "{corrupt}");
+}
+
 /// The fence check of `append` holds until its commit, proven with a fixed
 /// interleaving: a trigger parks the old writer right after its fence check
 /// (inside its log insert) while a newer operation takes the fence. The

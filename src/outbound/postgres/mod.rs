@@ -2,8 +2,9 @@
 //! fences (SPEC §7, §10). One file per client of the database:
 //!
 //! - [`port`]: the [`RuntimeStore`](crate::ports::RuntimeStore) port the
-//!   lifecycle writes through; [`append`] holds the statements of its one
-//!   transaction, one function each.
+//!   lifecycle writes through. An attempt's start and an append are one
+//!   call each to the functions `rtm_begin` and `rtm_append` (migration
+//!   0009), so each costs one round trip and one commit.
 //! - [`outbox`]: the relay's reads and marks, and its leadership lease
 //!   (`relay_leader`).
 //! - [`history`]: the operation history `rtmanager log` prints.
@@ -21,7 +22,6 @@
 //! break, a row that does not decode) is [`StoreError::Corrupt`], which
 //! retrying cannot fix.
 
-mod append;
 mod bootstrap;
 mod history;
 mod outbox;

@@ -7,7 +7,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use sqlx::postgres::PgListener;
+
 use super::{PgStore, db_error};
+
+/// The notification channel of written events (migration 0010).
+const OUTBOX_CHANNEL: &str = "rtm_outbox";
 use crate::ports::StoreError;
 
 /// An outbox event waiting for the relay.
@@ -128,6 +133,20 @@ impl PgStore {
             .fetch_one(&self.pool)
             .await
             .map_err(|e| db_error("count unsent outbox events", e))
+    }
+
+    /// A connection listening on `rtm_outbox`, notified whenever an event
+    /// is written or queued again (migration 0010). It holds one of the
+    /// pool's connections for as long as it lives.
+    pub async fn listener(&self) -> Result<PgListener, StoreError> {
+        let mut listener = PgListener::connect_with(&self.pool)
+            .await
+            .map_err(|e| db_error("listen for outbox events", e))?;
+        listener
+            .listen(OUTBOX_CHANNEL)
+            .await
+            .map_err(|e| db_error("listen for outbox events", e))?;
+        Ok(listener)
     }
 
     /// Takes or renews relay leadership for `holder`, for `ttl`: `true`

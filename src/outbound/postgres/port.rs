@@ -6,13 +6,13 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{PgStore, append, db_error, decode_event, path_text};
+use super::{PgStore, db_error, decode_event, path_text};
 use crate::domain::{
     CommandRequest, ContainerId, GameId, ImageRef, OperationEntry, OutcomeEvent, PriorEntry,
     RecordUpdate, RuntimeRecord, RuntimeState, RuntimeStatus, Step,
 };
 use crate::ports::{
-    Answers, Fence, FenceView, InboxClaim, OperationWrite, Progress, Recorded, RuntimeStore,
+    Answers, Begun, Fence, FenceView, InboxClaim, OperationWrite, Progress, Recorded, RuntimeStore,
     StoreError, WriteFence,
 };
 
@@ -41,18 +41,11 @@ impl RuntimeStore for PgStore {
         Ok(Progress {
             entries: events
                 .into_iter()
-                .map(|(id, payload)| {
-                    PriorEntry::from_event(&decode_event(id, payload)?).map_err(|e| {
-                        StoreError::Corrupt(format!("outbox event {id} is not an entry: {e}"))
-                    })
-                })
+                .map(|(id, payload)| prior_entry(id, payload))
                 .collect::<Result<_, _>>()?,
             steps: steps
                 .into_iter()
-                .map(|(step, detail)| {
-                    Step::from_stored(&step, detail.unwrap_or(serde_json::Value::Null))
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))
-                })
+                .map(|(step, detail)| stored_step(&step, detail))
                 .collect::<Result<_, _>>()?,
         })
     }
@@ -150,17 +143,8 @@ impl RuntimeStore for PgStore {
             return Ok(InboxClaim::Fresh);
         }
 
-        // `outcome_event_id` is set exactly when the command finished (a
-        // check constraint), and the foreign key keeps its event.
-        type ClaimRow = (
-            Option<Uuid>,
-            Option<serde_json::Value>,
-            Option<String>,
-            String,
-            String,
-        );
-        let row: Option<ClaimRow> = sqlx::query_as(
-            "select i.outcome_event_id, o.payload, i.fingerprint, i.op, i.game_id
+        let row: Option<InboxRow> = sqlx::query_as(
+            "select i.fingerprint, i.op, i.game_id, i.outcome_event_id, o.payload
              from inbox i
              left join outbox o on o.event_id = i.outcome_event_id
              where i.command_id = $1",
@@ -169,27 +153,14 @@ impl RuntimeStore for PgStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| db_error("read the inbox", e))?;
-        match row {
-            // Rows claimed before fingerprints were kept have none.
-            Some((_, _, Some(first), op, game_id)) if first != fingerprint => {
-                Ok(InboxClaim::Reused {
-                    first: format!("{op} of game {game_id:?}"),
-                })
-            }
-            Some((None, ..)) => Ok(InboxClaim::Unfinished),
-            Some((Some(event_id), Some(payload), ..)) => {
-                Ok(InboxClaim::Finished(decode_event(event_id, payload)?))
-            }
-            Some((Some(event_id), None, ..)) => Err(StoreError::Corrupt(format!(
-                "command {:?} finished with outcome event {event_id}, which is not in the outbox",
-                request.command_id
-            ))),
-            // Inbox rows are never deleted by the manager.
-            None => Err(StoreError::Corrupt(format!(
+        row.ok_or_else(|| {
+            // Inbox rows are deleted only by the retention sweep, long after.
+            StoreError::Corrupt(format!(
                 "inbox row of command {:?} vanished while it was claimed",
                 request.command_id
-            ))),
-        }
+            ))
+        })?
+        .claim(request)
     }
 
     async fn load(&self, game_id: &GameId) -> Result<Option<RuntimeRecord>, StoreError> {
@@ -267,90 +238,264 @@ impl RuntimeStore for PgStore {
             record,
             answers,
         } = write;
-        // Only a command's own answer goes in (and is checked against) its
-        // inbox row; a reused command_id's answer stands on its own.
-        let answers_inbox = entry.is_outer() && answers == Answers::Command;
-        let record = record
-            .map(|record| checked_record(record, &entry))
-            .transpose()?;
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| db_error("begin the append transaction", e))?;
-
-        // A retry of a write whose COMMIT went through but whose reply was
-        // lost: the event id is fixed per write, so it finds its own row.
-        if let Some((Some(operation_id), event)) = append::stored_outcome(&mut tx, event_id).await?
-        {
-            return Ok(Recorded {
-                operation_id,
-                event,
-                answered_before: false,
-            });
-        }
         if record.is_some() && !matches!(fence, WriteFence::Held(_)) {
             return Err(StoreError::Corrupt(format!(
                 "an entry of game {:?} changes the record without holding the lease",
                 entry.game_id
             )));
         }
-        if let Some(Fence(expected)) = fence.expected()
-            && append::lock_fence(&mut tx, &entry.game_id).await? != Some(expected)
-        {
-            // Dropping `tx` rolls back; say so explicitly all the same.
-            tx.rollback().await.ok();
-            return Err(StoreError::FenceLost(expected));
-        }
-        // An answer given without the lease (a refusal, an invalid request)
-        // stands only if no other attempt of the command answered it first:
-        // two copies refused at once give one outcome. The inbox row is
-        // locked after the fence row, in the order every append takes them.
-        if answers_inbox
-            && fence.held().is_none()
-            && let Some(answered) = append::lock_inbox_answer(&mut tx, &entry.command_id).await?
-        {
-            // The inbox's foreign key keeps its outcome in the outbox.
-            let (operation_id, event) = append::stored_outcome(&mut tx, answered)
-                .await?
-                .ok_or_else(|| {
+        // Only a command's own answer goes in (and is checked against) its
+        // inbox row; a reused command_id's answer stands on its own. An
+        // answer given without the lease stands only if no other attempt of
+        // the command answered it first: two copies refused at once give one
+        // outcome.
+        let answers_inbox = entry.is_outer() && answers == Answers::Command;
+        let check_answered = answers_inbox && fence.held().is_none();
+        // Only the outer event answers a request/reply caller.
+        let (reply_from_inbox, reply_to, reply_correlation_id) = match &answers {
+            _ if !entry.is_outer() => (false, None, None),
+            Answers::Command => (true, None, None),
+            Answers::Reuse { reply_to } => (
+                false,
+                reply_to.as_ref().map(|r| r.queue.clone()),
+                reply_to.as_ref().and_then(|r| r.correlation_id.clone()),
+            ),
+        };
+        let record = record
+            .map(|record| checked_record(record, &entry))
+            .transpose()?;
+        // The event as it will be stored; the database sets its
+        // operation_id, which the log insert makes.
+        let mut event = OutcomeEvent::from_entry(&entry, 0, event_id);
+        let result = &entry.result;
+        let answer: Json<AppendAnswer> = sqlx::query_scalar(
+            "select rtm_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                               $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28,
+                               $29, $30, $31, $32, $33)",
+        )
+        .bind(event_id)
+        .bind(fence.expected().map(|f| f.0))
+        .bind(fence.held().map(|f| f.0))
+        .bind(check_answered)
+        .bind(answers_inbox)
+        .bind(reply_from_inbox)
+        .bind(reply_to)
+        .bind(reply_correlation_id)
+        .bind(&entry.game_id)
+        .bind(entry.op.as_str())
+        .bind(entry.outer_op.map(|o| o.as_str()))
+        .bind(&entry.op_source)
+        .bind(entry.reason.as_deref())
+        .bind(&entry.correlation_id)
+        .bind(&entry.command_id)
+        .bind(entry.image_ref.as_deref())
+        .bind(entry.previous_image_ref.as_deref())
+        .bind(entry.container_id.as_deref())
+        .bind(entry.address.as_deref())
+        .bind(result.outcome().as_str())
+        .bind(result.error_code().map(|c| c.as_str()))
+        .bind(result.error_message())
+        .bind(result.noop())
+        .bind(entry.rolled_back)
+        .bind(entry.started_at)
+        .bind(entry.finished_at)
+        .bind(event.routing_key())
+        .bind(Json(&event))
+        .bind(record.as_ref().map(|(r, _)| r.state.status().as_str()))
+        .bind(record.as_ref().map(|(r, _)| r.image_ref.as_str()))
+        .bind(
+            record
+                .as_ref()
+                .and_then(|(r, _)| r.state.container_id().map(ContainerId::as_str)),
+        )
+        .bind(record.as_ref().and_then(|(r, _)| r.state.address()))
+        .bind(record.as_ref().map(|(_, dir)| dir.as_str()))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| db_error("append to the operation log", e))?;
+        match answer.0 {
+            AppendAnswer::Appended { operation_id } => {
+                event.operation_id = Some(operation_id);
+                Ok(Recorded {
+                    operation_id,
+                    event,
+                    answered_before: false,
+                })
+            }
+            AppendAnswer::Stored {
+                operation_id,
+                payload,
+            } => Ok(Recorded {
+                operation_id,
+                event: decode_event(event_id, payload)?,
+                answered_before: false,
+            }),
+            AppendAnswer::FenceLost => {
+                Err(StoreError::FenceLost(fence.expected().map_or(0, |f| f.0)))
+            }
+            AppendAnswer::Answered {
+                event_id: answered,
+                operation_id,
+                payload,
+            } => {
+                // The inbox's foreign key keeps its outcome in the outbox.
+                let payload = payload.ok_or_else(|| {
                     StoreError::Corrupt(format!("outcome event {answered} is not in the outbox"))
                 })?;
-            tx.rollback().await.ok();
-            return Ok(Recorded {
-                operation_id: operation_id.unwrap_or_default(),
-                event,
-                answered_before: true,
-            });
+                Ok(Recorded {
+                    operation_id: operation_id.unwrap_or_default(),
+                    event: decode_event(answered, payload)?,
+                    answered_before: true,
+                })
+            }
         }
+    }
 
-        let operation_id = append::insert_entry(&mut tx, &entry, fence.held()).await?;
-        let event = OutcomeEvent::from_entry(&entry, operation_id, event_id);
-        // Only the outer event answers a request/reply caller.
-        let reply = match &answers {
-            _ if !entry.is_outer() => (None, None),
-            Answers::Command => append::reply_address(&mut tx, &entry.command_id).await?,
-            Answers::Reuse { reply_to } => reply_to
-                .as_ref()
-                .map(|r| (Some(r.queue.clone()), r.correlation_id.clone()))
-                .unwrap_or_default(),
+    async fn begin(&self, game_id: &GameId, request: &CommandRequest) -> Result<Begun, StoreError> {
+        let (reply_to, reply_correlation_id) = match &request.reply_to {
+            Some(r) => (Some(r.queue.as_str()), r.correlation_id.as_deref()),
+            None => (None, None),
         };
-        append::insert_event(&mut tx, &entry, &event, operation_id, reply).await?;
-        if let Some((record, state_dir)) = &record {
-            append::upsert_record(&mut tx, record, state_dir, fence.held()).await?;
-        }
-        if answers_inbox {
-            append::finish_inbox(&mut tx, &entry, event_id).await?;
-        }
-        tx.commit()
-            .await
-            .map_err(|e| db_error("commit the append transaction", e))?;
-        Ok(Recorded {
-            operation_id,
-            event,
-            answered_before: false,
+        let begun: Json<BegunRow> =
+            sqlx::query_scalar("select rtm_begin($1, $2, $3, $4, $5, $6, $7)")
+                .bind(game_id.as_str())
+                .bind(&request.command_id)
+                .bind(request.game_id.as_deref().unwrap_or_default())
+                .bind(request.op.as_str())
+                .bind(reply_to)
+                .bind(reply_correlation_id)
+                .bind(request.fingerprint())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| db_error("take the game's fence", e))?;
+        let BegunRow {
+            fence,
+            claimed,
+            inbox,
+            entries,
+            steps,
+            record,
+        } = begun.0;
+        let claim = if claimed {
+            InboxClaim::Fresh
+        } else {
+            let inbox = inbox.ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "inbox row of command {:?} vanished while it was claimed",
+                    request.command_id
+                ))
+            })?;
+            inbox.claim(request)?
+        };
+        Ok(Begun {
+            fence: Fence(fence),
+            claim,
+            progress: Progress {
+                entries: entries
+                    .into_iter()
+                    .map(|(id, payload)| prior_entry(id, payload))
+                    .collect::<Result<_, _>>()?,
+                steps: steps
+                    .into_iter()
+                    .map(|(step, detail)| stored_step(&step, detail))
+                    .collect::<Result<_, _>>()?,
+            },
+            record: match record.map(|row| row.into_record(game_id)).transpose() {
+                Ok(record) => Ok(record),
+                Err(StoreError::Corrupt(why)) => Err(why),
+                Err(e) => return Err(e),
+            },
         })
     }
+}
+
+/// What `rtm_append` (migration 0009) answers.
+#[derive(serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum AppendAnswer {
+    Appended {
+        operation_id: i64,
+    },
+    Stored {
+        operation_id: i64,
+        payload: serde_json::Value,
+    },
+    FenceLost,
+    Answered {
+        event_id: Uuid,
+        operation_id: Option<i64>,
+        payload: Option<serde_json::Value>,
+    },
+}
+
+/// What `rtm_begin` (migration 0009) answers.
+#[derive(serde::Deserialize)]
+struct BegunRow {
+    fence: i64,
+    /// The call inserted the command's inbox row.
+    claimed: bool,
+    inbox: Option<InboxRow>,
+    entries: Vec<(Uuid, serde_json::Value)>,
+    steps: Vec<(String, Option<serde_json::Value>)>,
+    record: Option<RecordRow>,
+}
+
+/// A command's inbox row, with its outcome event's payload if it finished.
+#[derive(sqlx::FromRow, serde::Deserialize)]
+struct InboxRow {
+    /// Rows claimed before fingerprints were kept have none.
+    fingerprint: Option<String>,
+    op: String,
+    game_id: String,
+    outcome_event_id: Option<Uuid>,
+    payload: Option<serde_json::Value>,
+}
+
+impl InboxRow {
+    /// The claim of `request` this row makes, when another claim inserted it.
+    fn claim(self, request: &CommandRequest) -> Result<InboxClaim, StoreError> {
+        match self {
+            InboxRow {
+                fingerprint: Some(first),
+                op,
+                game_id,
+                ..
+            } if first != request.fingerprint() => Ok(InboxClaim::Reused {
+                first: format!("{op} of game {game_id:?}"),
+            }),
+            // `outcome_event_id` is set exactly when the command finished (a
+            // check constraint), and the foreign key keeps its event.
+            InboxRow {
+                outcome_event_id: None,
+                ..
+            } => Ok(InboxClaim::Unfinished),
+            InboxRow {
+                outcome_event_id: Some(event_id),
+                payload: Some(payload),
+                ..
+            } => Ok(InboxClaim::Finished(decode_event(event_id, payload)?)),
+            InboxRow {
+                outcome_event_id: Some(event_id),
+                payload: None,
+                ..
+            } => Err(StoreError::Corrupt(format!(
+                "command {:?} finished with outcome event {event_id}, which is not in the outbox",
+                request.command_id
+            ))),
+        }
+    }
+}
+
+/// An earlier entry of a command, from its stored event.
+fn prior_entry(id: Uuid, payload: serde_json::Value) -> Result<PriorEntry, StoreError> {
+    PriorEntry::from_event(&decode_event(id, payload)?)
+        .map_err(|e| StoreError::Corrupt(format!("outbox event {id} is not an entry: {e}")))
+}
+
+/// A journal row back as its step.
+fn stored_step(step: &str, detail: Option<serde_json::Value>) -> Result<Step, StoreError> {
+    Step::from_stored(step, detail.unwrap_or(serde_json::Value::Null))
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 /// A record update checked against its entry, with its state directory as
@@ -371,7 +516,7 @@ fn checked_record(
 }
 
 /// A `runtime_records` row as stored, before it is checked.
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, serde::Deserialize)]
 struct RecordRow {
     status: String,
     current_image_ref: String,
