@@ -21,6 +21,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    PublisherConfirm,
 };
 
 use crate::config::{AmqpConfig, SecretUrl};
@@ -99,7 +100,17 @@ pub async fn publish_confirmed(
     channel: &Channel,
     message: Outgoing<'_>,
 ) -> Result<(), PublishError> {
-    let confirmation = channel
+    confirmed(publish(channel, message).await?).await
+}
+
+/// Sends `message` on `channel` (in confirm mode) without waiting for its
+/// confirm: [`confirmed`] waits for it. Many sent before their confirms are
+/// awaited share the round trips to the broker.
+pub async fn publish(
+    channel: &Channel,
+    message: Outgoing<'_>,
+) -> Result<PublisherConfirm, PublishError> {
+    Ok(channel
         .basic_publish(
             message.exchange.into(),
             message.routing_key,
@@ -110,9 +121,13 @@ pub async fn publish_confirmed(
             message.body,
             message.properties,
         )
-        .await?
-        .await?;
-    match confirmation {
+        .await?)
+}
+
+/// Waits for the broker's answer to a [`publish`]: `Ok` once it has taken
+/// the message.
+pub async fn confirmed(confirm: PublisherConfirm) -> Result<(), PublishError> {
+    match confirm.await? {
         Confirmation::Ack(None) => Ok(()),
         Confirmation::Ack(Some(_returned)) => Err(PublishError::Returned),
         Confirmation::Nack(_) => Err(PublishError::Nacked),

@@ -9,6 +9,15 @@
 //! other game's keep flowing (SPEC §6). A reply to `reply_to` is a courtesy:
 //! one that fails is logged and counted, never retried.
 //!
+//! Events go out in waves ([`Relay::publish_batch`]): a wave sends the
+//! next event of every game in the batch at once, then waits for all their
+//! confirms, so games share round trips while one game's events still
+//! leave one after another; the batch's confirmed rows are marked sent in
+//! one statement. The leader is woken by PostgreSQL (`LISTEN rtm_outbox`,
+//! notified by a trigger as each event's transaction commits, migration
+//! 0010), whichever worker wrote it, so an inner event leaves as soon as its
+//! entry commits rather than at the next poll.
+//!
 //! One relay publishes at a time across all workers, so per-game order
 //! holds with any number of workers: leadership is a lease in PostgreSQL
 //! (`relay_leader`, migration 0006), renewed on every pass and given up when
@@ -19,7 +28,7 @@
 //! marks late. Publishing is at-least-once: a crash between the confirm and
 //! the mark republishes with the same `event_id`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +45,7 @@ use crate::broker::{self, Outgoing, PublishError};
 use crate::config::{AmqpConfig, SecretUrl};
 use crate::outbound::postgres::{PendingEvent, PgStore, Swept};
 use crate::pauses::Pauses;
+use crate::ports::StoreError;
 use crate::readiness::Readiness;
 use crate::shutdown::Shutdown;
 use crate::telemetry;
@@ -71,6 +81,13 @@ struct Leadership {
 impl Leadership {
     fn holds(&self) -> bool {
         self.valid_until.is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Held with more than half its time left: no renewal needed yet (a
+    /// renewal on every pass was a round trip per event).
+    fn fresh(&self) -> bool {
+        self.valid_until
+            .is_some_and(|until| Instant::now() + LEADER_TTL / 2 < until)
     }
 }
 
@@ -136,6 +153,11 @@ impl Relay {
         let mut failures = Pauses::new(POLL, Duration::from_secs(5));
         let mut refusals = Refusals::default();
         let mut swept: Option<Instant> = None;
+        let listening = tokio::spawn(listen(
+            self.store.clone(),
+            self.wake.clone(),
+            shutdown.clone(),
+        ));
         loop {
             let stopping = shutdown.is_set();
             let pause = match self.pass(&mut link, &mut leader, &mut refusals).await {
@@ -153,12 +175,18 @@ impl Relay {
             if stopping {
                 break;
             }
+            // Only the leader answers wake-ups: every worker is woken for
+            // every event written, and a follower's pass would be two
+            // queries for nothing. A follower looks every `POLL`, to take
+            // over from a leader that died.
+            let leading = leader.holds();
             tokio::select! {
-                () = self.wake.notified() => {}
+                () = self.wake.notified(), if leading => {}
                 () = tokio::time::sleep(pause) => {}
                 () = shutdown.wait() => {}
             }
         }
+        listening.abort();
         if let Some(link) = link {
             let _ = link.channel.close(200, "shutdown".into()).await;
         }
@@ -177,18 +205,18 @@ impl Relay {
         leader: &mut Leadership,
         refusals: &mut Refusals,
     ) -> anyhow::Result<()> {
-        if let Ok(backlog) = self.store.outbox_backlog().await {
-            metrics::gauge!(telemetry::OUTBOX_BACKLOG).set(backlog as f64);
-            if backlog == 0 {
-                return Ok(());
-            }
-        }
         let mut held_back = refusals.not_due(Instant::now());
         loop {
             if !self.lead(leader).await? {
                 return Ok(());
             }
             let pending = self.store.unsent_events_except(BATCH, &held_back).await?;
+            // A full count only when the batch does not say it all.
+            let backlog = match pending.len() as i64 {
+                n if n < BATCH => n,
+                _ => self.store.outbox_backlog().await.unwrap_or(BATCH),
+            };
+            metrics::gauge!(telemetry::OUTBOX_BACKLOG).set(backlog as f64);
             if pending.is_empty() {
                 return Ok(());
             }
@@ -201,51 +229,155 @@ impl Relay {
                     channel
                 }
             };
-            for event in &pending {
-                if held_back.contains(&event.game_id) {
-                    continue;
-                }
-                // A leader that was paused past its lease must not publish:
-                // another relay may be on these rows already.
-                if !leader.holds() {
-                    return Ok(());
-                }
-                match self.publish(&channel, event).await? {
-                    Published::Confirmed => refusals.cleared(&event.game_id),
-                    Published::Refused(why) => {
-                        warn!(
-                            event_id = %event.event_id,
-                            game_id = %event.game_id,
-                            routing_key = %event.routing_key,
-                            why,
-                            "the broker refused an event; it and its game's later events wait for a retry"
-                        );
-                        metrics::counter!(telemetry::EVENTS_REFUSED).increment(1);
-                        refusals.refused(&event.game_id);
-                        held_back.push(event.game_id.clone());
-                        continue;
-                    }
-                }
-                if self
+            let batch = self
+                .publish_batch(&channel, &pending, leader, refusals, &mut held_back)
+                .await;
+            // What the broker confirmed is marked even when the link failed
+            // part-way: it would otherwise go out twice.
+            if !batch.confirmed.is_empty() {
+                let marked = self
                     .store
-                    .mark_sent_by(leader.holder, &[event.event_id])
-                    .await?
-                    == 0
-                {
+                    .mark_sent_by(leader.holder, &batch.confirmed)
+                    .await?;
+                if marked == 0 {
                     // Fenced: another relay took the lease while this one
                     // was publishing. It publishes from here on.
                     warn!("another worker's relay took over publishing the outbox");
                     leader.valid_until = None;
                     return Ok(());
                 }
-                metrics::counter!(telemetry::EVENTS_PUBLISHED).increment(1);
+                metrics::counter!(telemetry::EVENTS_PUBLISHED).increment(marked);
+            }
+            if let Some(e) = batch.failed {
+                return Err(e);
+            }
+            if !leader.holds() {
+                return Ok(());
             }
         }
+    }
+
+    /// Publishes `pending` (in publish order), skipping the games in
+    /// `held_back`, in waves: each wave sends the next event of every game
+    /// at once, then waits for their confirms. A game's later event is
+    /// never sent before its earlier one is confirmed, so a refused event
+    /// (added to `held_back`) holds back only its own game's later ones and
+    /// none of them has overtaken it. Stops at a failed link, or once this
+    /// relay's view of its lease runs out (another relay may be on these
+    /// rows already).
+    async fn publish_batch(
+        &self,
+        channel: &Channel,
+        pending: &[PendingEvent],
+        leader: &Leadership,
+        refusals: &mut Refusals,
+        held_back: &mut Vec<String>,
+    ) -> Batch {
+        let mut games: Vec<VecDeque<&PendingEvent>> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for event in pending {
+            if held_back.contains(&event.game_id) {
+                continue;
+            }
+            let slot = *index.entry(event.game_id.as_str()).or_insert_with(|| {
+                games.push(VecDeque::new());
+                games.len() - 1
+            });
+            games[slot].push_back(event);
+        }
+        let mut batch = Batch::default();
+        loop {
+            let wave: Vec<(usize, &PendingEvent)> = games
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(slot, queue)| Some((slot, queue.pop_front()?)))
+                .collect();
+            if wave.is_empty() || !leader.holds() {
+                return batch;
+            }
+            match self.publish_wave(channel, &wave).await {
+                Ok(answers) => {
+                    let mut replies = Vec::new();
+                    for ((slot, event), answer) in wave.into_iter().zip(answers) {
+                        match answer {
+                            Published::Confirmed => {
+                                refusals.cleared(&event.game_id);
+                                batch.confirmed.push(event.event_id);
+                                if event.reply_to.is_some() {
+                                    replies.push(event);
+                                }
+                            }
+                            Published::Refused(why) => {
+                                warn!(
+                                    event_id = %event.event_id,
+                                    game_id = %event.game_id,
+                                    routing_key = %event.routing_key,
+                                    why,
+                                    "the broker refused an event; it and its game's later events wait for a retry"
+                                );
+                                metrics::counter!(telemetry::EVENTS_REFUSED).increment(1);
+                                refusals.refused(&event.game_id);
+                                held_back.push(event.game_id.clone());
+                                games[slot].clear();
+                            }
+                        }
+                    }
+                    self.reply_all(channel, &replies).await;
+                }
+                Err(e) => {
+                    batch.failed = Some(e);
+                    return batch;
+                }
+            }
+        }
+    }
+
+    /// Sends every event of `wave`, then waits for each one's confirm. An
+    /// error means the link failed: what it did with the wave is unknown.
+    async fn publish_wave(
+        &self,
+        channel: &Channel,
+        wave: &[(usize, &PendingEvent)],
+    ) -> anyhow::Result<Vec<Published>> {
+        let mut sent = Vec::with_capacity(wave.len());
+        for (_, pending) in wave {
+            let (body, properties) = message(pending)?;
+            let event = Outgoing {
+                exchange: &self.amqp.event_exchange,
+                routing_key: short(&pending.routing_key)?,
+                // Only events are `mandatory` (see `reply_all` for why not
+                // replies): an unroutable one comes back instead of
+                // vanishing.
+                mandatory: true,
+                body: &body,
+                properties,
+            };
+            sent.push(broker::publish(channel, event).await?);
+        }
+        let mut answers = Vec::with_capacity(sent.len());
+        for confirm in sent {
+            answers.push(match broker::confirmed(confirm).await {
+                Ok(()) => Published::Confirmed,
+                Err(PublishError::Nacked) => Published::Refused("nack"),
+                // Returned unroutable: no queue took it, so nobody has it
+                // yet. SPEC §6 retries it like a nack.
+                Err(PublishError::Returned) => Published::Refused("returned unroutable"),
+                // The link failed: the pass fails and the next one
+                // reconnects.
+                Err(e @ (PublishError::Link(_) | PublishError::Unconfirmed)) => {
+                    return Err(e.into());
+                }
+            });
+        }
+        Ok(answers)
     }
 
     /// Takes or renews relay leadership; `false` while another relay
     /// holds it.
     async fn lead(&self, leader: &mut Leadership) -> anyhow::Result<bool> {
+        if leader.fresh() {
+            return Ok(true);
+        }
         let asked = Instant::now();
         let won = self
             .store
@@ -281,86 +413,112 @@ impl Relay {
         })
     }
 
-    /// Publishes one event and waits for the broker's confirm; once it is
-    /// confirmed, its reply too (for a request/reply command). An error means
-    /// the link failed.
-    async fn publish(
-        &self,
-        channel: &Channel,
-        pending: &PendingEvent,
-    ) -> anyhow::Result<Published> {
-        let body = serde_json::to_vec(&pending.payload).context("serialize an outcome event")?;
-        let mut properties = BasicProperties::default()
-            .with_message_id(ShortString::from(pending.event_id.to_string()))
-            .with_type(short(&pending.routing_key)?)
-            .with_content_type("application/json".into())
-            .with_delivery_mode(broker::PERSISTENT);
-        // The decoder caps correlation ids at 255 bytes; an older row that
-        // does not fit still goes out, with the id in its body only.
-        match ShortString::try_new(pending.correlation_id.as_str()) {
-            Ok(id) => properties = properties.with_correlation_id(id),
-            Err(e) => {
-                warn!(event_id = %pending.event_id, error = %e, "correlation id too long for the AMQP property")
+    /// Sends each confirmed outer event of a request/reply command to its
+    /// caller's `reply_to` queue, all at once. A reply is a courtesy: one
+    /// that does not arrive is logged and counted, never retried. Not
+    /// `mandatory`: RabbitMQ reports a publish to a direct reply-to name
+    /// (`amq.rabbitmq.reply-to.…`) as unroutable even when it delivers it,
+    /// so a return would count delivered replies as failed; a reply to a
+    /// missing queue is dropped unseen.
+    async fn reply_all(&self, channel: &Channel, events: &[&PendingEvent]) {
+        let mut sent = Vec::with_capacity(events.len());
+        for pending in events {
+            let Some(queue) = &pending.reply_to else {
+                continue;
+            };
+            let result = async {
+                let (body, properties) = message(pending)?;
+                let properties = match &pending.reply_correlation_id {
+                    Some(id) => properties.with_correlation_id(short(id)?),
+                    None => properties,
+                };
+                let reply = Outgoing {
+                    exchange: "",
+                    routing_key: short(queue)?,
+                    mandatory: false,
+                    body: &body,
+                    properties,
+                };
+                anyhow::Ok(broker::publish(channel, reply).await?)
+            }
+            .await;
+            sent.push((pending, queue, result));
+        }
+        for (pending, queue, result) in sent {
+            let delivered = match result {
+                Ok(confirm) => broker::confirmed(confirm)
+                    .await
+                    .map_err(anyhow::Error::from),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = delivered {
+                warn!(event_id = %pending.event_id, reply_to = %queue, error = format!("{e:#}"), "reply not delivered (not retried)");
+                metrics::counter!(telemetry::REPLIES_FAILED).increment(1);
             }
         }
-        if let Some(at) = pending.occurred_at() {
-            properties = properties.with_timestamp(at.timestamp().max(0) as u64);
-        }
-        let event = Outgoing {
-            exchange: &self.amqp.event_exchange,
-            routing_key: short(&pending.routing_key)?,
-            // Only events are `mandatory` (see `reply` for why not replies):
-            // an unroutable one comes back instead of vanishing.
-            mandatory: true,
-            body: &body,
-            properties: properties.clone(),
-        };
-        match broker::publish_confirmed(channel, event).await {
-            Ok(()) => {}
-            Err(PublishError::Nacked) => return Ok(Published::Refused("nack")),
-            // Returned unroutable: no queue took it, so nobody has it yet.
-            // SPEC §6 retries it like a nack.
-            Err(PublishError::Returned) => return Ok(Published::Refused("returned unroutable")),
-            // The link failed: the pass fails and the next one reconnects.
-            Err(e @ (PublishError::Link(_) | PublishError::Unconfirmed)) => return Err(e.into()),
-        }
-
-        if let Some(queue) = &pending.reply_to
-            && let Err(e) = self.reply(channel, queue, pending, &body, properties).await
-        {
-            warn!(event_id = %pending.event_id, reply_to = %queue, error = format!("{e:#}"), "reply not delivered (not retried)");
-            metrics::counter!(telemetry::REPLIES_FAILED).increment(1);
-        }
-        Ok(Published::Confirmed)
     }
+}
 
-    /// Sends the outer event to the caller's `reply_to` queue; an error
-    /// says why it did not arrive. Not `mandatory`: RabbitMQ reports a
-    /// publish to a direct reply-to name (`amq.rabbitmq.reply-to.…`) as
-    /// unroutable even when it delivers it, so a return would count
-    /// delivered replies as failed; a reply to a missing queue is dropped
-    /// unseen.
-    async fn reply(
-        &self,
-        channel: &Channel,
-        queue: &str,
-        pending: &PendingEvent,
-        body: &[u8],
-        properties: BasicProperties,
-    ) -> anyhow::Result<()> {
-        let reply = match &pending.reply_correlation_id {
-            Some(id) => properties.with_correlation_id(short(id)?),
-            None => properties,
+/// What one pass's batch came to: the events the broker confirmed, and the
+/// link failure that cut it short, if any.
+#[derive(Default)]
+struct Batch {
+    confirmed: Vec<Uuid>,
+    failed: Option<anyhow::Error>,
+}
+
+/// An event's body and AMQP properties, as every copy of it is published.
+fn message(pending: &PendingEvent) -> anyhow::Result<(Vec<u8>, BasicProperties)> {
+    let body = serde_json::to_vec(&pending.payload).context("serialize an outcome event")?;
+    let mut properties = BasicProperties::default()
+        .with_message_id(ShortString::from(pending.event_id.to_string()))
+        .with_type(short(&pending.routing_key)?)
+        .with_content_type("application/json".into())
+        .with_delivery_mode(broker::PERSISTENT);
+    // The decoder caps correlation ids at 255 bytes; an older row that does
+    // not fit still goes out, with the id in its body only.
+    match ShortString::try_new(pending.correlation_id.as_str()) {
+        Ok(id) => properties = properties.with_correlation_id(id),
+        Err(e) => {
+            warn!(event_id = %pending.event_id, error = %e, "correlation id too long for the AMQP property")
+        }
+    }
+    if let Some(at) = pending.occurred_at() {
+        properties = properties.with_timestamp(at.timestamp().max(0) as u64);
+    }
+    Ok((body, properties))
+}
+
+/// Wakes the relay whenever an event is written, by any worker: listens on
+/// PostgreSQL's `rtm_outbox` channel (migration 0010's trigger notifies it
+/// as the writing transaction commits). Reconnects on its own; while it
+/// cannot listen, the relay's poll still finds everything.
+async fn listen(store: PgStore, wake: Arc<Notify>, mut shutdown: Shutdown) {
+    let mut pauses = Pauses::new(POLL, Duration::from_secs(5));
+    while !shutdown.is_set() {
+        let listening = async {
+            let mut listener = store.listener().await?;
+            pauses.reset();
+            loop {
+                // `None`: the connection dropped (it reconnects on the next
+                // call), so what was written meanwhile is looked for now too.
+                listener
+                    .try_recv()
+                    .await
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                wake.notify_one();
+            }
         };
-        let reply = Outgoing {
-            exchange: "",
-            routing_key: short(queue)?,
-            mandatory: false,
-            body,
-            properties: reply,
+        let failed: Result<std::convert::Infallible, StoreError> = tokio::select! {
+            failed = listening => failed,
+            () = shutdown.wait() => return,
         };
-        broker::publish_confirmed(channel, reply).await?;
-        Ok(())
+        let Err(e) = failed;
+        debug!(error = %e, "cannot listen for outbox events; polling meanwhile");
+        tokio::select! {
+            () = tokio::time::sleep(pauses.next_pause()) => {}
+            () = shutdown.wait() => return,
+        }
     }
 }
 

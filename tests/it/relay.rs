@@ -296,6 +296,52 @@ async fn a_nacked_event_is_retried_unsent_and_only_its_games_later_events_wait()
     }
 }
 
+/// Many games' events, more than one batch, interleaved unevenly: the
+/// relay sends a wave of one event per game at a time, so every event
+/// arrives exactly once and each game's in write order, however the
+/// confirms of a wave interleave.
+#[tokio::test]
+async fn many_games_events_arrive_once_each_and_in_each_games_order() {
+    let mut rig = RelayRig::new().await;
+    let observer = rig.queue("observer", "#", None).await;
+    let games = ["a", "b", "c", "d", "e", "f", "g"];
+    // Game a writes most (a long one-game tail), the others fewer.
+    let events: Vec<(&str, &str)> = (0..450)
+        .map(|n| {
+            let game = if n % 3 == 0 {
+                "a"
+            } else {
+                games[n % games.len()]
+            };
+            (game, "runtime.stop.success")
+        })
+        .collect();
+    let written = rig.write(&events).await;
+    let relay = rig.spawn_relay(&amqp_url());
+    let all: Vec<&Written> = written.iter().collect();
+    rig.wait_sent(&all, "every event is marked sent").await;
+    relay.shutdown().await;
+    let mut seen = Vec::new();
+    rig.collect_until(&observer, &mut seen, "every event arrives", |seen| {
+        seen.len() >= written.len()
+    })
+    .await;
+    assert_eq!(seen.len(), written.len(), "each event once: {seen:?}");
+    for game in games {
+        let expected: Vec<String> = written
+            .iter()
+            .filter(|w| w.game == game)
+            .map(|w| w.id.to_string())
+            .collect();
+        let arrived: Vec<String> = seen
+            .iter()
+            .filter(|id| expected.contains(id))
+            .cloned()
+            .collect();
+        assert_eq!(arrived, expected, "game {game}'s events in write order");
+    }
+}
+
 #[tokio::test]
 async fn an_unroutable_event_is_retried_unsent_until_a_queue_takes_it() {
     let mut rig = RelayRig::new().await;
