@@ -113,7 +113,8 @@ impl RuntimeStore for StallingStore {
 
 /// An engine whose `stop`, `start`, `rename` or `create` (under either
 /// name) never returns once armed (or whose `create` panics, with
-/// `panic_on_create`): the worker died in the middle of that Docker call. Also: a create whose answer is
+/// `panic_on_create`): the worker died in the middle of that Docker call
+/// (`hang_before_rename`: before the rename reached Docker). Also: a create whose answer is
 /// lost once (`lose_create_answer`: Docker made the container, the call
 /// timed out), and a Docker that cannot be reached for stops
 /// (`stop_unavailable`, counting the calls in `stop_calls`).
@@ -124,6 +125,7 @@ pub struct HangingEngine {
     pub hang_start: Arc<AtomicBool>,
     pub hang_create: Arc<AtomicBool>,
     pub hang_rename: Arc<AtomicBool>,
+    pub hang_before_rename: Arc<AtomicBool>,
     pub panic_on_create: Arc<AtomicBool>,
     pub lose_create_answer: Arc<AtomicBool>,
     pub stop_unavailable: Arc<AtomicBool>,
@@ -139,6 +141,7 @@ impl HangingEngine {
             hang_start: Arc::default(),
             hang_create: Arc::default(),
             hang_rename: Arc::default(),
+            hang_before_rename: Arc::default(),
             panic_on_create: Arc::default(),
             lose_create_answer: Arc::default(),
             stop_unavailable: Arc::default(),
@@ -204,7 +207,12 @@ impl ContainerEngine for HangingEngine {
         self.inner.inspect_next(game_id)
     }
     async fn rename_to_game(&self, id: &ContainerId, game_id: &GameId) -> Result<(), EngineError> {
-        // The container really is renamed; the call just never reports back.
+        if self.hang_before_rename.load(Ordering::SeqCst) {
+            self.reached.notify_one();
+            std::future::pending::<()>().await;
+        }
+        // With `hang_rename`, the container really is renamed; the call
+        // just never reports back.
         let result = self.inner.rename_to_game(id, game_id).await;
         if self.hang_rename.load(Ordering::SeqCst) {
             self.reached.notify_one();
