@@ -408,6 +408,33 @@ pub trait ContainerEngine: Clone + Send + Sync + 'static {
         image: &ImageRef,
     ) -> impl Future<Output = Result<ContainerId, EngineError>> + Send;
 
+    /// Creates the game's *next* container, with the same shape, under the
+    /// game's temporary name (`<RTM_CONTAINER_PREFIX>_next.<game_id>`: a
+    /// game id starts with a letter or digit, so no game's own name is
+    /// ever another's temporary one), while its current container may
+    /// still run. Fails if a container of that name exists.
+    fn create_next(
+        &self,
+        game_id: &GameId,
+        image: &ImageRef,
+    ) -> impl Future<Output = Result<ContainerId, EngineError>> + Send;
+
+    /// The game's next container (found by its temporary name), if any.
+    fn inspect_next(
+        &self,
+        game_id: &GameId,
+    ) -> impl Future<Output = Result<Option<ContainerInfo>, EngineError>> + Send;
+
+    /// Gives container `id` (the game's next one) the game's own name,
+    /// which the old container must have left. Repeatable: a container that
+    /// has the name already succeeds. `Rejected` when another container
+    /// holds the name, or `id` is missing.
+    fn rename_to_game(
+        &self,
+        id: &ContainerId,
+        game_id: &GameId,
+    ) -> impl Future<Output = Result<(), EngineError>> + Send;
+
     fn start(&self, id: &ContainerId) -> impl Future<Output = Result<(), EngineError>> + Send;
 
     /// SIGTERM, then SIGKILL after `grace`. A missing or stopped container

@@ -5,10 +5,14 @@
 //! A row is stored as a step name and a jsonb detail. The names and details
 //! are the ones every build since the journal began has written (`begin`,
 //! `pull <image>`, `stop`, `remove`, `<stage>.create`, `<stage>.start`,
-//! `<stage>.up`), so a command an older build left mid-operation resumes
-//! across an upgrade: [`Step::name`] and [`Step::detail`] write that form,
-//! [`Step::from_stored`] reads it. Inside the code a step is one tagged
-//! enum, its detail its fields.
+//! `<stage>.up`), with their meaning kept, so a command an older build left
+//! mid-operation resumes across an upgrade: [`Step::name`] and
+//! [`Step::detail`] write that form, [`Step::from_stored`] reads it. One
+//! step was added since: `start.staged`, a patch's or restart's new
+//! container created under the game's temporary name before the old one
+//! stops (an older build never wrote it, and a command it left behind
+//! resumes as before). Inside the code a step is one tagged enum, its
+//! detail its fields.
 
 use serde::{Deserialize, Serialize};
 
@@ -57,7 +61,16 @@ pub enum Step {
     Stop { container_id: ContainerId },
     /// A container of the game was removed.
     Remove { container_id: ContainerId },
-    /// The stage's container was created (not started yet).
+    /// The stage's container was created under the game's temporary name
+    /// while the old container may still run (a patch's or a restart's
+    /// new container, created before the downtime begins).
+    Staged {
+        stage: Stage,
+        container_id: ContainerId,
+    },
+    /// The stage's container holds the game's name, not started yet: it
+    /// was created under it, or it is the staged one, renamed to it once
+    /// the old container was removed. Either way the old container is gone.
     Create {
         stage: Stage,
         container_id: ContainerId,
@@ -94,6 +107,7 @@ impl Step {
             Step::Pull { image } => format!("pull {image}"),
             Step::Stop { .. } => "stop".to_owned(),
             Step::Remove { .. } => "remove".to_owned(),
+            Step::Staged { stage, .. } => format!("{}.staged", stage.as_str()),
             Step::Create { stage, .. } => format!("{}.create", stage.as_str()),
             Step::Start { stage, .. } => format!("{}.start", stage.as_str()),
             Step::Up { stage, .. } => format!("{}.up", stage.as_str()),
@@ -220,7 +234,20 @@ impl Progress {
         })
     }
 
-    /// Whether the stage's new container was created.
+    /// The stage's container created under the game's temporary name, if
+    /// one was journaled.
+    pub fn staged(&self, stage: Stage) -> Option<&ContainerId> {
+        self.steps.iter().find_map(|step| match step {
+            Step::Staged {
+                stage: s,
+                container_id,
+            } if *s == stage => Some(container_id),
+            _ => None,
+        })
+    }
+
+    /// Whether the stage's new container holds the game's name (created
+    /// there, or staged and renamed), so the old container is gone.
     pub fn created(&self, stage: Stage) -> bool {
         self.reached(stage).any(|(how_far, _)| how_far == 0)
     }
@@ -269,7 +296,8 @@ mod tests {
         ContainerId(raw.to_owned())
     }
 
-    /// Every step, stored as the builds before the typed journal stored it.
+    /// Every step, stored as the builds before the typed journal stored it
+    /// (`start.staged` as the build that added it does).
     fn stored_forms() -> Vec<(Step, &'static str, serde_json::Value)> {
         vec![
             (
@@ -299,6 +327,14 @@ mod tests {
                 },
                 "remove",
                 json!({ "container_id": "c1" }),
+            ),
+            (
+                Step::Staged {
+                    stage: Stage::Start,
+                    container_id: id("c2"),
+                },
+                "start.staged",
+                json!({ "container_id": "c2" }),
             ),
             (
                 Step::Create {

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::{Halt, Interrupted, Op};
-use crate::domain::{ContainerId, ImageRef, Stage, Step};
+use crate::domain::{ContainerId, ImageRef, OpKind, RuntimeRecord, Stage, Step};
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, ContainerInfo, EngineError, Health, LeaseStore, RuntimeStore};
 use crate::telemetry;
@@ -36,6 +36,20 @@ impl From<Interrupted> for BringUp {
     fn from(i: Interrupted) -> Self {
         BringUp::Halt(i.into())
     }
+}
+
+/// How a restart's or patch's new container was got ready while the old
+/// one may still run.
+enum Next {
+    /// Created under the game's temporary name, not started.
+    Staged(ContainerId),
+    /// An earlier attempt of this command renamed it to the game's name
+    /// already, so the old container is gone.
+    Promoted(ContainerId),
+    /// Docker refused to create it, for another reason than a leftover in
+    /// the way: the start creates the container the usual way, once the old
+    /// one is gone.
+    Refused(String),
 }
 
 /// How often start-up is polled.
@@ -129,9 +143,21 @@ where
             .map_err(|e| unavailable("inspect", &e.to_string()))?)
     }
 
-    /// Stops a container (SIGTERM, SIGKILL after the grace period) and
-    /// checks that Docker reports it stopped (`container_stop_failed`).
-    pub(super) async fn stop_container(&self, id: &ContainerId) -> Result<(), Halt> {
+    /// What Docker reports about the game's container under its temporary
+    /// name.
+    async fn inspect_next(&self) -> Result<Option<ContainerInfo>, Halt> {
+        Ok(self
+            .docker("inspect", || self.lc.engine.inspect_next(self.game()))
+            .await?
+            .map_err(|e| unavailable("inspect", &e.to_string()))?)
+    }
+
+    /// Stops a container (SIGTERM, SIGKILL after the grace period). A
+    /// container that is `kept` (a plain stop) is then checked: Docker must
+    /// report it stopped (`container_stop_failed`). Otherwise its forced
+    /// removal follows at once, which a container still running cannot
+    /// outlive, so asking Docker again would only lengthen the downtime.
+    pub(super) async fn stop_container(&self, id: &ContainerId, kept: bool) -> Result<(), Halt> {
         self.check_lease()?;
         let grace = self.lc.cfg.stop_timeout;
         self.docker("stop", || self.lc.engine.stop(id, grace))
@@ -143,6 +169,9 @@ where
                 ),
                 EngineError::Unavailable(msg) => unavailable("stop", &msg),
             })?;
+        if !kept {
+            return Ok(());
+        }
         match self.inspect().await? {
             Some(info) if info.running && info.id == *id => Err(Failure::new(
                 ErrorCode::ContainerStopFailed,
@@ -167,11 +196,171 @@ where
         Ok(())
     }
 
+    /// Removes a container that is not the game's (a next container left
+    /// behind, or one that could not be renamed); not journaled, since
+    /// `remove` names the old container's removal.
+    async fn drop_container(&self, id: &ContainerId) -> Result<(), Halt> {
+        self.check_lease()?;
+        self.docker("remove", || self.lc.engine.remove(id))
+            .await?
+            .map_err(|e| unavailable("remove", &e.to_string()))?;
+        Ok(())
+    }
+
+    /// Removes the game's container under its temporary name, if any.
+    pub(super) async fn drop_leftover_next(&self) -> Result<(), Halt> {
+        let next = self.inspect_next().await?;
+        if let Some(next) = next {
+            warn!(container_id = %next.id, "removing a new container of the game an earlier patch or restart left behind");
+            self.drop_container(&next.id).await?;
+        }
+        Ok(())
+    }
+
+    /// The first half of restart and patch, arranged so that the game is
+    /// down only for stop + remove + rename + start, never a create: the
+    /// new container from `image` is created under the game's temporary
+    /// name while the old one still runs (journaled `start.staged`), then
+    /// the inner stop, the old container's removal, and the rename to the
+    /// game's name (journaled `start.create`, as a container created under
+    /// it). Returns the container that now holds the game's name, ready to
+    /// start; `None` when Docker refused the early create or the rename,
+    /// so the inner start creates the container the usual way. A failure
+    /// on the way removes the new container again.
+    pub(super) async fn replace_with_next(
+        &self,
+        outer: OpKind,
+        record: &RuntimeRecord,
+        image: &ImageRef,
+    ) -> Result<Option<ContainerId>, Halt> {
+        let staged = match self.stage_next(image).await? {
+            Next::Staged(id) => id,
+            Next::Promoted(id) => {
+                self.journal(&Step::Create {
+                    stage: Stage::Start,
+                    container_id: id.clone(),
+                })
+                .await?;
+                return Ok(Some(id));
+            }
+            Next::Refused(msg) => {
+                warn!(error = %msg, "could not create the new container before stopping the old one; creating it once the old one is gone");
+                self.stop_and_remove(outer, record).await?;
+                return Ok(None);
+            }
+        };
+        let promoted = async {
+            self.stop_and_remove(outer, record).await?;
+            self.promote(&staged).await
+        }
+        .await;
+        match promoted {
+            Ok(true) => Ok(Some(staged)),
+            Ok(false) => Ok(None),
+            Err(Halt::Fail(failure)) => {
+                // Best effort: a Docker that failed the step may fail this
+                // too, and then the next patch replaces the leftover.
+                if self.check_lease().is_ok()
+                    && let Err(e) = self.lc.engine.remove(&staged).await
+                {
+                    warn!(container_id = %staged, error = %e, "could not remove the new container");
+                }
+                Err(failure.into())
+            }
+            Err(interrupted) => Err(interrupted),
+        }
+    }
+
+    /// Creates the new container under the game's temporary name. The one
+    /// an earlier attempt of this command journaled is reused while Docker
+    /// still has it as it was made (never started, from `image`); any other
+    /// container in the way under that name (a create whose answer or
+    /// journal write was lost) is replaced once.
+    async fn stage_next(&self, image: &ImageRef) -> Result<Next, Halt> {
+        if let Some(journaled) = self.progress.staged(Stage::Start) {
+            let made_here =
+                |info: &ContainerInfo| info.id == *journaled && info.image_ref == image.as_str();
+            let next = self
+                .docker("inspect", || self.lc.engine.inspect_next(self.game()))
+                .await?
+                .map_err(|e| unavailable("inspect", &e.to_string()))?;
+            if let Some(info) = next.filter(|info| made_here(info) && !info.running) {
+                return Ok(Next::Staged(info.id));
+            }
+            // Gone from the temporary name: renamed already, if the game's
+            // name holds it now.
+            if let Some(info) = self.inspect().await?.filter(made_here) {
+                return Ok(Next::Promoted(info.id));
+            }
+        }
+        let mut replaced = false;
+        loop {
+            self.check_lease()?;
+            let created = self
+                .docker("create", || self.lc.engine.create_next(self.game(), image))
+                .await?;
+            match created {
+                Ok(id) => {
+                    self.journal(&Step::Staged {
+                        stage: Stage::Start,
+                        container_id: id.clone(),
+                    })
+                    .await?;
+                    return Ok(Next::Staged(id));
+                }
+                Err(EngineError::Unavailable(msg)) => {
+                    return Err(unavailable("create", &msg).into());
+                }
+                Err(EngineError::Rejected(msg) | EngineError::StaleTask(msg)) => {
+                    let in_the_way = if replaced {
+                        None
+                    } else {
+                        self.inspect_next().await?
+                    };
+                    let Some(leftover) = in_the_way else {
+                        return Ok(Next::Refused(format!(
+                            "create container from {image}: {msg}"
+                        )));
+                    };
+                    warn!(container_id = %leftover.id, error = %msg, "a new container of the game left by an earlier attempt is in the way; replacing it");
+                    self.drop_container(&leftover.id).await?;
+                    replaced = true;
+                }
+            }
+        }
+    }
+
+    /// Renames the staged container to the game's name, which the old one
+    /// left, and journals it as the start's container. `false` when Docker
+    /// refused: the staged container is removed, and the start creates one
+    /// the usual way.
+    async fn promote(&self, id: &ContainerId) -> Result<bool, Halt> {
+        self.check_lease()?;
+        match self
+            .docker("rename", || self.lc.engine.rename_to_game(id, self.game()))
+            .await?
+        {
+            Ok(()) => {}
+            Err(EngineError::Unavailable(msg)) => return Err(unavailable("rename", &msg).into()),
+            Err(EngineError::Rejected(msg) | EngineError::StaleTask(msg)) => {
+                warn!(container_id = %id, error = %msg, "could not rename the new container to the game's name; creating it afresh");
+                self.drop_container(id).await?;
+                return Ok(false);
+            }
+        }
+        self.journal(&Step::Create {
+            stage: Stage::Start,
+            container_id: id.clone(),
+        })
+        .await?;
+        Ok(true)
+    }
+
     /// Replaces any leftover container of the game: stop, then remove.
     pub(super) async fn clear_leftover(&self) -> Result<(), Halt> {
         if let Some(leftover) = self.inspect().await? {
             if leftover.running {
-                self.stop_container(&leftover.id).await?;
+                self.stop_container(&leftover.id, false).await?;
             }
             self.discard(&leftover.id).await?;
         }
@@ -212,6 +401,27 @@ where
         }
     }
 
+    /// Starts `id`, a container that already holds the game's name (a
+    /// restart's or patch's new one, renamed), and waits until it is up; as
+    /// [`Self::launch`] otherwise, which it falls back to when the engine
+    /// refuses to start it for a stale task.
+    pub(super) async fn launch_prepared(
+        &self,
+        id: &ContainerId,
+        image: &ImageRef,
+        stage: Stage,
+    ) -> Result<ContainerInfo, Halt> {
+        match self.bring_up(id, image, stage, false).await {
+            Ok(info) => Ok(info),
+            Err(BringUp::Stale(msg)) => {
+                warn!(container_id = %id, error = %msg, "the engine kept a stale task; recreating the container");
+                self.discard(id).await?;
+                self.launch(image, stage).await
+            }
+            Err(BringUp::Halt(halt)) => Err(halt),
+        }
+    }
+
     /// Creates the game's container. Repeatable: a refused create may be
     /// the retry of one whose answer was lost after the engine made the
     /// container ("name already in use"). Whatever container of the game
@@ -244,7 +454,7 @@ where
                     };
                     warn!(container_id = %leftover.id, error = %msg, "create refused with a container of the game in the way (an earlier create's answer was lost?); replacing it");
                     if leftover.running {
-                        self.stop_container(&leftover.id).await?;
+                        self.stop_container(&leftover.id, false).await?;
                     }
                     self.discard(&leftover.id).await?;
                     replaced = true;

@@ -371,6 +371,8 @@ struct Container {
     image: String,
     running: bool,
     exit_code: Option<i64>,
+    /// Under the game's temporary name (a patch's next container).
+    next: bool,
 }
 
 #[derive(Default)]
@@ -384,22 +386,103 @@ struct Host {
     containers: Vec<Container>,
     /// Starts refused as `StaleTask` (an engine restart kept their task).
     stale_starts: u32,
+    /// Stops refused (`Rejected`).
+    refuse_stops: bool,
     next_id: u32,
     calls: Vec<String>,
+    /// Every call, reads included, by name only.
+    trace: Vec<&'static str>,
 }
 
 /// [`ContainerEngine`] over a simulated host: every image pullable unless
 /// marked otherwise, engines that run until stopped unless their image is
 /// marked crashing. No HEALTHCHECK: up means still running after the settle
-/// time.
+/// time. `die_after` names a call (`create_next`, `rename`): once it took
+/// effect, the caller never hears back, as if its worker died right then
+/// (`died` fires).
 #[derive(Clone, Default)]
 pub struct MemEngine {
     host: Arc<Mutex<Host>>,
+    pub die_after: Arc<Mutex<Option<String>>>,
+    pub died: Arc<tokio::sync::Notify>,
 }
 
 impl MemEngine {
     fn host(&self) -> std::sync::MutexGuard<'_, Host> {
         self.host.lock().expect("engine host")
+    }
+
+    /// Never returns if `call` is the point to die at.
+    async fn maybe_die(&self, call: &str) {
+        let die = self.die_after.lock().expect("die point").as_deref() == Some(call);
+        if die {
+            self.died.notify_one();
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Creates a container of the game under its own name or (`next`) its
+    /// temporary one; refused when that name is taken.
+    fn create_as(
+        &self,
+        game_id: &GameId,
+        image: &ImageRef,
+        next: bool,
+    ) -> Result<ContainerId, EngineError> {
+        let mut host = self.host();
+        let call = if next { "create_next" } else { "create" };
+        host.calls.push(format!("{call} {image}"));
+        if host
+            .containers
+            .iter()
+            .any(|c| c.game_id == *game_id && c.next == next)
+        {
+            return Err(EngineError::Rejected(
+                "name already in use (HTTP 409)".into(),
+            ));
+        }
+        host.next_id += 1;
+        let id = ContainerId(format!("c{}", host.next_id));
+        host.containers.push(Container {
+            id: id.clone(),
+            game_id: game_id.clone(),
+            image: image.to_string(),
+            running: false,
+            exit_code: None,
+            next,
+        });
+        Ok(id)
+    }
+
+    fn find(&self, game_id: &GameId, next: bool) -> Option<ContainerInfo> {
+        self.host()
+            .containers
+            .iter()
+            .find(|c| c.game_id == *game_id && c.next == next)
+            .map(info)
+    }
+
+    /// The game's container under its temporary name, if any.
+    pub fn next_container(&self, game_id: &GameId) -> Option<ContainerInfo> {
+        self.find(game_id, true)
+    }
+
+    /// How many containers of the game run, under either name.
+    pub fn running(&self, game_id: &GameId) -> usize {
+        self.host()
+            .containers
+            .iter()
+            .filter(|c| c.game_id == *game_id && c.running)
+            .count()
+    }
+
+    /// A next container of the game, as a dead attempt left it.
+    pub fn put_next_container(&self, game_id: &GameId, image: &str) -> ContainerId {
+        let image = ImageRef::parse(image).expect("an image");
+        self.host().images.insert(image.to_string());
+        let id = self.create_as(game_id, &image, true).expect("no next yet");
+        self.host().calls.pop();
+        id
     }
 
     pub fn unpullable(&self, image: &str) {
@@ -410,19 +493,36 @@ impl MemEngine {
         self.host().crashing.insert(image.to_owned());
     }
 
+    /// Every stop is refused from now on.
+    pub fn refuse_stops(&self) {
+        self.host().refuse_stops = true;
+    }
+
     /// The next `n` starts are refused as `StaleTask`.
     pub fn stale_starts(&self, n: u32) {
         self.host().stale_starts = n;
     }
 
-    /// The calls that changed the host (`pull`, `create`, `start`, `stop`,
-    /// `remove`), in order.
+    /// The calls that changed the host (`pull`, `create`, `create_next`,
+    /// `rename`, `start`, `stop`, `remove`), in order.
     pub fn calls(&self) -> Vec<String> {
         self.host().calls.clone()
     }
 
     pub fn clear_calls(&self) {
-        self.host().calls.clear();
+        let mut host = self.host();
+        host.calls.clear();
+        host.trace.clear();
+    }
+
+    /// Every port call since the last [`Self::clear_calls`], reads
+    /// included, by name: what a command costs in Docker round trips.
+    pub fn trace(&self) -> Vec<&'static str> {
+        self.host().trace.clone()
+    }
+
+    fn traced(&self, call: &'static str) {
+        self.host().trace.push(call);
     }
 
     /// A container of the game, as an earlier operation left it.
@@ -431,23 +531,21 @@ impl MemEngine {
         host.next_id += 1;
         let id = ContainerId(format!("c{}", host.next_id));
         host.images.insert(image.to_owned());
-        host.containers.retain(|c| c.game_id != *game_id);
+        host.containers.retain(|c| c.game_id != *game_id || c.next);
         host.containers.push(Container {
             id: id.clone(),
             game_id: game_id.clone(),
             image: image.to_owned(),
             running,
             exit_code: None,
+            next: false,
         });
         id
     }
 
+    /// The game's container under its own name, if any.
     pub fn container(&self, game_id: &GameId) -> Option<ContainerInfo> {
-        self.host()
-            .containers
-            .iter()
-            .find(|c| c.game_id == *game_id)
-            .map(info)
+        self.find(game_id, false)
     }
 }
 
@@ -464,10 +562,12 @@ fn info(c: &Container) -> ContainerInfo {
 
 impl ContainerEngine for MemEngine {
     async fn image_present(&self, image: &ImageRef) -> Result<bool, EngineError> {
+        self.traced("image_present");
         Ok(self.host().images.contains(image.as_str()))
     }
 
     async fn pull(&self, image: &ImageRef) -> Result<(), EngineError> {
+        self.traced("pull");
         let mut host = self.host();
         host.calls.push(format!("pull {image}"));
         if host.unpullable.contains(image.as_str()) {
@@ -478,31 +578,57 @@ impl ContainerEngine for MemEngine {
     }
 
     async fn inspect(&self, game_id: &GameId) -> Result<Option<ContainerInfo>, EngineError> {
+        self.traced("inspect");
         Ok(self.container(game_id))
     }
 
     async fn create(&self, game_id: &GameId, image: &ImageRef) -> Result<ContainerId, EngineError> {
-        let mut host = self.host();
-        host.calls.push(format!("create {image}"));
-        if host.containers.iter().any(|c| c.game_id == *game_id) {
-            return Err(EngineError::Rejected(
-                "name already in use (HTTP 409)".into(),
-            ));
+        self.traced("create");
+        self.create_as(game_id, image, false)
+    }
+
+    async fn create_next(
+        &self,
+        game_id: &GameId,
+        image: &ImageRef,
+    ) -> Result<ContainerId, EngineError> {
+        self.traced("create_next");
+        let created = self.create_as(game_id, image, true);
+        self.maybe_die("create_next").await;
+        created
+    }
+
+    async fn inspect_next(&self, game_id: &GameId) -> Result<Option<ContainerInfo>, EngineError> {
+        self.traced("inspect_next");
+        Ok(self.next_container(game_id))
+    }
+
+    async fn rename_to_game(&self, id: &ContainerId, game_id: &GameId) -> Result<(), EngineError> {
+        {
+            let mut host = self.host();
+            host.trace.push("rename");
+            host.calls.push(format!("rename {id}"));
+            if host
+                .containers
+                .iter()
+                .any(|c| c.game_id == *game_id && !c.next && c.id != *id)
+            {
+                return Err(EngineError::Rejected(
+                    "rename: name already in use (HTTP 409)".into(),
+                ));
+            }
+            let Some(c) = host.containers.iter_mut().find(|c| c.id == *id) else {
+                return Err(EngineError::Rejected(format!("no such container {id}")));
+            };
+            c.next = false;
         }
-        host.next_id += 1;
-        let id = ContainerId(format!("c{}", host.next_id));
-        host.containers.push(Container {
-            id: id.clone(),
-            game_id: game_id.clone(),
-            image: image.to_string(),
-            running: false,
-            exit_code: None,
-        });
-        Ok(id)
+        self.maybe_die("rename").await;
+        Ok(())
     }
 
     async fn start(&self, id: &ContainerId) -> Result<(), EngineError> {
         let mut host = self.host();
+        host.trace.push("start");
         host.calls.push(format!("start {id}"));
         if host.stale_starts > 0 {
             host.stale_starts -= 1;
@@ -524,7 +650,11 @@ impl ContainerEngine for MemEngine {
 
     async fn stop(&self, id: &ContainerId, _grace: Duration) -> Result<(), EngineError> {
         let mut host = self.host();
+        host.trace.push("stop");
         host.calls.push(format!("stop {id}"));
+        if host.refuse_stops {
+            return Err(EngineError::Rejected(format!("stop {id}: refused")));
+        }
         if let Some(c) = host.containers.iter_mut().find(|c| c.id == *id) {
             c.running = false;
             c.exit_code = Some(0);
@@ -534,12 +664,14 @@ impl ContainerEngine for MemEngine {
 
     async fn remove(&self, id: &ContainerId) -> Result<(), EngineError> {
         let mut host = self.host();
+        host.trace.push("remove");
         host.calls.push(format!("remove {id}"));
         host.containers.retain(|c| c.id != *id);
         Ok(())
     }
 
     async fn logs_tail(&self, _id: &ContainerId, _lines: usize) -> Result<String, EngineError> {
+        self.traced("logs_tail");
         Ok("engine: fatal: boom\n".into())
     }
 

@@ -4,10 +4,12 @@
 //! Every check that can reject a patch — the record, both semver tags, the
 //! patch series, and (beyond the original) the pull of the new image — runs
 //! before the first Docker step that touches the game, so a rejected patch
-//! never disturbs a running game. The game's downtime is then the stop,
-//! remove, create and start, never a download. When the new container does
-//! not come up (beyond the original) the previous image is started again on
-//! the same state directory.
+//! never disturbs a running game. The new container is created under the
+//! game's temporary name while the old one still runs, so the game's
+//! downtime is the stop, remove, rename and start, never a download or a
+//! create (`Op::replace_with_next`). When the new container does not come
+//! up (beyond the original) the previous image is started again on the
+//! same state directory.
 
 use super::start::StartPlan;
 use super::{Halt, Interrupted, Op};
@@ -60,11 +62,15 @@ where
         entry.previous_image_ref = Some(previous.to_string());
         entry.container_id = record.state.container_id().map(ToString::to_string);
 
-        // Beyond the original: pull first, so a pull failure leaves the
-        // running game untouched. Skipped when resuming past the new start.
+        // Beyond the original: pull and create first, so a pull failure
+        // leaves the running game untouched and the downtime holds no
+        // create. Skipped when resuming past the rename.
+        let mut prepared = None;
         if !self.resumed_past_start(OpKind::Patch) {
             self.ensure_image(new_image).await?;
-            self.stop_and_remove(OpKind::Patch, &record).await?;
+            prepared = self
+                .replace_with_next(OpKind::Patch, &record, new_image)
+                .await?;
         }
 
         let stopped_on_previous = record.update_to(
@@ -79,6 +85,7 @@ where
                 rolled_back: false,
                 stage: Stage::Start,
                 on_failure: Some(stopped_on_previous.clone()),
+                prepared,
             })
             .await?;
         let start_failure = match start {
@@ -115,6 +122,7 @@ where
                 rolled_back: true,
                 stage: Stage::Rollback,
                 on_failure: Some(stopped_on_previous),
+                prepared: None,
             })
             .await?;
         let failure = match rollback {

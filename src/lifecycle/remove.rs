@@ -1,6 +1,7 @@
 //! `remove`: stop if running, remove the container, record `removed`. The
 //! state directory is kept, so a later start is a new life on the old data.
 
+use super::stop::InnerStop;
 use super::{Halt, Interrupted, Op};
 use crate::domain::{EntryResult, OpKind, OperationEntry, RecordUpdate, RuntimeState};
 use crate::ports::{ContainerEngine, LeaseStore, Recorded, RuntimeStore};
@@ -28,11 +29,17 @@ where
             entry.result = EntryResult::Success { noop };
             return Ok((!noop).then(|| record.update(RuntimeState::Removed)));
         }
-        self.inner_stop(OpKind::Remove, &record).await?;
-        if let Some(info) = self.inspect().await? {
-            entry.container_id = Some(info.id.to_string());
-            self.discard(&info.id).await?;
+        let old = match self.inner_stop(OpKind::Remove, &record, false).await? {
+            InnerStop::Ran(container) => container,
+            InnerStop::Recorded => self.inspect().await?.map(|info| info.id),
+        };
+        if let Some(id) = old {
+            entry.container_id = Some(id.to_string());
+            self.discard(&id).await?;
         }
+        // A new container a failed patch or restart could not clean up
+        // goes with the game.
+        self.drop_leftover_next().await?;
         Ok(Some(record.update(RuntimeState::Removed)))
     }
 }

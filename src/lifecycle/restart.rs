@@ -1,4 +1,7 @@
 //! `restart`: stop → remove → start with the current image, under one lease.
+//! As a patch does, it creates the new container under the game's temporary
+//! name before the stop, so the game is down for stop + remove + rename +
+//! start only.
 
 use super::start::StartPlan;
 use super::{Halt, Interrupted, Op};
@@ -36,9 +39,13 @@ where
             .into());
         }
 
-        // Skipped when resuming past the new start.
+        // Skipped when resuming past the rename.
+        let mut prepared = None;
         if !self.resumed_past_start(OpKind::Restart) {
-            self.stop_and_remove(OpKind::Restart, &record).await?;
+            self.ensure_image(&record.image_ref).await?;
+            prepared = self
+                .replace_with_next(OpKind::Restart, &record, &record.image_ref)
+                .await?;
         }
 
         let start = self
@@ -49,6 +56,7 @@ where
                 rolled_back: false,
                 stage: Stage::Start,
                 on_failure: Some(record.update(RuntimeState::Stopped { container_id: None })),
+                prepared,
             })
             .await?;
         match start {

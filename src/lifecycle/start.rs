@@ -3,7 +3,7 @@
 
 use super::{Halt, Interrupted, Op};
 use crate::domain::{
-    EntryResult, ImageRef, OpKind, RecordUpdate, RuntimeRecord, RuntimeState, Stage,
+    ContainerId, EntryResult, ImageRef, OpKind, RecordUpdate, RuntimeRecord, RuntimeState, Stage,
 };
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, ContainerInfo, LeaseStore, Recorded, RuntimeStore};
@@ -21,6 +21,10 @@ pub(super) struct StartPlan<'a> {
     /// The record as a failed start leaves it; `None` leaves no record (a
     /// first start that failed: nothing runs, nothing to track).
     pub on_failure: Option<RecordUpdate>,
+    /// A container from `image` that already holds the game's name, not
+    /// started (a restart's or patch's new one, created before the old one
+    /// stopped): started as it is, without a create.
+    pub prepared: Option<ContainerId>,
 }
 
 /// An inner start's entry and how it ended.
@@ -84,6 +88,7 @@ where
                 rolled_back: false,
                 stage: Stage::Start,
                 on_failure,
+                prepared: None,
             })
             .await?;
         Ok(run.recorded)
@@ -167,6 +172,9 @@ where
         entry.rolled_back = plan.rolled_back;
 
         let launched = async {
+            if let Some(id) = &plan.prepared {
+                return self.launch_prepared(id, plan.image, plan.stage).await;
+            }
             if let Some(info) = self.resume_launch(plan.image, plan.stage).await? {
                 return Ok(info);
             }

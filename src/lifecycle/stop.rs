@@ -13,6 +13,16 @@ use crate::ports::{ContainerEngine, LeaseStore, Recorded, RuntimeStore};
 pub(super) struct StopRun {
     pub recorded: Recorded,
     pub result: Result<(), Failure>,
+    /// The container it found (stopped now, or not running before).
+    pub container: Option<ContainerId>,
+}
+
+/// How the inner stop of an outer op went.
+pub(super) enum InnerStop {
+    /// An earlier attempt of the command recorded it.
+    Recorded,
+    /// This attempt ran it; the container it found, now stopped.
+    Ran(Option<ContainerId>),
 }
 
 impl<S, L, E> Op<'_, S, L, E>
@@ -30,15 +40,17 @@ where
                 return self.finish(entry, Err(failure.into()), None).await;
             }
         };
-        Ok(self.run_stop(reason, None, &record).await?.recorded)
+        Ok(self.run_stop(reason, None, &record, true).await?.recorded)
     }
 
-    /// The inner stop. Writes its own entry; the caller owns the lease.
+    /// The inner stop. Writes its own entry; the caller owns the lease. A
+    /// container that is not `kept` is removed by the caller right after.
     pub(super) async fn run_stop(
         &self,
         reason: StopReason,
         outer: Option<OpKind>,
         record: &RuntimeRecord,
+        kept: bool,
     ) -> Result<StopRun, Interrupted> {
         let mut entry = self.entry(OpKind::Stop, outer);
         entry.reason = Some(reason.to_string());
@@ -49,12 +61,12 @@ where
                 Some(info) if info.running => {
                     // Journaled before the stop: if this worker dies during
                     // the grace period, Docker still finishes the stop and
-                    // the redelivery must not call it a no-self.
+                    // the redelivery must not call it a no-op.
                     let stop = Step::Stop {
                         container_id: info.id.clone(),
                     };
                     self.journal(&stop).await?;
-                    self.stop_container(&info.id).await?;
+                    self.stop_container(&info.id, kept).await?;
                     Ok((Some(info.id), false))
                 }
                 // Not a no-op if an earlier attempt of this command did work.
@@ -68,6 +80,7 @@ where
             Err(Halt::Fail(failure)) => Err(failure.clone()),
             _ => Ok(()),
         };
+        let container = halted.as_ref().ok().and_then(|(id, _)| id.clone());
         let update = halted.map(|(container_id, noop)| {
             entry.container_id = container_id.as_ref().map(ToString::to_string);
             entry.result = EntryResult::Success { noop };
@@ -79,49 +92,64 @@ where
             }
         });
         let recorded = self.finish(entry, update, None).await?;
-        Ok(StopRun { recorded, result })
+        Ok(StopRun {
+            recorded,
+            result,
+            container,
+        })
     }
 
     /// Inner stop (reason `admin_request`), then removal of the container if
     /// there is one: the first half of restart and patch. An inner failure's
-    /// code becomes the outer failure's code.
+    /// code becomes the outer failure's code. The container the inner stop
+    /// found is the one removed; only a resumed attempt, whose earlier one
+    /// recorded the stop, asks Docker again.
     pub(super) async fn stop_and_remove(
         &self,
         outer: OpKind,
         record: &RuntimeRecord,
     ) -> Result<(), Halt> {
-        self.inner_stop(outer, record).await?;
-        if let Some(info) = self.inspect().await? {
-            if info.running {
-                // Resumed after a recorded stop, yet running: stop it again.
-                self.stop_container(&info.id).await?;
-            }
-            self.discard(&info.id).await?;
+        let old = match self.inner_stop(outer, record, false).await? {
+            InnerStop::Ran(container) => container,
+            InnerStop::Recorded => match self.inspect().await? {
+                Some(info) if info.running => {
+                    // Resumed after a recorded stop, yet running: stop it
+                    // again (gracefully: the forced removal would kill it).
+                    self.stop_container(&info.id, false).await?;
+                    Some(info.id)
+                }
+                info => info.map(|info| info.id),
+            },
+        };
+        if let Some(id) = old {
+            self.discard(&id).await?;
         }
         Ok(())
     }
 
     /// The inner stop (reason `admin_request`) of `outer`, unless an earlier
     /// attempt of this command already recorded it. Its failure becomes the
-    /// outer failure, with its code.
+    /// outer failure, with its code. A container that is not `kept` is
+    /// removed by the caller right after.
     pub(super) async fn inner_stop(
         &self,
         outer: OpKind,
         record: &RuntimeRecord,
-    ) -> Result<(), Halt> {
+        kept: bool,
+    ) -> Result<InnerStop, Halt> {
         let recorded = self
             .progress
             .entry(OpKind::Stop, Some(outer), false)
             .is_some_and(|e| e.result.error_code().is_none());
         if recorded {
-            return Ok(());
+            return Ok(InnerStop::Recorded);
         }
         let stop = self
-            .run_stop(StopReason::AdminRequest, Some(outer), record)
+            .run_stop(StopReason::AdminRequest, Some(outer), record, kept)
             .await?;
         if let Err(f) = stop.result {
             return Err(Failure::new(f.code, format!("inner stop failed: {}", f.message)).into());
         }
-        Ok(())
+        Ok(InnerStop::Ran(stop.container))
     }
 }

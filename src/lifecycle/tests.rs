@@ -463,9 +463,160 @@ async fn a_patch_whose_rollback_fails_too_leaves_the_game_stopped() {
 
 // --- Resumption from every journal step -----------------------------------
 
-/// Runs a patch whose worker dies right after `point` is written, then
-/// delivers the command again: it must finish as `expect_rolled_back` says,
-/// and no Docker call of the dead attempt may be made again.
+// --- SPEC §3: the downtime holds no create --------------------------------
+
+#[tokio::test]
+async fn a_patch_creates_its_new_container_before_the_old_one_stops() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    w.engine.clear_calls();
+    success(&w.op(OpKind::Patch, Some(A_NEXT)).await, false);
+    // c1 is the old container, c2 the new one.
+    assert_eq!(
+        w.engine.calls(),
+        [
+            format!("pull {A_NEXT}"),
+            format!("create_next {A_NEXT}"),
+            "stop c1".into(),
+            "remove c1".into(),
+            "rename c2".into(),
+            "start c2".into(),
+        ]
+    );
+    // Every Docker round trip: between the stop and the start (the
+    // downtime) only the remove and the rename; the inspect after the start
+    // is the up check (SPEC §4).
+    assert_eq!(
+        w.engine.trace(),
+        [
+            "image_present",
+            "pull",
+            "create_next",
+            "inspect",
+            "stop",
+            "remove",
+            "rename",
+            "start",
+            "inspect",
+        ]
+    );
+    assert_eq!(w.docker(), Some((true, A_NEXT.into())));
+    assert!(w.engine.next_container(&w.game).is_none());
+}
+
+#[tokio::test]
+async fn a_restart_creates_its_new_container_before_the_old_one_stops() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    w.engine.clear_calls();
+    success(&w.op(OpKind::Restart, None).await, false);
+    assert_eq!(
+        w.engine.trace(),
+        [
+            "image_present",
+            "create_next",
+            "inspect",
+            "stop",
+            "remove",
+            "rename",
+            "start",
+            "inspect",
+        ]
+    );
+    assert_eq!(w.docker(), Some((true, A.into())));
+    assert!(w.engine.next_container(&w.game).is_none());
+}
+
+#[tokio::test]
+async fn a_patch_replaces_a_new_container_another_attempt_left_behind() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    let leftover = w.engine.put_next_container(&w.game, A);
+    success(&w.op(OpKind::Patch, Some(A_NEXT)).await, false);
+    assert!(
+        w.engine.calls().contains(&format!("remove {leftover}")),
+        "{:?}",
+        w.engine.calls()
+    );
+    assert_eq!(w.docker(), Some((true, A_NEXT.into())));
+    assert!(w.engine.next_container(&w.game).is_none());
+}
+
+#[tokio::test]
+async fn a_rolled_back_patch_leaves_no_new_container_behind() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    w.engine.crashing(A_NEXT);
+    let event = w.op(OpKind::Patch, Some(A_NEXT)).await;
+    failure(&event, ErrorCode::ContainerStartFailed);
+    assert!(event.rolled_back);
+    assert_eq!(w.docker(), Some((true, A.into())));
+    assert!(w.engine.next_container(&w.game).is_none());
+    assert_eq!(w.engine.running(&w.game), 1);
+}
+
+#[tokio::test]
+async fn a_patch_whose_stop_fails_removes_its_new_container_and_leaves_the_game_running() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    w.engine.refuse_stops();
+    let message = failure(
+        &w.op(OpKind::Patch, Some(A_NEXT)).await,
+        ErrorCode::ContainerStopFailed,
+    );
+    assert!(message.starts_with("inner stop failed"), "{message}");
+    assert_eq!(w.docker(), Some((true, A.into())));
+    assert!(w.engine.next_container(&w.game).is_none());
+}
+
+#[tokio::test]
+async fn a_remove_takes_a_leftover_new_container_with_the_game() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    w.engine.put_next_container(&w.game, A_NEXT);
+    success(&w.op(OpKind::Remove, None).await, false);
+    assert_eq!(w.docker(), None);
+    assert!(w.engine.next_container(&w.game).is_none());
+}
+
+// --- Resumption from every journal step -----------------------------------
+
+/// Kills an attempt of `request` right after `point`: a journal step or an
+/// entry (`entry stop/patch`) once written, or (`docker <call>`) an engine
+/// call once it took effect. Returns the Docker calls the dead attempt made.
+async fn die_after(w: &World, request: &CommandRequest, point: &str) -> Vec<String> {
+    match point.strip_prefix("docker ") {
+        Some(call) => *w.engine.die_after.lock().unwrap() = Some(call.to_owned()),
+        None => *w.store.die_after.lock().unwrap() = Some(point.to_owned()),
+    }
+    tokio::select! {
+        handled = w.service.handle(request.clone()) => panic!("never died at {point}: {handled:?}"),
+        () = w.store.died.notified() => {}
+        () = w.engine.died.notified() => {}
+    }
+    *w.store.die_after.lock().unwrap() = None;
+    *w.engine.die_after.lock().unwrap() = None;
+    let before = w.engine.calls();
+    w.engine.clear_calls();
+    before
+}
+
+/// Delivers `request` again once its dead attempt's lease is gone (it is
+/// released as the attempt's future is dropped).
+async fn redeliver(w: &World, request: &CommandRequest) -> OutcomeEvent {
+    loop {
+        match w.service.handle(request.clone()).await {
+            Err(Interrupted::StillRunning(_)) => tokio::task::yield_now().await,
+            other => break other.expect("handled").event,
+        }
+    }
+}
+
+/// Runs a patch whose worker dies right after `point` (see [`die_after`]),
+/// then delivers the command again: it must finish as `crashing_new` says
+/// (rolled back, or on the new image), no Docker call of the dead attempt
+/// may be made again, and no container of the game is left beside the one
+/// that runs.
 async fn patch_resumed_after(point: &str, crashing_new: bool) {
     let w = World::new();
     w.given(RuntimeStatus::Running, A);
@@ -473,22 +624,9 @@ async fn patch_resumed_after(point: &str, crashing_new: bool) {
         w.engine.crashing(A_NEXT);
     }
     w.engine.clear_calls();
-    *w.store.die_after.lock().unwrap() = Some(point.to_owned());
     let request = w.request(OpKind::Patch, Some(A_NEXT));
-    tokio::select! {
-        handled = w.service.handle(request.clone()) => panic!("never died at {point}: {handled:?}"),
-        () = w.store.died.notified() => {}
-    }
-    *w.store.die_after.lock().unwrap() = None;
-    let before = w.engine.calls();
-    w.engine.clear_calls();
-    // The dead attempt's lease is released as its future is dropped.
-    let redelivered = loop {
-        match w.service.handle(request.clone()).await {
-            Err(Interrupted::StillRunning(_)) => tokio::task::yield_now().await,
-            other => break other.expect("handled").event,
-        }
-    };
+    let before = die_after(&w, &request, point).await;
+    let redelivered = redeliver(&w, &request).await;
     let after = w.engine.calls();
     for call in &after {
         assert!(
@@ -509,6 +647,11 @@ async fn patch_resumed_after(point: &str, crashing_new: bool) {
             "{point}"
         );
     }
+    assert!(
+        w.engine.next_container(&w.game).is_none(),
+        "{point}: a new container was left under the temporary name"
+    );
+    assert_eq!(w.engine.running(&w.game), 1, "{point}");
     let outers = w
         .store
         .events()
@@ -523,9 +666,11 @@ async fn a_patch_resumes_from_every_step_of_its_new_start() {
     for point in [
         "begin",
         &format!("pull {A_NEXT}"),
+        "start.staged",
         "stop",
         "entry stop/patch",
         "remove",
+        "docker rename",
         "start.create",
         "start.start",
         "start.up",
@@ -538,6 +683,7 @@ async fn a_patch_resumes_from_every_step_of_its_new_start() {
 #[tokio::test]
 async fn a_patch_resumes_from_every_step_of_its_rollback() {
     for point in [
+        "start.staged",
         "start.create",
         "entry start/patch",
         "rollback.create",
@@ -546,5 +692,52 @@ async fn a_patch_resumes_from_every_step_of_its_rollback() {
         "entry start/patch rolled_back",
     ] {
         patch_resumed_after(point, true).await;
+    }
+}
+
+/// The create under the temporary name took effect, but the worker died
+/// before journaling it: the redelivery cannot know the container is its
+/// own, so it replaces it (before stopping the old one) rather than leave it.
+#[tokio::test]
+async fn a_patch_that_died_before_journaling_its_new_container_replaces_it() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    w.engine.clear_calls();
+    let request = w.request(OpKind::Patch, Some(A_NEXT));
+    die_after(&w, &request, "docker create_next").await;
+    let unjournaled = w.engine.next_container(&w.game).expect("created").id;
+    assert_eq!(w.docker(), Some((true, A.into())), "the game still runs");
+    success(&redeliver(&w, &request).await, false);
+    let after = w.engine.calls();
+    assert_eq!(
+        after[..3],
+        [
+            format!("create_next {A_NEXT}"),
+            format!("remove {unjournaled}"),
+            format!("create_next {A_NEXT}"),
+        ],
+        "{after:?}"
+    );
+    assert_eq!(w.docker(), Some((true, A_NEXT.into())));
+    assert!(w.engine.next_container(&w.game).is_none());
+    assert_eq!(w.engine.running(&w.game), 1);
+}
+
+/// A restart resumes from its new steps too.
+#[tokio::test]
+async fn a_restart_resumes_between_its_create_and_its_rename() {
+    for point in ["start.staged", "remove", "docker rename", "start.create"] {
+        let w = World::new();
+        w.given(RuntimeStatus::Running, A);
+        w.engine.clear_calls();
+        let request = w.request(OpKind::Restart, None);
+        let before = die_after(&w, &request, point).await;
+        success(&redeliver(&w, &request).await, false);
+        for call in w.engine.calls() {
+            assert!(!before.contains(&call), "{point}: {call} done again");
+        }
+        assert_eq!(w.docker(), Some((true, A.into())), "{point}");
+        assert!(w.engine.next_container(&w.game).is_none(), "{point}");
+        assert_eq!(w.engine.running(&w.game), 1, "{point}");
     }
 }

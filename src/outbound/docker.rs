@@ -36,7 +36,7 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, LogsOptionsBuilder,
-    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    RemoveContainerOptionsBuilder, RenameContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 use bollard::{API_DEFAULT_VERSION, Docker};
 use futures_util::StreamExt as _;
@@ -143,6 +143,61 @@ impl DockerEngine {
     /// `<prefix><game_id>`.
     pub fn container_name(&self, game_id: &GameId) -> String {
         format!("{}{}", self.cfg.container_prefix, game_id.as_str())
+    }
+
+    /// `<prefix>_next.<game_id>`: the name a patch creates the game's new
+    /// container under while the old one still runs. A game id starts with
+    /// a letter or digit, so this is never a game's own name (a suffix
+    /// such as `.next` would be: `g-1.next` is a valid game id).
+    pub fn next_container_name(&self, game_id: &GameId) -> String {
+        format!("{}_next.{}", self.cfg.container_prefix, game_id.as_str())
+    }
+
+    /// The container named exactly `name`, if any.
+    async fn inspect_named(&self, name: &str) -> Result<Option<ContainerInfo>, EngineError> {
+        match self.docker.inspect_container(name, None).await {
+            // Docker also resolves a name as an id prefix when no container
+            // has that name: only an exact name match is the game's.
+            Ok(c) if c.name.as_deref().map(|n| n.trim_start_matches('/')) != Some(name) => Ok(None),
+            Ok(c) => self.info_from(c).map(Some),
+            Err(e) if status_of(&e) == Some(404) => Ok(None),
+            Err(e) => Err(map_err(&format!("inspect container {name}"), e)),
+        }
+    }
+
+    /// Creates a container of the game named `name` (SPEC §4 shape), its
+    /// state directory prepared first.
+    async fn create_named(
+        &self,
+        game_id: &GameId,
+        image: &ImageRef,
+        name: &str,
+    ) -> Result<ContainerId, EngineError> {
+        let state_dir = self.state_dir(game_id);
+        prepare_state_dir(&state_dir, self.cfg.engine_user)
+            .await
+            .map_err(|e| {
+                // A local file-system refusal (permissions, a file in the
+                // way): retrying will not help.
+                EngineError::Rejected(format!(
+                    "prepare state directory {}: {e}",
+                    state_dir.display()
+                ))
+            })?;
+        let state_dir = state_dir.to_str().ok_or_else(|| {
+            EngineError::Rejected(format!(
+                "state directory {} is not valid UTF-8",
+                state_dir.display()
+            ))
+        })?;
+        let body = self.create_body(game_id, image, state_dir);
+        let options = CreateContainerOptionsBuilder::default().name(name).build();
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| map_err(&format!("create container {name} from {image}"), e))?;
+        Ok(ContainerId(created.id))
     }
 
     fn create_body(
@@ -279,46 +334,44 @@ impl ContainerEngine for DockerEngine {
     }
 
     async fn inspect(&self, game_id: &GameId) -> Result<Option<ContainerInfo>, EngineError> {
-        let name = self.container_name(game_id);
-        match self.docker.inspect_container(&name, None).await {
-            // Docker also resolves a name as an id prefix when no container
-            // has that name: only an exact name match is the game's.
-            Ok(c) if c.name.as_deref().map(|n| n.trim_start_matches('/')) != Some(&name) => {
-                Ok(None)
-            }
-            Ok(c) => self.info_from(c).map(Some),
-            Err(e) if status_of(&e) == Some(404) => Ok(None),
-            Err(e) => Err(map_err(&format!("inspect container {name}"), e)),
-        }
+        self.inspect_named(&self.container_name(game_id)).await
     }
 
     async fn create(&self, game_id: &GameId, image: &ImageRef) -> Result<ContainerId, EngineError> {
+        self.create_named(game_id, image, &self.container_name(game_id))
+            .await
+    }
+
+    async fn create_next(
+        &self,
+        game_id: &GameId,
+        image: &ImageRef,
+    ) -> Result<ContainerId, EngineError> {
+        self.create_named(game_id, image, &self.next_container_name(game_id))
+            .await
+    }
+
+    async fn inspect_next(&self, game_id: &GameId) -> Result<Option<ContainerInfo>, EngineError> {
+        self.inspect_named(&self.next_container_name(game_id)).await
+    }
+
+    async fn rename_to_game(&self, id: &ContainerId, game_id: &GameId) -> Result<(), EngineError> {
         let name = self.container_name(game_id);
-        let state_dir = self.state_dir(game_id);
-        prepare_state_dir(&state_dir, self.cfg.engine_user)
-            .await
-            .map_err(|e| {
-                // A local file-system refusal (permissions, a file in the
-                // way): retrying will not help.
-                EngineError::Rejected(format!(
-                    "prepare state directory {}: {e}",
-                    state_dir.display()
-                ))
-            })?;
-        let state_dir = state_dir.to_str().ok_or_else(|| {
-            EngineError::Rejected(format!(
-                "state directory {} is not valid UTF-8",
-                state_dir.display()
-            ))
-        })?;
-        let body = self.create_body(game_id, image, state_dir);
-        let options = CreateContainerOptionsBuilder::default().name(&name).build();
-        let created = self
-            .docker
-            .create_container(Some(options), body)
-            .await
-            .map_err(|e| map_err(&format!("create container {name} from {image}"), e))?;
-        Ok(ContainerId(created.id))
+        let options = RenameContainerOptionsBuilder::new().name(&name).build();
+        let context = format!("rename container {id} to {name}");
+        match self.docker.rename_container(id.as_str(), options).await {
+            Ok(()) => Ok(()),
+            // Refused: judge by what Docker reports, since the refusal may
+            // answer a retry of a rename that took effect (Docker refuses
+            // a container's own name as its new one).
+            Err(e @ DockerError::DockerResponseServerError { .. }) => {
+                match self.inspect_named(&name).await? {
+                    Some(info) if info.id == *id => Ok(()),
+                    _ => Err(map_err(&context, e)),
+                }
+            }
+            Err(e) => Err(map_err(&context, e)),
+        }
     }
 
     async fn start(&self, id: &ContainerId) -> Result<(), EngineError> {

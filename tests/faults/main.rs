@@ -126,6 +126,14 @@ fn kill_after_old_removed() {
 }
 
 #[test]
+fn kill_after_rename() {
+    run(
+        "kill_after_rename",
+        scenarios::kill_mid_patch(KillAt::Renamed),
+    );
+}
+
+#[test]
 fn kill_after_create() {
     run(
         "kill_after_create",

@@ -59,32 +59,36 @@ pub const SCENARIOS: &[(&str, &str)] = &[
         "1b. SIGKILL while Docker pulls the new image from a local registry that sends its layer slowly (~4 s), restart",
     ),
     (
+        "kill_after_create",
+        "1c. SIGKILL between the new (HEALTHCHECK) container's create under the game's temporary name and the old one's stop: the suite holds the worker's `start.staged` journal write (a row it keeps locked), kills it while it waits there, ends its session and drops the hold (the new container stays unjournaled), restart",
+    ),
+    (
         "kill_during_inner_stop",
-        "1c. SIGKILL 0.3 s after the inner stop's SIGTERM to a SIGTERM-ignoring engine (RTM_STOP_TIMEOUT=3s), restart",
+        "1d. SIGKILL 0.3 s after the inner stop's SIGTERM to a SIGTERM-ignoring engine (RTM_STOP_TIMEOUT=3s), restart",
     ),
     (
         "kill_after_old_removed",
-        "1d. SIGKILL when Docker reports the old container destroyed (no new container yet), restart",
+        "1e. SIGKILL between the old container's removal and the new one's rename: the suite holds the worker's `remove` journal write, kills it while it waits there, restart",
     ),
     (
-        "kill_after_create",
-        "1e. SIGKILL between the new (HEALTHCHECK) container's create and its start: the suite holds the worker's `start.create` journal write (a row it keeps locked), kills it while it waits there, ends its session and drops the hold, restart",
+        "kill_after_rename",
+        "1f. SIGKILL between the new (HEALTHCHECK) container's rename to the game's name and its start: the suite holds the worker's `start.create` journal write, kills it while it waits there, restart",
     ),
     (
         "kill_during_start",
-        "1f. SIGKILL when Docker reports the new (HEALTHCHECK) container started, before it is healthy (~1.3 s), restart",
+        "1g. SIGKILL when Docker reports the new (HEALTHCHECK) container started, before it is healthy (~1.3 s), restart",
     ),
     (
         "kill_during_rollback",
-        "1g. Patch to a crash-at-boot image; SIGKILL once the rollback has started the previous image again (`rollback.start` journaled), before it is up; restart",
+        "1h. Patch to a crash-at-boot image; SIGKILL once the rollback has started the previous image again (`rollback.start` journaled), before it is up; restart",
     ),
     (
         "kill_during_restart",
-        "1h. Restart; SIGKILL when Docker reports the new (HEALTHCHECK) container started, before it is healthy; restart",
+        "1i. Restart; SIGKILL when Docker reports the new (HEALTHCHECK) container started, before it is healthy; restart",
     ),
     (
         "kill_during_remove",
-        "1i. Remove of a SIGTERM-ignoring engine (RTM_STOP_TIMEOUT=3s); SIGKILL 0.3 s into the inner stop's grace period; restart",
+        "1j. Remove of a SIGTERM-ignoring engine (RTM_STOP_TIMEOUT=3s); SIGKILL 0.3 s into the inner stop's grace period; restart",
     ),
     (
         "restart_rabbitmq",

@@ -306,6 +306,12 @@ impl Rig {
         format!("{}{game}", self.prefix)
     }
 
+    /// The name a patch or restart creates the game's new container under
+    /// before the old one stops (the worker's `<prefix>_next.<game>`).
+    pub fn next_container_name(&self, game: &str) -> String {
+        format!("{}_next.{game}", self.prefix)
+    }
+
     // -------------------------------------------------------- publishing
 
     /// The body the lobby would send (the CLI's [`CommandMessage`]).
@@ -458,11 +464,16 @@ impl Rig {
     }
 
     pub async fn inspect(&self, game: &str) -> Result<Option<Observed>, String> {
-        match self
-            .docker
-            .inspect_container(&self.container_name(game), None)
-            .await
-        {
+        self.inspect_named(&self.container_name(game)).await
+    }
+
+    /// The game's container under its temporary name, if any.
+    pub async fn inspect_next(&self, game: &str) -> Result<Option<Observed>, String> {
+        self.inspect_named(&self.next_container_name(game)).await
+    }
+
+    async fn inspect_named(&self, name: &str) -> Result<Option<Observed>, String> {
+        match self.docker.inspect_container(name, None).await {
             Ok(c) => {
                 let state = c.state.unwrap_or_default();
                 Ok(Some(Observed {

@@ -76,12 +76,36 @@ pub enum KillAt {
     AfterLease,
     /// Docker is downloading the new image's layer from a local registry.
     DuringPull,
-    InnerStop,
-    OldRemoved,
-    /// The new container exists (created), not started yet.
+    /// The new container exists under the game's temporary name (created,
+    /// not journaled), the old one still runs.
     NewCreated,
+    InnerStop,
+    /// The old container is removed; the new one, created under the
+    /// temporary name, is not renamed yet.
+    OldRemoved,
+    /// The new container holds the game's name (renamed, not journaled),
+    /// not started yet.
+    Renamed,
     /// The new container runs but its HEALTHCHECK has not passed yet.
     NewStarting,
+}
+
+impl KillAt {
+    /// The journal step whose write the suite holds (a row it keeps
+    /// locked), so the worker waits right after the Docker step that
+    /// precedes it and the kill lands there: a kill reacting to Docker's
+    /// event alone would race the worker's next call, which follows within
+    /// milliseconds.
+    fn held_step(self) -> Option<&'static str> {
+        match self {
+            KillAt::NewCreated => Some("start.staged"),
+            KillAt::OldRemoved => Some("remove"),
+            KillAt::Renamed => Some("start.create"),
+            KillAt::AfterLease | KillAt::DuringPull | KillAt::InnerStop | KillAt::NewStarting => {
+                None
+            }
+        }
+    }
 }
 
 /// Whether a session waits on a lock to write `operation_journal` (the
@@ -107,10 +131,15 @@ struct ContainerEvents {
 }
 
 impl ContainerEvents {
+    /// Both of the game's names: its own and the temporary one a patch
+    /// creates the new container under.
     fn watch(rig: &Rig, game: &str) -> Self {
         let filters = HashMap::from([
             ("type".to_owned(), vec!["container".to_owned()]),
-            ("container".to_owned(), vec![rig.container_name(game)]),
+            (
+                "container".to_owned(),
+                vec![rig.container_name(game), rig.next_container_name(game)],
+            ),
         ]);
         let options = EventsOptions {
             since: Some((chrono::Utc::now().timestamp() - 1).to_string()),
@@ -244,6 +273,12 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
             "rtm-test/engine:1.4.3",
             "2s",
         ),
+        KillAt::Renamed => (
+            "kill_after_rename",
+            "rtm-test/healthy:1.4.2",
+            "rtm-test/healthy:1.4.3",
+            "2s",
+        ),
         KillAt::NewCreated => (
             "kill_after_create",
             "rtm-test/healthy:1.4.2",
@@ -284,29 +319,27 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
     // The watcher replays from a second before it started.
     let mut docker_events = ContainerEvents::watch(&rig, game);
     let patch = rig.send(game, Cmd::Patch(new.clone()), 1).await;
-    // 1e: a kill reacting to Docker's create event races the worker's
-    // `docker start`, which follows the create within milliseconds. So the
-    // suite holds the worker between the two: it inserts the patch's
-    // `start.create` journal row in a transaction it keeps open, and the
-    // worker's own insert of that row (right after the create, before the
-    // start) waits on it.
-    let mut hold = match at {
-        KillAt::NewCreated => {
+    // A kill reacting to Docker's event of the create, the removal or the
+    // rename races the worker's next Docker call, which follows within
+    // milliseconds. So the suite holds the worker in between: it inserts
+    // the journal row the worker writes right after that step in a
+    // transaction it keeps open, and the worker's own insert waits on it.
+    let mut hold = match at.held_step() {
+        Some(step) => {
             let mut tx = rig
                 .db
                 .begin()
                 .await
                 .map_err(|e| format!("begin the hold: {e}"))?;
-            sqlx::query(
-                "insert into operation_journal (command_id, step) values ($1, 'start.create')",
-            )
-            .bind(&patch)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| format!("hold the start.create journal row: {e}"))?;
+            sqlx::query("insert into operation_journal (command_id, step) values ($1, $2)")
+                .bind(&patch)
+                .bind(step)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| format!("hold the {step} journal row: {e}"))?;
             Some(tx)
         }
-        _ => None,
+        None => None,
     };
     let (lease_at, lease) = rig
         .wait_lease(game, &patch, Duration::from_secs(30))
@@ -349,11 +382,11 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
                 .ok_or("Docker never reported the old container destroyed")?;
             "Docker reported the old container destroyed".to_owned()
         }
-        KillAt::NewCreated | KillAt::NewStarting => {
-            let action = if at == KillAt::NewCreated {
-                "create"
-            } else {
-                "start"
+        KillAt::NewCreated | KillAt::Renamed | KillAt::NewStarting => {
+            let action = match at {
+                KillAt::NewCreated => "create",
+                KillAt::Renamed => "rename",
+                _ => "start",
             };
             let (_, new_id) = docker_events
                 .wait(Duration::from_secs(30), |a, id| {
@@ -367,7 +400,7 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
             )
         }
     };
-    // 1e: the worker must be the one waiting on the held row.
+    // The worker must be the one waiting on the held row.
     let held = match &hold {
         Some(_) => {
             let waiting = poll_for(
@@ -386,7 +419,8 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
     if let Some(tx) = hold.take() {
         // The dead worker's session would still write the row once the
         // hold ends: end that session first, then drop the hold, so the
-        // create stays unjournaled (a leftover the redelivery must clear).
+        // step stays unjournaled (what the redelivery must find out from
+        // Docker: a new container to replace, to rename, or renamed).
         sqlx::query(
             "select pg_terminate_backend(pid) from pg_stat_activity
               where wait_event_type = 'Lock' and query like '%operation_journal%'",
@@ -407,12 +441,19 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
     let done_before_kill = outer_recorded(&rig, &patch).await?;
     let journal = rig.journal(&patch).await;
     let at_kill = rig.inspect(game).await?;
+    let next_at_kill = rig.inspect_next(game).await?;
     let events_at_kill = docker_events.finish(Duration::from_millis(500)).await;
-    let left = match &at_kill {
+    let mut left = match &at_kill {
         None => "no container".to_owned(),
         Some(c) if c.id == old_c.id => format!("the old {}", describe(c)),
         Some(c) => format!("a new {}", describe(c)),
     };
+    if let Some(next) = &next_at_kill {
+        left.push_str(&format!(
+            ", and under the temporary name a new {}",
+            describe(next)
+        ));
+    }
     rig.note(format!(
         "killed w1 {} ms after the patch's lease appeared ({trigger}); lease value {}; \
          Docker then showed {left}; journal steps by then: [{}]",
@@ -421,7 +462,7 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
         journal.join(", ")
     ));
     rig.note(format!(
-        "Docker events of the game's container from the patch to 0.5 s after the kill: [{}]",
+        "Docker events of the game's containers (both names) from the patch to 0.5 s after the kill: [{}]",
         list_events(&events_at_kill)
     ));
     let mut invalid = Vec::new();
@@ -435,59 +476,76 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
             .iter()
             .any(|(a, id)| *id == old_c.id && actions.contains(&a.as_str()))
     };
-    let new_created = events_at_kill
-        .iter()
-        .find(|(a, id)| a == "create" && *id != old_c.id)
-        .map(|(_, id)| id.clone());
+    let new_did = |action: &str| {
+        events_at_kill
+            .iter()
+            .any(|(a, id)| a == action && *id != old_c.id)
+    };
+    let journaled = |step: &str| journal.iter().any(|s| s == step);
+    let mut missed = |why: String| {
+        invalid.push(format!(
+            "scenario did not hit its step: {why} ({left}; journal [{}])",
+            journal.join(", ")
+        ));
+    };
+    if let Some(step) = at.held_step()
+        && held != Some(true)
+    {
+        missed(format!(
+            "the worker was not waiting on its {step} journal write at the kill"
+        ));
+    }
     match at {
         KillAt::AfterLease => {
             if !journal.is_empty() {
-                invalid.push(format!(
-                    "scenario did not hit its step: the journal already had [{}] at the kill",
-                    journal.join(", ")
-                ));
+                missed("the journal was not empty at the kill".into());
             }
             if !at_kill
                 .as_ref()
                 .is_some_and(|c| c.id == old_c.id && c.running)
                 || touched_old(&["kill", "stop", "die", "destroy"])
-                || new_created.is_some()
+                || new_did("create")
             {
-                invalid.push(format!(
-                    "scenario did not hit its step: Docker work had begun at the kill ({left})"
-                ));
+                missed("Docker work had begun at the kill".into());
             }
         }
-        KillAt::OldRemoved
-            if at_kill.is_some()
-                || new_created.is_some()
-                || journal.iter().any(|s| s == "start.create") =>
-        {
-            invalid.push(format!(
-                "scenario did not hit its step: a new container existed at the kill ({left}; journal [{}])",
-                journal.join(", ")
-            ));
+        KillAt::NewCreated => {
+            if next_at_kill.as_ref().is_none_or(|c| c.running) {
+                missed("no new container, not started, under the temporary name".into());
+            }
+            if !at_kill
+                .as_ref()
+                .is_some_and(|c| c.id == old_c.id && c.running)
+                || touched_old(&["kill", "stop", "die", "destroy"])
+            {
+                missed("the old container was no longer running untouched".into());
+            }
         }
-        KillAt::NewCreated if held != Some(true) => {
-            invalid.push(format!(
-                "scenario did not hit its step: the worker was not waiting on its start.create \
-                 journal write at the kill ({left}; journal [{}])",
-                journal.join(", ")
-            ));
+        KillAt::OldRemoved => {
+            if at_kill.is_some() || new_did("rename") || journaled("start.create") {
+                missed("a container held the game's name at the kill".into());
+            }
+            if next_at_kill.is_none() {
+                missed("no new container under the temporary name".into());
+            }
         }
-        KillAt::NewCreated
-            if events_at_kill
-                .iter()
-                .any(|(a, id)| a == "start" && *id != old_c.id)
-                || at_kill.as_ref().is_some_and(|c| c.running)
-                || journal.iter().any(|s| s == "start.start") =>
-        {
-            invalid.push(format!(
-                "scenario did not hit its step: the kill landed after the new container's start ({left}; journal [{}])",
-                journal.join(", ")
-            ));
+        KillAt::Renamed => {
+            if next_at_kill.is_some()
+                || !at_kill
+                    .as_ref()
+                    .is_some_and(|c| c.id != old_c.id && !c.running)
+            {
+                missed("the game's name did not hold the new container, not started".into());
+            }
         }
-        _ => {}
+        KillAt::DuringPull | KillAt::InnerStop | KillAt::NewStarting => {}
+    }
+    if matches!(
+        at,
+        KillAt::NewCreated | KillAt::OldRemoved | KillAt::Renamed
+    ) && (new_did("start") || journaled("start.start"))
+    {
+        missed("the kill landed after the new container's start".into());
     }
     if let Some((begun, done)) = downloads_at_kill
         && begun <= done
@@ -505,7 +563,7 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
             "scenario did not hit its step: the old container was not running at the kill ({left})"
         ));
     }
-    if matches!(at, KillAt::NewCreated | KillAt::NewStarting) {
+    if at == KillAt::NewStarting {
         let new_seen = at_kill.as_ref().filter(|c| c.id != old_c.id);
         if new_seen.is_none() {
             invalid.push(format!(
@@ -552,6 +610,14 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
         None => row
             .violations
             .push("the redelivered patch has no outcome".into()),
+    }
+    // Never left behind: the new container created under the temporary
+    // name was renamed (or replaced, or removed).
+    if let Some(next) = rig.inspect_next(game).await? {
+        row.violations.push(format!(
+            "a {} was left under the temporary name",
+            describe(&next)
+        ));
     }
     row.notes.push(format!(
         "patch journal at the end: [{}]",

@@ -513,3 +513,58 @@ async fn an_engine_user_owns_the_state_directory_and_runs_the_engine() {
         "the engine wrote its state as the engine user"
     );
 }
+
+#[tokio::test]
+async fn a_next_container_is_made_beside_the_game_and_renamed_to_its_name() {
+    let env = DockerTestEnv::new().await;
+    let engine = &env.engine;
+    let (game, old) = started(&env, "rtm-test/engine:1.4.2").await;
+
+    // Created beside the running one, under the temporary name.
+    let next = engine
+        .create_next(&game, &image("rtm-test/engine:1.4.3"))
+        .await
+        .expect("create next");
+    let name = engine.next_container_name(&game);
+    assert!(name.starts_with(&env.prefix), "{name}");
+    assert!(name.ends_with(&format!("_next.{game}")), "{name}");
+    let staged = engine.inspect_next(&game).await.unwrap().expect("staged");
+    assert_eq!(staged.id, next);
+    assert!(!staged.running);
+    assert_eq!(staged.image_ref, "rtm-test/engine:1.4.3");
+    assert_eq!(engine.inspect(&game).await.unwrap().unwrap().id, old);
+    let again = engine
+        .create_next(&game, &image("rtm-test/engine:1.4.3"))
+        .await
+        .unwrap_err();
+    assert!(matches!(again, EngineError::Rejected(_)), "{again:?}");
+
+    // The game's name is taken: the rename is refused.
+    let refused = engine.rename_to_game(&next, &game).await.unwrap_err();
+    assert!(matches!(refused, EngineError::Rejected(_)), "{refused:?}");
+
+    engine.remove(&old).await.unwrap();
+    engine.rename_to_game(&next, &game).await.expect("rename");
+    assert_eq!(engine.inspect(&game).await.unwrap().unwrap().id, next);
+    assert_eq!(engine.inspect_next(&game).await.unwrap(), None);
+    // Repeatable: a retry of a rename that took effect succeeds.
+    engine
+        .rename_to_game(&next, &game)
+        .await
+        .expect("rename again");
+
+    // It runs as a container created under the game's name would.
+    engine.start(&next).await.expect("start");
+    let info = wait_for_container(engine, &game, Duration::from_secs(10), "running", |i| {
+        i.running
+    })
+    .await;
+    assert!(info.address.is_some(), "{info:?}");
+    let boots = wait_for_file(
+        &engine.state_dir(&game).join("boots"),
+        "1.4.3",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(boots, "1.4.2\n1.4.3\n");
+}

@@ -111,9 +111,10 @@ impl RuntimeStore for StallingStore {
     }
 }
 
-/// An engine whose `stop`, `start` or `create` never returns once armed (or
-/// whose `create` panics, with `panic_on_create`): the worker
-/// died in the middle of that Docker call. Also: a create whose answer is
+/// An engine whose `stop`, `start`, `rename` or `create` (under either
+/// name) never returns once armed (or whose `create` panics, with
+/// `panic_on_create`): the worker died in the middle of that Docker call
+/// (`hang_before_rename`: before the rename reached Docker). Also: a create whose answer is
 /// lost once (`lose_create_answer`: Docker made the container, the call
 /// timed out), and a Docker that cannot be reached for stops
 /// (`stop_unavailable`, counting the calls in `stop_calls`).
@@ -123,6 +124,8 @@ pub struct HangingEngine {
     pub hang_stop: Arc<AtomicBool>,
     pub hang_start: Arc<AtomicBool>,
     pub hang_create: Arc<AtomicBool>,
+    pub hang_rename: Arc<AtomicBool>,
+    pub hang_before_rename: Arc<AtomicBool>,
     pub panic_on_create: Arc<AtomicBool>,
     pub lose_create_answer: Arc<AtomicBool>,
     pub stop_unavailable: Arc<AtomicBool>,
@@ -137,6 +140,8 @@ impl HangingEngine {
             hang_stop: Arc::default(),
             hang_start: Arc::default(),
             hang_create: Arc::default(),
+            hang_rename: Arc::default(),
+            hang_before_rename: Arc::default(),
             panic_on_create: Arc::default(),
             lose_create_answer: Arc::default(),
             stop_unavailable: Arc::default(),
@@ -177,6 +182,43 @@ impl ContainerEngine for HangingEngine {
             ));
         }
         created
+    }
+    async fn create_next(
+        &self,
+        game_id: &GameId,
+        image: &ImageRef,
+    ) -> Result<ContainerId, EngineError> {
+        if self.hang_create.load(Ordering::SeqCst) {
+            self.reached.notify_one();
+            std::future::pending::<()>().await;
+        }
+        let created = self.inner.create_next(game_id, image).await;
+        if created.is_ok() && self.lose_create_answer.swap(false, Ordering::SeqCst) {
+            return Err(EngineError::Unavailable(
+                "injected: the create timed out after Docker made the container".into(),
+            ));
+        }
+        created
+    }
+    fn inspect_next(
+        &self,
+        game_id: &GameId,
+    ) -> impl Future<Output = Result<Option<ContainerInfo>, EngineError>> + Send {
+        self.inner.inspect_next(game_id)
+    }
+    async fn rename_to_game(&self, id: &ContainerId, game_id: &GameId) -> Result<(), EngineError> {
+        if self.hang_before_rename.load(Ordering::SeqCst) {
+            self.reached.notify_one();
+            std::future::pending::<()>().await;
+        }
+        // With `hang_rename`, the container really is renamed; the call
+        // just never reports back.
+        let result = self.inner.rename_to_game(id, game_id).await;
+        if self.hang_rename.load(Ordering::SeqCst) {
+            self.reached.notify_one();
+            std::future::pending::<()>().await;
+        }
+        result
     }
     async fn start(&self, id: &ContainerId) -> Result<(), EngineError> {
         // The container really starts; the call just never reports back.

@@ -779,6 +779,88 @@ async fn a_patch_keeps_the_games_data_and_links_its_steps() {
     );
 }
 
+/// SPEC §3: the new container is created (under the temporary name) before
+/// the old one is stopped, so between the old engine's kill and the new
+/// one's start Docker only removes the old container and renames the new.
+#[tokio::test]
+async fn a_patch_is_down_only_for_stop_remove_rename_and_start() {
+    let rig = Rig::new().await;
+    let game = rig.started(ENGINE_142).await;
+    let engine = &rig.docker.engine;
+    let old = engine.inspect(&game).await.unwrap().unwrap().id.to_string();
+    let filters = std::collections::HashMap::from([
+        ("type".to_owned(), vec!["container".to_owned()]),
+        (
+            "container".to_owned(),
+            vec![
+                engine.container_name(&game),
+                engine.next_container_name(&game),
+            ],
+        ),
+    ]);
+    let options = bollard::query_parameters::EventsOptions {
+        since: Some((Utc::now().timestamp() - 1).to_string()),
+        until: None,
+        filters: Some(filters),
+    };
+    let mut stream = engine.client().events(Some(options));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = tokio::spawn(async move {
+        use futures_util::StreamExt as _;
+        while let Some(Ok(event)) = stream.next().await {
+            let action = event.action.unwrap_or_default();
+            let id = event.actor.and_then(|a| a.id).unwrap_or_default();
+            if tx.send((action, id)).is_err() {
+                break;
+            }
+        }
+    });
+
+    let event = rig
+        .run(rig.request(OpKind::Patch, &game, Some(ENGINE_143)))
+        .await;
+    assert_success(&event);
+    let new = event.container_id.clone().expect("the new container");
+    // Docker reports an event a moment after it happened.
+    let mut seen = Vec::new();
+    while let Ok(Some((action, id))) =
+        tokio::time::timeout(Duration::from_millis(1500), rx.recv()).await
+    {
+        let who = if id == old {
+            "old"
+        } else if id == new {
+            "new"
+        } else {
+            "other"
+        };
+        // Exec and health events say nothing about the order here.
+        if !action.starts_with("exec") && !action.starts_with("health") {
+            seen.push(format!("{who} {action}"));
+        }
+        if who == "new" && action == "start" {
+            break;
+        }
+    }
+    watcher.abort();
+    let at = |wanted: &str| {
+        seen.iter()
+            .position(|e| e == wanted)
+            .unwrap_or_else(|| panic!("no {wanted} in {seen:?}"))
+    };
+    assert!(at("new create") < at("old kill"), "{seen:?}");
+    let downtime = &seen[at("old kill")..=at("new start")];
+    assert!(
+        downtime
+            .iter()
+            .all(|e| e.starts_with("old ") || e == "new rename" || e == "new start"),
+        "only the old container's stop and removal, the rename and the start: {downtime:?}"
+    );
+    assert!(downtime.contains(&"old destroy".to_owned()), "{seen:?}");
+    assert!(downtime.contains(&"new rename".to_owned()), "{seen:?}");
+    assert_eq!(engine.inspect_next(&game).await.unwrap(), None);
+    assert_eq!(rig.boots(&game).await, "1.4.2\n1.4.3\n");
+}
+
 #[tokio::test]
 async fn the_correlation_id_falls_back_to_the_command_id() {
     let rig = Rig::new().await;

@@ -101,6 +101,11 @@ impl World {
         self.docker.engine.inspect(game).await.unwrap()
     }
 
+    /// What Docker has for the game under its temporary name.
+    async fn next_container(&self, game: &GameId) -> Option<ContainerInfo> {
+        self.docker.engine.inspect_next(game).await.unwrap()
+    }
+
     async fn running_image(&self, game: &GameId) -> Option<String> {
         self.docker
             .engine
@@ -210,9 +215,85 @@ async fn a_patch_that_died_during_the_stop_resumes_and_finishes() {
     let first = world.with_engine(hanging.clone());
     die_at(first.handle(request.clone()), &hanging.reached).await;
 
+    // The new container was created before the stop began.
+    let staged = world
+        .next_container(&game)
+        .await
+        .expect("the new container");
+
     let handled = world.plain().handle(request.clone()).await.unwrap();
     assert_success(&handled.event);
     assert_eq!(world.boots(&game), "1.4.2\n1.4.3\n");
+    assert_eq!(
+        world.entries(&request.command_id).await,
+        ["patch.stop.success", "patch.start.success", "patch.success"]
+    );
+    assert_eq!(
+        handled.event.container_id.as_deref(),
+        Some(staged.id.as_str()),
+        "the dead attempt's new container is reused"
+    );
+    assert_eq!(world.next_container(&game).await, None);
+}
+
+/// Killed after the old container was removed and before the new one,
+/// created under the temporary name, was renamed: the redelivery renames
+/// and starts that container, with no second create and no second boot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_that_died_before_its_rename_renames_the_container_it_created() {
+    let world = World::new().await;
+    let game = world.started("rtm-test/engine:1.4.2").await;
+    let request = world.request(OpKind::Patch, &game, Some("rtm-test/engine:1.4.3"));
+    let hanging = HangingEngine::new(world.docker.engine.clone());
+    hanging.hang_before_rename.store(true, Ordering::SeqCst);
+    let first = world.with_engine(hanging.clone());
+    die_at(first.handle(request.clone()), &hanging.reached).await;
+    assert_eq!(world.container(&game).await, None, "the old one is gone");
+    let staged = world.next_container(&game).await.expect("not renamed yet");
+    assert!(!staged.running);
+
+    let handled = world.plain().handle(request.clone()).await.unwrap();
+    assert_success(&handled.event);
+    assert_eq!(
+        handled.event.container_id.as_deref(),
+        Some(staged.id.as_str()),
+        "the dead attempt's container, renamed, not a new one"
+    );
+    assert_eq!(world.next_container(&game).await, None);
+    assert_eq!(world.boots(&game), "1.4.2\n1.4.3\n", "one boot of 1.4.3");
+    assert_eq!(
+        world.entries(&request.command_id).await,
+        ["patch.stop.success", "patch.start.success", "patch.success"]
+    );
+    assert_eq!(
+        world.running_image(&game).await.as_deref(),
+        Some("rtm-test/engine:1.4.3")
+    );
+}
+
+/// Killed once Docker had renamed the new container, before the rename was
+/// journaled: the redelivery finds it under the game's name and starts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_that_died_after_its_rename_starts_the_renamed_container() {
+    let world = World::new().await;
+    let game = world.started("rtm-test/engine:1.4.2").await;
+    let request = world.request(OpKind::Patch, &game, Some("rtm-test/engine:1.4.3"));
+    let hanging = HangingEngine::new(world.docker.engine.clone());
+    hanging.hang_rename.store(true, Ordering::SeqCst);
+    let first = world.with_engine(hanging.clone());
+    die_at(first.handle(request.clone()), &hanging.reached).await;
+    assert_eq!(world.next_container(&game).await, None, "renamed");
+    let renamed = world.container(&game).await.expect("renamed");
+    assert!(!renamed.running);
+    assert_eq!(renamed.image_ref, "rtm-test/engine:1.4.3");
+
+    let handled = world.plain().handle(request.clone()).await.unwrap();
+    assert_success(&handled.event);
+    assert_eq!(
+        handled.event.container_id.as_deref(),
+        Some(renamed.id.as_str())
+    );
+    assert_eq!(world.boots(&game), "1.4.2\n1.4.3\n", "one boot of 1.4.3");
     assert_eq!(
         world.entries(&request.command_id).await,
         ["patch.stop.success", "patch.start.success", "patch.success"]
