@@ -46,10 +46,14 @@ pub use retention::Swept;
 /// which the callers retry with backoff, never as a hang.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Connections per worker. A command holds a connection only for one short
-/// statement or transaction at a time, so fewer connections than
-/// `RTM_PREFETCH` commands in flight suffice; the rest wait their turn.
-pub const MAX_CONNECTIONS: u32 = 10;
+/// Connections per worker (one of them the relay's `LISTEN`). A command
+/// holds a connection only for one call at a time, so fewer connections
+/// than `RTM_PREFETCH` commands in flight suffice; the rest wait their turn.
+/// Enough of them that PostgreSQL flushes many commits with each WAL write:
+/// with 10, a worker's commits queued behind the flush (`WALWrite`) and the
+/// control plane stalled well below the database's own rate. Opened only
+/// as the load needs them.
+pub const MAX_CONNECTIONS: u32 = 24;
 
 #[derive(Debug, Clone)]
 pub struct PgStore {
