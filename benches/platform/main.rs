@@ -90,7 +90,7 @@ impl Settings {
                 soak_secs: soak(10),
                 soak_rate: 50.0,
                 events_count: 100,
-                events_rate: 100.0,
+                events_rate: 50.0,
                 events_patches: 3,
                 one_at_a_time: 10,
             }
@@ -105,8 +105,8 @@ impl Settings {
                 rejected_one: 1500,
                 soak_secs: soak(60),
                 soak_rate: 100.0,
-                events_count: 1200,
-                events_rate: 200.0,
+                events_count: 1000,
+                events_rate: 100.0,
                 events_patches: 10,
                 one_at_a_time: 60,
             }
@@ -295,18 +295,25 @@ async fn run(rig: Arc<Rig>, s: Settings) -> anyhow::Result<()> {
 
     say("starting worker B: two workers from here on");
     let worker_b = rig.spawn_worker("B").await?;
+    // The soak is over: reading /metrics no longer disturbs a memory figure.
+    let before = [consumed(&worker_a).await, consumed(&worker_b).await];
     two_workers(&mut ctx, &s, &games, &mut f).await?;
-
-    for w in [&worker_a, &worker_b] {
-        if let Ok((200, text)) = w.http_get("/metrics").await {
-            let consumed = metric_sum(&text, "rtmanager_commands_consumed_total");
-            ctx.notes.push(format!(
-                "worker {} consumed {} commands in all (`rtmanager_commands_consumed_total`, read once at the end)",
-                w.name,
-                consumed.map_or("?".into(), |c| format!("{c:.0}"))
-            ));
-        }
-    }
+    let after = [consumed(&worker_a).await, consumed(&worker_b).await];
+    let split: Vec<String> = [&worker_a, &worker_b]
+        .iter()
+        .zip(before.iter().zip(after))
+        .map(|(w, (b, a))| match (b, a) {
+            (Some(b), Some(a)) => format!("worker {} took {:.0}", w.name, a - b),
+            _ => format!(
+                "worker {} took ? (no `rtmanager_commands_consumed_total`)",
+                w.name
+            ),
+        })
+        .collect();
+    ctx.note(format!(
+        "two-worker phase: {} of its commands (`rtmanager_commands_consumed_total`, read before and after the phase)",
+        split.join(", ")
+    ));
     for w in [&worker_a, &worker_b] {
         match w.terminate(Duration::from_secs(40)).await {
             Ok(Some(status)) if status.success() => {}
@@ -577,7 +584,7 @@ async fn rejected_load(
     per_sec: Option<f64>,
     tag: u32,
     what: &str,
-) -> anyhow::Result<(Vec<Got>, Duration)> {
+) -> anyhow::Result<Load> {
     let mut receivers = Vec::with_capacity(n);
     let mut confirms = Vec::with_capacity(n);
     let t0 = Instant::now();
@@ -598,12 +605,25 @@ async fn rejected_load(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+    let published = t0.elapsed();
     for c in confirms {
         confirmed(c).await?;
     }
     let gots = wait_all(&ctx.hub, receivers, BURST_WAIT, what).await?;
     let last = gots.iter().map(|g| g.at).max().context("no commands")?;
-    Ok((gots, last - t0))
+    Ok(Load {
+        gots,
+        took: last - t0,
+        published,
+    })
+}
+
+/// The outcomes of a load, the time from its first publish to its last
+/// outcome, and the time it took to publish it all.
+struct Load {
+    gots: Vec<Got>,
+    took: Duration,
+    published: Duration,
 }
 
 fn codes(gots: &[Got]) -> BTreeMap<String, usize> {
@@ -630,7 +650,7 @@ async fn rejected(
             "rejected ({label}): {n} patches to {REJECTED_IMAGE} over {} game(s)",
             set.len()
         ));
-        let (gots, took) =
+        let Load { gots, took, .. } =
             rejected_load(ctx, set, n, None, tag, &format!("rejected ({label})")).await?;
         let per_sec = n as f64 / took.as_secs_f64();
         say(&format!("rejected ({label}): {per_sec:.0} /s"));
@@ -768,7 +788,7 @@ async fn two_workers(
         s.events_rate,
         spread.len()
     ));
-    let (gots, _) = rejected_load(
+    let load = rejected_load(
         ctx,
         spread,
         s.events_count,
@@ -777,7 +797,19 @@ async fn two_workers(
         "events (two workers)",
     )
     .await?;
-    let codes = codes(&gots);
+    let lag = load.took.saturating_sub(load.published);
+    ctx.note(format!(
+        "paced load (two workers): {} commands published over {:.1} s, the last outcome {:.0} ms after the last publish{}",
+        s.events_count,
+        load.published.as_secs_f64(),
+        ms_of(lag),
+        if lag > Duration::from_secs(1) {
+            " — the workers fell behind the pace, so the latencies include a backlog"
+        } else {
+            " (the workers kept up with the pace)"
+        }
+    ));
+    let codes = codes(&load.gots);
     if codes.keys().any(|c| c != "semver_patch_only") {
         ctx.note(format!(
             "two workers, paced rejected patches: outcomes {codes:?} (a conflict is two workers taking one game's commands at once: the lease refuses the second)"
@@ -827,6 +859,14 @@ async fn two_workers(
 
 fn ms_of(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// The commands a worker consumed so far, from its `/metrics`.
+async fn consumed(worker: &Worker) -> Option<f64> {
+    match worker.http_get("/metrics").await {
+        Ok((200, text)) => metric_sum(&text, "rtmanager_commands_consumed_total"),
+        _ => None,
+    }
 }
 
 /// The sum of a Prometheus counter's series.
@@ -1035,6 +1075,13 @@ async fn write_report(
     let first = f.soak.first().map(|p| p.1);
     let last = f.soak.last().map(|p| p.1);
     let max_rss = stats::max(&f.soak.iter().map(|p| p.1).collect::<Vec<_>>());
+    // A fit over less than 5 minutes cannot tell a leak from the page-sized
+    // steps of a settled heap (0.1 MiB over 60 s projects to 1 MiB/10 min).
+    let judged = soak_secs >= 300.0;
+    let flat = per_min
+        .zip(max_rss)
+        .map(|(m, x)| m * 10.0 <= 2.0 && x <= 50.0)
+        .filter(|_| judged);
     rows.push(
         Row::new(format!(
             "RSS over a {} s soak ({:.0} rejected/s + a patch every 2 s, no scrape): slope",
@@ -1050,12 +1097,28 @@ async fn write_report(
             None => "n/a".into(),
         })
         .target(
-            "flat: ≤ 2 MiB per 10 min, max ≤ 50 MiB",
-            per_min
-                .zip(max_rss)
-                .map(|(m, x)| m * 10.0 <= 2.0 && x <= 50.0),
+            if judged {
+                "flat: ≤ 2 MiB per 10 min, max ≤ 50 MiB"
+            } else {
+                "flat: judged on a soak of ≥ 5 min (`make soak`)"
+            },
+            flat,
         ),
     );
+    let mut notes = ctx.notes.clone();
+    let series: Vec<String> = f
+        .soak
+        .iter()
+        .step_by(10.max(f.soak.len() / 12))
+        .map(|(t, m)| format!("{t:.0} s {m:.1}"))
+        .collect();
+    if !series.is_empty() {
+        notes.push(format!(
+            "soak VmRSS of worker A (MiB): {}; the last sample after the soak's outcomes drained: {}",
+            series.join(", "),
+            mib(last)
+        ));
+    }
 
     let table = report::table(&rows);
     println!("\n{table}");
@@ -1129,7 +1192,7 @@ async fn write_report(
         },
         header: &header,
         rows: &rows,
-        notes: &ctx.notes,
+        notes: &notes,
         method: &method,
     };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));

@@ -125,9 +125,14 @@ impl Document<'_> {
         } else {
             out.push_str("## Targets not met in this run\n\n");
             for r in missed {
+                let against = if r.ratio == "—" {
+                    String::new()
+                } else {
+                    format!(", {} × the floor ({})", r.ratio, r.floor)
+                };
                 let _ = writeln!(
                     out,
-                    "- **{}**: {} against a target of {} — not met.",
+                    "- **{}**: {}{against}; the target is {} — not met.",
                     r.measure, r.rtm, r.target
                 );
             }
