@@ -11,6 +11,11 @@ test: export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 test: export RTM_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
 test: export RTM_REDIS_URL ?= redis://127.0.0.1:6379
 
+# `make bench`: the bench creates its own database from this admin URL.
+bench bench-smoke soak: export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
+bench bench-smoke soak: export RTM_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
+bench bench-smoke soak: export RTM_REDIS_URL ?= redis://127.0.0.1:6379
+
 # `make run`: a local service against the demo images.
 run: export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/rtmanager
 run: export RTM_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
@@ -47,6 +52,18 @@ test: deps images ## Run the whole suite: unit, contract, integration, then the 
 lint: ## Check formatting and run clippy (warnings are errors)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+
+.PHONY: bench
+bench: deps images ## Benchmark the release binary against its floors (under 10 min); prints the table, writes BENCH.md
+	env -u RUST_LOG $(CARGO) bench --bench platform
+
+.PHONY: bench-smoke
+bench-smoke: deps images ## The bench with tiny counts (about a minute), table in target/bench-smoke.md (CI runs it)
+	env -u RUST_LOG $(CARGO) bench --bench platform -- --smoke
+
+.PHONY: soak
+soak: deps images ## The bench with the 10-minute memory soak (BENCH_SOAK=600); writes BENCH.md
+	env -u RUST_LOG BENCH_SOAK=600 $(CARGO) bench --bench platform
 
 .PHONY: run
 run: deps images ## Run the service locally (pretty logs, state under .run/games)
