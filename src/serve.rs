@@ -119,7 +119,9 @@ pub async fn run_with<E: ContainerEngine>(
         stop.clone(),
     ));
 
+    // The store wakes the relay after each outbox write.
     let relay_wake = Arc::new(Notify::new());
+    let store = store.notifying(relay_wake.clone());
     let (relay_trigger, relay_stop) = shutdown::channel();
     // Supervised: a relay that panics (a bug) is started again, so events
     // never stop for every game because of one bad pass.

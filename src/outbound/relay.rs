@@ -13,14 +13,20 @@
 //! next event of every game in the batch at once, then waits for all their
 //! confirms, so games share round trips while one game's events still
 //! leave one after another; the batch's confirmed rows are marked sent in
-//! one statement. The leader is woken by PostgreSQL (`LISTEN rtm_outbox`,
-//! notified by a trigger as each event's transaction commits, migration
-//! 0010), whichever worker wrote it, so an inner event leaves as soon as its
-//! entry commits rather than at the next poll.
+//! one statement.
+//!
+//! Wake-ups: the store notifies its worker's relay after every outbox
+//! write, so an inner event leaves as soon as its entry commits, not when
+//! its command ends. A follower (a relay that does not lead) passes each
+//! such wake-up on to the leader, wherever it runs, with one `NOTIFY
+//! rtm_outbox` in a statement of its own (at most one in flight; the leader
+//! `LISTEN`s), so the events of a worker that does not relay wait for no
+//! poll either. Not from inside the writes: NOTIFY takes a database-wide
+//! lock through its transaction's commit, which serialized every commit.
 //!
 //! One relay publishes at a time across all workers, so per-game order
 //! holds with any number of workers: leadership is a lease in PostgreSQL
-//! (`relay_leader`, migration 0006), renewed on every pass and given up when
+//! (`relay_leader`, migration 0006), renewed once half its TTL is gone and given up when
 //! it runs out, so a dead or paused leader is replaced within
 //! `LEADER_TTL`. A leader stops publishing once its own view of the lease
 //! runs out, and its marks are fenced by `relay_leader`: a leader paused
@@ -62,10 +68,13 @@ pub struct Relay {
     store: PgStore,
     url: SecretUrl,
     amqp: AmqpConfig,
+    /// Notified by this worker's store after each outbox write.
     wake: Arc<Notify>,
     readiness: Arc<Readiness>,
     /// `RTM_RETENTION`: the leader sweeps what is older.
     retention: Duration,
+    /// How often it looks without a wake-up.
+    poll: Duration,
 }
 
 /// How often the leading relay sweeps what `RTM_RETENTION` lets go.
@@ -112,7 +121,15 @@ impl Relay {
             wake,
             readiness,
             retention: Duration::from_secs(7 * 24 * 3600),
+            poll: POLL,
         }
+    }
+
+    /// Looks every `poll` without a wake-up (default 500 ms): for tests
+    /// that must tell a wake-up from a poll.
+    pub fn with_poll(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
     }
 
     /// Keeps finished inbox rows and published outbox rows for `retention`
@@ -153,18 +170,18 @@ impl Relay {
         let mut failures = Pauses::new(POLL, Duration::from_secs(5));
         let mut refusals = Refusals::default();
         let mut swept: Option<Instant> = None;
-        let listening = tokio::spawn(listen(
-            self.store.clone(),
-            self.wake.clone(),
-            shutdown.clone(),
-        ));
+        // Followers' wake-ups, kept apart from this worker's own: a follower
+        // passes only its own on, or two followers would wake each other
+        // forever.
+        let heard = Arc::new(Notify::new());
+        let listening = tokio::spawn(listen(self.store.clone(), heard.clone(), shutdown.clone()));
         loop {
             let stopping = shutdown.is_set();
             let pause = match self.pass(&mut link, &mut leader, &mut refusals).await {
                 Ok(()) => {
                     failures.reset();
                     self.sweep_if_due(&leader, &mut swept).await;
-                    POLL
+                    self.poll
                 }
                 Err(e) => {
                     warn!(error = format!("{e:#}"), "outbox relay failed; retrying");
@@ -175,16 +192,7 @@ impl Relay {
             if stopping {
                 break;
             }
-            // Only the leader answers wake-ups: every worker is woken for
-            // every event written, and a follower's pass would be two
-            // queries for nothing. A follower looks every `POLL`, to take
-            // over from a leader that died.
-            let leading = leader.holds();
-            tokio::select! {
-                () = self.wake.notified(), if leading => {}
-                () = tokio::time::sleep(pause) => {}
-                () = shutdown.wait() => {}
-            }
+            self.wait(&leader, &heard, pause, &mut shutdown).await;
         }
         listening.abort();
         if let Some(link) = link {
@@ -193,6 +201,36 @@ impl Relay {
         // Hand over at once rather than after the TTL.
         if leader.valid_until.is_some() {
             let _ = self.store.resign_relay(leader.holder).await;
+        }
+    }
+
+    /// Waits for the next pass: a wake-up if this relay leads, else `pause`.
+    /// A follower passes its own worker's wake-ups on to the leader and
+    /// still makes its pass every `pause`, to take over from a leader that
+    /// died.
+    async fn wait(
+        &self,
+        leader: &Leadership,
+        heard: &Notify,
+        pause: Duration,
+        shutdown: &mut Shutdown,
+    ) {
+        let next_pass = Instant::now() + pause;
+        loop {
+            let leading = leader.holds();
+            tokio::select! {
+                () = self.wake.notified() => {
+                    if leading {
+                        return;
+                    }
+                    if let Err(e) = self.store.wake_leader().await {
+                        debug!(error = %e, "could not wake the leading relay; it polls");
+                    }
+                }
+                () = heard.notified(), if leading => return,
+                () = tokio::time::sleep_until(next_pass) => return,
+                () = shutdown.wait() => return,
+            }
         }
     }
 
@@ -489,9 +527,8 @@ fn message(pending: &PendingEvent) -> anyhow::Result<(Vec<u8>, BasicProperties)>
     Ok((body, properties))
 }
 
-/// Wakes the relay whenever an event is written, by any worker: listens on
-/// PostgreSQL's `rtm_outbox` channel (migration 0010's trigger notifies it
-/// as the writing transaction commits). Reconnects on its own; while it
+/// Notifies `heard` whenever a follower wakes the leading relay: listens on
+/// PostgreSQL's `rtm_outbox` channel. Reconnects on its own; while it
 /// cannot listen, the relay's poll still finds everything.
 async fn listen(store: PgStore, wake: Arc<Notify>, mut shutdown: Shutdown) {
     let mut pauses = Pauses::new(POLL, Duration::from_secs(5));

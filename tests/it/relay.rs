@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rtmanager::config::SecretUrl;
+use rtmanager::domain::OutcomeEvent;
 use rtmanager::outbound::postgres::PgStore;
 use rtmanager::outbound::relay::Relay;
 use rtmanager::ports::RuntimeStore;
@@ -195,6 +196,23 @@ impl RelayRig {
             Arc::new(Notify::new()),
             Arc::new(Readiness::default()),
         );
+        Self::run(relay)
+    }
+
+    /// A relay woken by `wake` (its worker's store's), polling every `poll`.
+    fn spawn_woken_relay(&self, wake: Arc<Notify>, poll: Duration) -> Running {
+        let relay = Relay::new(
+            self.store(),
+            SecretUrl::new(amqp_url()),
+            self.amqp.clone(),
+            wake,
+            Arc::new(Readiness::default()),
+        )
+        .with_poll(poll);
+        Self::run(relay)
+    }
+
+    fn run(relay: Relay) -> Running {
         let (stop, signal) = shutdown::channel();
         Running {
             stop,
@@ -340,6 +358,57 @@ async fn many_games_events_arrive_once_each_and_in_each_games_order() {
             .collect();
         assert_eq!(arrived, expected, "game {game}'s events in write order");
     }
+}
+
+/// An event written by a worker whose relay does not lead is published by
+/// the leader at once, not at its next poll: the store wakes its own relay,
+/// which passes the wake-up on (`NOTIFY rtm_outbox`) to the leader that
+/// listens. Both relays poll only once a minute here, so within the wait
+/// only the wake-up can get the event out.
+#[tokio::test]
+async fn a_followers_event_wakes_the_leader_without_a_poll() {
+    const SLOW_POLL: Duration = Duration::from_secs(60);
+    let mut rig = RelayRig::new().await;
+    let observer = rig.queue("observer", "#", None).await;
+    let leader = rig.spawn_woken_relay(Arc::new(Notify::new()), SLOW_POLL);
+    eventually(WAIT, "the first relay leads and listens", || async {
+        let (leaders, listening): (i64, i64) = sqlx::query_as(
+            "select (select count(*) from relay_leader),
+                    (select count(*) from pg_stat_activity
+                     where datname = current_database() and query ilike 'listen%')",
+        )
+        .fetch_one(&rig.db.pool)
+        .await
+        .unwrap();
+        (leaders == 1 && listening == 1).then_some(())
+    })
+    .await;
+    let wake = Arc::new(Notify::new());
+    let follower = rig.spawn_woken_relay(wake.clone(), SLOW_POLL);
+    // Both first passes over: from here on only a wake-up makes a pass.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut event: OutcomeEvent = serde_json::from_str(include_str!(
+        "../fixtures/events/runtime.stop.success--noop.json"
+    ))
+    .unwrap();
+    event.event_id = Uuid::now_v7();
+    rig.store()
+        .notifying(wake)
+        .append_rejected(&event)
+        .await
+        .unwrap();
+    let id = event.event_id.to_string();
+    let mut seen = Vec::new();
+    rig.collect_until(
+        &observer,
+        &mut seen,
+        "the follower's event, before any poll",
+        |seen| seen.contains(&id),
+    )
+    .await;
+    follower.shutdown().await;
+    leader.shutdown().await;
 }
 
 #[tokio::test]

@@ -773,61 +773,6 @@ async fn begin_reads_what_an_earlier_attempt_committed_while_it_waited() {
     assert!(corrupt.contains("no current image_ref"), "{corrupt}");
 }
 
-/// The channel of the next notification within 500 ms, if any.
-async fn next_notification(listener: &mut sqlx::postgres::PgListener) -> Option<String> {
-    tokio::time::timeout(Duration::from_millis(500), listener.recv())
-        .await
-        .ok()
-        .map(|n| n.unwrap().channel().to_owned())
-}
-
-/// The leading relay is woken by PostgreSQL, whichever worker wrote the
-/// event (migration 0010): a notification on `rtm_outbox` for each
-/// transaction that writes an event or queues one again, none for the
-/// relay's own marks (a woken relay would wake itself forever).
-#[tokio::test]
-async fn the_outbox_notifies_the_relay_of_written_and_requeued_events_only() {
-    let db = TestDb::new().await;
-    let store = PgStore::new(db.pool.clone());
-    let mut listener = store.listener().await.unwrap();
-    assert_eq!(
-        next_notification(&mut listener).await,
-        None,
-        "nothing written yet"
-    );
-
-    let recorded = store
-        .append(
-            write(entry("g-1", "cmd-1", OpKind::Stop, None), None, None),
-            Uuid::now_v7(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        next_notification(&mut listener).await.as_deref(),
-        Some("rtm_outbox")
-    );
-    assert_eq!(
-        next_notification(&mut listener).await,
-        None,
-        "one per transaction"
-    );
-
-    store.mark_sent(&[recorded.event.event_id]).await.unwrap();
-    assert_eq!(
-        next_notification(&mut listener).await,
-        None,
-        "a mark is not news"
-    );
-
-    store.republish(recorded.event.event_id).await.unwrap();
-    assert_eq!(
-        next_notification(&mut listener).await.as_deref(),
-        Some("rtm_outbox"),
-        "a duplicate's republish wakes the relay too"
-    );
-}
-
 /// The fence check of `append` holds until its commit, proven with a fixed
 /// interleaving: a trigger parks the old writer right after its fence check
 /// (inside its log insert) while a newer operation takes the fence. The

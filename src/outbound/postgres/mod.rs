@@ -4,9 +4,10 @@
 //! - [`port`]: the [`RuntimeStore`](crate::ports::RuntimeStore) port the
 //!   lifecycle writes through. An attempt's start and an append are one
 //!   call each to the functions `rtm_begin` and `rtm_append` (migration
-//!   0009), so each costs one round trip and one commit.
-//! - [`outbox`]: the relay's reads and marks, and its leadership lease
-//!   (`relay_leader`).
+//!   0009), so each costs one round trip and one commit. Every outbox write
+//!   notifies the store's `written` handle, which wakes the relay.
+//! - [`outbox`]: the relay's reads and marks, its leadership lease
+//!   (`relay_leader`), and the wake-up a follower sends the leader.
 //! - [`history`]: the operation history `rtmanager log` prints.
 //! - [`retention`]: the sweep of what `RTM_RETENTION` keeps only a while.
 //! - [`bootstrap`]: connecting (creating the database if missing),
@@ -29,10 +30,12 @@ mod port;
 mod retention;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::domain::OutcomeEvent;
@@ -58,11 +61,25 @@ pub const MAX_CONNECTIONS: u32 = 24;
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Notified after every write of an outbox event (an entry's, a
+    /// rejected message's, a duplicate's republish): this worker's relay
+    /// wakes at once, never later than the commit.
+    written: Arc<Notify>,
 }
 
 impl PgStore {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            written: Arc::new(Notify::new()),
+        }
+    }
+
+    /// This store, notifying `written` after each outbox write (the relay's
+    /// wake-up).
+    pub fn notifying(mut self, written: Arc<Notify>) -> Self {
+        self.written = written;
+        self
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -11,7 +11,7 @@ use sqlx::postgres::PgListener;
 
 use super::{PgStore, db_error};
 
-/// The notification channel of written events (migration 0010).
+/// The notification channel a follower wakes the leading relay on.
 const OUTBOX_CHANNEL: &str = "rtm_outbox";
 use crate::ports::StoreError;
 
@@ -135,8 +135,21 @@ impl PgStore {
             .map_err(|e| db_error("count unsent outbox events", e))
     }
 
-    /// A connection listening on `rtm_outbox`, notified whenever an event
-    /// is written or queued again (migration 0010). It holds one of the
+    /// Wakes the leading relay, wherever it runs (`NOTIFY rtm_outbox`): a
+    /// follower's worker wrote events. A statement of its own, never part
+    /// of a write: NOTIFY takes a database-wide lock held through its
+    /// transaction's commit, so in every write it serialized all commits.
+    pub async fn wake_leader(&self) -> Result<(), StoreError> {
+        sqlx::query("select pg_notify($1, '')")
+            .bind(OUTBOX_CHANNEL)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| db_error("wake the leading relay", e))?;
+        Ok(())
+    }
+
+    /// A connection listening on `rtm_outbox`, where followers wake the
+    /// leader ([`wake_leader`](Self::wake_leader)). It holds one of the
     /// pool's connections for as long as it lives.
     pub async fn listener(&self) -> Result<PgListener, StoreError> {
         let mut listener = PgListener::connect_with(&self.pool)

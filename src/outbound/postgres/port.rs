@@ -94,6 +94,7 @@ impl RuntimeStore for PgStore {
         .execute(&self.pool)
         .await
         .map_err(|e| db_error("store a runtime.rejected event", e))?;
+        self.written.notify_one();
         Ok(())
     }
 
@@ -112,6 +113,7 @@ impl RuntimeStore for PgStore {
         .execute(&self.pool)
         .await
         .map_err(|e| db_error("queue an event for republishing", e))?;
+        self.written.notify_one();
         Ok(())
     }
 
@@ -315,6 +317,7 @@ impl RuntimeStore for PgStore {
         .map_err(|e| db_error("append to the operation log", e))?;
         match answer.0 {
             AppendAnswer::Appended { operation_id } => {
+                self.written.notify_one();
                 event.operation_id = Some(operation_id);
                 Ok(Recorded {
                     operation_id,
