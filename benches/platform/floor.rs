@@ -128,22 +128,63 @@ pub async fn api_create_start(
 /// The raw four calls of a patch: stop, remove, create, start. Returns
 /// the new container's id.
 pub async fn api_replace(docker: &Docker, g: &FloorGame, image: &str) -> anyhow::Result<String> {
+    Ok(api_replace_timed(docker, g, image).await?.0)
+}
+
+/// How long each of the four calls took, in the order they ran.
+pub type CallTimes = [(&'static str, Duration); 4];
+
+/// [`api_replace`], timing each call: where a patch's time goes.
+pub async fn api_replace_timed(
+    docker: &Docker,
+    g: &FloorGame,
+    image: &str,
+) -> anyhow::Result<(String, CallTimes)> {
     let stop = StopContainerOptionsBuilder::default()
         .t(SHAPE.stop_timeout)
         .build();
+    let t = Instant::now();
     docker
         .stop_container(&g.name, Some(stop))
         .await
         .with_context(|| format!("stop {}", g.name))?;
+    let stopped = t.elapsed();
     let remove = RemoveContainerOptionsBuilder::default()
         .force(true)
         .v(true)
         .build();
+    let t = Instant::now();
     docker
         .remove_container(&g.name, Some(remove))
         .await
         .with_context(|| format!("remove {}", g.name))?;
-    api_create_start(docker, g, image).await
+    let removed = t.elapsed();
+    prepare_state_dir(&g.state_dir)?;
+    let options = CreateContainerOptionsBuilder::default()
+        .name(&g.name)
+        .build();
+    let t = Instant::now();
+    let id = docker
+        .create_container(Some(options), create_body(&g.game_id, image, &g.state_dir))
+        .await
+        .with_context(|| format!("create {}", g.name))?
+        .id;
+    let created = t.elapsed();
+    let t = Instant::now();
+    docker
+        .start_container(&id, None)
+        .await
+        .with_context(|| format!("start {}", g.name))?;
+    let started = t.elapsed();
+    Ok((
+        id,
+        [
+            ("stop", stopped),
+            ("remove", removed),
+            ("create", created),
+            ("start", started),
+        ],
+    ))
 }
 
 /// The docker CLI binary (Debian's client matches the engine's API).

@@ -11,6 +11,7 @@
 
 mod amqp;
 mod floor;
+mod profile;
 mod report;
 mod rig;
 mod stats;
@@ -187,6 +188,8 @@ struct Ctx {
     /// Per rtmanager game: the tag index it runs and its container.
     games: HashMap<String, (usize, String)>,
     notes: Vec<String>,
+    /// Worker A's pid, for the CPU profile.
+    worker_pid: u32,
 }
 
 impl Ctx {
@@ -223,6 +226,8 @@ struct Figures {
     events_patch_two: Vec<f64>,
     events_patch_one: Vec<f64>,
     one_at_a_time: Vec<f64>,
+    /// Per raw-API patch: the four calls' times, in ms.
+    api_calls: Vec<[(&'static str, f64); 4]>,
     hwm_mib: Option<f64>,
     /// (seconds into the soak, VmRSS MiB)
     soak: Vec<(f64, f64)>,
@@ -256,6 +261,7 @@ async fn run(rig: Arc<Rig>, s: Settings) -> anyhow::Result<()> {
         events,
         games: HashMap::new(),
         notes: Vec::new(),
+        worker_pid: worker_a.pid(),
     };
     let mut f = Figures::default();
 
@@ -420,8 +426,11 @@ async fn patch_one_at_a_time(ctx: &mut Ctx, s: &Settings, f: &mut Figures) -> an
                 }
                 1 => {
                     let t0 = Instant::now();
-                    let new = floor::api_replace(&ctx.docker, &api, &img).await?;
+                    let (new, calls) = floor::api_replace_timed(&ctx.docker, &api, &img).await?;
                     let took = t0.elapsed();
+                    if i > 0 {
+                        f.api_calls.push(calls.map(|(call, d)| (call, ms_of(d))));
+                    }
                     let down = ctx
                         .events
                         .downtime(&api_id, &new, Duration::from_secs(5))
@@ -465,6 +474,23 @@ async fn patch_one_at_a_time(ctx: &mut Ctx, s: &Settings, f: &mut Figures) -> an
     if lost_downtimes > 0 {
         ctx.note(format!(
             "{lost_downtimes} patch(es) had no kill/die → start pair in Docker's event stream within 5 s; their downtime is left out"
+        ));
+    }
+    if let Some(first) = f.api_calls.first() {
+        let medians: Vec<String> = (0..first.len())
+            .map(|k| {
+                let times: Vec<f64> = f.api_calls.iter().map(|c| c[k].1).collect();
+                format!(
+                    "{} {:.0} ms",
+                    first[k].0,
+                    stats::median(&times).unwrap_or(0.0)
+                )
+            })
+            .collect();
+        ctx.note(format!(
+            "profile, the raw API patch, each call (medians of {}): {}. The downtime holds all four but for the stop's first moments; create-before-stop takes only the create out of it, so the create's share of the downtime is the most that can be saved that way",
+            f.api_calls.len(),
+            medians.join(", ")
         ));
     }
     f.events_patch_one = ctx.hub.samples(TAG_PATCH).iter().map(|s| s.ms).collect();
@@ -650,10 +676,13 @@ async fn rejected(
             "rejected ({label}): {n} patches to {REJECTED_IMAGE} over {} game(s)",
             set.len()
         ));
+        let before = profile::Cpu::sample(ctx.worker_pid);
         let Load { gots, took, .. } =
             rejected_load(ctx, set, n, None, tag, &format!("rejected ({label})")).await?;
         let per_sec = n as f64 / took.as_secs_f64();
         say(&format!("rejected ({label}): {per_sec:.0} /s"));
+        let cpu = profile::Cpu::sample(ctx.worker_pid).since(&before, n);
+        ctx.note(format!("profile, rejected patches ({label}), CPU: {cpu}"));
         let codes = codes(&gots);
         if codes.keys().any(|c| c != "semver_patch_only") {
             ctx.note(format!(
@@ -674,7 +703,10 @@ async fn rejected(
         .map(|i| ctx.names.game(&format!("floor-m{i:03}")))
         .collect();
     db.run(&floor_games, 200.min(s.rejected_spread)).await?; // warm-up
+    let before = profile::Cpu::sample(ctx.worker_pid);
     let spread = db.run(&floor_games, s.rejected_spread).await?;
+    let cpu = profile::Cpu::sample(ctx.worker_pid).since(&before, s.rejected_spread);
+    ctx.note(format!("profile, the database floor (spread), CPU: {cpu}"));
     say(&format!(
         "database floor (spread, {} tasks): {spread:.0} /s",
         floor_games.len()
@@ -1226,7 +1258,7 @@ fn method_notes(s: &Settings) -> Vec<String> {
         format!("Patch: one game patched {} times in turn three ways — rtmanager (publish → the `runtime.patch.success` outer event), the raw Docker API (bollard: stop with t=10, remove force, create, start — the body of `DockerEngine::create_body`: both labels, the state directory bound rw, bridge network, restart `no`, init, 1 CPU, 1g memory and memory-swap, 512 pids, json-file 10m × 3, cap-drop ALL, no-new-privileges), and the docker CLI (`docker stop -t 10; docker rm; docker run -d` with the same flags, three processes). The order rotates every round; the first round is a warm-up and not counted. Tags alternate 1.4.2 ↔ 1.4.3 (same major.minor; downgrades are allowed).", s.patch_iters),
         "Downtime: the bench watches Docker's event stream (type container, events kill/die/start, label `rtmanager.managed=true`, kept when the game label is the bench's) and takes, per patch, the old container's first `kill` or `die` to the new container's `start`, both by the daemon's `timeNano`; the old and new container ids come from the events (rtmanager) or from the calls (floors).".into(),
         format!("Burst: {} games started by rtmanager and as many floor containers created through the API; then all patched at once — rtmanager: every command published at once, makespan from the first publish to the last outer event; API: the four calls for every container concurrently over one bollard client — in ABBA order over {} round(s) each, median reported.", s.games, s.burst_rounds),
-        format!("Rejected patches: patches to `{REJECTED_IMAGE}` of games running 1.4.x, refused `semver_patch_only` after the inbox claim, the lease and the fence, before any Docker work. {} published at once round-robin over {} games, then {} on one game; the rate is commands / (last outer event − first publish), so the relay's publishing is included. The floor: a private database migrated from `migrations/`, and per command exactly the writes that must be durable — the inbox claim (insert … on conflict do nothing), the fence advance (upsert … returning fence), and one statement that inserts the fenced operation-log entry (checked against the fence row `for share`), its outbox row (the event's JSON, operation_id set) and marks the inbox row finished — three commits, through sqlx with a pool of {} connections, one task per game ({} tasks for the spread, one for the single game: a game's commands run one after another in the worker too). The worker's own pool is 10 connections.", s.rejected_spread, s.games, s.rejected_one, floor::FLOOR_POOL, s.games),
+        format!("Rejected patches: patches to `{REJECTED_IMAGE}` of games running 1.4.x, refused `semver_patch_only` after the inbox look-up, the lease and the fence (the command is claimed with its fence), before any Docker work. {} published at once round-robin over {} games, then {} on one game; the rate is commands / (last outer event − first publish), so the relay's publishing is included. The floor: a private database migrated from `migrations/`, and per command exactly the writes that must be durable — the inbox claim (insert … on conflict do nothing), the fence advance (upsert … returning fence), and one statement that inserts the fenced operation-log entry (checked against the fence row `for share`), its outbox row (the event's JSON, operation_id set) and marks the inbox row finished — three commits, through sqlx with a pool of {} connections, one task per game ({} tasks for the spread, one for the single game: a game's commands run one after another in the worker too). The worker's own pool is up to 24 connections. The worker makes the same writes durable in two commits, not three (the inbox row is claimed in the fence's commit), so its rate may pass this floor.", s.rejected_spread, s.games, s.rejected_one, floor::FLOOR_POOL, s.games),
         "Events commit → published: two worker processes (A and B) on the same queue, database and Redis prefix, so both take commands and only one of them leads the relay. Per event: (the instant the bench's consumer receives it) − (the event's `finished_at`, set by the worker just before the commit of its entry). Both instants are read from the same machine clock (no cross-host skew), but the figure includes the broker hop to the bench's consumer, and `finished_at` precedes the commit by the commit itself. Paced load so that it measures the path, not a backlog.".into(),
         format!("One at a time: {} rejected patches with both workers running, each published only after the previous outcome arrived.", s.one_at_a_time),
         format!("Memory: `VmHWM` (the peak) of worker A from `/proc/<pid>/status` after a burst patching all {} games at once (so 128 operations in flight, with Docker work, at `RTM_PREFETCH=128`), having also run everything before it. Soak: VmRSS every second while rejected patches arrive at a steady rate and a real patch every 2 s, with nothing scraping `/metrics`; the slope is a least-squares fit over the samples after the first fifth of the soak. `BENCH_SOAK=600 make bench` (or `make soak`) runs the 10-minute soak.", s.rss_games),
