@@ -155,17 +155,6 @@ pub struct Begun {
 }
 
 pub trait RuntimeStore: Clone + Send + Sync + 'static {
-    /// What the inbox knows of `request.command_id`, without claiming it
-    /// ([`InboxClaim::Fresh`] when nothing): the first look at a command,
-    /// which writes nothing, so a command answered without Docker work
-    /// commits only its fence and its outcome. The command is claimed by
-    /// [`begin`](Self::begin) under its lease, or by [`claim`](Self::claim)
-    /// before an answer given without it. Errors: `Unavailable`.
-    fn lookup(
-        &self,
-        request: &CommandRequest,
-    ) -> impl Future<Output = Result<InboxClaim, StoreError>> + Send;
-
     /// Claims `request.command_id` in the inbox (remembering its `reply_to`
     /// for the outer event). Errors: `Unavailable`.
     fn claim(

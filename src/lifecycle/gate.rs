@@ -181,7 +181,7 @@ where
                     // out, which would make the game's next command a
                     // `conflict` for that moment.
                     if let InboxClaim::Finished(event) = self
-                        .store_retrying(|| self.store.lookup(request))
+                        .store_retrying(|| self.store.claim(request))
                         .await
                         .map_err(Interrupted::from)?
                     {
@@ -209,16 +209,6 @@ where
         failure: Failure,
         fence: WriteFence,
     ) -> Result<Handled, Interrupted> {
-        // Claimed first, so the answer goes where `reply_to` asked and the
-        // command_id is this command's from now on; another command that
-        // claimed it meanwhile gets it, and this message the reuse answer.
-        match self.store_retrying(|| self.store.claim(request)).await? {
-            InboxClaim::Fresh | InboxClaim::Unfinished => {}
-            InboxClaim::Finished(event) => return Ok(Handled::duplicate(event)),
-            InboxClaim::Reused { first } => {
-                return self.answer_reuse(request, received_at, &first).await;
-            }
-        }
         let write = OperationWrite {
             entry: rejection(request, received_at, failure),
             fence,

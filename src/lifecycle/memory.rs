@@ -69,47 +69,6 @@ impl MemStore {
         self.tables.lock().expect("store tables")
     }
 
-    /// The inbox's answer for `request`, claiming a missing row if `claim`.
-    fn inbox_claim(&self, request: &CommandRequest, claim: bool) -> InboxClaim {
-        let mut t = self.tables();
-        let fingerprint = request.fingerprint();
-        match t.inbox.get(&request.command_id) {
-            None => {
-                if claim {
-                    let first = format!(
-                        "{} of game {:?}",
-                        request.op,
-                        request.game_id.as_deref().unwrap_or_default()
-                    );
-                    t.inbox.insert(
-                        request.command_id.clone(),
-                        Claimed {
-                            fingerprint: Some(fingerprint),
-                            first,
-                            outcome: None,
-                        },
-                    );
-                }
-                InboxClaim::Fresh
-            }
-            Some(claimed)
-                if claimed
-                    .fingerprint
-                    .as_ref()
-                    .is_some_and(|f| *f != fingerprint) =>
-            {
-                InboxClaim::Reused {
-                    first: claimed.first.clone(),
-                }
-            }
-            Some(Claimed { outcome: None, .. }) => InboxClaim::Unfinished,
-            Some(Claimed {
-                outcome: Some(event),
-                ..
-            }) => InboxClaim::Finished(event.clone()),
-        }
-    }
-
     /// Sets a game's record as if an earlier operation had written it.
     pub fn put_record(&self, record: RuntimeRecord) {
         self.tables().records.insert(record.game_id.clone(), record);
@@ -150,12 +109,42 @@ impl MemStore {
 }
 
 impl RuntimeStore for MemStore {
-    async fn lookup(&self, request: &CommandRequest) -> Result<InboxClaim, StoreError> {
-        Ok(self.inbox_claim(request, false))
-    }
-
     async fn claim(&self, request: &CommandRequest) -> Result<InboxClaim, StoreError> {
-        Ok(self.inbox_claim(request, true))
+        let mut t = self.tables();
+        let fingerprint = request.fingerprint();
+        Ok(match t.inbox.get(&request.command_id) {
+            None => {
+                let first = format!(
+                    "{} of game {:?}",
+                    request.op,
+                    request.game_id.as_deref().unwrap_or_default()
+                );
+                t.inbox.insert(
+                    request.command_id.clone(),
+                    Claimed {
+                        fingerprint: Some(fingerprint),
+                        first,
+                        outcome: None,
+                    },
+                );
+                InboxClaim::Fresh
+            }
+            Some(claimed)
+                if claimed
+                    .fingerprint
+                    .as_ref()
+                    .is_some_and(|f| *f != fingerprint) =>
+            {
+                InboxClaim::Reused {
+                    first: claimed.first.clone(),
+                }
+            }
+            Some(Claimed { outcome: None, .. }) => InboxClaim::Unfinished,
+            Some(Claimed {
+                outcome: Some(event),
+                ..
+            }) => InboxClaim::Finished(event.clone()),
+        })
     }
 
     async fn load(&self, game_id: &GameId) -> Result<Option<RuntimeRecord>, StoreError> {

@@ -4,9 +4,8 @@
 //!
 //! [`Lifecycle::handle`] is the outer handle every command goes through:
 //!
-//! 1. look the command_id up in the inbox (a finished duplicate gets its
-//!    stored outcome back, without Docker work); it is claimed with the
-//!    fence (step 3) or with a refusal;
+//! 1. claim the command_id in the inbox (a finished duplicate gets its stored
+//!    outcome back, without Docker work);
 //! 2. validate (`invalid_request`, `image_not_allowed`), before the lease;
 //! 3. take the per-game lease (renewed while the op runs) and the game's
 //!    next fence;
@@ -286,10 +285,7 @@ where
     /// correlation_id); a second span here repeated all of them on every line.
     pub async fn handle(&self, request: CommandRequest) -> Result<Handled, Interrupted> {
         let received_at = Utc::now();
-        // A look, not a claim: the claim is written with the fence (under
-        // the lease) or with a refusal, so a command answered without
-        // Docker work commits twice, not three times.
-        match self.store_retrying(|| self.store.lookup(&request)).await? {
+        match self.store_retrying(|| self.store.claim(&request)).await? {
             InboxClaim::Fresh => {}
             InboxClaim::Unfinished => {
                 debug!("command seen before: a redelivery or another copy of it");
@@ -400,7 +396,7 @@ where
         message: String,
     ) -> Result<Handled, Interrupted> {
         let failure = Failure::new(ErrorCode::Internal, message);
-        match self.store_retrying(|| self.store.lookup(request)).await? {
+        match self.store_retrying(|| self.store.claim(request)).await? {
             InboxClaim::Finished(event) => return Ok(Handled::duplicate(event)),
             // Its answer is fixed whatever went wrong on the way to it.
             InboxClaim::Reused { first } => {
