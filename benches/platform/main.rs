@@ -565,11 +565,19 @@ async fn bursts(
                 "burst: rtmanager patches {} games at once",
                 games.len()
             ));
+            let before = profile::Cpu::sample(ctx.worker_pid);
             let took = patch_burst(ctx, games, TAG_BURST).await?;
             say(&format!(
                 "burst: rtmanager makespan {:.1} s",
                 took.as_secs_f64()
             ));
+            if round == 0 {
+                let cpu = profile::Cpu::sample(ctx.worker_pid).since(&before, games.len());
+                ctx.note(format!(
+                    "profile, {} games patched at once by rtmanager, CPU per patch: {cpu}",
+                    games.len()
+                ));
+            }
             f.burst_rtm.push(took.as_secs_f64());
         } else {
             floor_tag += 1;
@@ -578,6 +586,7 @@ async fn bursts(
                 floors.len()
             ));
             let img = image(floor_tag);
+            let before = profile::Cpu::sample(ctx.worker_pid);
             let t0 = Instant::now();
             let done = futures_util::future::join_all(
                 floors
@@ -593,6 +602,13 @@ async fn bursts(
                 "burst: raw API makespan {:.1} s",
                 took.as_secs_f64()
             ));
+            if round == 1 {
+                let cpu = profile::Cpu::sample(ctx.worker_pid).since(&before, floors.len());
+                ctx.note(format!(
+                    "profile, {} containers replaced at once through the raw API, CPU per patch: {cpu}",
+                    floors.len()
+                ));
+            }
             f.burst_api.push(took.as_secs_f64());
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
