@@ -38,16 +38,7 @@ impl RuntimeStore for PgStore {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(|e| db_error("read the operation journal", e))?;
-        Ok(Progress {
-            entries: events
-                .into_iter()
-                .map(|(id, payload)| prior_entry(id, payload))
-                .collect::<Result<_, _>>()?,
-            steps: steps
-                .into_iter()
-                .map(|(step, detail)| stored_step(&step, detail))
-                .collect::<Result<_, _>>()?,
-        })
+        stored_progress(events, steps)
     }
 
     async fn journal(
@@ -393,16 +384,7 @@ impl RuntimeStore for PgStore {
         Ok(Begun {
             fence: Fence(fence),
             claim,
-            progress: Progress {
-                entries: entries
-                    .into_iter()
-                    .map(|(id, payload)| prior_entry(id, payload))
-                    .collect::<Result<_, _>>()?,
-                steps: steps
-                    .into_iter()
-                    .map(|(step, detail)| stored_step(&step, detail))
-                    .collect::<Result<_, _>>()?,
-            },
+            progress: stored_progress(entries, steps)?,
             record: match record.map(|row| row.into_record(game_id)).transpose() {
                 Ok(record) => Ok(record),
                 Err(StoreError::Corrupt(why)) => Err(why),
@@ -489,16 +471,29 @@ impl InboxRow {
     }
 }
 
-/// An earlier entry of a command, from its stored event.
-fn prior_entry(id: Uuid, payload: serde_json::Value) -> Result<PriorEntry, StoreError> {
-    PriorEntry::from_event(&decode_event(id, payload)?)
-        .map_err(|e| StoreError::Corrupt(format!("outbox event {id} is not an entry: {e}")))
-}
-
-/// A journal row back as its step.
-fn stored_step(step: &str, detail: Option<serde_json::Value>) -> Result<Step, StoreError> {
-    Step::from_stored(step, detail.unwrap_or(serde_json::Value::Null))
-        .map_err(|e| StoreError::Corrupt(e.to_string()))
+/// A command's progress from its stored events (with their ids, in write
+/// order) and journal rows.
+fn stored_progress(
+    events: Vec<(Uuid, serde_json::Value)>,
+    steps: Vec<(String, Option<serde_json::Value>)>,
+) -> Result<Progress, StoreError> {
+    Ok(Progress {
+        entries: events
+            .into_iter()
+            .map(|(id, payload)| {
+                PriorEntry::from_event(&decode_event(id, payload)?).map_err(|e| {
+                    StoreError::Corrupt(format!("outbox event {id} is not an entry: {e}"))
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        steps: steps
+            .into_iter()
+            .map(|(step, detail)| {
+                Step::from_stored(&step, detail.unwrap_or(serde_json::Value::Null))
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?,
+    })
 }
 
 /// A record update checked against its entry, with its state directory as
