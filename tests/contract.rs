@@ -140,6 +140,9 @@ fn valid_commands_match_the_schema_decode_and_validate() {
                 Some(text("reason").unwrap_or(StopReason::default().as_str())),
             ),
             Action::Restart | Action::Remove => {}
+            Action::Exit => {
+                problems.push(format!("{name}: decoded as the reconciler's own op exit"))
+            }
         }
     }
     assert_no_problems("valid commands", &problems);

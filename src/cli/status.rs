@@ -119,7 +119,7 @@ impl Report {
             (RuntimeStatus::Running, None) => {
                 found.push("record says running, Docker has no container".into());
             }
-            (RuntimeStatus::Stopped, None) => {
+            (RuntimeStatus::Stopped | RuntimeStatus::Exited, None) => {
                 if let Some(id) = recorded_id {
                     found.push(format!(
                         "record names container {}, Docker has none",
@@ -127,15 +127,15 @@ impl Report {
                     ));
                 }
             }
-            (RuntimeStatus::Running | RuntimeStatus::Stopped, Some(c)) => {
+            (RuntimeStatus::Running | RuntimeStatus::Stopped | RuntimeStatus::Exited, Some(c)) => {
                 if status == RuntimeStatus::Running && !c.running {
                     found.push(format!(
                         "record says running, Docker says {}",
                         docker_state(c)
                     ));
                 }
-                if status == RuntimeStatus::Stopped && c.running {
-                    found.push("record says stopped, Docker says running".into());
+                if matches!(status, RuntimeStatus::Stopped | RuntimeStatus::Exited) && c.running {
+                    found.push(format!("record says {status}, Docker says running"));
                 }
                 match recorded_id {
                     Some(id) if id != c.id.as_str() => found.push(format!(
@@ -390,6 +390,8 @@ mod tests {
             exit_code: None,
             health: Some(Health::Healthy),
             address: Some("172.18.0.5".into()),
+            oom_killed: false,
+            finished_at: None,
         }
     }
 
