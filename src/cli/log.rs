@@ -131,8 +131,15 @@ fn row(event: &OutcomeEvent, style: &Style) -> Row {
     let outer = event.outer_op.is_none();
     let op = event.op.clone().unwrap_or_else(|| "rejected".into());
     let failed = event.outcome == Outcome::Failure;
+    // The reconciler's restart names the exit it follows (its correlation
+    // id is that exit entry's operation id).
+    let after_exit;
     let message = match &event.error_message {
         Some(m) if failed => m.as_str(),
+        _ if outer && op == "restart" && event.op_source.as_deref() == Some("reconciler") => {
+            after_exit = format!("automatic restart after exit #{}", event.correlation_id);
+            after_exit.as_str()
+        }
         _ => "",
     };
     let (first, rest) = first_line(message);
