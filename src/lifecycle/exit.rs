@@ -337,8 +337,10 @@ where
                 finished_at,
             } => {
                 let code = exit_code.map_or_else(|| "unknown".to_owned(), |c| c.to_string());
-                let when =
-                    finished_at.map_or_else(|| "an unknown time".to_owned(), |t| t.to_rfc3339());
+                let when = finished_at.map_or_else(
+                    || "an unknown time".to_owned(),
+                    |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                );
                 let why = format!(
                     "engine exited without a command: exit code {code}, OOM killed: {}, \
                      stopped at {when}; {next}",
@@ -356,7 +358,7 @@ where
                 }
                 why.push_str(&format!(
                     "), noticed at {}; {next}",
-                    Utc::now().to_rfc3339()
+                    Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
                 ));
                 why
             }
