@@ -16,7 +16,7 @@ use uuid::Uuid;
 pub use crate::domain::Progress;
 use crate::domain::{
     CommandRequest, ContainerId, GameId, ImageRef, OperationEntry, OutcomeEvent, RecordUpdate,
-    ReplyTo, RuntimeRecord, Step,
+    ReplyTo, RuntimeRecord, RuntimeStatus, Step,
 };
 
 // ---------------------------------------------------------------------------
@@ -246,11 +246,20 @@ pub trait RuntimeStore: Clone + Send + Sync + 'static {
     /// `Unavailable`.
     fn republish(&self, event_id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Every record whose status is `running` (the reconciler's periodic
-    /// pass, SPEC §11). A corrupt row is left out. Errors: `Unavailable`.
-    fn running_records(
+    /// Every record with `status` (the reconciler's periodic pass asks for
+    /// `running` and `exited` ones, SPEC §11). A corrupt row is left out.
+    /// Errors: `Unavailable`.
+    fn records_in(
         &self,
+        status: RuntimeStatus,
     ) -> impl Future<Output = Result<Vec<RuntimeRecord>, StoreError>> + Send;
+
+    /// The game's latest `exit` entry's event, if any. Errors:
+    /// `Unavailable`.
+    fn last_exit(
+        &self,
+        game_id: &GameId,
+    ) -> impl Future<Output = Result<Option<OutcomeEvent>, StoreError>> + Send;
 
     /// How many restarts the reconciler ran for the game (outer `restart`
     /// entries with `op_source` `reconciler`) that started at or after
@@ -411,6 +420,8 @@ pub struct ContainerInfo {
     pub oom_killed: bool,
     /// When it last stopped; `None` while running or never started.
     pub finished_at: Option<DateTime<Utc>>,
+    /// Docker is removing it (a `docker rm -f` in progress): as good as gone.
+    pub removing: bool,
 }
 
 /// A container carrying the managed label, as Docker lists it.

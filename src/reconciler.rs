@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::config::ReconcilerConfig;
-use crate::domain::GameId;
+use crate::domain::{GameId, RuntimeStatus};
 use crate::lifecycle::{ExitReport, Lifecycle};
 use crate::pauses::Pauses;
 use crate::ports::{ContainerEngine, LeaseStore, RuntimeStore};
@@ -133,13 +133,17 @@ where
         games: &mpsc::UnboundedSender<GameId>,
         orphans_seen: &mut HashSet<String>,
     ) {
-        match self.lc.store().running_records().await {
-            Ok(records) => {
-                for record in records {
-                    let _ = games.send(record.game_id);
+        // `exited` ones too: a restart their exit asked for may never have
+        // run (its worker died first).
+        for status in [RuntimeStatus::Running, RuntimeStatus::Exited] {
+            match self.lc.store().records_in(status).await {
+                Ok(records) => {
+                    for record in records {
+                        let _ = games.send(record.game_id);
+                    }
                 }
+                Err(e) => warn!(error = %e, %status, "reconciler pass: cannot list the records"),
             }
-            Err(e) => warn!(error = %e, "reconciler pass: cannot list the running records"),
         }
         self.count_orphans(orphans_seen).await;
     }
@@ -229,6 +233,7 @@ where
         let policy = self.cfg.restart_on_exit;
         let restart = match self.lc.report_exit(game, policy).await {
             Ok(ExitReport::Reported { restart, .. }) => restart,
+            Ok(ExitReport::PendingRestart(restart)) => Some(restart),
             Ok(ExitReport::Busy) => return true,
             Ok(ExitReport::NotExited | ExitReport::AlreadyReported) => return false,
             Err(e) => {
@@ -240,6 +245,8 @@ where
             return false;
         };
         let outcome = match self.lc.handle(*request).await {
+            // Asked again by a pass: it had run after all.
+            Ok(handled) if handled.duplicate => return false,
             Ok(handled) => handled.event.outcome.as_str(),
             Err(e) => {
                 warn!(game_id = %game, error = %e, "reconciler: the automatic restart was interrupted");

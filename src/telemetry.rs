@@ -125,6 +125,18 @@ pub fn describe_metrics() {
         "Replies the broker refused or could not route (not retried)"
     );
     describe_gauge!(OPERATIONS_IN_FLIGHT, "Commands being handled right now");
+    describe_counter!(
+        ENGINE_EXITS,
+        "Engines that stopped without a command, by reason (exited, oom, missing)"
+    );
+    describe_counter!(
+        AUTO_RESTARTS,
+        "Restarts the reconciler ran after an exit, by outcome"
+    );
+    describe_gauge!(
+        ORPHAN_CONTAINERS,
+        "Managed containers no runtime record names (never touched)"
+    );
     // Counters exist from the start (at 0), so an alert on a rate never
     // sees a missing series.
     for counter in [

@@ -435,6 +435,7 @@ mod tests {
             address: Some("172.18.0.5".into()),
             oom_killed: false,
             finished_at: None,
+            removing: false,
         }
     }
 

@@ -23,8 +23,8 @@ use super::gate::Gate;
 use super::{Halt, Interrupted, Lifecycle, Op, record_metrics};
 use crate::config::RestartPolicy;
 use crate::domain::{
-    Action, Command, CommandRequest, ContainerId, GameId, OpKind, OpSource, RuntimeRecord,
-    RuntimeState,
+    Action, Command, CommandRequest, ContainerId, GameId, OpKind, OpSource, OutcomeEvent,
+    RuntimeRecord, RuntimeState, RuntimeStatus,
 };
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, ContainerInfo, LeaseHolder, LeaseStore, RuntimeStore};
@@ -46,6 +46,10 @@ pub enum ExitReport {
     Busy,
     /// This exit was reported already (by this worker or another).
     AlreadyReported,
+    /// The game is `exited`, and its exit entry asked for a restart that
+    /// never finished (its worker died first): the restart to run again
+    /// (the same command, so the inbox makes it effect-once).
+    PendingRestart(Box<CommandRequest>),
     /// The exit entry was written now.
     Reported {
         operation_id: i64,
@@ -89,6 +93,10 @@ fn judge(record: Option<&RuntimeRecord>, docker: Option<&ContainerInfo>) -> Opti
         return None;
     };
     match docker {
+        // `docker rm -f` kills first (the die event) and removes after.
+        Some(info) if info.id == *container_id && info.removing => {
+            Some(Stopped::Missing { other: None })
+        }
         Some(info) if info.id == *container_id && info.running => None,
         Some(info) if info.id == *container_id => Some(Stopped::Exited {
             id: info.id.clone(),
@@ -139,6 +147,14 @@ where
         // run, and a look costs no lease.
         let (record, docker) = self.look(game_id).await?;
         if judge(record.as_ref(), docker.as_ref()).is_none() {
+            if record.is_some_and(|r| r.status() == RuntimeStatus::Exited)
+                && let Some(exit) = self
+                    .store_retrying(|| self.store.last_exit(game_id))
+                    .await?
+                && let Some(restart) = pending_restart(&exit)
+            {
+                return Ok(ExitReport::PendingRestart(Box::new(restart)));
+            }
             return Ok(ExitReport::NotExited);
         }
         let record = record.expect("judged on a record");
@@ -276,19 +292,11 @@ where
         );
         let restart = restart.then(|| {
             info!(game_id = %game_id, "restarting the game after its exit (RTM_RESTART_ON_EXIT)");
-            Box::new(CommandRequest {
-                command_id: Uuid::new_v5(&AUTO_RESTARTS, command.command_id.as_bytes()).to_string(),
-                op: OpKind::Restart,
-                game_id: Some(game_id.to_string()),
-                image_ref: None,
-                op_source: Some(OpSource::Reconciler.to_string()),
-                // The correlation id: the exit entry's operation id.
-                source_ref: Some(recorded.operation_id.to_string()),
-                reason: None,
-                requested_at: Some(Utc::now()),
-                reply_to: None,
-                malformed: None,
-            })
+            Box::new(auto_restart(
+                &command.command_id,
+                recorded.operation_id,
+                game_id.as_str(),
+            ))
         });
         Ok(ExitReport::Reported {
             operation_id: recorded.operation_id,
@@ -315,7 +323,7 @@ where
     ) -> String {
         let next = if restart {
             format!(
-                "restarting (automatic restart {} of {} within {})",
+                "{RESTARTING}{} of {} within {})",
                 spent + 1,
                 policy.max,
                 policy_window(policy)
@@ -364,6 +372,41 @@ where
             }
         }
     }
+}
+
+/// The reconciler's restart after the exit `exit_command_id` (entry
+/// `operation_id`): its command_id derived from the exit's, its correlation
+/// id the exit entry's operation id.
+fn auto_restart(exit_command_id: &str, operation_id: i64, game_id: &str) -> CommandRequest {
+    CommandRequest {
+        command_id: Uuid::new_v5(&AUTO_RESTARTS, exit_command_id.as_bytes()).to_string(),
+        op: OpKind::Restart,
+        game_id: Some(game_id.to_owned()),
+        image_ref: None,
+        op_source: Some(OpSource::Reconciler.to_string()),
+        source_ref: Some(operation_id.to_string()),
+        reason: None,
+        requested_at: Some(Utc::now()),
+        reply_to: None,
+        malformed: None,
+    }
+}
+
+/// What an exit entry's message says when a restart follows.
+const RESTARTING: &str = "restarting (automatic restart ";
+
+/// The restart an exit entry asked for, if it did.
+fn pending_restart(exit: &OutcomeEvent) -> Option<CommandRequest> {
+    let asked = exit
+        .error_message
+        .as_deref()
+        .is_some_and(|m| m.lines().next().unwrap_or_default().contains(RESTARTING));
+    Some(auto_restart(
+        &exit.command_id,
+        exit.operation_id?,
+        &exit.game_id,
+    ))
+    .filter(|_| asked)
 }
 
 fn policy_window(policy: RestartPolicy) -> String {

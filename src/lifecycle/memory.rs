@@ -220,14 +220,24 @@ impl RuntimeStore for MemStore {
         Ok(())
     }
 
-    async fn running_records(&self) -> Result<Vec<RuntimeRecord>, StoreError> {
+    async fn records_in(&self, status: RuntimeStatus) -> Result<Vec<RuntimeRecord>, StoreError> {
         Ok(self
             .tables()
             .records
             .values()
-            .filter(|r| r.status() == RuntimeStatus::Running)
+            .filter(|r| r.status() == status)
             .cloned()
             .collect())
+    }
+
+    async fn last_exit(&self, game_id: &GameId) -> Result<Option<OutcomeEvent>, StoreError> {
+        Ok(self
+            .tables()
+            .log
+            .iter()
+            .rev()
+            .find(|e| e.game_id == game_id.as_str() && e.op.as_deref() == Some("exit"))
+            .cloned())
     }
 
     async fn auto_restarts_since(
@@ -631,6 +641,7 @@ fn info(c: &Container) -> ContainerInfo {
         address: c.running.then(|| format!("10.0.0.{}", c.id.0.len())),
         oom_killed: c.oom_killed,
         finished_at: c.finished_at,
+        removing: false,
     }
 }
 

@@ -808,8 +808,12 @@ mod exits {
             "the record keeps the stopped container"
         );
 
-        // A second look at the same exit, or another worker's: nothing more.
-        assert_eq!(report(&w, BUDGET).await, ExitReport::NotExited);
+        // A second look at the same exit, or another worker's: no second
+        // entry (only the restart it still owes, the same command).
+        assert!(matches!(
+            report(&w, BUDGET).await,
+            ExitReport::PendingRestart(r) if r.command_id == restart.command_id
+        ));
         assert_eq!(exits(&w).len(), 1);
 
         // The restart it asks for: a normal restart, correlated to the exit.
@@ -822,6 +826,39 @@ mod exits {
         // Asked twice (a look repeated), it runs once.
         let again = w.service.handle(*restart).await.expect("handled");
         assert!(again.duplicate);
+    }
+
+    #[tokio::test]
+    async fn a_restart_its_worker_never_ran_is_asked_for_again_and_runs_once() {
+        let w = World::new();
+        success(&w.op(OpKind::Start, Some(A)).await, false);
+        w.engine.engine_exits(&w.game, 1, false);
+        let ExitReport::Reported {
+            restart: Some(asked),
+            ..
+        } = report(&w, BUDGET).await
+        else {
+            panic!("reported with a restart")
+        };
+        // The worker died before the restart: the next look asks for it
+        // again, the same command.
+        let ExitReport::PendingRestart(again) = report(&w, BUDGET).await else {
+            panic!("the restart is still owed")
+        };
+        assert_eq!(again.command_id, asked.command_id);
+        assert_eq!(again.source_ref, asked.source_ref);
+        success(&w.run(*again).await, false);
+        assert_eq!(w.status().0, RuntimeStatus::Running);
+        assert_eq!(report(&w, BUDGET).await, ExitReport::NotExited);
+        // Past the budget nothing is owed.
+        let w = World::new();
+        success(&w.op(OpKind::Start, Some(A)).await, false);
+        w.engine.engine_exits(&w.game, 1, false);
+        report(&w, RestartPolicy::NEVER).await;
+        assert_eq!(
+            report(&w, RestartPolicy::NEVER).await,
+            ExitReport::NotExited
+        );
     }
 
     #[tokio::test]

@@ -282,6 +282,7 @@ impl DockerEngine {
             health,
             address,
             oom_killed: state.oom_killed.unwrap_or(false),
+            removing: state.status == Some(bollard::models::ContainerStateStatusEnum::REMOVING),
             finished_at: if running {
                 None
             } else {

@@ -118,10 +118,17 @@ impl RuntimeStore for StallingStore {
     fn republish(&self, event_id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.inner.republish(event_id)
     }
-    fn running_records(
+    fn records_in(
         &self,
+        status: rtmanager::domain::RuntimeStatus,
     ) -> impl Future<Output = Result<Vec<RuntimeRecord>, StoreError>> + Send {
-        self.inner.running_records()
+        self.inner.records_in(status)
+    }
+    fn last_exit(
+        &self,
+        game_id: &GameId,
+    ) -> impl Future<Output = Result<Option<OutcomeEvent>, StoreError>> + Send {
+        RuntimeStore::last_exit(&self.inner, game_id)
     }
     fn auto_restarts_since(
         &self,

@@ -105,9 +105,12 @@ async fn start(rig: &mut WorkerRig, game: &GameId, image: &str) {
 }
 
 /// When Docker reports `action` next for the container named `name`
-/// (subscribed before the returned future is awaited on).
-fn docker_event_at(name: String, action: &'static str) -> JoinHandle<Instant> {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+/// (subscribed before this returns).
+async fn docker_event_at(
+    name: String,
+    action: &'static str,
+) -> JoinHandle<(Instant, chrono::DateTime<chrono::Utc>)> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
     let watcher = tokio::spawn(async move {
         let docker = test_client().await;
         let filters = HashMap::from([
@@ -119,17 +122,17 @@ fn docker_event_at(name: String, action: &'static str) -> JoinHandle<Instant> {
             filters: Some(filters),
             ..Default::default()
         }));
+        let first = events.next();
         let _ = ready_tx.send(());
-        events
-            .next()
+        first
             .await
             .expect("the event stream is open")
             .expect("an event");
-        Instant::now()
+        (Instant::now(), chrono::Utc::now())
     });
-    // The request is sent once the stream is first polled: give it a moment.
-    let _ = ready_rx.recv_timeout(Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(300));
+    let _ = ready_rx.await;
+    // The request goes out once the stream is first polled: give it a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     watcher
 }
 
@@ -142,13 +145,16 @@ async fn an_engine_that_exits_on_its_own_is_reported_restarted_and_then_left_exi
     start(&mut rig, &game, EXITS).await;
 
     for round in 1..=3 {
-        let died = docker_event_at(container_name(&rig, &game), "die");
-        let died = tokio::time::timeout(WAIT, died).await.unwrap().unwrap();
+        let died = docker_event_at(container_name(&rig, &game), "die").await;
+        let (died, died_at) = tokio::time::timeout(WAIT, died).await.unwrap().unwrap();
         let seen = until_key(&mut rig, "runtime.exit.failure").await;
         let latency = died.elapsed();
         let exit = last(&seen).clone();
         println!(
-            "round {round}: runtime.exit.failure {latency:?} after Docker's die event: {}",
+            "round {round}: runtime.exit.failure received {latency:?} after Docker's die event \
+             (look began {} ms, entry written {} ms after it): {}",
+            (exit.started_at - died_at).num_milliseconds(),
+            (exit.finished_at - died_at).num_milliseconds(),
             exit.error_message.as_deref().unwrap_or("")
         );
         assert!(
@@ -336,15 +342,29 @@ async fn two_workers_watching_one_engine_write_one_exit_entry_per_exit() {
     ));
     let games: Vec<GameId> = (0..3).map(|_| rig.game()).collect();
     for game in &games {
-        start(&mut rig, game, EXITS).await;
+        rig.publish(json!({"op": "start", "game_id": game.as_str(), "image_ref": EXITS}))
+            .await;
     }
-    for _ in &games {
-        until_key(&mut rig, "runtime.exit.failure").await;
+    // Every event, the starts' and the exits' (an engine may die while
+    // another game still starts).
+    let mut exited = std::collections::HashSet::new();
+    while exited.len() < games.len() {
+        let seen = rig.next_event().await;
+        match seen.routing_key.as_str() {
+            "runtime.start.success" => {}
+            "runtime.exit.failure" => assert!(
+                exited.insert(seen.event.game_id.clone()),
+                "a second exit event of {}",
+                seen.event.game_id
+            ),
+            other => panic!("{other}: {:?}", seen.event.error_message),
+        }
     }
     // Both workers have seen every die event and run passes since.
     tokio::time::sleep(Duration::from_secs(3)).await;
     for game in &games {
         let exits = exit_entries(&rig, game).await;
+        assert!(exited.contains(game.as_str()));
         assert_eq!(exits.len(), 1, "{game}: {exits:?}");
         assert_eq!(record_status(&rig, game).await.0, "exited");
     }
@@ -447,12 +467,12 @@ async fn a_broken_event_stream_is_resumed_and_a_pass_reports_what_it_missed() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let died = docker_event_at(container_name(&rig, &b), "die");
+    let died = docker_event_at(container_name(&rig, &b), "die").await;
     docker
         .kill_container(&container_name(&rig, &b), Some(kill()))
         .await
         .unwrap();
-    let died = died.await.unwrap();
+    let (died, _) = died.await.unwrap();
     let seen = until_key(&mut rig, "runtime.exit.failure").await;
     assert_eq!(last(&seen).game_id, b.as_str());
     println!(

@@ -98,16 +98,17 @@ impl RuntimeStore for PgStore {
         Ok(())
     }
 
-    async fn running_records(&self) -> Result<Vec<RuntimeRecord>, StoreError> {
+    async fn records_in(&self, status: RuntimeStatus) -> Result<Vec<RuntimeRecord>, StoreError> {
         let rows: Vec<NamedRecordRow> = sqlx::query_as(
             "select game_id, status, current_image_ref, current_container_id, address,
                     state_dir, fence, created_at, updated_at
              from runtime_records
-             where status = 'running'",
+             where status = $1",
         )
+        .bind(status.as_str())
         .fetch_all(&self.pool)
         .await
-        .map_err(|e| db_error("list the running records", e))?;
+        .map_err(|e| db_error("list the records by status", e))?;
         Ok(rows
             .into_iter()
             .filter_map(|NamedRecordRow { game_id, row }| {
@@ -115,6 +116,10 @@ impl RuntimeStore for PgStore {
                 row.into_record(&game_id).ok()
             })
             .collect())
+    }
+
+    async fn last_exit(&self, game_id: &GameId) -> Result<Option<OutcomeEvent>, StoreError> {
+        PgStore::last_exit(self, game_id.as_str()).await
     }
 
     async fn auto_restarts_since(
