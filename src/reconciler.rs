@@ -235,7 +235,9 @@ where
             Ok(ExitReport::Reported { restart, .. }) => restart,
             Ok(ExitReport::PendingRestart(restart)) => Some(restart),
             Ok(ExitReport::Busy) => return true,
-            Ok(ExitReport::NotExited | ExitReport::AlreadyReported) => return false,
+            Ok(
+                ExitReport::NotExited | ExitReport::AlreadyReported | ExitReport::CommandUnfinished,
+            ) => return false,
             Err(e) => {
                 warn!(game_id = %game, error = %e, "reconciler: cannot look at the game now; the next pass will");
                 return false;

@@ -42,8 +42,13 @@ pub enum ExitReport {
     /// Nothing to report: the record is not `running`, or Docker runs the
     /// container it names (perhaps after a command changed them meanwhile).
     NotExited,
-    /// A command holds the game's lease: it wins; the next pass looks again.
+    /// A command holds the game's lease: it wins; looked at again soon.
     Busy,
+    /// A command took the game last and has not finished (its worker died
+    /// part-way): what Docker shows is its doing, and its redelivery
+    /// resumes it and sets the record. Not an exit; the next pass looks
+    /// again.
+    CommandUnfinished,
     /// This exit was reported already (by this worker or another).
     AlreadyReported,
     /// The game is `exited`, and its exit entry asked for a restart that
@@ -235,6 +240,15 @@ where
         lease: &super::lease::LeaseGuard<L>,
     ) -> Result<ExitReport, Interrupted> {
         let game_id = &command.game_id;
+        let seen = self
+            .store_retrying(|| self.store.observe_fence(game_id))
+            .await?;
+        if let Some(owner) = seen.taken_by.filter(|c| *c != command.command_id) {
+            let progress = self.store_retrying(|| self.store.progress(&owner)).await?;
+            if !progress.entries.iter().any(|e| e.outer_op.is_none()) {
+                return Ok(ExitReport::CommandUnfinished);
+            }
+        }
         // Again under the lease: a command that ran meanwhile changed the
         // record or its container, and the exit was its own.
         let (record, docker) = self.look(game_id).await?;

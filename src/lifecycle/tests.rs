@@ -751,6 +751,7 @@ mod exits {
     use super::*;
     use crate::config::RestartPolicy;
     use crate::lifecycle::ExitReport;
+    use crate::ports::RuntimeStore as _;
 
     const BUDGET: RestartPolicy = RestartPolicy {
         max: 2,
@@ -933,6 +934,26 @@ mod exits {
             .expect("looked");
         assert_eq!(looked, ExitReport::Busy, "a command always wins");
         assert!(exits(&w).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_engine_stopped_by_a_command_its_worker_died_in_is_not_an_exit() {
+        let w = World::new();
+        success(&w.op(OpKind::Start, Some(A)).await, false);
+        // A patch took the game (its fence) and stopped the engine, then its
+        // worker died: its lease expired, its redelivery will resume it.
+        let patch = w.request(OpKind::Patch, Some(A_NEXT));
+        w.store
+            .begin(&w.game, &patch)
+            .await
+            .expect("the patch's attempt began");
+        w.engine.engine_exits(&w.game, 0, false);
+        assert_eq!(report(&w, BUDGET).await, ExitReport::CommandUnfinished);
+        assert!(exits(&w).is_empty());
+        assert_eq!(w.status().0, RuntimeStatus::Running);
+        // Its redelivery finishes it; nothing to report after.
+        success(&w.run(patch).await, false);
+        assert_eq!(report(&w, BUDGET).await, ExitReport::NotExited);
     }
 
     #[tokio::test]
