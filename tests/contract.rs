@@ -973,3 +973,31 @@ fn assert_valid_event_lists_every_error() {
     assert!(message.contains("/schema_version"), "{message}");
     assert!(message.contains("extra"), "{message}");
 }
+
+#[test]
+fn the_event_schema_allows_an_exit_only_as_the_reconcilers_engine_exited_failure() {
+    let validator = schema::event_schema_validator();
+    let base: Value = serde_json::from_slice(
+        &std::fs::read(fixtures_root().join("events/runtime.exit.failure.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(validator.is_valid(&base));
+    for (key, value) in [
+        ("op_source", json!("lobby")),
+        ("error_code", json!("container_start_failed")),
+        ("outer_op", json!("restart")),
+        ("noop", json!(true)),
+    ] {
+        let mut v = base.clone();
+        v[key] = value.clone();
+        assert!(
+            !validator.is_valid(&v),
+            "accepted an exit with {key} {value}"
+        );
+    }
+    let mut v = base.clone();
+    v["outcome"] = json!("success");
+    v["error_code"] = Value::Null;
+    v["error_message"] = Value::Null;
+    assert!(!validator.is_valid(&v), "accepted a successful exit");
+}

@@ -296,6 +296,34 @@ mod tests {
     }
 
     #[test]
+    fn an_exit_and_the_restart_after_it() {
+        let exit: OutcomeEvent = serde_json::from_str(include_str!(
+            "../../tests/fixtures/events/runtime.exit.failure.json"
+        ))
+        .unwrap();
+        let restart: OutcomeEvent = serde_json::from_str(include_str!(
+            "../../tests/fixtures/events/runtime.restart.success--after-exit.json"
+        ))
+        .unwrap();
+        let text = render(&group(vec![restart, exit]), &Style::plain());
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[1].contains("restart") && lines[1].contains("automatic restart after exit #1040"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("exit") && lines[2].contains("engine_exited"),
+            "{text}"
+        );
+        assert!(lines[2].contains("exit code 7, OOM killed: no"), "{text}");
+        // The log tail goes under it.
+        assert!(
+            text.contains("engine 1.4.2: fatal: lost the world"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn inner_entries_go_under_their_outer_one() {
         // As the database returns them: newest first.
         let history = vec![patch_event(), start_step(), stop_step(), failed_stop()];
