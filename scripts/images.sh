@@ -48,6 +48,8 @@ IMAGES=(
     "rtm-test/slow      slow      1.4.2 1.4.3"
     "rtm-test/healthy   healthy   1.4.2 1.4.3"
     "rtm-test/unhealthy unhealthy 1.4.3"
+    "rtm-test/exits     exits     1.4.2"
+    "rtm-test/hog       hog       1.4.2"
     "rtm-demo/engine    normal    1.0.0 1.0.1 1.1.0"
 )
 

@@ -19,6 +19,7 @@ pub struct Config {
     pub docker: DockerConfig,
     pub amqp: AmqpConfig,
     pub lifecycle: LifecycleConfig,
+    pub reconciler: ReconcilerConfig,
     pub shutdown_timeout: Duration,
     /// `RTM_RETENTION`: how long finished inbox rows and published outbox
     /// rows are kept.
@@ -179,6 +180,86 @@ impl Default for LifecycleConfig {
     }
 }
 
+/// The reconciler's settings (SPEC §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconcilerConfig {
+    /// `RTM_RECONCILE_INTERVAL`: how often every `running` record is
+    /// compared with Docker.
+    pub interval: Duration,
+    /// `RTM_RESTART_ON_EXIT`.
+    pub restart_on_exit: RestartPolicy,
+}
+
+impl Default for ReconcilerConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(30),
+            restart_on_exit: RestartPolicy {
+                max: 3,
+                window: Duration::from_secs(600),
+            },
+        }
+    }
+}
+
+/// `RTM_RESTART_ON_EXIT`: at most `max` automatic restarts of a game within
+/// `window`; `max` 0 never restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    pub max: u32,
+    pub window: Duration,
+}
+
+impl RestartPolicy {
+    pub const NEVER: RestartPolicy = RestartPolicy {
+        max: 0,
+        window: Duration::ZERO,
+    };
+
+    /// `N/window` (`3/10m`), or `0`.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let err = || "must be N/window (such as 3/10m) or 0".to_string();
+        let raw = raw.trim();
+        if raw == "0" {
+            return Ok(Self::NEVER);
+        }
+        let (n, window) = raw.split_once('/').ok_or_else(err)?;
+        let max: u32 = n.trim().parse().map_err(|_| err())?;
+        let window = parse_duration(window.trim()).map_err(|_| err())?;
+        if max == 0 {
+            return Ok(Self::NEVER);
+        }
+        if window.is_zero() {
+            return Err(err());
+        }
+        Ok(Self { max, window })
+    }
+}
+
+impl std::fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.max == 0 {
+            return f.write_str("0");
+        }
+        write!(f, "{}/{}", self.max, humantime_ish(self.window))
+    }
+}
+
+/// A duration as the variables write it (`10m`, `90s`, `500ms`).
+fn humantime_ish(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !ms.is_multiple_of(1000) {
+        return format!("{ms}ms");
+    }
+    let s = d.as_secs();
+    match s {
+        s if s.is_multiple_of(86_400) => format!("{}d", s / 86_400),
+        s if s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        s if s.is_multiple_of(60) => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Json,
@@ -312,6 +393,18 @@ impl Config {
             docker,
             amqp,
             lifecycle,
+            reconciler: ReconcilerConfig {
+                interval: env.parse("RTM_RECONCILE_INTERVAL", "30s", |s| {
+                    parse_duration(s).and_then(|d| {
+                        if d >= Duration::from_millis(100) {
+                            Ok(d)
+                        } else {
+                            Err("must be at least 100ms".into())
+                        }
+                    })
+                })?,
+                restart_on_exit: env.parse("RTM_RESTART_ON_EXIT", "3/10m", RestartPolicy::parse)?,
+            },
             shutdown_timeout: env.duration("RTM_SHUTDOWN_TIMEOUT", "60s")?,
             retention: env.parse("RTM_RETENTION", "7d", |s| {
                 parse_duration(s).and_then(|d| {
@@ -767,6 +860,28 @@ mod tests {
                 assert!(!err.to_string().contains(secret), "{err}");
             }
         }
+    }
+
+    #[test]
+    fn restart_policies() {
+        assert_eq!(
+            RestartPolicy::parse("3/10m"),
+            Ok(RestartPolicy {
+                max: 3,
+                window: Duration::from_secs(600)
+            })
+        );
+        assert_eq!(RestartPolicy::parse("0"), Ok(RestartPolicy::NEVER));
+        assert_eq!(RestartPolicy::parse("3/10m").unwrap().to_string(), "3/10m");
+        for bad in ["", "3", "x/10m", "3/", "3/0s", "-1/1m"] {
+            assert!(RestartPolicy::parse(bad).is_err(), "{bad:?}");
+        }
+        let c = load(&[]).unwrap();
+        assert_eq!(c.reconciler, ReconcilerConfig::default());
+        let e = load(&[("RTM_RESTART_ON_EXIT", "often")]).unwrap_err();
+        assert_eq!(e.variable, "RTM_RESTART_ON_EXIT");
+        let e = load(&[("RTM_RECONCILE_INTERVAL", "1ms")]).unwrap_err();
+        assert_eq!(e.variable, "RTM_RECONCILE_INTERVAL");
     }
 
     #[test]

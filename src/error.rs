@@ -34,10 +34,13 @@ pub enum ErrorCode {
     ContainerStartFailed,
     /// Docker could not stop the container.
     ContainerStopFailed,
+    /// (The reconciler, SPEC §11.) The engine stopped without a command, or
+    /// its container is gone.
+    EngineExited,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::InvalidRequest,
         ErrorCode::NotFound,
         ErrorCode::Conflict,
@@ -49,6 +52,7 @@ impl ErrorCode {
         ErrorCode::ImagePullFailed,
         ErrorCode::ContainerStartFailed,
         ErrorCode::ContainerStopFailed,
+        ErrorCode::EngineExited,
     ];
 
     /// The code of a wire name, as read back from `operation_log`.
@@ -70,6 +74,7 @@ impl ErrorCode {
             ErrorCode::ImagePullFailed => "image_pull_failed",
             ErrorCode::ContainerStartFailed => "container_start_failed",
             ErrorCode::ContainerStopFailed => "container_stop_failed",
+            ErrorCode::EngineExited => "engine_exited",
         }
     }
 

@@ -29,6 +29,10 @@
 //!   publish every publisher uses.
 //! - [`readiness`]: the dependency states `/readyz` reports, written by the
 //!   probes, the consumer and the relay.
+//! - [`reconciler`]: notices engines that stop without a command (SPEC
+//!   §11): the engine's event stream and a periodic pass name games to
+//!   look at; the look and its `exit` entry are the lifecycle's
+//!   (`lifecycle/exit.rs`), under the game's lease and fence.
 //! - [`pauses`]: the backoff of the loops that retry until shutdown.
 //! - [`serve`]: wires it all and runs the worker until shutdown
 //!   ([`shutdown`]); [`telemetry`]: logs and metric names; [`config`]: the
@@ -55,6 +59,7 @@ pub mod outbound;
 pub mod pauses;
 pub mod ports;
 pub mod readiness;
+pub mod reconciler;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;

@@ -55,6 +55,11 @@ pub struct Undecodable {
     pub source_ref: Option<String>,
 }
 
+/// The op a command may ask for: a known op, but not `exit`.
+fn command_op(raw: &str) -> Option<OpKind> {
+    OpKind::parse(raw).filter(|op| op.is_command())
+}
+
 /// Decodes a command body (SPEC §6).
 pub fn decode_command(body: &[u8], envelope: &Envelope) -> Result<CommandRequest, Undecodable> {
     let undecodable = |reason: String, object: Option<&Map<String, Value>>| {
@@ -105,7 +110,8 @@ pub fn decode_command(body: &[u8], envelope: &Envelope) -> Result<CommandRequest
         None | Some(Value::Null) => {
             return Err(undecodable("op is missing".into(), Some(&object)));
         }
-        Some(Value::String(op)) => OpKind::parse(op).ok_or_else(|| {
+        // `exit` is the reconciler's entry, never a command (SPEC §11).
+        Some(Value::String(op)) => command_op(op).ok_or_else(|| {
             undecodable(
                 format!(
                     "op {:?} is unknown (expected start, stop, restart, patch or remove)",

@@ -9,12 +9,14 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+use futures_util::stream::BoxStream;
 use uuid::Uuid;
 
 pub use crate::domain::Progress;
 use crate::domain::{
     CommandRequest, ContainerId, GameId, ImageRef, OperationEntry, OutcomeEvent, RecordUpdate,
-    ReplyTo, RuntimeRecord, Step,
+    ReplyTo, RuntimeRecord, RuntimeStatus, Step,
 };
 
 // ---------------------------------------------------------------------------
@@ -233,6 +235,30 @@ pub trait RuntimeStore: Clone + Send + Sync + 'static {
     /// `Unavailable`.
     fn republish(&self, event_id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Every record with `status` (the reconciler's periodic pass asks for
+    /// `running` and `exited` ones, SPEC §11). A corrupt row is left out.
+    /// Errors: `Unavailable`.
+    fn records_in(
+        &self,
+        status: RuntimeStatus,
+    ) -> impl Future<Output = Result<Vec<RuntimeRecord>, StoreError>> + Send;
+
+    /// The game's latest `exit` entry's event, if any. Errors:
+    /// `Unavailable`.
+    fn last_exit(
+        &self,
+        game_id: &GameId,
+    ) -> impl Future<Output = Result<Option<OutcomeEvent>, StoreError>> + Send;
+
+    /// How many restarts the reconciler ran for the game (outer `restart`
+    /// entries with `op_source` `reconciler`) that started at or after
+    /// `since`: what `RTM_RESTART_ON_EXIT` has spent. Errors: `Unavailable`.
+    fn auto_restarts_since(
+        &self,
+        game_id: &GameId,
+        since: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u32, StoreError>> + Send;
+
     /// An attempt's start under the game's lease: [`advance_fence`], then,
     /// read after it, [`claim`], [`progress`] and [`load`]. The fence
     /// first: an earlier attempt can no longer write once it moved, so what
@@ -379,6 +405,45 @@ pub struct ContainerInfo {
     pub health: Option<Health>,
     /// The address on the configured network, once running.
     pub address: Option<String>,
+    /// Whether the kernel's OOM killer ended it (meaningful once stopped).
+    pub oom_killed: bool,
+    /// When it last stopped; `None` while running or never started.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Docker is removing it (a `docker rm -f` in progress): as good as gone.
+    pub removing: bool,
+}
+
+/// A container carrying the managed label, as Docker lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedContainer {
+    pub id: ContainerId,
+    /// Its name, without the leading `/`.
+    pub name: String,
+    /// The game its label names (as written there: it may not parse).
+    pub game_id: String,
+    pub running: bool,
+}
+
+/// What Docker's event stream says happened to a managed container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineAction {
+    /// Its process ended (any way: a crash, a stop, a kill).
+    Die,
+    /// The kernel's OOM killer hit it (a `die` follows).
+    Oom,
+    /// It was removed.
+    Destroy,
+}
+
+/// One event of a managed container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineEvent {
+    /// The game its label names (as written there: it may not parse).
+    pub game_id: String,
+    pub container_id: ContainerId,
+    pub action: EngineAction,
+    /// Its name at the time, without the leading `/`.
+    pub name: String,
 }
 
 /// Every method is repeatable: a stop of a stopped container, a remove of a
@@ -458,4 +523,15 @@ pub trait ContainerEngine: Clone + Send + Sync + 'static {
 
     /// The host directory holding the game's state.
     fn state_dir(&self, game_id: &GameId) -> PathBuf;
+
+    /// Every container carrying the managed label, running or not.
+    fn managed_containers(
+        &self,
+    ) -> impl Future<Output = Result<Vec<ManagedContainer>, EngineError>> + Send;
+
+    /// The engine's events (die, oom, destroy) of managed containers, from
+    /// now on. The stream ends or yields an error when the connection
+    /// drops; the caller subscribes again (events meanwhile are missed:
+    /// the reconciler's periodic pass covers them).
+    fn events(&self) -> BoxStream<'static, Result<EngineEvent, EngineError>>;
 }

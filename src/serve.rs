@@ -26,6 +26,7 @@ use crate::outbound::redis_lease::RedisLeases;
 use crate::outbound::relay::Relay;
 use crate::ports::ContainerEngine;
 use crate::readiness::Readiness;
+use crate::reconciler::Reconciler;
 use crate::shutdown::{self, Shutdown};
 use crate::telemetry;
 
@@ -151,6 +152,14 @@ pub async fn run_with<E: ContainerEngine>(
     };
 
     let lifecycle = Lifecycle::new(store, leases, engine(docker), config.lifecycle.clone());
+    let reconciler = tokio::spawn(
+        Reconciler::new(
+            lifecycle.clone(),
+            config.reconciler,
+            config.docker.container_prefix.clone(),
+        )
+        .run(stop.clone()),
+    );
     Consumer::new(
         lifecycle.clone(),
         config.amqp_url.clone(),
@@ -172,6 +181,14 @@ pub async fn run_with<E: ContainerEngine>(
     }
 
     // The relay outlives the consumer by one pass, so the last outcomes go out.
+    // Its looks in flight are operations like any other: stopped above
+    // before their next Docker step if they outlived the timeout.
+    if tokio::time::timeout(Duration::from_secs(5), reconciler)
+        .await
+        .is_err()
+    {
+        warn!("the reconciler did not stop in time");
+    }
     relay_trigger.fire();
     relay_wake.notify_one();
     if tokio::time::timeout(Duration::from_secs(10), relay)

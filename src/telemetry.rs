@@ -34,6 +34,14 @@ pub const EVENTS_REFUSED: &str = "rtmanager_events_refused_total";
 pub const REPLIES_FAILED: &str = "rtmanager_replies_failed_total";
 /// Commands being handled right now.
 pub const OPERATIONS_IN_FLIGHT: &str = "rtmanager_operations_in_flight";
+/// Engines that stopped without a command, reported by the reconciler, by
+/// `reason` (`exited`, `oom`, `missing`).
+pub const ENGINE_EXITS: &str = "rtmanager_engine_exits_total";
+/// Restarts the reconciler ran after an exit, by `outcome`.
+pub const AUTO_RESTARTS: &str = "rtmanager_auto_restarts_total";
+/// Managed containers of this worker's prefix that no record names (as of
+/// the last periodic pass); never touched.
+pub const ORPHAN_CONTAINERS: &str = "rtmanager_orphan_containers";
 
 /// Installs the tracing subscriber and the Prometheus recorder. Call once.
 pub fn init(config: &Config) -> anyhow::Result<PrometheusHandle> {
@@ -117,6 +125,18 @@ pub fn describe_metrics() {
         "Replies the broker refused or could not route (not retried)"
     );
     describe_gauge!(OPERATIONS_IN_FLIGHT, "Commands being handled right now");
+    describe_counter!(
+        ENGINE_EXITS,
+        "Engines that stopped without a command, by reason (exited, oom, missing)"
+    );
+    describe_counter!(
+        AUTO_RESTARTS,
+        "Restarts the reconciler ran after an exit, by outcome"
+    );
+    describe_gauge!(
+        ORPHAN_CONTAINERS,
+        "Managed containers no runtime record names (never touched)"
+    );
     // Counters exist from the start (at 0), so an alert on a rate never
     // sees a missing series.
     for counter in [

@@ -140,6 +140,9 @@ fn valid_commands_match_the_schema_decode_and_validate() {
                 Some(text("reason").unwrap_or(StopReason::default().as_str())),
             ),
             Action::Restart | Action::Remove => {}
+            Action::Exit => {
+                problems.push(format!("{name}: decoded as the reconciler's own op exit"))
+            }
         }
     }
     assert_no_problems("valid commands", &problems);
@@ -307,7 +310,7 @@ fn the_size_limit_is_the_decoders_not_the_schemas() {
 #[test]
 fn the_cli_command_body_matches_the_schema() {
     let at = Utc.with_ymd_and_hms(2026, 11, 26, 7, 0, 0).unwrap();
-    for &op in OpKind::ALL {
+    for &op in OpKind::ALL.iter().filter(|op| op.is_command()) {
         for &source in OpSource::ALL {
             let message = CommandMessage {
                 command_id: Uuid::now_v7().to_string(),
@@ -576,6 +579,14 @@ fn assert_enums_within(schema: &Value, file: &str, key: &str, code: &BTreeSet<St
 
 #[test]
 fn the_schema_enums_are_the_code_lists() {
+    // `exit` is an entry's op (the reconciler's), never a command's or a
+    // step's.
+    let commands = strings(
+        OpKind::ALL
+            .iter()
+            .filter(|o| o.is_command())
+            .map(|o| o.as_str()),
+    );
     let ops = strings(OpKind::ALL.iter().map(|o| o.as_str()));
     let sources = strings(OpSource::ALL.iter().map(|o| o.as_str()));
     let reasons = strings(StopReason::ALL.iter().map(|o| o.as_str()));
@@ -585,7 +596,7 @@ fn the_schema_enums_are_the_code_lists() {
     let command = schema::load_schema("command.schema.json");
     assert_eq!(
         enum_at(&command, "/properties/op/enum"),
-        (ops.clone(), false)
+        (commands.clone(), false)
     );
     assert_eq!(
         enum_at(&command, "/properties/op_source/enum"),
@@ -595,7 +606,11 @@ fn the_schema_enums_are_the_code_lists() {
         enum_at(&command, "/allOf/2/then/properties/reason/enum"),
         (reasons.clone(), false)
     );
-    for (key, list) in [("op", &ops), ("op_source", &sources), ("reason", &reasons)] {
+    for (key, list) in [
+        ("op", &commands),
+        ("op_source", &sources),
+        ("reason", &reasons),
+    ] {
         assert_enums_within(&command, "command.schema.json", key, list);
     }
 
@@ -607,7 +622,7 @@ fn the_schema_enums_are_the_code_lists() {
     assert_eq!(enum_at(&event, "/$defs/op/enum"), (ops.clone(), false));
     assert_eq!(
         enum_at(&event, "/properties/outer_op/enum"),
-        (ops.clone(), true)
+        (commands.clone(), true)
     );
     assert_eq!(
         enum_at(&event, "/properties/outcome/enum"),
@@ -623,7 +638,7 @@ fn the_schema_enums_are_the_code_lists() {
     );
     for (key, list) in [
         ("op", &ops),
-        ("outer_op", &ops),
+        ("outer_op", &commands),
         ("op_source", &sources),
         ("reason", &reasons),
         ("error_code", &codes),
@@ -750,7 +765,7 @@ fn results() -> Vec<EntryResult> {
 fn every_entry() -> Vec<OperationEntry> {
     let mut entries = Vec::new();
     for result in results() {
-        for &op in OpKind::ALL {
+        for &op in OpKind::ALL.iter().filter(|op| op.is_command()) {
             entries.push(entry(op, None, result.clone()));
         }
         for outer in [OpKind::Restart, OpKind::Patch, OpKind::Remove] {
@@ -774,8 +789,20 @@ fn every_entry() -> Vec<OperationEntry> {
     );
     rolled_back.rolled_back = true;
     entries.push(rolled_back);
+    // The reconciler's exit entry (SPEC §11): the only shape an exit has.
+    let mut exit = entry(
+        OpKind::Exit,
+        None,
+        EntryResult::Failure(Failure::new(
+            ErrorCode::EngineExited,
+            "engine exited without a command: exit code 137, OOM killed: yes",
+        )),
+    );
+    exit.op_source = "reconciler".into();
+    exit.reason = None;
+    entries.push(exit);
     // Requests rejected by validation echo the raw input.
-    for &op in OpKind::ALL {
+    for &op in OpKind::ALL.iter().filter(|op| op.is_command()) {
         for code in [ErrorCode::InvalidRequest, ErrorCode::ImageNotAllowed] {
             let mut e = entry(
                 op,
@@ -945,4 +972,32 @@ fn assert_valid_event_lists_every_error() {
     let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(message.contains("/schema_version"), "{message}");
     assert!(message.contains("extra"), "{message}");
+}
+
+#[test]
+fn the_event_schema_allows_an_exit_only_as_the_reconcilers_engine_exited_failure() {
+    let validator = schema::event_schema_validator();
+    let base: Value = serde_json::from_slice(
+        &std::fs::read(fixtures_root().join("events/runtime.exit.failure.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(validator.is_valid(&base));
+    for (key, value) in [
+        ("op_source", json!("lobby")),
+        ("error_code", json!("container_start_failed")),
+        ("outer_op", json!("restart")),
+        ("noop", json!(true)),
+    ] {
+        let mut v = base.clone();
+        v[key] = value.clone();
+        assert!(
+            !validator.is_valid(&v),
+            "accepted an exit with {key} {value}"
+        );
+    }
+    let mut v = base.clone();
+    v["outcome"] = json!("success");
+    v["error_code"] = Value::Null;
+    v["error_message"] = Value::Null;
+    assert!(!validator.is_valid(&v), "accepted a successful exit");
 }

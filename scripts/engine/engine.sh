@@ -6,6 +6,10 @@
 #   slow       like normal but ignores SIGTERM (only SIGKILL stops it)
 #   healthy    like normal; touches /tmp/ready ~1 s after boot (image HEALTHCHECK tests it)
 #   unhealthy  like normal; the image HEALTHCHECK never passes
+#   exits      like normal, then exits 7 on its own ~3 s after boot (a crash between
+#              commands, for the reconciler)
+#   hog        like normal, then ~1.5 s after boot allocates memory without end
+#              (killed by its memory limit: OOM)
 MODE="${ENGINE_MODE:-normal}"
 VERSION="${ENGINE_VERSION:-unknown}"
 STATE="${ENGINE_STATE_DIR:-/state}"
@@ -32,6 +36,19 @@ echo "engine $VERSION starting"
 
 if [ "$MODE" = healthy ]; then
     (sleep 1; touch /tmp/ready) &
+fi
+
+if [ "$MODE" = exits ]; then
+    sleep 3
+    echo "engine $VERSION: fatal: lost the world" >&2
+    exit 7
+fi
+
+if [ "$MODE" = hog ]; then
+    sleep 1.5
+    echo "engine $VERSION: loading a world too big"
+    x=x
+    while true; do x="$x$x"; done
 fi
 
 while true; do

@@ -131,8 +131,15 @@ fn row(event: &OutcomeEvent, style: &Style) -> Row {
     let outer = event.outer_op.is_none();
     let op = event.op.clone().unwrap_or_else(|| "rejected".into());
     let failed = event.outcome == Outcome::Failure;
+    // The reconciler's restart names the exit it follows (its correlation
+    // id is that exit entry's operation id).
+    let after_exit;
     let message = match &event.error_message {
         Some(m) if failed => m.as_str(),
+        _ if outer && op == "restart" && event.op_source.as_deref() == Some("reconciler") => {
+            after_exit = format!("automatic restart after exit #{}", event.correlation_id);
+            after_exit.as_str()
+        }
         _ => "",
     };
     let (first, rest) = first_line(message);
@@ -286,6 +293,34 @@ mod tests {
         e.finished_at = e.started_at + chrono::Duration::seconds(123);
         e.occurred_at = e.finished_at;
         e
+    }
+
+    #[test]
+    fn an_exit_and_the_restart_after_it() {
+        let exit: OutcomeEvent = serde_json::from_str(include_str!(
+            "../../tests/fixtures/events/runtime.exit.failure.json"
+        ))
+        .unwrap();
+        let restart: OutcomeEvent = serde_json::from_str(include_str!(
+            "../../tests/fixtures/events/runtime.restart.success--after-exit.json"
+        ))
+        .unwrap();
+        let text = render(&group(vec![restart, exit]), &Style::plain());
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[1].contains("restart") && lines[1].contains("automatic restart after exit #1040"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("exit") && lines[2].contains("engine_exited"),
+            "{text}"
+        );
+        assert!(lines[2].contains("exit code 7, OOM killed: no"), "{text}");
+        // The log tail goes under it.
+        assert!(
+            text.contains("engine 1.4.2: fatal: lost the world"),
+            "{text}"
+        );
     }
 
     #[test]

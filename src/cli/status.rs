@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::Exit;
 use super::output::{BOLD, DIM, GREEN, RED, Style, ago, pad, short_id};
 use crate::config::Config;
-use crate::domain::{GameId, RuntimeRecord, RuntimeStatus};
+use crate::domain::{GameId, OutcomeEvent, RuntimeRecord, RuntimeStatus};
 use crate::outbound::docker::DockerEngine;
 use crate::outbound::postgres::PgStore;
 use crate::ports::{ContainerEngine as _, ContainerInfo, Health, RuntimeStore as _};
@@ -43,6 +43,15 @@ pub async fn status(
         .load(&args.game_id)
         .await
         .with_context(|| format!("read the runtime record of {}", args.game_id))?;
+    // An exited record is shown with its exit (SPEC §11): the code, the OOM
+    // flag and when, as the reconciler's exit entry recorded them.
+    let last_exit = match &record {
+        Some(r) if r.status() == RuntimeStatus::Exited => store
+            .last_exit(args.game_id.as_str())
+            .await
+            .with_context(|| format!("read the last exit of {}", args.game_id))?,
+        _ => None,
+    };
     let engine = DockerEngine::connect(config.docker.clone()).await?;
     let docker = engine
         .inspect(&args.game_id)
@@ -53,6 +62,7 @@ pub async fn status(
         game_id: args.game_id,
         record,
         docker,
+        last_exit,
     };
     let unknown = report.record.is_none();
     if args.json {
@@ -87,6 +97,8 @@ pub struct Report {
     pub container_name: String,
     pub record: Option<RuntimeRecord>,
     pub docker: Option<ContainerInfo>,
+    /// The latest `exit` entry, read for an `exited` record only.
+    pub last_exit: Option<OutcomeEvent>,
 }
 
 impl Report {
@@ -119,7 +131,7 @@ impl Report {
             (RuntimeStatus::Running, None) => {
                 found.push("record says running, Docker has no container".into());
             }
-            (RuntimeStatus::Stopped, None) => {
+            (RuntimeStatus::Stopped | RuntimeStatus::Exited, None) => {
                 if let Some(id) = recorded_id {
                     found.push(format!(
                         "record names container {}, Docker has none",
@@ -127,15 +139,15 @@ impl Report {
                     ));
                 }
             }
-            (RuntimeStatus::Running | RuntimeStatus::Stopped, Some(c)) => {
+            (RuntimeStatus::Running | RuntimeStatus::Stopped | RuntimeStatus::Exited, Some(c)) => {
                 if status == RuntimeStatus::Running && !c.running {
                     found.push(format!(
                         "record says running, Docker says {}",
                         docker_state(c)
                     ));
                 }
-                if status == RuntimeStatus::Stopped && c.running {
-                    found.push("record says stopped, Docker says running".into());
+                if matches!(status, RuntimeStatus::Stopped | RuntimeStatus::Exited) && c.running {
+                    found.push(format!("record says {status}, Docker says running"));
                 }
                 match recorded_id {
                     Some(id) if id != c.id.as_str() => found.push(format!(
@@ -180,6 +192,11 @@ impl Report {
             fence: r.fence,
             created_at: r.created_at,
             updated_at: r.updated_at,
+            exit: self.last_exit.as_ref().map(|e| ExitJson {
+                operation_id: e.operation_id,
+                at: e.finished_at,
+                message: e.error_message.as_deref().unwrap_or_default(),
+            }),
         });
         let docker = self.docker.as_ref().map(|c| DockerJson {
             container_name: &self.container_name,
@@ -255,6 +272,20 @@ impl Report {
                 String::new(),
             ));
             rows.push(("fence", r.fence.to_string(), String::new()));
+            if let Some(exit) = &self.last_exit {
+                let message = exit.error_message.as_deref().unwrap_or_default();
+                let first = message.lines().next().unwrap_or_default();
+                rows.push((
+                    "exit",
+                    format!(
+                        "#{} recorded {} ({}): {first}",
+                        exit.operation_id.unwrap_or_default(),
+                        style.date_time(exit.finished_at),
+                        ago(now, exit.finished_at)
+                    ),
+                    String::new(),
+                ));
+            }
             let when = |t: DateTime<Utc>| format!("{} ({})", style.date_time(t), ago(now, t));
             rows.push(("created", when(r.created_at), String::new()));
             rows.push(("updated", when(r.updated_at), String::new()));
@@ -323,6 +354,18 @@ struct RecordJson<'a> {
     fence: i64,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    /// An `exited` record's exit entry (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exit: Option<ExitJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct ExitJson<'a> {
+    operation_id: Option<i64>,
+    /// When the reconciler recorded it (the message says when the engine
+    /// stopped).
+    at: DateTime<Utc>,
+    message: &'a str,
 }
 
 #[derive(Serialize)]
@@ -390,11 +433,15 @@ mod tests {
             exit_code: None,
             health: Some(Health::Healthy),
             address: Some("172.18.0.5".into()),
+            oom_killed: false,
+            finished_at: None,
+            removing: false,
         }
     }
 
     fn report(record: Option<RuntimeRecord>, docker: Option<ContainerInfo>) -> Report {
         Report {
+            last_exit: None,
             game_id: GameId::parse("g-1042").unwrap(),
             container_name: "rtm-g-1042".into(),
             record,
@@ -433,6 +480,46 @@ mod tests {
         assert_eq!(json["record"]["fence"], 7);
         assert_eq!(json["docker"]["health"], "healthy");
         assert_eq!(json["docker"]["container_name"], "rtm-g-1042");
+    }
+
+    #[test]
+    fn an_exited_game_shows_its_exit() {
+        let mut record = running_record();
+        record.state = RuntimeState::Exited {
+            container_id: Some(ContainerId("3f2a9c1d0e4b5a69".into())),
+        };
+        let mut container = running_container();
+        container.running = false;
+        container.exit_code = Some(7);
+        let mut r = report(Some(record), Some(container));
+        let exit: OutcomeEvent = serde_json::from_str(include_str!(
+            "../../tests/fixtures/events/runtime.exit.failure.json"
+        ))
+        .unwrap();
+        r.last_exit = Some(exit);
+        assert!(r.mismatches().is_empty(), "{:?}", r.mismatches());
+        let text = r.render(&Style::plain(), now());
+        assert!(text.contains("  status     exited"), "{text}");
+        assert!(
+            text.contains(
+                "  exit       #1040 recorded 2026-11-26 09:12:04 (2h ago): engine exited \
+                 without a command: exit code 7, OOM killed: no, stopped at 2026-11-26T09:12:04.021Z"
+            ),
+            "{text}"
+        );
+        let json: Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(json["record"]["status"], "exited");
+        assert_eq!(json["record"]["exit"]["operation_id"], 1040);
+        assert!(
+            json["record"]["exit"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("exit code 7")
+        );
+        // Not exited: no `exit` key at all.
+        let json: Value =
+            serde_json::from_str(&report(Some(running_record()), None).to_json()).unwrap();
+        assert!(json["record"].get("exit").is_none());
     }
 
     #[test]

@@ -64,11 +64,20 @@ pub struct CommandRequest {
 /// What a validated command asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    Start { image_ref: ImageRef },
-    Stop { reason: StopReason },
+    Start {
+        image_ref: ImageRef,
+    },
+    Stop {
+        reason: StopReason,
+    },
     Restart,
-    Patch { new_image_ref: ImageRef },
+    Patch {
+        new_image_ref: ImageRef,
+    },
     Remove,
+    /// The reconciler's record of an engine that stopped without a command
+    /// (SPEC §11); built by the reconciler, never decoded from a message.
+    Exit,
 }
 
 impl Action {
@@ -79,6 +88,7 @@ impl Action {
             Action::Restart => OpKind::Restart,
             Action::Patch { .. } => OpKind::Patch,
             Action::Remove => OpKind::Remove,
+            Action::Exit => OpKind::Exit,
         }
     }
 }
@@ -190,6 +200,11 @@ impl CommandRequest {
             },
             OpKind::Restart => Action::Restart,
             OpKind::Remove => Action::Remove,
+            OpKind::Exit => {
+                return Err(invalid(
+                    "op exit is the reconciler's own record, not a command".into(),
+                ));
+            }
         };
 
         Ok(Command {

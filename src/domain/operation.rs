@@ -37,15 +37,26 @@ macro_rules! wire_enum {
 }
 
 wire_enum!(
-    /// The five lifecycle operations.
+    /// The five lifecycle operations, and `exit`: the reconciler's record
+    /// of an engine that stopped without a command (SPEC §11), never a
+    /// command itself.
     OpKind {
         Start => "start",
         Stop => "stop",
         Restart => "restart",
         Patch => "patch",
         Remove => "remove",
+        Exit => "exit",
     }
 );
+
+impl OpKind {
+    /// Whether a command may ask for this op (`exit` is written by the
+    /// reconciler only).
+    pub const fn is_command(self) -> bool {
+        !matches!(self, OpKind::Exit)
+    }
+}
 
 wire_enum!(
     /// How a command entered the manager.

@@ -30,6 +30,9 @@ pub enum RuntimeStatus {
     Running,
     Stopped,
     Removed,
+    /// The engine stopped without a command (SPEC §11); treated like
+    /// `Stopped` by every op.
+    Exited,
 }
 
 impl RuntimeStatus {
@@ -38,6 +41,7 @@ impl RuntimeStatus {
             RuntimeStatus::Running => "running",
             RuntimeStatus::Stopped => "stopped",
             RuntimeStatus::Removed => "removed",
+            RuntimeStatus::Exited => "exited",
         }
     }
 
@@ -46,6 +50,7 @@ impl RuntimeStatus {
             "running" => Some(RuntimeStatus::Running),
             "stopped" => Some(RuntimeStatus::Stopped),
             "removed" => Some(RuntimeStatus::Removed),
+            "exited" => Some(RuntimeStatus::Exited),
             _ => None,
         }
     }
@@ -69,6 +74,10 @@ pub enum RuntimeState {
     Stopped { container_id: Option<ContainerId> },
     /// The container is gone; the state directory is kept.
     Removed,
+    /// The engine stopped without a command (SPEC §11): crashed, OOM-killed,
+    /// or stopped or removed behind the manager's back. Keeps its container
+    /// when Docker still has it. Every op treats it as `Stopped`.
+    Exited { container_id: Option<ContainerId> },
 }
 
 impl RuntimeState {
@@ -77,13 +86,16 @@ impl RuntimeState {
             RuntimeState::Running { .. } => RuntimeStatus::Running,
             RuntimeState::Stopped { .. } => RuntimeStatus::Stopped,
             RuntimeState::Removed => RuntimeStatus::Removed,
+            RuntimeState::Exited { .. } => RuntimeStatus::Exited,
         }
     }
 
     pub fn container_id(&self) -> Option<&ContainerId> {
         match self {
             RuntimeState::Running { container_id, .. } => Some(container_id),
-            RuntimeState::Stopped { container_id } => container_id.as_ref(),
+            RuntimeState::Stopped { container_id } | RuntimeState::Exited { container_id } => {
+                container_id.as_ref()
+            }
             RuntimeState::Removed => None,
         }
     }

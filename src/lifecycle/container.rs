@@ -95,7 +95,7 @@ where
 
     /// The failure message with the exit code (when it exited) and the tail
     /// of the container's log.
-    async fn diagnose(&self, id: &ContainerId, why: &str) -> String {
+    pub(super) async fn diagnose(&self, id: &ContainerId, why: &str) -> String {
         let mut message = why.to_owned();
         match self.lc.engine.logs_tail(id, LOG_TAIL_LINES).await {
             Ok(tail) if !tail.trim().is_empty() => {

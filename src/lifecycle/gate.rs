@@ -188,6 +188,15 @@ where
                         return Ok(Gate::Answered(Handled::duplicate(event)));
                     }
                 }
+                // The reconciler looking at an exit under the lease (SPEC
+                // §11: a command always wins): it holds it for a few reads
+                // and at most one write, so wait rather than refuse.
+                Acquired::HeldBy(value)
+                    if LeaseHolder::command_of(&value).starts_with(super::exit::EXIT_PREFIX)
+                        && tokio::time::Instant::now() < give_up =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 Acquired::HeldBy(_) => {
                     return Err(Failure::new(
                         ErrorCode::Conflict,

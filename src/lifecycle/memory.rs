@@ -10,17 +10,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt as _;
+use futures_util::stream::BoxStream;
 use uuid::Uuid;
 
 use crate::domain::{
     CommandRequest, ContainerId, GameId, ImageRef, OutcomeEvent, PriorEntry, Progress,
-    RuntimeRecord, Step,
+    RuntimeRecord, RuntimeStatus, Step,
 };
 use crate::error::ErrorCode;
 use crate::ports::{
-    Acquired, Answers, ContainerEngine, ContainerInfo, EngineError, Fence, FenceView, InboxClaim,
-    LeaseError, LeaseHolder, LeaseStore, OperationWrite, Recorded, RuntimeStore, StoreError,
+    Acquired, Answers, ContainerEngine, ContainerInfo, EngineError, EngineEvent, Fence, FenceView,
+    InboxClaim, LeaseError, LeaseHolder, LeaseStore, ManagedContainer, OperationWrite, Recorded,
+    RuntimeStore, StoreError,
 };
 
 #[derive(Default)]
@@ -206,6 +209,45 @@ impl RuntimeStore for MemStore {
         Ok(())
     }
 
+    async fn records_in(&self, status: RuntimeStatus) -> Result<Vec<RuntimeRecord>, StoreError> {
+        Ok(self
+            .tables()
+            .records
+            .values()
+            .filter(|r| r.status() == status)
+            .cloned()
+            .collect())
+    }
+
+    async fn last_exit(&self, game_id: &GameId) -> Result<Option<OutcomeEvent>, StoreError> {
+        Ok(self
+            .tables()
+            .log
+            .iter()
+            .rev()
+            .find(|e| e.game_id == game_id.as_str() && e.op.as_deref() == Some("exit"))
+            .cloned())
+    }
+
+    async fn auto_restarts_since(
+        &self,
+        game_id: &GameId,
+        since: DateTime<Utc>,
+    ) -> Result<u32, StoreError> {
+        Ok(self
+            .tables()
+            .log
+            .iter()
+            .filter(|e| {
+                e.game_id == game_id.as_str()
+                    && e.op.as_deref() == Some("restart")
+                    && e.outer_op.is_none()
+                    && e.op_source.as_deref() == Some("reconciler")
+                    && e.started_at >= since
+            })
+            .count() as u32)
+    }
+
     async fn republish(&self, _event_id: Uuid) -> Result<(), StoreError> {
         Ok(())
     }
@@ -373,6 +415,8 @@ struct Container {
     exit_code: Option<i64>,
     /// Under the game's temporary name (a patch's next container).
     next: bool,
+    oom_killed: bool,
+    finished_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Default)]
@@ -450,6 +494,8 @@ impl MemEngine {
             running: false,
             exit_code: None,
             next,
+            oom_killed: false,
+            finished_at: None,
         });
         Ok(id)
     }
@@ -539,8 +585,33 @@ impl MemEngine {
             running,
             exit_code: None,
             next: false,
+            oom_killed: false,
+            finished_at: None,
         });
         id
+    }
+
+    /// The game's engine stops on its own (a crash; `oom`: killed by its
+    /// memory limit), as the reconciler must notice.
+    pub fn engine_exits(&self, game_id: &GameId, exit_code: i64, oom: bool) {
+        let mut host = self.host();
+        if let Some(c) = host
+            .containers
+            .iter_mut()
+            .find(|c| c.game_id == *game_id && !c.next)
+        {
+            c.running = false;
+            c.exit_code = Some(exit_code);
+            c.oom_killed = oom;
+            c.finished_at = Some(Utc::now());
+        }
+    }
+
+    /// The game's container is removed behind the manager's back.
+    pub fn vanish(&self, game_id: &GameId) {
+        self.host()
+            .containers
+            .retain(|c| c.game_id != *game_id || c.next);
     }
 
     /// The game's container under its own name, if any.
@@ -557,6 +628,9 @@ fn info(c: &Container) -> ContainerInfo {
         exit_code: c.exit_code,
         health: None,
         address: c.running.then(|| format!("10.0.0.{}", c.id.0.len())),
+        oom_killed: c.oom_killed,
+        finished_at: c.finished_at,
+        removing: false,
     }
 }
 
@@ -673,6 +747,30 @@ impl ContainerEngine for MemEngine {
     async fn logs_tail(&self, _id: &ContainerId, _lines: usize) -> Result<String, EngineError> {
         self.traced("logs_tail");
         Ok("engine: fatal: boom\n".into())
+    }
+
+    async fn managed_containers(&self) -> Result<Vec<ManagedContainer>, EngineError> {
+        Ok(self
+            .host()
+            .containers
+            .iter()
+            .map(|c| ManagedContainer {
+                id: c.id.clone(),
+                name: if c.next {
+                    format!("rtm-_next.{}", c.game_id)
+                } else {
+                    format!("rtm-{}", c.game_id)
+                },
+                game_id: c.game_id.to_string(),
+                running: c.running,
+            })
+            .collect())
+    }
+
+    fn events(&self) -> BoxStream<'static, Result<EngineEvent, EngineError>> {
+        // No event stream: the in-memory tests drive the reconciler's looks
+        // directly.
+        futures_util::stream::pending().boxed()
     }
 
     fn state_dir(&self, game_id: &GameId) -> PathBuf {

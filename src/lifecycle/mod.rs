@@ -29,6 +29,7 @@
 //! every op rule and every resumption under `cargo test --lib`.
 
 mod container;
+mod exit;
 mod gate;
 mod lease;
 #[cfg(test)]
@@ -62,6 +63,7 @@ use crate::ports::{
     WriteFence,
 };
 use crate::telemetry;
+pub use exit::{EXIT_PREFIX, ExitReport, exit_command_id};
 use gate::Gate;
 use lease::LeaseGuard;
 
@@ -368,6 +370,9 @@ where
             Action::Restart => op.restart().await?,
             Action::Patch { new_image_ref } => op.patch(new_image_ref).await?,
             Action::Remove => op.remove().await?,
+            Action::Exit => {
+                unreachable!("validation refuses op exit: only the reconciler writes it")
+            }
         };
         let event = recorded.event;
         record_metrics(&event);

@@ -104,12 +104,16 @@ where
         let same_image = current.as_str() == image.as_str();
         match &record.state {
             RuntimeState::Removed => Ok(StartRule::Go),
-            RuntimeState::Stopped { .. } if same_image => Ok(StartRule::Go),
-            RuntimeState::Stopped { .. } => Err(Failure::new(
+            // `exited` behaves like `stopped` (SPEC §2).
+            RuntimeState::Stopped { .. } | RuntimeState::Exited { .. } if same_image => {
+                Ok(StartRule::Go)
+            }
+            RuntimeState::Stopped { .. } | RuntimeState::Exited { .. } => Err(Failure::new(
                 ErrorCode::Conflict,
                 format!(
-                    "game {} is stopped with image {current}; start it with that image, or patch it to {image}",
-                    self.game()
+                    "game {} is {} with image {current}; start it with that image, or patch it to {image}",
+                    self.game(),
+                    record.status()
                 ),
             )
             .into()),

@@ -92,6 +92,9 @@ impl World {
             RuntimeStatus::Stopped => RuntimeState::Stopped {
                 container_id: Some(self.engine.put_container(&self.game, image, false)),
             },
+            RuntimeStatus::Exited => RuntimeState::Exited {
+                container_id: Some(self.engine.put_container(&self.game, image, false)),
+            },
             RuntimeStatus::Removed => RuntimeState::Removed,
         };
         self.store.put_record(RuntimeRecord {
@@ -739,5 +742,260 @@ async fn a_restart_resumes_between_its_create_and_its_rename() {
         assert_eq!(w.docker(), Some((true, A.into())), "{point}");
         assert!(w.engine.next_container(&w.game).is_none(), "{point}");
         assert_eq!(w.engine.running(&w.game), 1, "{point}");
+    }
+}
+
+// --- SPEC §11: exit, and `exited` in every op's rules ---------------------
+
+mod exits {
+    use super::*;
+    use crate::config::RestartPolicy;
+    use crate::lifecycle::ExitReport;
+    use crate::ports::RuntimeStore as _;
+
+    const BUDGET: RestartPolicy = RestartPolicy {
+        max: 2,
+        window: Duration::from_secs(600),
+    };
+
+    /// The exit entries written for the game.
+    fn exits(w: &World) -> Vec<OutcomeEvent> {
+        w.store
+            .events()
+            .into_iter()
+            .filter(|e| e.op.as_deref() == Some("exit"))
+            .collect()
+    }
+
+    async fn report(w: &World, policy: RestartPolicy) -> ExitReport {
+        let report = w
+            .service
+            .report_exit(&w.game, policy)
+            .await
+            .expect("looked");
+        assert!(w.leases.is_free(&w.game), "the lease is released");
+        report
+    }
+
+    #[tokio::test]
+    async fn an_engine_that_exits_on_its_own_gets_one_exit_entry_then_a_restart() {
+        let w = World::new();
+        success(&w.op(OpKind::Start, Some(A)).await, false);
+        let old = w.engine.container(&w.game).unwrap().id;
+        w.engine.engine_exits(&w.game, 3, false);
+
+        let ExitReport::Reported {
+            operation_id,
+            restart: Some(restart),
+        } = report(&w, BUDGET).await
+        else {
+            panic!("reported with a restart")
+        };
+        let [exit] = exits(&w).try_into().expect("one exit entry");
+        assert_eq!(exit.operation_id, Some(operation_id));
+        assert_eq!(exit.op_source.as_deref(), Some("reconciler"));
+        assert_eq!(exit.container_id.as_deref(), Some(old.as_str()));
+        let message = failure(&exit, ErrorCode::EngineExited);
+        assert!(message.contains("exit code 3"), "{message}");
+        assert!(message.contains("OOM killed: no"), "{message}");
+        assert!(
+            message.contains("restarting (automatic restart 1 of 2"),
+            "{message}"
+        );
+        assert_eq!(w.status().0, RuntimeStatus::Exited);
+        assert_eq!(
+            w.store.record(&w.game).unwrap().state.container_id(),
+            Some(&old),
+            "the record keeps the stopped container"
+        );
+
+        // A second look at the same exit, or another worker's: no second
+        // entry (only the restart it still owes, the same command).
+        assert!(matches!(
+            report(&w, BUDGET).await,
+            ExitReport::PendingRestart(r) if r.command_id == restart.command_id
+        ));
+        assert_eq!(exits(&w).len(), 1);
+
+        // The restart it asks for: a normal restart, correlated to the exit.
+        assert_eq!(restart.op_source.as_deref(), Some("reconciler"));
+        let restarted = w.run(*restart.clone()).await;
+        success(&restarted, false);
+        assert_eq!(restarted.correlation_id, operation_id.to_string());
+        assert_eq!(w.status().0, RuntimeStatus::Running);
+        assert_eq!(w.docker(), Some((true, A.into())));
+        // Asked twice (a look repeated), it runs once.
+        let again = w.service.handle(*restart).await.expect("handled");
+        assert!(again.duplicate);
+    }
+
+    #[tokio::test]
+    async fn a_restart_its_worker_never_ran_is_asked_for_again_and_runs_once() {
+        let w = World::new();
+        success(&w.op(OpKind::Start, Some(A)).await, false);
+        w.engine.engine_exits(&w.game, 1, false);
+        let ExitReport::Reported {
+            restart: Some(asked),
+            ..
+        } = report(&w, BUDGET).await
+        else {
+            panic!("reported with a restart")
+        };
+        // The worker died before the restart: the next look asks for it
+        // again, the same command.
+        let ExitReport::PendingRestart(again) = report(&w, BUDGET).await else {
+            panic!("the restart is still owed")
+        };
+        assert_eq!(again.command_id, asked.command_id);
+        assert_eq!(again.source_ref, asked.source_ref);
+        success(&w.run(*again).await, false);
+        assert_eq!(w.status().0, RuntimeStatus::Running);
+        assert_eq!(report(&w, BUDGET).await, ExitReport::NotExited);
+        // Past the budget nothing is owed.
+        let w = World::new();
+        success(&w.op(OpKind::Start, Some(A)).await, false);
+        w.engine.engine_exits(&w.game, 1, false);
+        report(&w, RestartPolicy::NEVER).await;
+        assert_eq!(
+            report(&w, RestartPolicy::NEVER).await,
+            ExitReport::NotExited
+        );
+    }
+
+    #[tokio::test]
+    async fn once_the_budget_is_spent_the_game_stays_exited_and_the_exit_says_so() {
+        let w = World::new();
+        success(&w.op(OpKind::Start, Some(A)).await, false);
+        for round in 1..=3 {
+            w.engine.engine_exits(&w.game, 1, false);
+            let ExitReport::Reported { restart, .. } = report(&w, BUDGET).await else {
+                panic!("round {round}: reported");
+            };
+            match restart {
+                Some(restart) => success(&w.run(*restart).await, false),
+                None => {
+                    assert_eq!(round, 3, "two restarts are within the budget");
+                    let message = failure(exits(&w).last().unwrap(), ErrorCode::EngineExited);
+                    assert!(
+                        message.contains("budget RTM_RESTART_ON_EXIT=2/10m is spent"),
+                        "{message}"
+                    );
+                    assert!(message.contains("stays exited"), "{message}");
+                }
+            }
+        }
+        assert_eq!(w.status().0, RuntimeStatus::Exited);
+        assert_eq!(exits(&w).len(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_oom_kill_and_a_vanished_container_say_so() {
+        let w = World::new();
+        success(&w.op(OpKind::Start, Some(A)).await, false);
+        w.engine.engine_exits(&w.game, 137, true);
+        report(&w, RestartPolicy::NEVER).await;
+        let message = failure(exits(&w).last().unwrap(), ErrorCode::EngineExited);
+        assert!(
+            message.contains("exit code 137, OOM killed: yes"),
+            "{message}"
+        );
+        assert!(message.contains("RTM_RESTART_ON_EXIT=0"), "{message}");
+
+        let w = World::new();
+        success(&w.op(OpKind::Start, Some(A)).await, false);
+        let old = w.engine.container(&w.game).unwrap().id;
+        w.engine.vanish(&w.game);
+        report(&w, RestartPolicy::NEVER).await;
+        let message = failure(exits(&w).last().unwrap(), ErrorCode::EngineExited);
+        assert!(
+            message.contains(&format!("container {old} is gone")),
+            "{message}"
+        );
+        let record = w.store.record(&w.game).unwrap();
+        assert_eq!(record.state, RuntimeState::Exited { container_id: None });
+    }
+
+    #[tokio::test]
+    async fn a_running_engine_a_stopped_game_or_a_command_holding_the_lease_is_no_exit() {
+        let w = World::new();
+        success(&w.op(OpKind::Start, Some(A)).await, false);
+        assert_eq!(report(&w, BUDGET).await, ExitReport::NotExited);
+        success(&w.op(OpKind::Stop, None).await, false);
+        assert_eq!(report(&w, BUDGET).await, ExitReport::NotExited);
+
+        let w = World::new();
+        success(&w.op(OpKind::Start, Some(A)).await, false);
+        w.engine.engine_exits(&w.game, 0, false);
+        w.leases.hold(&w.game, "some-command");
+        let looked = w
+            .service
+            .report_exit(&w.game, BUDGET)
+            .await
+            .expect("looked");
+        assert_eq!(looked, ExitReport::Busy, "a command always wins");
+        assert!(exits(&w).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_engine_stopped_by_a_command_its_worker_died_in_is_not_an_exit() {
+        let w = World::new();
+        success(&w.op(OpKind::Start, Some(A)).await, false);
+        // A patch took the game (its fence) and stopped the engine, then its
+        // worker died: its lease expired, its redelivery will resume it.
+        let patch = w.request(OpKind::Patch, Some(A_NEXT));
+        w.store
+            .begin(&w.game, &patch)
+            .await
+            .expect("the patch's attempt began");
+        w.engine.engine_exits(&w.game, 0, false);
+        assert_eq!(report(&w, BUDGET).await, ExitReport::CommandUnfinished);
+        assert!(exits(&w).is_empty());
+        assert_eq!(w.status().0, RuntimeStatus::Running);
+        // Its redelivery finishes it; nothing to report after.
+        success(&w.run(patch).await, false);
+        assert_eq!(report(&w, BUDGET).await, ExitReport::NotExited);
+    }
+
+    #[tokio::test]
+    async fn exit_is_not_a_command() {
+        let w = World::new();
+        success(&w.op(OpKind::Start, Some(A)).await, false);
+        let mut request = w.request(OpKind::Exit, None);
+        request.op_source = Some("reconciler".into());
+        failure(&w.run(request).await, ErrorCode::InvalidRequest);
+        assert_eq!(w.status().0, RuntimeStatus::Running);
+    }
+
+    #[tokio::test]
+    async fn an_exited_game_behaves_like_a_stopped_one() {
+        // start: the recorded image only.
+        let w = World::new();
+        w.given(RuntimeStatus::Exited, A);
+        failure(
+            &w.op(OpKind::Start, Some(A_NEXT)).await,
+            ErrorCode::Conflict,
+        );
+        success(&w.op(OpKind::Start, Some(A)).await, false);
+        assert_eq!(w.status(), (RuntimeStatus::Running, A.into()));
+        // stop: recorded stopped, a no-op.
+        let w = World::new();
+        w.given(RuntimeStatus::Exited, A);
+        success(&w.op(OpKind::Stop, None).await, true);
+        assert_eq!(w.status().0, RuntimeStatus::Stopped);
+        // restart and patch: run as usual, leave it running.
+        let w = World::new();
+        w.given(RuntimeStatus::Exited, A);
+        success(&w.op(OpKind::Restart, None).await, false);
+        assert_eq!(w.status(), (RuntimeStatus::Running, A.into()));
+        let w = World::new();
+        w.given(RuntimeStatus::Exited, A);
+        success(&w.op(OpKind::Patch, Some(A_NEXT)).await, false);
+        assert_eq!(w.status(), (RuntimeStatus::Running, A_NEXT.into()));
+        // remove: removes.
+        let w = World::new();
+        w.given(RuntimeStatus::Exited, A);
+        success(&w.op(OpKind::Remove, None).await, false);
+        assert_eq!(w.status().0, RuntimeStatus::Removed);
+        assert_eq!(w.docker(), None);
     }
 }

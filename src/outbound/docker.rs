@@ -35,15 +35,21 @@ use bollard::models::{
     HostConfigLogConfig, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, LogsOptionsBuilder,
-    RemoveContainerOptionsBuilder, RenameContainerOptionsBuilder, StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptions,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    RenameContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 use bollard::{API_DEFAULT_VERSION, Docker};
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt as _;
+use futures_util::stream::BoxStream;
 
 use crate::config::{DockerConfig, EngineUser};
 use crate::domain::{ContainerId, GameId, ImageRef};
-use crate::ports::{ContainerEngine, ContainerInfo, EngineError, Health};
+use crate::ports::{
+    ContainerEngine, ContainerInfo, EngineAction, EngineError, EngineEvent, Health,
+    ManagedContainer,
+};
 
 /// The label marking a container as managed by rtmanager (value `true`).
 pub const LABEL_MANAGED: &str = "rtmanager.managed";
@@ -275,6 +281,13 @@ impl DockerEngine {
             exit_code: if running { None } else { state.exit_code },
             health,
             address,
+            oom_killed: state.oom_killed.unwrap_or(false),
+            removing: state.status == Some(bollard::models::ContainerStateStatusEnum::REMOVING),
+            finished_at: if running {
+                None
+            } else {
+                state.finished_at.as_deref().and_then(docker_time)
+            },
         })
     }
 
@@ -454,6 +467,89 @@ impl ContainerEngine for DockerEngine {
     fn state_dir(&self, game_id: &GameId) -> PathBuf {
         self.cfg.state_root.join(game_id.as_str())
     }
+
+    async fn managed_containers(&self) -> Result<Vec<ManagedContainer>, EngineError> {
+        let filters = HashMap::from([("label", vec![format!("{LABEL_MANAGED}=true")])]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let listed = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| map_err("list managed containers", e))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|c| {
+                let name = c
+                    .names
+                    .as_ref()
+                    .and_then(|n| n.first())
+                    .map(|n| n.trim_start_matches('/').to_owned())?;
+                Some(ManagedContainer {
+                    id: ContainerId(c.id?),
+                    name,
+                    game_id: c
+                        .labels
+                        .and_then(|mut l| l.remove(LABEL_GAME_ID))
+                        .unwrap_or_default(),
+                    running: matches!(
+                        c.state,
+                        Some(bollard::models::ContainerSummaryStateEnum::RUNNING)
+                    ),
+                })
+            })
+            .collect())
+    }
+
+    fn events(&self) -> BoxStream<'static, Result<EngineEvent, EngineError>> {
+        let filters = HashMap::from([
+            ("type".to_owned(), vec!["container".to_owned()]),
+            ("label".to_owned(), vec![format!("{LABEL_MANAGED}=true")]),
+            (
+                "event".to_owned(),
+                vec!["die".to_owned(), "oom".to_owned(), "destroy".to_owned()],
+            ),
+        ]);
+        let options = EventsOptions {
+            filters: Some(filters),
+            ..Default::default()
+        };
+        self.docker
+            .events(Some(options))
+            .filter_map(|item| async move {
+                match item {
+                    Err(e) => Some(Err(map_err("watch engine events", e))),
+                    Ok(event) => {
+                        let action = match event.action.as_deref()? {
+                            "die" => EngineAction::Die,
+                            "oom" => EngineAction::Oom,
+                            "destroy" => EngineAction::Destroy,
+                            _ => return None,
+                        };
+                        let actor = event.actor?;
+                        let mut attributes = actor.attributes.unwrap_or_default();
+                        Some(Ok(EngineEvent {
+                            game_id: attributes.remove(LABEL_GAME_ID).unwrap_or_default(),
+                            container_id: ContainerId(actor.id?),
+                            action,
+                            name: attributes.remove("name").unwrap_or_default(),
+                        }))
+                    }
+                }
+            })
+            .boxed()
+    }
+}
+
+/// A time as Docker's API writes it (RFC 3339); Docker's zero time
+/// (`0001-01-01T00:00:00Z`, never started or stopped) is `None`.
+fn docker_time(raw: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(raw)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+        .filter(|t| t.timestamp() > 0)
 }
 
 /// A client for `host`, with the default request timeout and the newest API

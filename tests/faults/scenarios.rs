@@ -1114,6 +1114,138 @@ pub async fn two_workers_closed_loop_kill() -> Result<Row, String> {
     Ok(row)
 }
 
+// ---------------------------- 4c. engines that crash, during commands too
+
+const EXITS: &str = "rtm-test/exits:1.4.2";
+
+pub async fn engines_crash_during_commands() -> Result<Row, String> {
+    let key = "engines_crash_during_commands";
+    let rig = Rig::new(
+        key,
+        RigOptions {
+            workers: 2,
+            lease_ttl: "3s",
+            extra_env: &[
+                ("RTM_RESTART_ON_EXIT", "0"),
+                ("RTM_RECONCILE_INTERVAL", "1s"),
+            ],
+            ..RigOptions::default()
+        },
+    )
+    .await?;
+    rig.start_workers().await?;
+    let stream = [
+        Cmd::Start(Cow::Borrowed(EXITS)),
+        Cmd::Restart,
+        Cmd::Patch(Cow::Borrowed(EXITS)),
+        Cmd::Stop,
+        Cmd::Start(Cow::Borrowed(EXITS)),
+        Cmd::Restart,
+    ];
+    let games = games(6);
+    let runs = games.iter().enumerate().map(|(i, game)| {
+        let stream = stream.clone();
+        let rig = &rig;
+        async move {
+            // Staggered: some commands land on a live engine, some on one
+            // that died, some while it dies (3 s after its boot).
+            let pause = Duration::from_millis(700 * (i as u64 % 6));
+            for cmd in stream {
+                let id = rig.send(game, cmd.clone(), 1).await;
+                if rig
+                    .wait_outer(&id, Duration::from_secs(150))
+                    .await
+                    .is_none()
+                {
+                    rig.note(format!("{game}: no outcome for {}", cmd.op()));
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+            }
+        }
+    });
+    let chaos = async {
+        for (n, at) in [(0usize, 4u64), (1, 6)] {
+            tokio::time::sleep(Duration::from_secs(at)).await;
+            rig.workers[n].kill();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            rig.workers[n].spawn();
+            rig.note(format!("w{} SIGKILLed and restarted 1 s later", n + 1));
+        }
+    };
+    tokio::join!(futures_util::future::join_all(runs), chaos);
+    // Every engine dies 3 s after its boot: give the last ones time to,
+    // and the reconciler a pass after.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut row = rig.finish(title(key), Expect::after_kill()).await;
+
+    let exits: Vec<(String, Option<String>, String, String)> = sqlx::query_as(
+        "select game_id, container_id, op_source, coalesce(error_code, '') from operation_log
+         where op = 'exit' order by operation_id",
+    )
+    .fetch_all(&rig.db)
+    .await
+    .map_err(|e| e.to_string())?;
+    let started: Vec<(String,)> = sqlx::query_as(
+        "select distinct container_id from operation_log
+         where op = 'start' and outcome = 'success' and container_id is not null",
+    )
+    .fetch_all(&rig.db)
+    .await
+    .map_err(|e| e.to_string())?;
+    let started: std::collections::BTreeSet<String> = started.into_iter().map(|(c,)| c).collect();
+    let stopped: Vec<(String,)> = sqlx::query_as(
+        "select distinct container_id from operation_log
+         where op = 'stop' and outcome = 'success' and not noop and container_id is not null",
+    )
+    .fetch_all(&rig.db)
+    .await
+    .map_err(|e| e.to_string())?;
+    let stopped: std::collections::BTreeSet<String> = stopped.into_iter().map(|(c,)| c).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for (game, container, source, code) in &exits {
+        let c = container.clone().unwrap_or_default();
+        if source != "reconciler" || code != "engine_exited" {
+            row.violations
+                .push(format!("{game}: an exit entry from {source} with {code}"));
+        }
+        if !seen.insert(c.clone()) {
+            row.violations.push(format!(
+                "{game}: a second exit entry for container {}",
+                short(&c)
+            ));
+        }
+        if !started.contains(&c) {
+            row.violations.push(format!(
+                "{game}: an exit entry for container {}, which no start started",
+                short(&c)
+            ));
+        }
+        if stopped.contains(&c) {
+            row.violations.push(format!(
+                "{game}: a spurious exit entry: a command stopped container {}",
+                short(&c)
+            ));
+        }
+    }
+    let running: Vec<(String,)> =
+        sqlx::query_as("select game_id from runtime_records where status = 'running'")
+            .fetch_all(&rig.db)
+            .await
+            .map_err(|e| e.to_string())?;
+    for (game,) in running {
+        row.violations.push(format!(
+            "{game}: still recorded running after its engine died: an exit lost"
+        ));
+    }
+    row.notes.push(format!(
+        "{} exit entries, one per crash between or during commands ({} engines started)",
+        exits.len(),
+        started.len()
+    ));
+    Ok(row)
+}
+
 // ------------------------------------------- 5. a paused worker is fenced
 
 pub async fn paused_worker_fenced() -> Result<Row, String> {

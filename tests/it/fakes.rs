@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
+use futures_util::stream::{self, BoxStream};
 use rtmanager::domain::{
     CommandRequest, ContainerId, GameId, ImageRef, OutcomeEvent, RuntimeRecord, Step,
 };
@@ -22,6 +24,7 @@ use rtmanager::ports::{
     LeaseError, LeaseHolder, LeaseStore, OperationWrite, Progress, Recorded, RuntimeStore,
     StoreError,
 };
+use rtmanager::ports::{EngineEvent, ManagedContainer};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -109,6 +112,25 @@ impl RuntimeStore for StallingStore {
     fn republish(&self, event_id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.inner.republish(event_id)
     }
+    fn records_in(
+        &self,
+        status: rtmanager::domain::RuntimeStatus,
+    ) -> impl Future<Output = Result<Vec<RuntimeRecord>, StoreError>> + Send {
+        self.inner.records_in(status)
+    }
+    fn last_exit(
+        &self,
+        game_id: &GameId,
+    ) -> impl Future<Output = Result<Option<OutcomeEvent>, StoreError>> + Send {
+        RuntimeStore::last_exit(&self.inner, game_id)
+    }
+    fn auto_restarts_since(
+        &self,
+        game_id: &GameId,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> impl Future<Output = Result<u32, StoreError>> + Send {
+        self.inner.auto_restarts_since(game_id, since)
+    }
 }
 
 /// An engine whose `stop`, `start`, `rename` or `create` (under either
@@ -117,7 +139,10 @@ impl RuntimeStore for StallingStore {
 /// (`hang_before_rename`: before the rename reached Docker). Also: a create whose answer is
 /// lost once (`lose_create_answer`: Docker made the container, the call
 /// timed out), and a Docker that cannot be reached for stops
-/// (`stop_unavailable`, counting the calls in `stop_calls`).
+/// (`stop_unavailable`, counting the calls in `stop_calls`). And an event
+/// stream that breaks (`break_events`: every open stream fails, as when the
+/// engine restarts) and cannot be had while `events_down` is set (each
+/// subscription fails at once), counting subscriptions in `subscriptions`.
 #[derive(Clone)]
 pub struct HangingEngine {
     pub inner: DockerEngine,
@@ -131,6 +156,9 @@ pub struct HangingEngine {
     pub stop_unavailable: Arc<AtomicBool>,
     pub stop_calls: Arc<AtomicU32>,
     pub reached: Arc<Notify>,
+    pub break_events: Arc<Notify>,
+    pub events_down: Arc<AtomicBool>,
+    pub subscriptions: Arc<AtomicU32>,
 }
 
 impl HangingEngine {
@@ -147,6 +175,9 @@ impl HangingEngine {
             stop_unavailable: Arc::default(),
             stop_calls: Arc::default(),
             reached: Arc::new(Notify::new()),
+            break_events: Arc::new(Notify::new()),
+            events_down: Arc::default(),
+            subscriptions: Arc::default(),
         }
     }
 }
@@ -254,6 +285,26 @@ impl ContainerEngine for HangingEngine {
     }
     fn state_dir(&self, game_id: &GameId) -> PathBuf {
         self.inner.state_dir(game_id)
+    }
+    fn managed_containers(
+        &self,
+    ) -> impl Future<Output = Result<Vec<ManagedContainer>, EngineError>> + Send {
+        self.inner.managed_containers()
+    }
+    fn events(&self) -> BoxStream<'static, Result<EngineEvent, EngineError>> {
+        self.subscriptions.fetch_add(1, Ordering::SeqCst);
+        let failed = |why: &'static str| {
+            stream::once(async move { Err(EngineError::Unavailable(why.into())) })
+        };
+        if self.events_down.load(Ordering::SeqCst) {
+            return failed("injected: the engine's event stream is down").boxed();
+        }
+        let broken = self.break_events.clone();
+        self.inner
+            .events()
+            .take_until(async move { broken.notified().await })
+            .chain(failed("injected: the engine's event stream broke"))
+            .boxed()
     }
 }
 

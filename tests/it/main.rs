@@ -16,6 +16,7 @@ mod private;
 #[path = "../faults/procs.rs"]
 #[allow(dead_code)]
 mod procs;
+mod reconciler;
 mod recovery;
 mod relay;
 #[path = "../support/schema.rs"]

@@ -34,36 +34,36 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// A published event as a consumer sees it.
 #[derive(Debug, Clone)]
-struct Seen {
-    routing_key: String,
-    body: Value,
-    event: OutcomeEvent,
-    correlation_property: Option<String>,
-    message_id: Option<String>,
-    kind: Option<String>,
+pub(crate) struct Seen {
+    pub(crate) routing_key: String,
+    pub(crate) body: Value,
+    pub(crate) event: OutcomeEvent,
+    pub(crate) correlation_property: Option<String>,
+    pub(crate) message_id: Option<String>,
+    pub(crate) kind: Option<String>,
 }
 
-struct WorkerRig {
-    env: HashMap<String, String>,
-    config: Config,
+pub(crate) struct WorkerRig {
+    pub(crate) env: HashMap<String, String>,
+    pub(crate) config: Config,
     channel: Channel,
     conn: Connection,
     events: Consumer,
     worker: Option<JoinHandle<anyhow::Result<()>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    state_root: TempDir,
+    pub(crate) state_root: TempDir,
     _containers: ContainerGuard,
-    _db: TestDb,
+    pub(crate) _db: TestDb,
 }
 
 impl WorkerRig {
     /// Everything but the worker: topology declared, event queue bound.
-    async fn prepare() -> Self {
+    pub(crate) async fn prepare() -> Self {
         Self::prepare_with(|_| {}).await
     }
 
     /// Like `prepare`, with the worker's environment edited first.
-    async fn prepare_with(edit: impl FnOnce(&mut HashMap<String, String>)) -> Self {
+    pub(crate) async fn prepare_with(edit: impl FnOnce(&mut HashMap<String, String>)) -> Self {
         crate::harness::init_logs();
         let db = TestDb::new().await;
         let id = unique("t");
@@ -103,19 +103,19 @@ impl WorkerRig {
         }
     }
 
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let mut rig = Self::prepare().await;
         rig.launch();
         rig
     }
 
     /// Runs `serve` in-process.
-    fn launch(&mut self) {
+    pub(crate) fn launch(&mut self) {
         self.launch_with(|docker| docker);
     }
 
     /// Runs `serve` in-process over the engine `engine` makes of Docker.
-    fn launch_with<E: ContainerEngine>(
+    pub(crate) fn launch_with<E: ContainerEngine>(
         &mut self,
         engine: impl FnOnce(DockerEngine) -> E + Send + 'static,
     ) {
@@ -136,7 +136,7 @@ impl WorkerRig {
             .expect("subscribe to the events")
     }
 
-    fn game(&self) -> GameId {
+    pub(crate) fn game(&self) -> GameId {
         GameId::parse(&unique("g")).unwrap()
     }
 
@@ -164,7 +164,7 @@ impl WorkerRig {
     }
 
     /// Publishes a command; returns its command_id.
-    async fn publish(&self, mut command: Value) -> String {
+    pub(crate) async fn publish(&self, mut command: Value) -> String {
         let command_id = unique("cmd");
         if command.get("command_id").is_none() {
             command["command_id"] = json!(command_id);
@@ -180,12 +180,12 @@ impl WorkerRig {
     }
 
     /// The next event on the test's queue, checked against the schema.
-    async fn next_event(&mut self) -> Seen {
+    pub(crate) async fn next_event(&mut self) -> Seen {
         next_event(&mut self.events).await
     }
 
     /// Events until the outer event of `command_id` (inclusive).
-    async fn until_outer(&mut self, command_id: &str) -> Vec<Seen> {
+    pub(crate) async fn until_outer(&mut self, command_id: &str) -> Vec<Seen> {
         let mut seen = Vec::new();
         loop {
             let event = self.next_event().await;
@@ -197,7 +197,7 @@ impl WorkerRig {
         }
     }
 
-    async fn run(&mut self, command: Value) -> Vec<Seen> {
+    pub(crate) async fn run(&mut self, command: Value) -> Vec<Seen> {
         let id = self.publish(command).await;
         self.until_outer(&id).await
     }
@@ -249,7 +249,7 @@ impl WorkerRig {
     }
 
     /// The worker's leases, as Redis has them.
-    async fn leases(&self) -> rtmanager::outbound::redis_lease::RedisLeases {
+    pub(crate) async fn leases(&self) -> rtmanager::outbound::redis_lease::RedisLeases {
         rtmanager::outbound::redis_lease::RedisLeases::connect(
             &self.config.redis_url,
             &self.config.redis_prefix,
@@ -258,13 +258,13 @@ impl WorkerRig {
         .unwrap()
     }
 
-    fn boots(&self, game: &GameId) -> String {
+    pub(crate) fn boots(&self, game: &GameId) -> String {
         std::fs::read_to_string(self.state_root.path().join(game.as_str()).join("boots"))
             .unwrap_or_default()
     }
 
     /// Stops the worker gracefully and checks it exits cleanly.
-    async fn shutdown(&mut self) {
+    pub(crate) async fn shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

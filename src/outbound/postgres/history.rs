@@ -127,4 +127,18 @@ impl PgStore {
             .map_err(|e| db_error("read the operation history", e))?;
         rows.into_iter().map(Row::into_event).collect()
     }
+
+    /// The game's latest `exit` entry (the reconciler's, SPEC §11), if any:
+    /// what `rtmanager status` shows beside an `exited` record.
+    pub async fn last_exit(&self, game_id: &str) -> Result<Option<OutcomeEvent>, StoreError> {
+        let row = sqlx::query_as::<_, Row>(concat!(
+            history_select!(),
+            " where l.game_id = $1 and l.op = 'exit' order by l.operation_id desc limit 1"
+        ))
+        .bind(game_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| db_error("read the last exit", e))?;
+        row.map(Row::into_event).transpose()
+    }
 }

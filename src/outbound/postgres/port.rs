@@ -89,6 +89,48 @@ impl RuntimeStore for PgStore {
         Ok(())
     }
 
+    async fn records_in(&self, status: RuntimeStatus) -> Result<Vec<RuntimeRecord>, StoreError> {
+        let rows: Vec<NamedRecordRow> = sqlx::query_as(
+            "select game_id, status, current_image_ref, current_container_id, address,
+                    state_dir, fence, created_at, updated_at
+             from runtime_records
+             where status = $1",
+        )
+        .bind(status.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_error("list the records by status", e))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|NamedRecordRow { game_id, row }| {
+                let game_id = GameId::parse(&game_id).ok()?;
+                row.into_record(&game_id).ok()
+            })
+            .collect())
+    }
+
+    async fn last_exit(&self, game_id: &GameId) -> Result<Option<OutcomeEvent>, StoreError> {
+        PgStore::last_exit(self, game_id.as_str()).await
+    }
+
+    async fn auto_restarts_since(
+        &self,
+        game_id: &GameId,
+        since: DateTime<Utc>,
+    ) -> Result<u32, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "select count(*) from operation_log
+             where game_id = $1 and op = 'restart' and outer_op is null
+               and op_source = 'reconciler' and started_at >= $2",
+        )
+        .bind(game_id.as_str())
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| db_error("count the automatic restarts", e))?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
     async fn republish(&self, event_id: Uuid) -> Result<(), StoreError> {
         // One more publication owed, same event_id, with its original seq
         // (ahead of anything newer). See migration 0005.
@@ -513,6 +555,14 @@ fn checked_record(
     Ok((record, state_dir))
 }
 
+/// A `runtime_records` row with its game, as the reconciler lists them.
+#[derive(sqlx::FromRow)]
+struct NamedRecordRow {
+    game_id: String,
+    #[sqlx(flatten)]
+    row: RecordRow,
+}
+
 /// A `runtime_records` row as stored, before it is checked.
 #[derive(sqlx::FromRow, serde::Deserialize)]
 struct RecordRow {
@@ -548,6 +598,7 @@ impl RecordRow {
             },
             Some(RuntimeStatus::Stopped) => RuntimeState::Stopped { container_id },
             Some(RuntimeStatus::Removed) => RuntimeState::Removed,
+            Some(RuntimeStatus::Exited) => RuntimeState::Exited { container_id },
             None => return Err(corrupt(format!("has an unknown status {:?}", self.status))),
         };
         Ok(RuntimeRecord {
