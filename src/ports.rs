@@ -157,6 +157,16 @@ pub struct Begun {
 }
 
 pub trait RuntimeStore: Clone + Send + Sync + 'static {
+    /// What the inbox knows of `request.command_id`, without claiming it
+    /// ([`InboxClaim::Fresh`] when nothing): for a look that may come to
+    /// nothing (the reconciler's, at an engine that may have been stopped
+    /// by a command), which must leave no unfinished claim behind.
+    /// Errors: `Unavailable`.
+    fn lookup(
+        &self,
+        request: &CommandRequest,
+    ) -> impl Future<Output = Result<InboxClaim, StoreError>> + Send;
+
     /// Claims `request.command_id` in the inbox (remembering its `reply_to`
     /// for the outer event). Errors: `Unavailable`.
     fn claim(

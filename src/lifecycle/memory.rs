@@ -112,26 +112,11 @@ impl MemStore {
 }
 
 impl RuntimeStore for MemStore {
-    async fn claim(&self, request: &CommandRequest) -> Result<InboxClaim, StoreError> {
-        let mut t = self.tables();
+    async fn lookup(&self, request: &CommandRequest) -> Result<InboxClaim, StoreError> {
+        let t = self.tables();
         let fingerprint = request.fingerprint();
         Ok(match t.inbox.get(&request.command_id) {
-            None => {
-                let first = format!(
-                    "{} of game {:?}",
-                    request.op,
-                    request.game_id.as_deref().unwrap_or_default()
-                );
-                t.inbox.insert(
-                    request.command_id.clone(),
-                    Claimed {
-                        fingerprint: Some(fingerprint),
-                        first,
-                        outcome: None,
-                    },
-                );
-                InboxClaim::Fresh
-            }
+            None => InboxClaim::Fresh,
             Some(claimed)
                 if claimed
                     .fingerprint
@@ -142,12 +127,34 @@ impl RuntimeStore for MemStore {
                     first: claimed.first.clone(),
                 }
             }
-            Some(Claimed { outcome: None, .. }) => InboxClaim::Unfinished,
-            Some(Claimed {
-                outcome: Some(event),
-                ..
-            }) => InboxClaim::Finished(event.clone()),
+            Some(claimed) => match &claimed.outcome {
+                None => InboxClaim::Unfinished,
+                Some(event) => InboxClaim::Finished(event.clone()),
+            },
         })
+    }
+
+    async fn claim(&self, request: &CommandRequest) -> Result<InboxClaim, StoreError> {
+        {
+            let mut t = self.tables();
+            if !t.inbox.contains_key(&request.command_id) {
+                let first = format!(
+                    "{} of game {:?}",
+                    request.op,
+                    request.game_id.as_deref().unwrap_or_default()
+                );
+                t.inbox.insert(
+                    request.command_id.clone(),
+                    Claimed {
+                        fingerprint: Some(request.fingerprint()),
+                        first,
+                        outcome: None,
+                    },
+                );
+                return Ok(InboxClaim::Fresh);
+            }
+        }
+        self.lookup(request).await
     }
 
     async fn load(&self, game_id: &GameId) -> Result<Option<RuntimeRecord>, StoreError> {

@@ -56,6 +56,12 @@ impl StallingStore {
 }
 
 impl RuntimeStore for StallingStore {
+    fn lookup(
+        &self,
+        request: &CommandRequest,
+    ) -> impl Future<Output = Result<InboxClaim, StoreError>> + Send {
+        self.inner.lookup(request)
+    }
     fn claim(
         &self,
         request: &CommandRequest,

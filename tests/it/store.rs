@@ -152,8 +152,12 @@ async fn claim_is_fresh_then_unfinished_then_finished() {
     let store = PgStore::new(db.pool.clone());
     let req = request("cmd-1", Some("g-1"), None);
 
+    // A look claims nothing (the reconciler's may come to nothing).
+    assert_eq!(store.lookup(&req).await.unwrap(), InboxClaim::Fresh);
+    assert_eq!(count(&db, "select count(*) from inbox").await, 0);
     assert_eq!(store.claim(&req).await.unwrap(), InboxClaim::Fresh);
     assert_eq!(store.claim(&req).await.unwrap(), InboxClaim::Unfinished);
+    assert_eq!(store.lookup(&req).await.unwrap(), InboxClaim::Unfinished);
 
     let fence = store.advance_fence(&game("g-1"), "cmd-test").await.unwrap();
     let recorded = store

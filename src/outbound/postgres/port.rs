@@ -150,6 +150,20 @@ impl RuntimeStore for PgStore {
         Ok(())
     }
 
+    async fn lookup(&self, request: &CommandRequest) -> Result<InboxClaim, StoreError> {
+        let row: Option<InboxRow> = sqlx::query_as(
+            "select i.fingerprint, i.op, i.game_id, i.outcome_event_id, o.payload
+             from inbox i
+             left join outbox o on o.event_id = i.outcome_event_id
+             where i.command_id = $1",
+        )
+        .bind(&request.command_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| db_error("read the inbox", e))?;
+        row.map_or(Ok(InboxClaim::Fresh), |row| row.claim(request))
+    }
+
     async fn claim(&self, request: &CommandRequest) -> Result<InboxClaim, StoreError> {
         let (reply_to, reply_correlation_id) = match &request.reply_to {
             Some(r) => (Some(r.queue.as_str()), r.correlation_id.as_deref()),
@@ -178,24 +192,15 @@ impl RuntimeStore for PgStore {
             return Ok(InboxClaim::Fresh);
         }
 
-        let row: Option<InboxRow> = sqlx::query_as(
-            "select i.fingerprint, i.op, i.game_id, i.outcome_event_id, o.payload
-             from inbox i
-             left join outbox o on o.event_id = i.outcome_event_id
-             where i.command_id = $1",
-        )
-        .bind(&request.command_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| db_error("read the inbox", e))?;
-        row.ok_or_else(|| {
-            // Inbox rows are deleted only by the retention sweep, long after.
-            StoreError::Corrupt(format!(
+        // Claimed by another: what it left. Its row is there (inbox rows are
+        // deleted only by the retention sweep, long after).
+        match self.lookup(request).await? {
+            InboxClaim::Fresh => Err(StoreError::Corrupt(format!(
                 "inbox row of command {:?} vanished while it was claimed",
                 request.command_id
-            ))
-        })?
-        .claim(request)
+            ))),
+            claim => Ok(claim),
+        }
     }
 
     async fn load(&self, game_id: &GameId) -> Result<Option<RuntimeRecord>, StoreError> {
