@@ -201,14 +201,6 @@ fn two_workers() {
 }
 
 #[test]
-fn engines_crash_during_commands() {
-    run(
-        "engines_crash_during_commands",
-        scenarios::engines_crash_during_commands(),
-    );
-}
-
-#[test]
 fn two_workers_closed_loop_kill() {
     run(
         "two_workers_closed_loop_kill",
