@@ -611,6 +611,13 @@ impl Rig {
                         c.image
                     )),
                     ("stopped", _) => None,
+                    // The reconciler's (SPEC §11): the engine stopped on its own.
+                    ("exited", Some(c)) if c.running => Some(format!(
+                        "record exited, Docker: {} running {}",
+                        short(&c.id),
+                        c.image
+                    )),
+                    ("exited", _) => None,
                     ("removed", None) => None,
                     ("removed", Some(c)) => Some(format!(
                         "record removed, Docker: container {} (running={})",

@@ -98,12 +98,15 @@ impl KillAt {
     /// milliseconds.
     fn held_step(self) -> Option<&'static str> {
         match self {
+            // Right after the lease, the fence and the patch's checks, before
+            // any Docker step: the patch's first journal write. Killing when
+            // the lease appears raced the worker, which journals `begin`
+            // within milliseconds of it.
+            KillAt::AfterLease => Some("begin"),
             KillAt::NewCreated => Some("start.staged"),
             KillAt::OldRemoved => Some("remove"),
             KillAt::Renamed => Some("start.create"),
-            KillAt::AfterLease | KillAt::DuringPull | KillAt::InnerStop | KillAt::NewStarting => {
-                None
-            }
+            KillAt::DuringPull | KillAt::InnerStop | KillAt::NewStarting => None,
         }
     }
 }
@@ -360,7 +363,7 @@ pub async fn kill_mid_patch(at: KillAt) -> Result<Row, String> {
                 "the registry was sending the layer ({begun} download(s) begun, {done} finished)"
             )
         }
-        KillAt::AfterLease => "the lease appeared".to_owned(),
+        KillAt::AfterLease => "the patch waited on its begin journal write".to_owned(),
         KillAt::InnerStop => {
             // `docker stop` sends SIGTERM (a `kill` event), which this engine
             // ignores: the stop now waits out its 3 s grace period.
