@@ -4,6 +4,8 @@
 //! ```text
 //! rtmanager.commands (topic) --runtime.#--> rtmanager.commands (quorum queue)
 //!        x-delivery-limit, x-dead-letter-exchange = rtmanager.dlx
+//!        --node.<node>--> rtmanager.commands.node.<node> (quorum queue, one per
+//!                         node, same arguments; SPEC §12)
 //! rtmanager.dlx (fanout) --> rtmanager.dead-letters (durable queue)
 //! rtmanager.events (topic)   <- outcome events, runtime.<op>.<outcome>
 //! ```
@@ -25,6 +27,7 @@ use lapin::{
 };
 
 use crate::config::{AmqpConfig, SecretUrl};
+use crate::domain::NodeName;
 
 /// The header carrying why the worker dead-lettered a message itself.
 pub const REJECT_REASON_HEADER: &str = "x-rtm-reject-reason";
@@ -184,6 +187,46 @@ pub async fn declare_topology(channel: &Channel, cfg: &AmqpConfig) -> anyhow::Re
         .await
         .with_context(|| format!("bind queue {}", cfg.dead_letter_queue))?;
 
+    declare_command_queue(channel, cfg, &cfg.command_queue, COMMAND_BINDING).await?;
+
+    channel
+        .exchange_declare(
+            cfg.event_exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("declare exchange {}", cfg.event_exchange))?;
+    Ok(())
+}
+
+/// Declares `node`'s own command queue, `<RTM_COMMAND_QUEUE>.node.<node>`,
+/// bound with `node.<node>` (SPEC §12): by the node's workers, and by a
+/// worker forwarding a command there, so the command waits for the node
+/// even if the queue was lost with a broker reset.
+pub async fn declare_node_queue(
+    channel: &Channel,
+    cfg: &AmqpConfig,
+    node: &NodeName,
+) -> anyhow::Result<()> {
+    declare_command_queue(
+        channel,
+        cfg,
+        &node.queue(&cfg.command_queue),
+        &node.routing_key(),
+    )
+    .await
+}
+
+/// A command queue: a durable quorum queue with the delivery limit and the
+/// dead-letter exchange, bound to the command exchange with `binding`.
+async fn declare_command_queue(
+    channel: &Channel,
+    cfg: &AmqpConfig,
+    queue: &str,
+    binding: &str,
+) -> anyhow::Result<()> {
     let mut arguments = FieldTable::default();
     arguments.insert(
         "x-queue-type".into(),
@@ -197,35 +240,28 @@ pub async fn declare_topology(channel: &Channel, cfg: &AmqpConfig) -> anyhow::Re
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(LongString::from(cfg.dead_letter_exchange.as_str())),
     );
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
     channel
-        .queue_declare(cfg.command_queue.as_str().into(), durable_queue, arguments)
+        .queue_declare(queue.into(), durable_queue, arguments)
         .await
         .with_context(|| {
             format!(
-                "declare quorum queue {} (if it exists with other arguments, delete it or change RTM_COMMAND_QUEUE)",
-                cfg.command_queue
+                "declare quorum queue {queue} (if it exists with other arguments, delete it or change RTM_COMMAND_QUEUE)"
             )
         })?;
     channel
         .queue_bind(
-            cfg.command_queue.as_str().into(),
+            queue.into(),
             cfg.command_exchange.as_str().into(),
-            COMMAND_BINDING.into(),
+            binding.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await
-        .with_context(|| format!("bind queue {}", cfg.command_queue))?;
-
-    channel
-        .exchange_declare(
-            cfg.event_exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("declare exchange {}", cfg.event_exchange))?;
+        .with_context(|| format!("bind queue {queue}"))?;
     Ok(())
 }
 

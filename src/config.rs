@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::domain::AllowedImages;
+use crate::domain::{AllowedImages, NodeName};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -20,12 +20,22 @@ pub struct Config {
     pub amqp: AmqpConfig,
     pub lifecycle: LifecycleConfig,
     pub reconciler: ReconcilerConfig,
+    pub node: NodeConfig,
     pub shutdown_timeout: Duration,
     /// `RTM_RETENTION`: how long finished inbox rows and published outbox
     /// rows are kept.
     pub retention: Duration,
     pub http_addr: SocketAddr,
     pub log_format: LogFormat,
+}
+
+/// This worker's node (SPEC §12).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// `RTM_NODE`: the Docker host this worker manages.
+    pub name: NodeName,
+    /// `RTM_MAX_GAMES`: how many games placement may put on it.
+    pub max_games: u32,
 }
 
 /// How containers are created and where their state lives (SPEC §4).
@@ -404,6 +414,22 @@ impl Config {
                     })
                 })?,
                 restart_on_exit: env.parse("RTM_RESTART_ON_EXIT", "3/10m", RestartPolicy::parse)?,
+            },
+            node: NodeConfig {
+                name: match lookup("RTM_NODE").filter(|n| !n.is_empty()) {
+                    Some(raw) => NodeName::parse(&raw),
+                    None => NodeName::host(),
+                }
+                .map_err(|reason| ConfigError {
+                    variable: "RTM_NODE",
+                    reason,
+                })?,
+                max_games: env.parse("RTM_MAX_GAMES", "200", |s| {
+                    s.parse::<u32>()
+                        .ok()
+                        .filter(|n| i32::try_from(*n).is_ok())
+                        .ok_or_else(|| "must be a whole number from 0 to 2147483647".into())
+                })?,
             },
             shutdown_timeout: env.duration("RTM_SHUTDOWN_TIMEOUT", "60s")?,
             retention: env.parse("RTM_RETENTION", "7d", |s| {
@@ -882,6 +908,26 @@ mod tests {
         assert_eq!(e.variable, "RTM_RESTART_ON_EXIT");
         let e = load(&[("RTM_RECONCILE_INTERVAL", "1ms")]).unwrap_err();
         assert_eq!(e.variable, "RTM_RECONCILE_INTERVAL");
+    }
+
+    #[test]
+    fn the_node_defaults_to_the_host_name_and_is_validated() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.node.name, NodeName::host().unwrap());
+        assert_eq!(c.node.max_games, 200);
+        let c = load(&[("RTM_NODE", "node-b"), ("RTM_MAX_GAMES", "0")]).unwrap();
+        assert_eq!(c.node.name.as_str(), "node-b");
+        assert_eq!(c.node.max_games, 0);
+        for (var, bad) in [
+            ("RTM_NODE", "a b"),
+            ("RTM_NODE", "-x"),
+            ("RTM_MAX_GAMES", "-1"),
+            ("RTM_MAX_GAMES", "many"),
+            ("RTM_MAX_GAMES", "4294967295"),
+        ] {
+            let e = load(&[(var, bad)]).unwrap_err();
+            assert_eq!(e.variable, var, "{bad}");
+        }
     }
 
     #[test]

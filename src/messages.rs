@@ -161,6 +161,7 @@ pub fn decode_command(body: &[u8], envelope: &Envelope) -> Result<CommandRequest
     };
     let op_source = echoed("op_source");
     let reason = echoed("reason");
+    let node = echoed("node");
     let requested_at = echoed("requested_at");
     let requested_at = requested_at.and_then(|raw| match DateTime::parse_from_rfc3339(&raw) {
         Ok(t) => Some(t.with_timezone(&Utc)),
@@ -218,6 +219,10 @@ pub fn decode_command(body: &[u8], envelope: &Envelope) -> Result<CommandRequest
                 correlation_id: envelope.correlation_id.clone(),
             }),
         malformed: (!problems.is_empty()).then(|| problems.join("; ")),
+        // Only a start is placed; on other ops it is ignored like an
+        // unknown field (a game never leaves its node).
+        node: if op == OpKind::Start { node } else { None },
+        refusal: None,
     })
 }
 

@@ -15,9 +15,10 @@ use uuid::Uuid;
 
 pub use crate::domain::Progress;
 use crate::domain::{
-    CommandRequest, ContainerId, GameId, ImageRef, OperationEntry, OutcomeEvent, RecordUpdate,
-    ReplyTo, RuntimeRecord, RuntimeStatus, Step,
+    CommandRequest, ContainerId, GameId, ImageRef, NodeName, OperationEntry, OutcomeEvent,
+    RecordUpdate, ReplyTo, RuntimeRecord, RuntimeStatus, Step,
 };
+use crate::error::Failure;
 
 // ---------------------------------------------------------------------------
 // PostgreSQL: records, operation log, outbox, inbox, fences
@@ -41,6 +42,20 @@ pub enum StoreError {
     /// edit); retrying will not help.
     #[error("corrupt data: {0}")]
     Corrupt(String),
+}
+
+/// Where a command runs (SPEC §12), asked before its inbox claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// On this worker's node: the game is placed here, or placed nowhere
+    /// yet and not a start (it is answered here, `not_found` mostly).
+    Here,
+    /// On another node: forwarded, unchanged, to that node's queue.
+    Forward(NodeName),
+    /// A start that cannot be placed: answered with this failure
+    /// (`invalid_request` for a node that never registered,
+    /// `service_unavailable` for no room).
+    Refused(Failure),
 }
 
 /// The inbox's answer when a command is received.
@@ -245,9 +260,22 @@ pub trait RuntimeStore: Clone + Send + Sync + 'static {
     /// `Unavailable`.
     fn republish(&self, event_id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Where `request` runs (SPEC §12): on this node, on another, or (a
+    /// start no node can take) nowhere. Placing a start records the choice
+    /// before it returns, so every copy of that start gets the same node.
+    /// A store that knows no nodes runs everything here. Errors:
+    /// `Unavailable`.
+    fn route(
+        &self,
+        request: &CommandRequest,
+    ) -> impl Future<Output = Result<Route, StoreError>> + Send {
+        let _ = request;
+        async { Ok(Route::Here) }
+    }
+
     /// Every record with `status` (the reconciler's periodic pass asks for
-    /// `running` and `exited` ones, SPEC §11). A corrupt row is left out.
-    /// Errors: `Unavailable`.
+    /// `running` and `exited` ones, SPEC §11), of this store's node only. A
+    /// corrupt row is left out. Errors: `Unavailable`.
     fn records_in(
         &self,
         status: RuntimeStatus,

@@ -16,12 +16,12 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, NodeConfig};
 use crate::inbound::consumer::Consumer;
 use crate::inbound::http;
 use crate::lifecycle::Lifecycle;
 use crate::outbound::docker::DockerEngine;
-use crate::outbound::postgres::PgStore;
+use crate::outbound::postgres::{HEARTBEAT, PgStore};
 use crate::outbound::redis_lease::RedisLeases;
 use crate::outbound::relay::Relay;
 use crate::ports::ContainerEngine;
@@ -79,6 +79,19 @@ pub async fn run_with<E: ContainerEngine>(
     })
     .await?;
     store.migrate().await?;
+    // Registered before consuming, so placement can choose this node (and
+    // a record from before nodes finds its node) once commands arrive.
+    let node = config.node.clone();
+    let store = store.on_node(node.name.clone());
+    at_startup(&config, "PostgreSQL", || async {
+        store.heartbeat(&node).await?;
+        Ok(())
+    })
+    .await?;
+    let adopted = store.adopt_unplaced(&node.name).await?;
+    if adopted > 0 {
+        info!(adopted, node = %node.name, "this first node took the records written before nodes");
+    }
     let leases = RedisLeases::connect_lazy(&config.redis_url, &config.redis_prefix)?;
     let docker = at_startup(&config, "Docker", || {
         DockerEngine::connect(config.docker.clone())
@@ -112,6 +125,7 @@ pub async fn run_with<E: ContainerEngine>(
             .await
     });
 
+    let heartbeat = tokio::spawn(heartbeat(store.clone(), node.clone(), stop.clone()));
     let probes = tokio::spawn(probe(
         store.clone(),
         leases.clone(),
@@ -164,6 +178,7 @@ pub async fn run_with<E: ContainerEngine>(
         lifecycle.clone(),
         config.amqp_url.clone(),
         config.amqp.clone(),
+        node.name.clone(),
         readiness,
         relay_wake.clone(),
         stop,
@@ -199,6 +214,7 @@ pub async fn run_with<E: ContainerEngine>(
     }
     probes.abort();
     upkeep.abort();
+    heartbeat.abort();
     match http.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => warn!(error = %e, "HTTP server error"),
@@ -252,6 +268,23 @@ where
         .notify(|e, delay| warn!(error = format!("{e:#}"), retry_in = ?delay, "{what} is not reachable yet"))
         .await
         .with_context(|| format!("{what} stayed unreachable for RTM_RETRY_FOR"))
+}
+
+/// Tells the database every [`HEARTBEAT`] that this node is alive, so
+/// placement keeps choosing it (SPEC §12). A missed beat (the database is
+/// out) is only logged: three in a row and placement skips the node.
+async fn heartbeat(store: PgStore, node: NodeConfig, mut stop: Shutdown) {
+    let mut every = tokio::time::interval(HEARTBEAT);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = stop.wait() => return,
+        }
+        if let Err(e) = store.heartbeat(&node).await {
+            warn!(error = %e, node = %node.name, "node heartbeat failed");
+        }
+    }
 }
 
 /// Keeps `/readyz` current: pings each dependency every few seconds.

@@ -22,6 +22,8 @@ pub const COMMANDS_CONSUMED: &str = "rtmanager_commands_consumed_total";
 pub const COMMANDS_REJECTED: &str = "rtmanager_commands_rejected_total";
 /// Undecodable messages sent to the dead-letter exchange.
 pub const COMMANDS_DEAD_LETTERED: &str = "rtmanager_commands_dead_lettered_total";
+/// Commands forwarded to their game's node (SPEC §12), by node.
+pub const COMMANDS_FORWARDED: &str = "rtmanager_commands_forwarded_total";
 /// Events written but not yet published.
 pub const OUTBOX_BACKLOG: &str = "rtmanager_outbox_backlog";
 /// Events published by the relay.
@@ -111,6 +113,10 @@ pub fn describe_metrics() {
         "Commands answered invalid_request or image_not_allowed"
     );
     describe_counter!(COMMANDS_DEAD_LETTERED, "Undecodable messages dead-lettered");
+    describe_counter!(
+        COMMANDS_FORWARDED,
+        "Commands forwarded to the node their game is placed on"
+    );
     describe_gauge!(
         OUTBOX_BACKLOG,
         "Outcome events written but not yet published"

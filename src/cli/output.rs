@@ -255,6 +255,7 @@ pub(crate) mod tests {
         let finished = Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, 1).unwrap()
             + chrono::Duration::milliseconds(802);
         OutcomeEvent {
+            node: None,
             event_id: Uuid::nil(),
             schema_version: 1,
             occurred_at: finished,

@@ -3,9 +3,9 @@
 
 use chrono::{DateTime, Utc};
 
-use super::GameId;
 use super::image_ref::{AllowedImages, ImageRef};
 use super::operation::{OpKind, OpSource, StopReason};
+use super::{GameId, NodeName};
 use crate::error::{ErrorCode, Failure};
 
 /// The most bytes of a raw value an `invalid_request` echoes (SPEC §6).
@@ -59,6 +59,13 @@ pub struct CommandRequest {
     /// Why the body, though a command, is malformed (a field of the wrong
     /// JSON type): a validation failure, answered with `invalid_request`.
     pub malformed: Option<String>,
+    /// A start's `node` (SPEC §12): where to place the game; `None` lets
+    /// placement choose.
+    pub node: Option<String>,
+    /// An answer decided before the command reached the lifecycle: a start
+    /// placement refused (SPEC §12). Validation returns it, so it is
+    /// recorded like any refusal.
+    pub refusal: Option<Failure>,
 }
 
 /// What a validated command asks for.
@@ -104,6 +111,15 @@ pub struct Command {
 }
 
 impl CommandRequest {
+    /// The node a start asks to be placed on, if it names one that can be
+    /// a node's name at all (whether it exists is placement's question).
+    pub fn placement_node(&self) -> Result<Option<NodeName>, String> {
+        match self.node.as_deref() {
+            None => Ok(None),
+            Some(raw) => NodeName::parse(raw).map(Some),
+        }
+    }
+
     /// Refuses a `reply_to` that names one of this service's own queues
     /// (SPEC §6): the reply would come back as a command, be answered, and
     /// be replied to again, without end. The reply is dropped and the
@@ -149,6 +165,9 @@ impl CommandRequest {
     /// allow-list.
     pub fn validate(&self, allowed: &AllowedImages) -> Result<Command, Failure> {
         let invalid = |msg: String| Failure::new(ErrorCode::InvalidRequest, msg);
+        if let Some(refusal) = &self.refusal {
+            return Err(refusal.clone());
+        }
         if let Some(problem) = &self.malformed {
             return Err(invalid(problem.clone()));
         }
@@ -182,9 +201,12 @@ impl CommandRequest {
         };
 
         let action = match self.op {
-            OpKind::Start => Action::Start {
-                image_ref: image("image_ref")?,
-            },
+            OpKind::Start => {
+                self.placement_node().map_err(invalid)?;
+                Action::Start {
+                    image_ref: image("image_ref")?,
+                }
+            }
             OpKind::Patch => Action::Patch {
                 new_image_ref: image("new_image_ref")?,
             },
@@ -233,6 +255,8 @@ mod tests {
             requested_at: None,
             reply_to: None,
             malformed: None,
+            node: None,
+            refusal: None,
         }
     }
 
@@ -244,6 +268,20 @@ mod tests {
         assert_eq!(cmd.game_id.as_str(), "g-1");
         assert_eq!(cmd.correlation_id, "c-1");
         assert!(matches!(cmd.action, Action::Patch { .. }));
+    }
+
+    #[test]
+    fn a_starts_node_must_be_a_node_name() {
+        let mut r = request(OpKind::Start);
+        r.image_ref = Some("rtm/engine:1.4.2".into());
+        r.node = Some("node-b".into());
+        assert!(r.validate(&AllowedImages::any()).is_ok());
+        assert_eq!(r.placement_node().unwrap().unwrap().as_str(), "node-b");
+        for bad in ["", "a b", "-b", "b/c"] {
+            r.node = Some(bad.into());
+            let e = r.validate(&AllowedImages::any()).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequest, "{bad:?}");
+        }
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub struct OutcomeEvent {
     pub rolled_back: bool,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
+    /// The node whose worker wrote the entry (SPEC §12); absent from events
+    /// stored before nodes existed and from stores that name no node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl OutcomeEvent {
@@ -73,6 +77,7 @@ impl OutcomeEvent {
             rolled_back: entry.rolled_back,
             started_at: entry.started_at,
             finished_at: entry.finished_at,
+            node: None,
         }
     }
 

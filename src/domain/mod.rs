@@ -6,6 +6,7 @@ pub mod event;
 pub mod game_id;
 pub mod image_ref;
 pub mod journal;
+pub mod node;
 pub mod operation;
 pub mod runtime;
 
@@ -14,5 +15,6 @@ pub use event::OutcomeEvent;
 pub use game_id::GameId;
 pub use image_ref::{AllowedImages, ImageRef, NotSemver};
 pub use journal::{PriorEntry, Progress, Stage, Step};
+pub use node::NodeName;
 pub use operation::{EntryResult, OpKind, OpSource, OperationEntry, Outcome, StopReason};
 pub use runtime::{ContainerId, RecordUpdate, RuntimeRecord, RuntimeState, RuntimeStatus};

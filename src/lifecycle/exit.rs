@@ -180,6 +180,8 @@ where
             requested_at: Some(Utc::now()),
             reply_to: None,
             malformed: None,
+            node: None,
+            refusal: None,
         };
         let command = Command {
             command_id: command_id.clone(),
@@ -403,6 +405,8 @@ fn auto_restart(exit_command_id: &str, operation_id: i64, game_id: &str) -> Comm
         requested_at: Some(Utc::now()),
         reply_to: None,
         malformed: None,
+        node: None,
+        refusal: None,
     }
 }
 

@@ -59,8 +59,8 @@ use crate::domain::{
 };
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{
-    Begun, ContainerEngine, Fence, InboxClaim, LeaseStore, Progress, RuntimeStore, StoreError,
-    WriteFence,
+    Begun, ContainerEngine, Fence, InboxClaim, LeaseStore, Progress, Route, RuntimeStore,
+    StoreError, WriteFence,
 };
 use crate::telemetry;
 pub use exit::{EXIT_PREFIX, ExitReport, exit_command_id};
@@ -271,6 +271,16 @@ where
 
     pub fn config(&self) -> &LifecycleConfig {
         &self.cfg
+    }
+
+    /// Where `request` runs (SPEC §12). One that will not validate is
+    /// answered where it landed and never placed: its `invalid_request`
+    /// needs no engine.
+    pub async fn route(&self, request: &CommandRequest) -> Result<Route, StoreError> {
+        if request.validate(&self.cfg.allowed_images).is_err() {
+            return Ok(Route::Here);
+        }
+        self.store.route(request).await
     }
 
     pub fn store(&self) -> &S {

@@ -69,6 +69,8 @@ impl World {
             requested_at: Some(Utc::now()),
             reply_to: None,
             malformed: None,
+            node: None,
+            refusal: None,
         }
     }
 

@@ -152,6 +152,7 @@ async fn steps_before_the_ack_wait_out_an_outage_without_requeue_or_blocking() {
         Scripted(flaky.clone()),
         url.clone(),
         amqp.clone(),
+        rtmanager::domain::NodeName::parse(crate::harness::TEST_NODE).unwrap(),
         Arc::new(Readiness::default()),
         Arc::new(tokio::sync::Notify::new()),
         shutdown,

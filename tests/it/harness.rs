@@ -188,6 +188,9 @@ pub fn test_amqp(id: &str) -> AmqpConfig {
 /// container prefix and state root, a fresh Redis prefix and HTTP port, and
 /// the test timings. An environment, not just a `Config`, so a test can run
 /// the binary with it too; a test that needs another value inserts it.
+/// The node every test worker is, unless a test names others.
+pub const TEST_NODE: &str = "n1";
+
 pub fn worker_env(
     database_url: &str,
     amqp: &AmqpConfig,
@@ -223,6 +226,9 @@ pub fn worker_env(
             format!("127.0.0.1:{}", crate::procs::free_port()),
         ),
         ("RTM_LOG_FORMAT", "pretty".into()),
+        // A node of the test's own (SPEC §12): its queue is the test's
+        // command queue's, deleted with it.
+        ("RTM_NODE", TEST_NODE.into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -251,6 +257,8 @@ pub fn command_request(
         requested_at: Some(chrono::Utc::now()),
         reply_to: None,
         malformed: None,
+        node: None,
+        refusal: None,
     }
 }
 

@@ -46,6 +46,8 @@ fn request(command_id: &str, game_id: Option<&str>, reply_to: Option<ReplyTo>) -
         requested_at: None,
         reply_to,
         malformed: None,
+        node: None,
+        refusal: None,
     }
 }
 

@@ -193,9 +193,13 @@ pub fn delete_topology(amqp: AmqpConfig, url: SecretUrl, extra_queues: Vec<Strin
             let Ok(ch) = conn.create_channel().await else {
                 return;
             };
+            // The queues of the nodes tests run as (SPEC §12).
+            let node_queues =
+                ["n1", "n2", "n3"].map(|node| format!("{}.node.{node}", amqp.command_queue));
             for queue in extra_queues
                 .iter()
                 .chain([&amqp.command_queue, &amqp.dead_letter_queue])
+                .chain(&node_queues)
             {
                 let _ = ch
                     .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

@@ -344,6 +344,8 @@ mod tests {
             requested_at: None,
             reply_to: None,
             malformed: None,
+            node: None,
+            refusal: None,
         }
     }
 

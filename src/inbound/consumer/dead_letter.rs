@@ -110,6 +110,7 @@ pub(super) fn rejected_event(undecodable: &Undecodable) -> Option<OutcomeEvent> 
     let command_id = undecodable.command_id.clone()?;
     let now = Utc::now();
     Some(OutcomeEvent {
+        node: None,
         event_id: Uuid::new_v5(&REJECTED_EVENTS, command_id.as_bytes()),
         schema_version: SCHEMA_VERSION,
         occurred_at: now,

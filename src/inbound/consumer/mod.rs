@@ -27,6 +27,7 @@
 
 mod attempt;
 mod dead_letter;
+mod forward;
 mod lanes;
 mod session;
 
@@ -40,10 +41,11 @@ use tracing::{Instrument as _, debug, info_span};
 use uuid::Uuid;
 
 use crate::config::{AmqpConfig, SecretUrl};
+use crate::domain::NodeName;
 use crate::domain::{CommandRequest, OutcomeEvent};
 use crate::lifecycle::{Handled, Interrupted, Lifecycle};
 use crate::messages::{Envelope, decode_command};
-use crate::ports::{ContainerEngine, LeaseStore, RuntimeStore, StoreError};
+use crate::ports::{ContainerEngine, LeaseStore, Route, RuntimeStore, StoreError};
 use crate::readiness::Readiness;
 use crate::shutdown::Shutdown;
 use crate::telemetry;
@@ -73,6 +75,15 @@ pub trait CommandHandler: Send + Sync + 'static {
     /// Stops the operations still running before their next Docker step
     /// (shutdown's time for them is up).
     fn stop_operations(&self);
+    /// Where a command runs (SPEC §12); placing a start records the choice.
+    /// By default everything runs here (a handler of one node).
+    fn route<'a>(
+        &'a self,
+        request: &'a CommandRequest,
+    ) -> BoxFuture<'a, Result<Route, StoreError>> {
+        let _ = request;
+        Box::pin(async { Ok(Route::Here) })
+    }
 }
 
 impl<S, L, E> CommandHandler for Lifecycle<S, L, E>
@@ -107,12 +118,21 @@ where
     fn stop_operations(&self) {
         Lifecycle::stop_operations(self);
     }
+
+    fn route<'a>(
+        &'a self,
+        request: &'a CommandRequest,
+    ) -> BoxFuture<'a, Result<Route, StoreError>> {
+        Box::pin(Lifecycle::route(self, request))
+    }
 }
 
 pub struct Consumer {
     handler: Arc<dyn CommandHandler>,
     url: SecretUrl,
     amqp: AmqpConfig,
+    /// This worker's node: its queue is consumed beside the shared one.
+    node: NodeName,
     readiness: Arc<Readiness>,
     relay_wake: Arc<Notify>,
     /// One permit per message in flight; all permits back means drained.
@@ -139,6 +159,7 @@ impl Consumer {
         handler: impl CommandHandler,
         url: SecretUrl,
         amqp: AmqpConfig,
+        node: NodeName,
         readiness: Arc<Readiness>,
         relay_wake: Arc<Notify>,
         shutdown: Shutdown,
@@ -148,6 +169,7 @@ impl Consumer {
             handler: Arc::new(handler),
             url,
             amqp,
+            node,
             readiness,
             relay_wake,
             in_flight: Arc::new(Semaphore::new(permits)),
@@ -198,7 +220,14 @@ impl Consumer {
     /// Whether `queue` is one this service consumes or fills: a reply sent
     /// there would come back as a command (SPEC §6).
     fn is_own_queue(&self, queue: &str) -> bool {
-        queue == self.amqp.command_queue || queue == self.amqp.dead_letter_queue
+        queue == self.amqp.command_queue
+            || queue == self.amqp.dead_letter_queue
+            || queue == self.node_queue()
+    }
+
+    /// This worker's node's own command queue.
+    fn node_queue(&self) -> String {
+        self.node.queue(&self.amqp.command_queue)
     }
 
     /// Runs one game's commands in arrival order; ends when none is pending.
@@ -230,10 +259,24 @@ impl Consumer {
         }
     }
 
-    async fn process(&self, job: Job) {
+    async fn process(&self, mut job: Job) {
         let gauge = metrics::gauge!(telemetry::OPERATIONS_IN_FLIGHT);
         gauge.increment(1.0);
-        let decision = self.attempts().decide(&job.request, job.redeliveries).await;
+        let route = attempt::retry_until_shutdown(
+            &self.shutdown,
+            "find the node the command runs on",
+            || self.handler.route(&job.request),
+        )
+        .await;
+        let decision = match route {
+            None => Decision::Leave,
+            Some(Route::Forward(node)) => self.forward(&job, &node).await,
+            Some(Route::Here) => self.attempts().decide(&job.request, job.redeliveries).await,
+            Some(Route::Refused(failure)) => {
+                job.request.refusal = Some(failure);
+                self.attempts().decide(&job.request, job.redeliveries).await
+            }
+        };
         gauge.decrement(1.0);
         self.relay_wake.notify_one();
         self.settle(&job.channel, &job.delivery, decision).await;

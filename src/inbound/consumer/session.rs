@@ -122,25 +122,38 @@ impl Consumer {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        let mut stream = channel
-            .basic_consume(
-                self.amqp.command_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        // This node's queue beside the shared one (SPEC §12): commands
+        // forwarded here, and those for this node's games that waited here
+        // while it was down.
+        broker::declare_node_queue(&channel, &self.amqp, &self.node).await?;
+        let node_queue = self.node_queue();
+        let mut consumers = Vec::with_capacity(2);
+        for queue in [self.amqp.command_queue.as_str(), node_queue.as_str()] {
+            consumers.push(
+                channel
+                    .basic_consume(
+                        queue.into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?,
+            );
+        }
+        let tags: Vec<_> = consumers.iter().map(|c| c.tag()).collect();
+        let mut stream = futures_util::stream::select_all(consumers);
         Readiness::set(&self.readiness.broker, true);
         pauses.reset();
-        info!(queue = %self.amqp.command_queue, prefetch = self.amqp.prefetch, "consuming commands");
+        info!(queue = %self.amqp.command_queue, %node_queue, prefetch = self.amqp.prefetch, "consuming commands");
         loop {
             tokio::select! {
                 () = shutdown.wait() => {
                     // Stop taking new messages; the channel stays open so the
                     // commands in flight can still ack.
-                    let tag = stream.tag();
-                    if let Err(e) = channel.basic_cancel(tag, Default::default()).await {
-                        debug!(error = %e, "cancel the consumer");
+                    for tag in tags {
+                        if let Err(e) = channel.basic_cancel(tag, Default::default()).await {
+                            debug!(error = %e, "cancel the consumer");
+                        }
                     }
                     return Ok((conn, channel));
                 }

@@ -67,6 +67,7 @@ impl Row {
             }
         };
         Ok(OutcomeEvent {
+            node: None,
             // The event's id went with its outbox row.
             event_id: Uuid::nil(),
             schema_version: SCHEMA_VERSION,

@@ -9,6 +9,9 @@
 //! - [`outbox`]: the relay's reads and marks, its leadership lease
 //!   (`relay_leader`), and the wake-up a follower sends the leader.
 //! - [`history`]: the operation history `rtmanager log` prints.
+//! - [`nodes`]: several Docker hosts (SPEC §12): the heartbeat, the
+//!   routing and placement call `rtm_route` (migration 0012), and what
+//!   `rtmanager nodes`, `drain` and `undrain` read and write.
 //! - [`retention`]: the sweep of what `RTM_RETENTION` keeps only a while.
 //! - [`bootstrap`]: connecting (creating the database if missing),
 //!   migrating, and the readiness ping.
@@ -25,6 +28,7 @@
 
 mod bootstrap;
 mod history;
+mod nodes;
 mod outbox;
 mod port;
 mod retention;
@@ -38,9 +42,10 @@ use sqlx::postgres::PgPoolOptions;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::domain::OutcomeEvent;
+use crate::domain::{NodeName, OutcomeEvent};
 use crate::ports::StoreError;
 
+pub use nodes::{HEARTBEAT, NodeRow, live_within};
 pub use outbox::PendingEvent;
 pub use retention::Swept;
 
@@ -65,6 +70,11 @@ pub struct PgStore {
     /// rejected message's, a duplicate's republish): this worker's relay
     /// wakes at once, never later than the commit.
     written: Arc<Notify>,
+    /// The node this store's worker runs on: stamped on every event it
+    /// writes (and so on the record, `runtime_records.node`), and the node
+    /// `route` compares a game's with. `None` (tools, tests): no node, every
+    /// command runs here.
+    node: Option<NodeName>,
 }
 
 impl PgStore {
@@ -72,7 +82,18 @@ impl PgStore {
         Self {
             pool,
             written: Arc::new(Notify::new()),
+            node: None,
         }
+    }
+
+    /// This store, writing for a worker of `node`.
+    pub fn on_node(mut self, node: NodeName) -> Self {
+        self.node = Some(node);
+        self
+    }
+
+    pub fn node(&self) -> Option<&NodeName> {
+        self.node.as_ref()
     }
 
     /// This store, notifying `written` after each outbox write (the relay's

@@ -8,12 +8,12 @@ use uuid::Uuid;
 
 use super::{PgStore, db_error, decode_event, path_text};
 use crate::domain::{
-    CommandRequest, ContainerId, GameId, ImageRef, OperationEntry, OutcomeEvent, PriorEntry,
-    RecordUpdate, RuntimeRecord, RuntimeState, RuntimeStatus, Step,
+    CommandRequest, ContainerId, GameId, ImageRef, NodeName, OperationEntry, OutcomeEvent,
+    PriorEntry, RecordUpdate, RuntimeRecord, RuntimeState, RuntimeStatus, Step,
 };
 use crate::ports::{
-    Answers, Begun, Fence, FenceView, InboxClaim, OperationWrite, Progress, Recorded, RuntimeStore,
-    StoreError, WriteFence,
+    Answers, Begun, Fence, FenceView, InboxClaim, OperationWrite, Progress, Recorded, Route,
+    RuntimeStore, StoreError, WriteFence,
 };
 
 impl RuntimeStore for PgStore {
@@ -72,6 +72,9 @@ impl RuntimeStore for PgStore {
     }
 
     async fn append_rejected(&self, event: &OutcomeEvent) -> Result<(), StoreError> {
+        let mut event = event.clone();
+        event.node = self.node().map(ToString::to_string);
+        let event = &event;
         sqlx::query(
             "insert into outbox (event_id, game_id, routing_key, correlation_id, payload)
              values ($1, $2, $3, $4, $5)
@@ -89,14 +92,21 @@ impl RuntimeStore for PgStore {
         Ok(())
     }
 
+    async fn route(&self, request: &CommandRequest) -> Result<Route, StoreError> {
+        self.route_request(request).await
+    }
+
     async fn records_in(&self, status: RuntimeStatus) -> Result<Vec<RuntimeRecord>, StoreError> {
         let rows: Vec<NamedRecordRow> = sqlx::query_as(
             "select game_id, status, current_image_ref, current_container_id, address,
                     state_dir, fence, created_at, updated_at
              from runtime_records
-             where status = $1",
+             where status = $1 and ($2::text is null or node = $2)",
         )
         .bind(status.as_str())
+        // A worker looks only at its own node's games (SPEC §12): another
+        // node's engine is not its to compare with.
+        .bind(self.node().map(NodeName::as_str))
         .fetch_all(&self.pool)
         .await
         .map_err(|e| db_error("list the records by status", e))?;
@@ -307,6 +317,7 @@ impl RuntimeStore for PgStore {
         // The event as it will be stored; the database sets its
         // operation_id, which the log insert makes.
         let mut event = OutcomeEvent::from_entry(&entry, 0, event_id);
+        event.node = self.node().map(ToString::to_string);
         let result = &entry.result;
         let answer: Json<AppendAnswer> = sqlx::query_scalar(
             "select rtm_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,

@@ -1,0 +1,170 @@
+//! Several Docker hosts in the database (SPEC §12): the `nodes` table and
+//! its heartbeat, `rtm_route` (migration 0012), which answers where a
+//! command runs and places a new game, and what `rtmanager nodes`, `drain`
+//! and `undrain` read and write.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use sqlx::types::Json;
+
+use super::{PgStore, db_error};
+use crate::config::NodeConfig;
+use crate::domain::{CommandRequest, GameId, NodeName};
+use crate::error::{ErrorCode, Failure};
+use crate::ports::{Route, StoreError};
+
+/// How often a worker tells the database its node is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// A node is live when seen within three heartbeats: placement skips one
+/// that is not (its worker is down, or cut off from the database).
+pub fn live_within() -> Duration {
+    HEARTBEAT * 3
+}
+
+/// One row of `rtmanager nodes`.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
+pub struct NodeRow {
+    pub name: String,
+    pub last_seen: DateTime<Utc>,
+    pub max_games: i32,
+    pub draining: bool,
+    pub live: bool,
+    /// Its `running` games.
+    pub games: i64,
+}
+
+#[derive(Deserialize)]
+struct RouteAnswer {
+    kind: String,
+    node: Option<String>,
+}
+
+impl PgStore {
+    /// Registers this store's node (or says it is still alive), with its
+    /// `RTM_MAX_GAMES`; an operator's `draining` is left as it is.
+    pub async fn heartbeat(&self, node: &NodeConfig) -> Result<(), StoreError> {
+        sqlx::query(
+            "insert into nodes (name, max_games) values ($1, $2)
+             on conflict (name) do update
+                 set last_seen = now(), max_games = excluded.max_games",
+        )
+        .bind(node.name.as_str())
+        .bind(i32::try_from(node.max_games).unwrap_or(i32::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("register the node", e))?;
+        Ok(())
+    }
+
+    /// The first node of an installation that ran before nodes existed
+    /// takes its records: they were written on this one Docker host, the
+    /// only one there was. Once a second node has registered, a record
+    /// without a node is nobody's to take (the caller logs how many).
+    pub async fn adopt_unplaced(&self, node: &NodeName) -> Result<u64, StoreError> {
+        let adopted = sqlx::query(
+            "update runtime_records set node = $1
+             where node is null
+               and not exists (select 1 from nodes where name <> $1)",
+        )
+        .bind(node.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("adopt the records written before nodes", e))?;
+        Ok(adopted.rows_affected())
+    }
+
+    /// Every node, by name, with whether it is live and its running games.
+    pub async fn nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
+        sqlx::query_as(
+            "select n.name, n.last_seen, n.max_games, n.draining,
+                    n.last_seen > now() - make_interval(secs => $1) as live,
+                    (select count(*) from runtime_records r
+                     where r.node = n.name and r.status = 'running') as games
+             from nodes n
+             order by n.name",
+        )
+        .bind(live_within().as_secs_f64())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| db_error("list the nodes", e))
+    }
+
+    /// Sets a node's `draining`; `false` when no such node registered.
+    pub async fn set_draining(&self, node: &NodeName, draining: bool) -> Result<bool, StoreError> {
+        let done = sqlx::query("update nodes set draining = $2 where name = $1")
+            .bind(node.as_str())
+            .bind(draining)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| db_error("set the node's draining", e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// [`RuntimeStore::route`](crate::ports::RuntimeStore::route): one call
+    /// to `rtm_route`. A command without a usable game_id is answered
+    /// where it landed (its `invalid_request` says why).
+    pub(super) async fn route_request(
+        &self,
+        request: &CommandRequest,
+    ) -> Result<Route, StoreError> {
+        let Some(me) = &self.node else {
+            return Ok(Route::Here);
+        };
+        let Some(game_id) = request
+            .game_id
+            .as_deref()
+            .and_then(|raw| GameId::parse(raw).ok())
+        else {
+            return Ok(Route::Here);
+        };
+        let Ok(explicit) = request.placement_node() else {
+            return Ok(Route::Here);
+        };
+        let Json(answer): Json<RouteAnswer> =
+            sqlx::query_scalar("select rtm_route($1, $2, $3, $4, make_interval(secs => $5))")
+                .bind(game_id.as_str())
+                .bind(request.op.as_str())
+                .bind(&request.command_id)
+                .bind(explicit.as_ref().map(NodeName::as_str))
+                .bind(live_within().as_secs_f64())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| db_error("route the command", e))?;
+        let named = || answer.node.clone().unwrap_or_default();
+        let refused = |code, message: String| Ok(Route::Refused(Failure::new(code, message)));
+        match answer.kind.as_str() {
+            "node" => match answer.node.as_deref() {
+                None => Ok(Route::Here),
+                Some(node) if node == me.as_str() => Ok(Route::Here),
+                Some(node) => NodeName::parse(node)
+                    .map(Route::Forward)
+                    .map_err(|e| StoreError::Corrupt(format!("game {game_id} is placed on {e}"))),
+            },
+            "unknown_node" => refused(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "node {:?} is unknown: no worker of it ever registered",
+                    named()
+                ),
+            ),
+            "draining" => refused(
+                ErrorCode::ServiceUnavailable,
+                format!("node {:?} is draining: it takes no new games", named()),
+            ),
+            "full" => refused(
+                ErrorCode::ServiceUnavailable,
+                format!("node {:?} is full: it holds its RTM_MAX_GAMES", named()),
+            ),
+            "no_room" => refused(
+                ErrorCode::ServiceUnavailable,
+                "no node has room: every live node is draining or holds its RTM_MAX_GAMES".into(),
+            ),
+            other => Err(StoreError::Corrupt(format!(
+                "rtm_route answered an unknown kind {other:?}"
+            ))),
+        }
+    }
+}
