@@ -141,7 +141,14 @@ impl Consumer {
             );
         }
         let tags: Vec<_> = consumers.iter().map(|c| c.tag()).collect();
-        let mut stream = futures_util::stream::select_all(consumers);
+        // Each consumer's stream ends with a `None` of its own: the broker
+        // cancelling either (its queue deleted) ends the session, which
+        // reconnects and declares both again, rather than going on with one.
+        let mut stream = futures_util::stream::select_all(
+            consumers
+                .into_iter()
+                .map(|c| c.map(Some).chain(futures_util::stream::iter([None]))),
+        );
         Readiness::set(&self.readiness.broker, true);
         pauses.reset();
         info!(queue = %self.amqp.command_queue, %node_queue, prefetch = self.amqp.prefetch, "consuming commands");
@@ -158,9 +165,9 @@ impl Consumer {
                     return Ok((conn, channel));
                 }
                 next = stream.next() => match next {
-                    None => anyhow::bail!("the broker cancelled the consumer"),
-                    Some(Err(e)) => return Err(e.into()),
-                    Some(Ok(delivery)) => self.clone().dispatch(&channel, delivery),
+                    None | Some(None) => anyhow::bail!("the broker cancelled a consumer"),
+                    Some(Some(Err(e))) => return Err(e.into()),
+                    Some(Some(Ok(delivery))) => self.clone().dispatch(&channel, delivery),
                 }
             }
         }
