@@ -10,6 +10,7 @@ mod harness;
 mod lease;
 mod lifecycle;
 mod outages;
+mod placement;
 mod private;
 // The fault suite's process plumbing, and (`services`, below) its private
 // Redis/PostgreSQL instances on spare ports, for the tests that kill one.
