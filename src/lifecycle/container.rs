@@ -59,6 +59,16 @@ fn unavailable(what: &str, e: &str) -> Failure {
     Failure::new(ErrorCode::ServiceUnavailable, format!("docker {what}: {e}"))
 }
 
+/// The name a new container is created under.
+#[derive(Debug, Clone, Copy)]
+enum NewName {
+    /// The game's own, `<prefix><game_id>`.
+    Game,
+    /// The temporary `<prefix>_next.<game_id>` of a restart's or patch's
+    /// new container, made before the old one is stopped.
+    Next,
+}
+
 impl<S, L, E> Op<'_, S, L, E>
 where
     S: RuntimeStore,
@@ -293,40 +303,16 @@ where
                 return Ok(Next::Promoted(info.id));
             }
         }
-        let mut replaced = false;
-        loop {
-            self.check_lease()?;
-            let created = self
-                .docker("create", || self.lc.engine.create_next(self.game(), image))
+        match self.create_as(NewName::Next, image).await? {
+            Ok(id) => {
+                self.journal(&Step::Staged {
+                    stage: Stage::Start,
+                    container_id: id.clone(),
+                })
                 .await?;
-            match created {
-                Ok(id) => {
-                    self.journal(&Step::Staged {
-                        stage: Stage::Start,
-                        container_id: id.clone(),
-                    })
-                    .await?;
-                    return Ok(Next::Staged(id));
-                }
-                Err(EngineError::Unavailable(msg)) => {
-                    return Err(unavailable("create", &msg).into());
-                }
-                Err(EngineError::Rejected(msg) | EngineError::StaleTask(msg)) => {
-                    let in_the_way = if replaced {
-                        None
-                    } else {
-                        self.inspect_next().await?
-                    };
-                    let Some(leftover) = in_the_way else {
-                        return Ok(Next::Refused(format!(
-                            "create container from {image}: {msg}"
-                        )));
-                    };
-                    warn!(container_id = %leftover.id, error = %msg, "a new container of the game left by an earlier attempt is in the way; replacing it");
-                    self.drop_container(&leftover.id).await?;
-                    replaced = true;
-                }
+                Ok(Next::Staged(id))
             }
+            Err(refused) => Ok(Next::Refused(refused)),
         }
     }
 
@@ -422,43 +408,68 @@ where
         }
     }
 
-    /// Creates the game's container. Repeatable: a refused create may be
-    /// the retry of one whose answer was lost after the engine made the
-    /// container ("name already in use"). Whatever container of the game
-    /// Docker then has, made under this lease, is replaced once, rather
-    /// than failing the start and leaving it behind.
-    async fn create(&self, image: &ImageRef, stage: Stage) -> Result<ContainerId, Halt> {
+    /// Creates a container of the game under `name`. Repeatable: a
+    /// refused create may be the retry of one whose answer was lost after
+    /// the engine made the container ("name already in use"), so whatever
+    /// container Docker then has under that name, made under this lease, is
+    /// replaced once: stopped and discarded under the game's name, dropped
+    /// under the temporary one (never started). `Ok(Err(why))` when Docker
+    /// refuses with nothing in the way, or again after the replacement.
+    async fn create_as(
+        &self,
+        name: NewName,
+        image: &ImageRef,
+    ) -> Result<Result<ContainerId, String>, Halt> {
         let mut replaced = false;
-        let id = loop {
+        loop {
             self.check_lease()?;
-            let created = self
-                .docker("create", || self.lc.engine.create(self.game(), image))
-                .await?;
-            match created {
-                Ok(id) => break id,
+            let engine = &self.lc.engine;
+            let created = match name {
+                NewName::Game => {
+                    self.docker("create", || engine.create(self.game(), image))
+                        .await?
+                }
+                NewName::Next => {
+                    self.docker("create", || engine.create_next(self.game(), image))
+                        .await?
+                }
+            };
+            let msg = match created {
+                Ok(id) => return Ok(Ok(id)),
                 Err(EngineError::Unavailable(msg)) => {
                     return Err(unavailable("create", &msg).into());
                 }
-                Err(EngineError::Rejected(msg) | EngineError::StaleTask(msg)) => {
-                    let in_the_way = if replaced {
-                        None
-                    } else {
-                        self.inspect().await?
-                    };
-                    let Some(leftover) = in_the_way else {
-                        return Err(Failure::new(
-                            ErrorCode::ContainerStartFailed,
-                            format!("create container from {image}: {msg}"),
-                        )
-                        .into());
-                    };
-                    warn!(container_id = %leftover.id, error = %msg, "create refused with a container of the game in the way (an earlier create's answer was lost?); replacing it");
+                Err(EngineError::Rejected(msg) | EngineError::StaleTask(msg)) => msg,
+            };
+            let in_the_way = match (replaced, name) {
+                (true, _) => None,
+                (false, NewName::Game) => self.inspect().await?,
+                (false, NewName::Next) => self.inspect_next().await?,
+            };
+            let Some(leftover) = in_the_way else {
+                return Ok(Err(format!("create container from {image}: {msg}")));
+            };
+            warn!(container_id = %leftover.id, error = %msg, ?name, "create refused with a container in the way (an earlier create whose answer was lost?); replacing it");
+            match name {
+                NewName::Game => {
                     if leftover.running {
                         self.stop_container(&leftover.id, false).await?;
                     }
                     self.discard(&leftover.id).await?;
-                    replaced = true;
                 }
+                NewName::Next => self.drop_container(&leftover.id).await?,
+            }
+            replaced = true;
+        }
+    }
+
+    /// Creates the game's container under its own name ([`Self::create_as`])
+    /// and journals it; a refusal fails the start `container_start_failed`.
+    async fn create(&self, image: &ImageRef, stage: Stage) -> Result<ContainerId, Halt> {
+        let id = match self.create_as(NewName::Game, image).await? {
+            Ok(id) => id,
+            Err(refused) => {
+                return Err(Failure::new(ErrorCode::ContainerStartFailed, refused).into());
             }
         };
         self.journal(&Step::Create {
