@@ -3,7 +3,8 @@
 //!
 //! - [`send`]: publish a lifecycle command, optionally waiting for its
 //!   outcome events;
-//! - [`status`]: a game's runtime record beside what Docker reports;
+//! - [`status`]: a game's runtime record and node beside what Docker
+//!   reports;
 //! - [`log`]: a game's operation history;
 //! - [`nodes`]: the nodes (Docker hosts) and their draining (SPEC §12);
 //! - [`migrate`]: apply the database migrations;
@@ -51,7 +52,7 @@ pub enum Command {
     Migrate,
     /// Publish a lifecycle command (and, with --wait, watch its outcome).
     Send(SendArgs),
-    /// Show a game's runtime record beside what Docker reports.
+    /// Show a game's runtime record and node beside what Docker reports.
     Status(StatusArgs),
     /// Show a game's operation history, newest first.
     Log(LogArgs),
