@@ -28,6 +28,9 @@ async fn main() -> ExitCode {
         Command::Send(args) => cli::send::send_styled(&config, args, style, &mut out).await,
         Command::Status(args) => cli::status::status(&config, args, style, &mut out).await,
         Command::Log(args) => cli::log::log(&config, args, style, &mut out).await,
+        Command::Nodes(args) => cli::nodes::nodes(&config, args, style, &mut out).await,
+        Command::Drain(args) => cli::nodes::set_draining(&config, args, true, &mut out).await,
+        Command::Undrain(args) => cli::nodes::set_draining(&config, args, false, &mut out).await,
     };
     cli::report(result)
 }

@@ -27,8 +27,8 @@ use uuid::Uuid;
 
 use rtmanager::domain::event::SCHEMA_VERSION;
 use rtmanager::domain::{
-    Action, AllowedImages, EntryResult, GameId, ImageRef, OpKind, OpSource, OperationEntry,
-    Outcome, OutcomeEvent, StopReason,
+    Action, AllowedImages, EntryResult, GameId, ImageRef, NodeName, OpKind, OpSource,
+    OperationEntry, Outcome, OutcomeEvent, StopReason,
 };
 use rtmanager::error::{ErrorCode, Failure};
 use rtmanager::messages::{CommandMessage, Envelope, MAX_COMMAND_BYTES, decode_command};
@@ -143,6 +143,14 @@ fn valid_commands_match_the_schema_decode_and_validate() {
             Action::Exit => {
                 problems.push(format!("{name}: decoded as the reconciler's own op exit"))
             }
+        }
+        // A start's node reaches placement as sent (SPEC §12).
+        match (request.placement_node(), text("node")) {
+            (Ok(Some(node)), Some(sent)) if node.as_str() == sent => {}
+            (Ok(None), None) => {}
+            (got, sent) => problems.push(format!(
+                "{name}: placement is asked for {got:?}, the body says {sent:?}"
+            )),
         }
     }
     assert_no_problems("valid commands", &problems);
@@ -379,6 +387,44 @@ fn the_game_id_pattern_is_game_id_parse() {
     assert_eq!(
         event.pointer("/allOf/5/then/properties/game_id/pattern"),
         command.pointer("/$defs/game_id/pattern"),
+    );
+}
+
+#[test]
+fn the_node_pattern_is_node_name_parse() {
+    let command = schema::load_schema("command.schema.json");
+    let event = schema::load_schema("event.schema.json");
+    let validator = schema::validator_for(&command["properties"]["node"]);
+    let samples = [
+        "a",
+        "0",
+        "node-b",
+        "host.example",
+        "N_2",
+        "a..b",
+        &"x".repeat(63),
+        &"x".repeat(64),
+        "",
+        "-a",
+        ".a",
+        "_a",
+        "a b",
+        "a/b",
+        "a#",
+        "a\n",
+        "ü",
+    ];
+    for raw in samples {
+        assert_eq!(
+            validator.is_valid(&json!(raw)),
+            NodeName::parse(raw).is_ok(),
+            "{raw:?}: the schema and NodeName::parse disagree"
+        );
+    }
+    // An event's node is a node name too.
+    assert_eq!(
+        event.pointer("/properties/node/pattern"),
+        command.pointer("/properties/node/pattern"),
     );
 }
 
@@ -882,11 +928,17 @@ fn the_event_schema_rejects_what_the_code_never_sends() {
     .unwrap();
     assert!(validator.is_valid(&base));
 
-    // Every field is always present.
+    // Every field is always present, but `node`: an event stored before
+    // nodes existed has none.
+    assert!(base.get("node").is_some(), "the fixture names its node");
     for key in base.as_object().unwrap().keys() {
         let mut v = base.clone();
         v.as_object_mut().unwrap().remove(key);
-        assert!(!validator.is_valid(&v), "accepted without {key}");
+        assert_eq!(
+            validator.is_valid(&v),
+            key == "node",
+            "without {key}: {v:#}"
+        );
     }
 
     type Edit = fn(&mut Value);
@@ -962,6 +1014,11 @@ fn the_event_schema_rejects_what_the_code_never_sends() {
         }),
         ("an unknown reason past validation", |v| {
             v["reason"] = json!("bored")
+        }),
+        ("a null node", |v| v["node"] = Value::Null),
+        ("an empty node", |v| v["node"] = json!("")),
+        ("a node that is no node name", |v| {
+            v["node"] = json!("node b")
         }),
     ];
     for (what, edit) in cases {

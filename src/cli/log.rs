@@ -113,14 +113,19 @@ pub fn group(newest_first: Vec<OutcomeEvent>) -> Vec<Group> {
     groups
 }
 
-const HEADER: [&str; 7] = [
-    "TIME", "OP", "OUTCOME", "CODE", "IMAGE", "DURATION", "MESSAGE",
+const HEADER: [&str; 8] = [
+    "TIME", "OP", "OUTCOME", "CODE", "IMAGE", "DURATION", "NODE", "MESSAGE",
 ];
+
+/// The NODE column: left out when no entry in view names a node (a
+/// history from before nodes, or kept only in the operation log after
+/// `RTM_RETENTION` swept its events).
+const NODE_COLUMN: usize = 6;
 
 /// One table row: the plain cells, and whether it is an outer line and a
 /// failure (for colours).
 struct Row {
-    cells: [String; 7],
+    cells: [String; 8],
     /// The further lines of a multi-line message, shown under it.
     more: Vec<String>,
     outer: bool,
@@ -158,6 +163,7 @@ fn row(event: &OutcomeEvent, style: &Style) -> Row {
             event.error_code.map(|c| c.to_string()).unwrap_or_default(),
             image_text(event).unwrap_or_default(),
             human_duration(event_duration(event)),
+            event.node.clone().unwrap_or_default(),
             first.to_owned(),
         ],
         more: rest.into_iter().map(str::to_owned).collect(),
@@ -166,7 +172,9 @@ fn row(event: &OutcomeEvent, style: &Style) -> Row {
     }
 }
 
-/// The history as an aligned table (newest group first).
+/// The history as an aligned table (newest group first), with a NODE
+/// column (before MESSAGE) when an entry in view names the node whose
+/// worker wrote it.
 ///
 /// ```text
 /// TIME                 OP        OUTCOME  CODE  IMAGE                      DURATION  MESSAGE
@@ -188,6 +196,7 @@ pub fn render(groups: &[Group], style: &Style) -> String {
                         String::new(),
                         String::new(),
                         String::new(),
+                        String::new(),
                         "no outer entry in view (still running, or beyond --limit)".into(),
                     ],
                     more: Vec::new(),
@@ -199,16 +208,23 @@ pub fn render(groups: &[Group], style: &Style) -> String {
         rows.extend(g.inner.iter().map(|e| row(e, style)));
     }
 
+    let show_node = groups
+        .iter()
+        .flat_map(|g| g.outer.iter().chain(&g.inner))
+        .any(|e| e.node.is_some());
     let mut widths = HEADER.map(str::len);
     for r in &rows {
         for (w, cell) in widths.iter_mut().zip(&r.cells) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: [String; 7]| -> Vec<String> {
+    // Every cell padded to its column but the last; the NODE column only
+    // when shown.
+    let line = |cells: [String; 8]| -> Vec<String> {
         cells
             .iter()
             .enumerate()
+            .filter(|(i, _)| show_node || *i != NODE_COLUMN)
             .map(|(i, c)| {
                 if i + 1 == cells.len() {
                     c.clone()
@@ -219,7 +235,12 @@ pub fn render(groups: &[Group], style: &Style) -> String {
             .collect()
     };
 
-    let message_column = widths[..6].iter().map(|w| w + 2).sum::<usize>();
+    let message_column = widths[..7]
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| show_node || *i != NODE_COLUMN)
+        .map(|(_, w)| w + 2)
+        .sum::<usize>();
     let mut text = String::new();
     let header = line(HEADER.map(str::to_owned)).join("  ");
     text.push_str(&style.paint(&[DIM], header.trim_end()));
@@ -230,8 +251,11 @@ pub fn render(groups: &[Group], style: &Style) -> String {
             (false, "…") => YELLOW,
             (false, _) => GREEN,
         };
-        let [time, op, outcome, code, image, duration, message] =
-            line(r.cells).try_into().expect("seven cells");
+        let mut cells = line(r.cells);
+        let message = cells.pop().expect("a message cell");
+        let node = show_node.then(|| cells.pop().expect("a node cell"));
+        let [time, op, outcome, code, image, duration]: [String; 6] =
+            cells.try_into().expect("six cells before node and message");
         let op = if r.outer {
             style.paint(&[BOLD], &op)
         } else {
@@ -242,15 +266,16 @@ pub fn render(groups: &[Group], style: &Style) -> String {
         } else {
             (code, message)
         };
-        let cells = [
+        let mut cells = vec![
             style.paint(&[DIM], &time),
             op,
             style.paint(&[outcome_colour], &outcome),
             code,
             image,
             duration,
-            message,
         ];
+        cells.extend(node);
+        cells.push(message);
         text.push_str(cells.join("  ").trim_end());
         text.push('\n');
         for extra in &r.more {
@@ -353,6 +378,38 @@ mod tests {
         let groups = group(vec![patch_event(), other]);
         assert_eq!(groups.len(), 2);
         assert!(groups[0].inner.is_empty());
+    }
+
+    #[test]
+    fn the_node_column_shows_where_each_entry_ran() {
+        let on = |mut e: OutcomeEvent, node: &str| {
+            e.node = Some(node.into());
+            e
+        };
+        // The failed stop is from before nodes: its cell stays empty.
+        let groups = group(vec![
+            on(patch_event(), "node-b"),
+            on(start_step(), "node-b"),
+            on(stop_step(), "node-b"),
+            failed_stop(),
+        ]);
+        let text = render(&groups, &Style::plain());
+        let expected = [
+            "TIME                 OP         OUTCOME  CODE                   IMAGE                                          DURATION  NODE    MESSAGE",
+            "2026-11-26 12:00:01  patch      success                         rtm-test/engine:1.4.2 → rtm-test/engine:1.4.3  1.1s      node-b",
+            "2026-11-26 12:00:01    └ stop   success                         rtm-test/engine:1.4.2                          412ms     node-b",
+            "2026-11-26 12:00:01    └ start  success                         rtm-test/engine:1.4.3                          688ms     node-b",
+            "2026-11-26 11:52:03  stop       failure  container_stop_failed  rtm-test/engine:1.4.2                          2m03s             docker: timeout",
+        ];
+        assert_eq!(text, expected.map(|l| format!("{l}\n")).concat());
+
+        // A multi-line message's further lines start under MESSAGE.
+        let mut tail = on(failed_stop(), "n1");
+        tail.error_message = Some("unhealthy; log tail:\nengine starting".into());
+        let text = render(&group(vec![tail]), &Style::plain());
+        let lines: Vec<&str> = text.lines().collect();
+        let column = lines[0].find("MESSAGE").unwrap();
+        assert_eq!(lines[2].find("engine starting"), Some(column), "{text}");
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //!
 //! - [`send`]: publish a lifecycle command, optionally waiting for its
 //!   outcome events;
-//! - [`status`]: a game's runtime record beside what Docker reports;
+//! - [`status`]: a game's runtime record and node beside what Docker
+//!   reports;
 //! - [`log`]: a game's operation history;
+//! - [`nodes`]: the nodes (Docker hosts) and their draining (SPEC §12);
 //! - [`migrate`]: apply the database migrations;
 //! - [`output`]: colours, times, durations and event lines.
 //!
@@ -18,11 +20,13 @@ use clap::{Parser, Subcommand};
 
 pub mod log;
 pub mod migrate;
+pub mod nodes;
 pub mod output;
 pub mod send;
 pub mod status;
 
 pub use log::LogArgs;
+pub use nodes::{DrainArgs, NodesArgs};
 pub use send::{SendArgs, SendOp};
 pub use status::StatusArgs;
 
@@ -37,7 +41,7 @@ pub struct Cli {
 const AFTER_HELP: &str = "\
 Configuration comes from the environment: RTM_AMQP_URL, DATABASE_URL, RTM_REDIS_URL, DOCKER_HOST, \
 RTM_COMMAND_EXCHANGE, RTM_EVENT_EXCHANGE, … (see the specification, section 9).
-Exit status: 0 success; 1 a failure outcome, or an unknown game; 2 an error or a timeout.";
+Exit status: 0 success; 1 a failure outcome, or an unknown game or node; 2 an error or a timeout.";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -48,10 +52,18 @@ pub enum Command {
     Migrate,
     /// Publish a lifecycle command (and, with --wait, watch its outcome).
     Send(SendArgs),
-    /// Show a game's runtime record beside what Docker reports.
+    /// Show a game's runtime record and node beside what Docker reports.
     Status(StatusArgs),
     /// Show a game's operation history, newest first.
     Log(LogArgs),
+    /// List the nodes (Docker hosts): live or down, draining, running
+    /// games of their RTM_MAX_GAMES, last heartbeat.
+    Nodes(NodesArgs),
+    /// Stop placing new games on a node; the games it holds stay and are
+    /// still served.
+    Drain(DrainArgs),
+    /// Place new games on a drained node again.
+    Undrain(DrainArgs),
 }
 
 /// How a command ended, as the process exit status.
@@ -59,7 +71,7 @@ pub enum Command {
 pub enum Exit {
     /// 0: done; the awaited operation succeeded.
     Success,
-    /// 1: the awaited operation failed, or the game is unknown.
+    /// 1: the awaited operation failed, or the game (or node) is unknown.
     Failure,
     /// 2: the command could not do its job (an error, a timeout, bad
     /// configuration or arguments).
@@ -275,6 +287,37 @@ mod tests {
         assert!(parse(&["status", "../etc"]).is_err());
         assert!(parse(&["log", "g-1", "--limit", "0"]).is_err());
         assert!(parse(&["log", "g-1", "--limit", "many"]).is_err());
+    }
+
+    #[test]
+    fn nodes_drain_and_undrain() {
+        match parse(&["nodes"]).unwrap().command {
+            Command::Nodes(n) => assert!(!n.json),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["nodes", "--json"]).unwrap().command {
+            Command::Nodes(n) => assert!(n.json),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["drain", "node-b"]).unwrap().command {
+            Command::Drain(d) => assert_eq!(d.node.as_str(), "node-b"),
+            other => panic!("{other:?}"),
+        }
+        match parse(&["undrain", "host.example"]).unwrap().command {
+            Command::Undrain(d) => assert_eq!(d.node.as_str(), "host.example"),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["nodes", "node-b"]).is_err());
+        assert!(parse(&["drain"]).is_err());
+        assert!(parse(&["drain", "a", "b"]).is_err());
+        // A name that cannot be a node's is refused before anything is
+        // asked, with an error that names it (clap's usage error: exit 2).
+        for bad in ["a b", "-b", "b/c", "node#1"] {
+            let e = parse(&["drain", "--", bad]).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+            let text = e.to_string();
+            assert!(text.contains(&format!("{bad:?}")), "{text}");
+        }
     }
 
     #[test]

@@ -1,5 +1,12 @@
 //! `rtmanager status <game_id>`: the runtime record beside what Docker
-//! reports for the game's container, with every disagreement flagged.
+//! reports for the game's container, with every disagreement flagged, and
+//! the node the game lives on (SPEC §12).
+//!
+//! Docker is asked only when this host's engine is the game's: the game
+//! lives on this command's node (`RTM_NODE`), on no node yet, or only one
+//! node is registered (then every game is on it, whatever this host is
+//! called). A game on another node is shown with its record alone: this
+//! engine not having its container says nothing.
 
 use std::io::Write;
 
@@ -9,9 +16,9 @@ use clap::Args;
 use serde::Serialize;
 
 use super::Exit;
-use super::output::{BOLD, DIM, GREEN, RED, Style, ago, pad, short_id};
+use super::output::{BOLD, DIM, GREEN, RED, Style, YELLOW, ago, pad, short_id};
 use crate::config::Config;
-use crate::domain::{GameId, OutcomeEvent, RuntimeRecord, RuntimeStatus};
+use crate::domain::{GameId, NodeName, OutcomeEvent, RuntimeRecord, RuntimeStatus};
 use crate::outbound::docker::DockerEngine;
 use crate::outbound::postgres::PgStore;
 use crate::ports::{ContainerEngine as _, ContainerInfo, Health, RuntimeStore as _};
@@ -21,7 +28,8 @@ pub struct StatusArgs {
     /// The game, e.g. g-1042
     #[arg(value_parser = parse_game_id)]
     pub game_id: GameId,
-    /// Print one JSON object: {"game_id", "record", "docker", "consistent", "mismatches"}.
+    /// Print one JSON object: {"game_id", "record", "docker", "consistent", "mismatches",
+    /// "node", "placement", "docker_node"}.
     #[arg(long)]
     pub json: bool,
 }
@@ -31,7 +39,8 @@ pub(crate) fn parse_game_id(raw: &str) -> Result<GameId, String> {
 }
 
 /// Reads the record and inspects the container, then prints them side by
-/// side. Exit 1 when the game has no record (an unknown game).
+/// side. Exit 1 when the game has no record (an unknown game, or one
+/// placed whose start has not run).
 pub async fn status(
     config: &Config,
     args: StatusArgs,
@@ -52,22 +61,49 @@ pub async fn status(
             .with_context(|| format!("read the last exit of {}", args.game_id))?,
         _ => None,
     };
-    let engine = DockerEngine::connect(config.docker.clone()).await?;
-    let docker = engine
-        .inspect(&args.game_id)
+    let placed = store
+        .game_placement(args.game_id.as_str())
         .await
-        .with_context(|| format!("inspect the container of {}", args.game_id))?;
+        .with_context(|| format!("read the node of {}", args.game_id))?;
+    let placement = match (placed.placed_node, placed.placed_at) {
+        (Some(node), Some(at)) => Some(Placement {
+            node,
+            at,
+            command_id: placed.placed_by.unwrap_or_default(),
+        }),
+        _ => None,
+    };
+    let registered = store.nodes().await.context("list the nodes")?.len();
+    let here = config.node.name.clone();
+    let lives_on = placement
+        .as_ref()
+        .map(|p| p.node.as_str())
+        .or(placed.record_node.as_deref());
+    let compared = docker_is_the_games(lives_on, &here, registered);
+    let docker = if compared {
+        let engine = DockerEngine::connect(config.docker.clone()).await?;
+        engine
+            .inspect(&args.game_id)
+            .await
+            .with_context(|| format!("inspect the container of {}", args.game_id))?
+    } else {
+        None
+    };
     let report = Report {
-        container_name: engine.container_name(&args.game_id),
+        container_name: format!("{}{}", config.docker.container_prefix, args.game_id),
         game_id: args.game_id,
         record,
         docker,
         last_exit,
+        record_node: placed.record_node,
+        placement,
+        here,
+        compared,
     };
     let unknown = report.record.is_none();
     if args.json {
         writeln!(out, "{}", report.to_json())?;
-    } else if unknown && report.docker.is_none() {
+    } else if unknown && report.docker.is_none() && report.placement.is_none() && compared {
         writeln!(
             out,
             "game {} is unknown: no runtime record, and Docker has no container {}",
@@ -78,11 +114,17 @@ pub async fn status(
     }
     out.flush()?;
     if unknown {
-        if args.json || report.docker.is_some() {
-            eprintln!(
+        match &report.placement {
+            Some(p) => eprintln!(
+                "rtmanager: game {} has no runtime record yet: it is placed on node {}, \
+                 where its start has not run (or failed)",
+                report.game_id, p.node
+            ),
+            None if args.json || report.docker.is_some() || !compared => eprintln!(
                 "rtmanager: game {} is unknown: it has no runtime record",
                 report.game_id
-            );
+            ),
+            None => {}
         }
         return Ok(Exit::Failure);
     }
@@ -99,6 +141,35 @@ pub struct Report {
     pub docker: Option<ContainerInfo>,
     /// The latest `exit` entry, read for an `exited` record only.
     pub last_exit: Option<OutcomeEvent>,
+    /// `runtime_records.node`: where the record's last operation ran
+    /// (`None`: no record, or one from before nodes).
+    pub record_node: Option<String>,
+    /// The game's placement, unless it belongs to an earlier life (made
+    /// before its removal).
+    pub placement: Option<Placement>,
+    /// This command's node (`RTM_NODE`): whose Docker engine it can ask.
+    pub here: NodeName,
+    /// Whether Docker was asked (see the module comment): `docker` is what
+    /// the game's own engine reports. Without it, `docker` is `None` and
+    /// nothing is compared.
+    pub compared: bool,
+}
+
+/// Where a start placed the game (table `placements`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub node: String,
+    pub at: DateTime<Utc>,
+    /// The start that placed it.
+    pub command_id: String,
+}
+
+/// Whether this host's Docker engine is the game's: unless the game lives
+/// on another node and there are several nodes. With one registered (or
+/// none), every game is on it whatever this host is called, as before
+/// nodes existed.
+pub fn docker_is_the_games(lives_on: Option<&str>, here: &NodeName, registered: usize) -> bool {
+    registered <= 1 || lives_on.is_none_or(|node| node == here.as_str())
 }
 
 impl Report {
@@ -106,9 +177,51 @@ impl Report {
         &self.container_name
     }
 
+    /// The node the game's commands run on, as routing answers it: its
+    /// placement, else its record's node; `None` for a game on no node
+    /// (unknown, or from before nodes: it runs wherever its command lands).
+    pub fn node(&self) -> Option<&str> {
+        self.placement
+            .as_ref()
+            .map(|p| p.node.as_str())
+            .or(self.record_node.as_deref())
+    }
+
+    /// A placement the record does not show yet: no record, a removed one,
+    /// or one on another node (a start after a `remove`, placed afresh).
+    fn pending_placement(&self) -> Option<&Placement> {
+        let p = self.placement.as_ref()?;
+        match &self.record {
+            Some(r)
+                if r.status() != RuntimeStatus::Removed
+                    && self.record_node.as_deref() == Some(p.node.as_str()) =>
+            {
+                None
+            }
+            _ => Some(p),
+        }
+    }
+
+    /// Why Docker was not asked, when it was not.
+    fn not_compared(&self) -> Option<String> {
+        if self.compared {
+            return None;
+        }
+        Some(format!(
+            "Docker not asked: the game lives on node {}, and this is node {} (RTM_NODE); \
+             run status there, or here with RTM_NODE={} and DOCKER_HOST set to its engine",
+            self.node().unwrap_or_default(),
+            self.here,
+            self.node().unwrap_or_default(),
+        ))
+    }
+
     /// Every way the record and Docker disagree, as sentences.
     pub fn mismatches(&self) -> Vec<String> {
         let mut found = Vec::new();
+        if !self.compared {
+            return found;
+        }
         let Some(record) = &self.record else {
             if let Some(c) = &self.docker {
                 found.push(format!(
@@ -181,7 +294,12 @@ impl Report {
     }
 
     /// One line of JSON, keys in this order: `{"game_id", "record": {…}|null,
-    /// "docker": {…}|null, "consistent", "mismatches": […]}`.
+    /// "docker": {…}|null, "consistent", "mismatches": […], "node",
+    /// "placement": {…}|null, "docker_node"}`. `node` is where the game's
+    /// commands run (its placement, else its record's node); `docker_node`
+    /// the node whose engine `docker` describes, null (and `consistent`
+    /// null) when Docker was not asked because the game lives on another
+    /// node.
     pub fn to_json(&self) -> String {
         let record = self.record.as_ref().map(|r| RecordJson {
             status: r.status().as_str(),
@@ -192,6 +310,7 @@ impl Report {
             fence: r.fence,
             created_at: r.created_at,
             updated_at: r.updated_at,
+            node: self.record_node.as_deref(),
             exit: self.last_exit.as_ref().map(|e| ExitJson {
                 operation_id: e.operation_id,
                 at: e.finished_at,
@@ -212,8 +331,15 @@ impl Report {
             game_id: self.game_id.as_str(),
             record,
             docker,
-            consistent: mismatches.is_empty(),
+            consistent: self.compared.then_some(mismatches.is_empty()),
             mismatches,
+            node: self.node(),
+            placement: self.placement.as_ref().map(|p| PlacementJson {
+                node: &p.node,
+                placed_at: p.at,
+                command_id: &p.command_id,
+            }),
+            docker_node: self.compared.then(|| self.here.as_str()),
         };
         serde_json::to_string(&json).expect("plain data serializes")
     }
@@ -265,6 +391,41 @@ impl Report {
                 }),
             ),
         ];
+        // The node the record names beside the node whose engine was asked.
+        rows.insert(
+            1,
+            (
+                "node",
+                self.record_node.clone().unwrap_or_else(dash),
+                self.here.to_string(),
+            ),
+        );
+        if let Some(p) = self.pending_placement() {
+            rows.insert(
+                2,
+                (
+                    "placed",
+                    format!(
+                        "on {} {} ({}) by start {}",
+                        p.node,
+                        style.date_time(p.at),
+                        ago(now, p.at),
+                        p.command_id
+                    ),
+                    String::new(),
+                ),
+            );
+        }
+        if !self.compared {
+            rows.retain(|(label, _, _)| *label != "health");
+            for (label, _, docker) in &mut rows {
+                *docker = if *label == "status" {
+                    "not asked".into()
+                } else {
+                    String::new()
+                };
+            }
+        }
         if let Some(r) = r {
             rows.push((
                 "state dir",
@@ -323,7 +484,25 @@ impl Report {
             text.push('\n');
         }
         let mismatches = self.mismatches();
-        if mismatches.is_empty() && self.record.is_some() {
+        if let Some(p) = self.pending_placement()
+            && self
+                .record
+                .as_ref()
+                .is_none_or(|r| r.status() == RuntimeStatus::Removed)
+        {
+            text.push_str(&style.paint(
+                &[YELLOW],
+                &format!(
+                    "placed on node {}: its start has not run there yet (or failed)",
+                    p.node
+                ),
+            ));
+            text.push('\n');
+        }
+        if let Some(note) = self.not_compared() {
+            text.push_str(&style.paint(&[YELLOW], &note));
+            text.push('\n');
+        } else if mismatches.is_empty() && self.record.is_some() {
             text.push_str(&style.paint(&[GREEN], "record and Docker agree"));
             text.push('\n');
         }
@@ -340,8 +519,19 @@ struct StatusJson<'a> {
     game_id: &'a str,
     record: Option<RecordJson<'a>>,
     docker: Option<DockerJson<'a>>,
-    consistent: bool,
+    /// Null when Docker was not asked.
+    consistent: Option<bool>,
     mismatches: Vec<String>,
+    node: Option<&'a str>,
+    placement: Option<PlacementJson<'a>>,
+    docker_node: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct PlacementJson<'a> {
+    node: &'a str,
+    placed_at: DateTime<Utc>,
+    command_id: &'a str,
 }
 
 #[derive(Serialize)]
@@ -354,6 +544,8 @@ struct RecordJson<'a> {
     fence: i64,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    /// `runtime_records.node` (null: written before nodes).
+    node: Option<&'a str>,
     /// An `exited` record's exit entry (absent otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     exit: Option<ExitJson<'a>>,
@@ -446,6 +638,10 @@ mod tests {
             container_name: "rtm-g-1042".into(),
             record,
             docker,
+            record_node: Some("node-a".into()),
+            placement: None,
+            here: NodeName::parse("node-a").unwrap(),
+            compared: true,
         }
     }
 
@@ -459,6 +655,7 @@ mod tests {
             "game g-1042\n\
              \x20            record                 docker\n\
              \x20 status     running                running\n\
+             \x20 node       node-a                 node-a\n\
              \x20 image      rtm-test/engine:1.4.2  rtm-test/engine:1.4.2\n\
              \x20 container  3f2a9c1d0e4b           3f2a9c1d0e4b (rtm-g-1042)\n\
              \x20 address    172.18.0.5             172.18.0.5\n\
@@ -480,6 +677,122 @@ mod tests {
         assert_eq!(json["record"]["fence"], 7);
         assert_eq!(json["docker"]["health"], "healthy");
         assert_eq!(json["docker"]["container_name"], "rtm-g-1042");
+        assert_eq!(json["node"], "node-a");
+        assert_eq!(json["record"]["node"], "node-a");
+        assert_eq!(json["docker_node"], "node-a");
+        assert_eq!(json["placement"], Value::Null);
+    }
+
+    #[test]
+    fn docker_is_asked_only_when_it_is_the_games_engine() {
+        let a = NodeName::parse("node-a").unwrap();
+        assert!(docker_is_the_games(Some("node-a"), &a, 2));
+        assert!(!docker_is_the_games(Some("node-b"), &a, 2));
+        // On no node yet (unknown, or from before nodes): wherever it is
+        // asked from.
+        assert!(docker_is_the_games(None, &a, 2));
+        // One node: every game is on it, whatever this host calls itself.
+        assert!(docker_is_the_games(Some("node-b"), &a, 1));
+        assert!(docker_is_the_games(Some("node-b"), &a, 0));
+    }
+
+    #[test]
+    fn a_game_on_another_node_is_shown_without_docker() {
+        let mut r = report(Some(running_record()), None);
+        r.record_node = Some("node-b".into());
+        r.compared = false;
+        assert!(r.mismatches().is_empty(), "nothing compared");
+        let text = r.render(&Style::plain(), now());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[2], "  status     running  not asked", "{text}");
+        assert_eq!(lines[3], "  node       node-b", "{text}");
+        assert_eq!(lines[4], "  image      rtm-test/engine:1.4.2", "{text}");
+        assert!(!text.contains("health"), "{text}");
+        assert!(
+            text.ends_with(
+                "Docker not asked: the game lives on node node-b, and this is node node-a \
+                 (RTM_NODE); run status there, or here with RTM_NODE=node-b and DOCKER_HOST \
+                 set to its engine\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("agree"), "{text}");
+        let json: Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(json["node"], "node-b");
+        assert_eq!(json["docker"], Value::Null);
+        assert_eq!(json["docker_node"], Value::Null);
+        assert_eq!(json["consistent"], Value::Null);
+        assert_eq!(json["mismatches"], serde_json::json!([]));
+    }
+
+    fn placed_on(node: &str) -> Placement {
+        Placement {
+            node: node.into(),
+            at: now() - chrono::Duration::seconds(5),
+            command_id: "c-7".into(),
+        }
+    }
+
+    #[test]
+    fn a_placed_game_whose_start_has_not_run() {
+        let mut r = report(None, None);
+        r.record_node = None;
+        r.placement = Some(placed_on("node-a"));
+        assert_eq!(r.node(), Some("node-a"));
+        let text = r.render(&Style::plain(), now());
+        assert_eq!(
+            text,
+            "game g-1042\n\
+             \x20            record     docker\n\
+             \x20 status     no record  no container\n\
+             \x20 node       -          node-a\n\
+             \x20 placed     on node-a 2026-11-26 11:59:55 (5s ago) by start c-7\n\
+             \x20 image      -          -\n\
+             \x20 container  -          -\n\
+             \x20 address    -          -\n\
+             \x20 health                -\n\
+             placed on node node-a: its start has not run there yet (or failed)\n"
+        );
+        let json: Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(json["node"], "node-a");
+        assert_eq!(json["record"], Value::Null);
+        assert_eq!(json["placement"]["node"], "node-a");
+        assert_eq!(json["placement"]["command_id"], "c-7");
+        assert_eq!(json["placement"]["placed_at"], "2026-11-26T11:59:55Z");
+    }
+
+    #[test]
+    fn a_removed_game_placed_afresh_lives_on_its_new_node() {
+        let mut removed = running_record();
+        removed.state = RuntimeState::Removed;
+        let mut r = report(Some(removed), None);
+        r.placement = Some(placed_on("node-b"));
+        r.compared = false;
+        assert_eq!(
+            r.node(),
+            Some("node-b"),
+            "the placement wins, as in routing"
+        );
+        let text = r.render(&Style::plain(), now());
+        assert!(text.contains("  node       node-a\n"), "{text}");
+        assert!(
+            text.contains("  placed     on node-b 2026-11-26 11:59:55 (5s ago) by start c-7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("placed on node node-b: its start has not run there yet (or failed)\n"),
+            "{text}"
+        );
+        let json: Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(json["record"]["node"], "node-a");
+        assert_eq!(json["node"], "node-b");
+
+        // A placement the record already shows is not repeated.
+        let mut r = report(Some(running_record()), Some(running_container()));
+        r.placement = Some(placed_on("node-a"));
+        let text = r.render(&Style::plain(), now());
+        assert!(!text.contains("placed"), "{text}");
+        assert!(text.ends_with("record and Docker agree\n"), "{text}");
     }
 
     #[test]
@@ -584,11 +897,12 @@ mod tests {
 
     #[test]
     fn an_unknown_game() {
-        let r = report(None, None);
+        let mut r = report(None, None);
+        r.record_node = None;
         assert!(r.mismatches().is_empty());
         assert_eq!(
             r.to_json(),
-            r#"{"game_id":"g-1042","record":null,"docker":null,"consistent":true,"mismatches":[]}"#
+            r#"{"game_id":"g-1042","record":null,"docker":null,"consistent":true,"mismatches":[],"node":null,"placement":null,"docker_node":"node-a"}"#
         );
         let json: Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(json["record"], Value::Null);
@@ -598,6 +912,7 @@ mod tests {
             "game g-1042\n\
              \x20            record     docker\n\
              \x20 status     no record  no container\n\
+             \x20 node       -          node-a\n\
              \x20 image      -          -\n\
              \x20 container  -          -\n\
              \x20 address    -          -\n\

@@ -168,3 +168,38 @@ impl PgStore {
         }
     }
 }
+
+/// Where one game lives, as `rtmanager status` shows it: its record's node
+/// and its placement (read-only; never places anything).
+#[derive(Debug, Clone, PartialEq, Eq, Default, sqlx::FromRow)]
+pub struct GamePlacement {
+    /// `runtime_records.node`: the node of the last operation that wrote
+    /// the record (null: no record, or one from before nodes).
+    pub record_node: Option<String>,
+    /// Its row of `placements`, unless that row belongs to an earlier life
+    /// (made before the game's removal: the next start is placed afresh),
+    /// as `rtm_route` reads it.
+    pub placed_node: Option<String>,
+    pub placed_at: Option<DateTime<Utc>>,
+    /// The start that placed it.
+    pub placed_by: Option<String>,
+}
+
+impl PgStore {
+    /// [`GamePlacement`] of `game_id` (all `None` for a game never seen).
+    pub async fn game_placement(&self, game_id: &str) -> Result<GamePlacement, StoreError> {
+        sqlx::query_as(
+            "select r.node as record_node, p.node as placed_node, p.placed_at,
+                    p.command_id as placed_by
+             from (select $1::text as game_id) g
+                      left join runtime_records r on r.game_id = g.game_id
+                      left join placements p on p.game_id = g.game_id
+                 and not (r.status is not distinct from 'removed'
+                          and p.placed_at <= r.updated_at)",
+        )
+        .bind(game_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| db_error("read the game's node and placement", e))
+    }
+}
