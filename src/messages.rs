@@ -270,6 +270,9 @@ pub struct CommandMessage {
     pub source_ref: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A start's node (SPEC §12).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     pub requested_at: DateTime<Utc>,
 }
 
@@ -421,10 +424,12 @@ mod tests {
             op_source: "admin".into(),
             source_ref: None,
             reason: None,
+            node: Some("node-b".into()),
             requested_at: Utc::now(),
         };
         let body = serde_json::to_vec(&msg).unwrap();
         let r = decode_command(&body, &Envelope::default()).unwrap();
+        assert_eq!(r.node.as_deref(), Some("node-b"));
         assert_eq!(r.image_ref.as_deref(), Some("e:1.0.0"));
         assert_eq!(r.op_source.as_deref(), Some("admin"));
     }

@@ -144,8 +144,10 @@ fn valid_commands_match_the_schema_decode_and_validate() {
                 problems.push(format!("{name}: decoded as the reconciler's own op exit"))
             }
         }
-        // A start's node reaches placement as sent (SPEC §12).
-        match (request.placement_node(), text("node")) {
+        // A start's node reaches placement as sent (SPEC §12); any other
+        // op's is ignored like an unknown field.
+        let sent_node = text("node").filter(|_| request.op == OpKind::Start);
+        match (request.placement_node(), sent_node) {
             (Ok(Some(node)), Some(sent)) if node.as_str() == sent => {}
             (Ok(None), None) => {}
             (got, sent) => problems.push(format!(
@@ -394,7 +396,12 @@ fn the_game_id_pattern_is_game_id_parse() {
 fn the_node_pattern_is_node_name_parse() {
     let command = schema::load_schema("command.schema.json");
     let event = schema::load_schema("event.schema.json");
-    let validator = schema::validator_for(&command["properties"]["node"]);
+    // A start's node (the top-level one is any string: other ops ignore it).
+    let validator = schema::validator_for(&command["allOf"][0]["then"]["properties"]["node"]);
+    assert_eq!(
+        command["allOf"][0]["if"]["properties"]["op"]["const"],
+        "start"
+    );
     let samples = [
         "a",
         "0",
@@ -424,7 +431,7 @@ fn the_node_pattern_is_node_name_parse() {
     // An event's node is a node name too.
     assert_eq!(
         event.pointer("/properties/node/pattern"),
-        command.pointer("/properties/node/pattern"),
+        command.pointer("/allOf/0/then/properties/node/pattern"),
     );
 }
 

@@ -162,9 +162,13 @@ mod tests {
             s.op,
             SendOp::Start {
                 game_id: "g-1".into(),
-                image_ref: "rtm-test/engine:1.0.0".into()
+                image_ref: "rtm-test/engine:1.0.0".into(),
+                node: None,
             }
         );
+        let s = send(&["start", "g-1", "rtm-test/engine:1.0.0", "--node", "node-b"]);
+        assert!(matches!(&s.op, SendOp::Start { node: Some(n), .. } if n == "node-b"));
+        assert_eq!(s.message("c").node.as_deref(), Some("node-b"));
         assert_eq!(s.op_source, "admin");
         assert_eq!(s.source_ref, None);
         assert_eq!(s.command_id, None);

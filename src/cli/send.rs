@@ -25,7 +25,7 @@ use super::Exit;
 use super::output::{Style, event_line, human_duration};
 use crate::broker::{self, Outgoing, PublishError};
 use crate::config::Config;
-use crate::domain::{GameId, ImageRef, OpKind, OpSource, OutcomeEvent, StopReason};
+use crate::domain::{GameId, ImageRef, NodeName, OpKind, OpSource, OutcomeEvent, StopReason};
 use crate::messages::CommandMessage;
 
 /// The binding of the `--wait` queue: every outcome event, so inner steps
@@ -82,6 +82,9 @@ pub enum SendOp {
         /// The engine image, e.g. registry.example:5000/galaxy/engine:1.4.2
         #[arg(value_parser = image_ref)]
         image_ref: String,
+        /// The node to place a new game on [default: placement chooses]
+        #[arg(long, value_name = "NODE", value_parser = node_name)]
+        node: Option<String>,
     },
     /// Stop a game's container (keeps it).
     Stop {
@@ -158,6 +161,10 @@ impl SendArgs {
 
     /// The body to publish, with `command_id` fixed by the caller.
     pub fn message(&self, command_id: &str) -> CommandMessage {
+        let node = match &self.op {
+            SendOp::Start { node, .. } => node.clone(),
+            _ => None,
+        };
         let (image_ref, new_image_ref, reason) = match &self.op {
             SendOp::Start { image_ref, .. } => (Some(image_ref.clone()), None, None),
             SendOp::Patch { new_image_ref, .. } => (None, Some(new_image_ref.clone()), None),
@@ -173,6 +180,7 @@ impl SendArgs {
             op_source: self.op_source.clone(),
             source_ref: self.source_ref.clone().filter(|r| !r.is_empty()),
             reason,
+            node,
             requested_at: Utc::now(),
         }
     }
@@ -473,6 +481,10 @@ fn non_empty(raw: &str) -> Result<String, String> {
     } else {
         Ok(raw.to_owned())
     }
+}
+
+fn node_name(raw: &str) -> Result<String, String> {
+    NodeName::parse(raw).map(|_| raw.to_owned())
 }
 
 fn game_id(raw: &str) -> Result<String, String> {

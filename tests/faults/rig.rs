@@ -332,6 +332,7 @@ impl Rig {
             op_source: "lobby".into(),
             source_ref: None,
             reason: matches!(cmd, Cmd::Stop).then(|| "lobby_request".into()),
+            node: None,
             requested_at: chrono::Utc::now(),
         };
         serde_json::to_value(message).expect("a command serializes")
