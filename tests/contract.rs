@@ -331,6 +331,7 @@ fn the_cli_command_body_matches_the_schema() {
                 op_source: source.as_str().into(),
                 source_ref: Some("cli-1".into()),
                 reason: (op == OpKind::Stop).then(|| StopReason::Idle.as_str().into()),
+                node: (op == OpKind::Start).then(|| "node-b".into()),
                 requested_at: at,
             };
             let body = serde_json::to_vec(&message).unwrap();
