@@ -9,6 +9,7 @@ mod fakes;
 mod harness;
 mod lease;
 mod lifecycle;
+mod nodes;
 mod outages;
 mod private;
 // The fault suite's process plumbing, and (`services`, below) its private
