@@ -31,6 +31,7 @@ use crate::topology::Topology;
 const OLD: &str = "rtm-test/engine:1.4.2";
 const NEW: &str = "rtm-test/engine:1.4.3";
 const WAIT: Duration = Duration::from_secs(120);
+/// The nodes' names, unless a test names its own.
 const NODES: [&str; 2] = ["n1", "n2"];
 
 /// An in-process worker and its stop signal.
@@ -79,7 +80,7 @@ impl Drop for Worker {
 /// One node: its worker's settings, its engine (for the test's own
 /// checks), its state root, and its worker while it runs.
 struct Node {
-    name: &'static str,
+    name: String,
     // Declared first: the worker goes before its engine and state.
     worker: Option<Worker>,
     env: HashMap<String, String>,
@@ -155,6 +156,12 @@ impl TwoNodes {
     /// Both nodes prepared, no worker running yet; `max_games` is each
     /// node's `RTM_MAX_GAMES`.
     async fn new(max_games: [u32; 2]) -> Self {
+        Self::named(NODES.map(str::to_owned), max_games).await
+    }
+
+    /// Like `new`, with nodes of these names (the first on the shared
+    /// engine). Their queues are deleted with the topology.
+    async fn named(names: [String; 2], max_games: [u32; 2]) -> Self {
         crate::harness::init_logs();
         let dir = ScenarioDir::new("it-nodes");
         let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
@@ -176,7 +183,7 @@ impl TwoNodes {
         let redis_prefix = format!("{}:", unique("rtmtest"));
         let shared_host = std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty());
         let mut nodes = Vec::new();
-        for ((name, host), max) in NODES
+        for ((name, host), max) in names
             .into_iter()
             .zip([shared_host, Some(private.host.clone())])
             .zip(max_games)
@@ -184,7 +191,7 @@ impl TwoNodes {
             let state_root = TempDir::new().unwrap();
             let mut env = worker_env(&db.url, &topology.amqp, &prefix, state_root.path());
             for (key, value) in [
-                ("RTM_NODE", name.to_owned()),
+                ("RTM_NODE", name.clone()),
                 ("RTM_MAX_GAMES", max.to_string()),
                 ("RTM_REDIS_PREFIX", redis_prefix.clone()),
                 // A hundred games at once stay affordable: no settle time,
@@ -231,8 +238,8 @@ impl TwoNodes {
         for node in &mut self.nodes {
             node.launch();
         }
-        for node in NODES {
-            self.wait_consuming(node).await;
+        for node in self.names() {
+            self.wait_consuming(&node).await;
         }
         let cq = self.topology.amqp.command_queue.clone();
         self.wait_for("both workers consume the shared queue", || async {
@@ -281,8 +288,16 @@ impl TwoNodes {
             .unwrap_or_else(|| panic!("no node {name}"))
     }
 
-    fn other(name: &str) -> &'static str {
-        if name == "n1" { "n2" } else { "n1" }
+    fn names(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    /// The node that is not `name`.
+    fn other(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name != name)
+            .expect("two nodes")
     }
 
     fn node_queue(&self, node: &str) -> String {
@@ -393,11 +408,11 @@ impl TwoNodes {
     }
 
     /// Where Docker runs the game: every container of it, on each engine.
-    async fn where_is(&self, game: &GameId) -> Vec<(&'static str, ContainerInfo)> {
+    async fn where_is(&self, game: &GameId) -> Vec<(String, ContainerInfo)> {
         let mut found = Vec::new();
         for node in &self.nodes {
             for info in node.containers(game).await {
-                found.push((node.name, info));
+                found.push((node.name.clone(), info));
             }
         }
         found
@@ -421,6 +436,11 @@ impl TwoNodes {
         assert!(info.running, "{game} is not running: {shown:?}");
         assert_eq!(info.image_ref, image, "{game}: {shown:?}");
         let record = self.record(game).await.expect("a record");
+        assert_eq!(
+            self.placement(game).await.as_deref(),
+            Some(node),
+            "{game} runs where it was placed"
+        );
         assert_eq!(record.status, "running", "{game}: {record:?}");
         assert_eq!(
             record.node.as_deref(),
@@ -454,6 +474,15 @@ impl TwoNodes {
         .fetch_optional(&self.db.pool)
         .await
         .unwrap()
+    }
+
+    /// The node the game was placed on.
+    async fn placement(&self, game: &GameId) -> Option<String> {
+        sqlx::query_scalar("select node from placements where game_id = $1")
+            .bind(game.as_str())
+            .fetch_optional(&self.db.pool)
+            .await
+            .unwrap()
     }
 
     /// The outer operation-log entries of `command_id`.
@@ -493,12 +522,9 @@ impl TwoNodes {
     /// Nothing is left in any command queue, and nothing was dead-lettered.
     async fn assert_queues_empty(&self) {
         let amqp = &self.topology.amqp;
-        for queue in [
-            amqp.command_queue.clone(),
-            self.node_queue("n1"),
-            self.node_queue("n2"),
-            amqp.dead_letter_queue.clone(),
-        ] {
+        let node_queues = self.names().into_iter().map(|n| self.node_queue(&n));
+        for queue in node_queues.chain([amqp.command_queue.clone(), amqp.dead_letter_queue.clone()])
+        {
             assert_eq!(
                 self.topology_depth(&queue).await.0,
                 0,
@@ -514,6 +540,33 @@ impl TwoNodes {
             }
         }
     }
+}
+
+impl Drop for TwoNodes {
+    fn drop(&mut self) {
+        // Nodes named by a test have queues the topology's cleanup does not
+        // know (it deletes n1's, n2's and n3's).
+        let queues = self.names().iter().map(|n| self.node_queue(n)).collect();
+        crate::topology::delete_topology(
+            self.topology.amqp.clone(),
+            rtmanager::config::SecretUrl::new(crate::harness::amqp_url()),
+            queues,
+        );
+    }
+}
+
+/// Commands forwarded to `node` by the workers of this process (the
+/// metrics recorder is the process's: a node name of the test's own keeps
+/// other tests out of the count).
+fn forwarded_to(node: &str) -> f64 {
+    let handle = rtmanager::telemetry::metrics_handle().expect("the metrics recorder");
+    let label = format!("node=\"{node}\"");
+    handle
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(rtmanager::telemetry::COMMANDS_FORWARDED) && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |total, n| total + n)
 }
 
 /// Counts, by node, what the events name.
@@ -535,7 +588,9 @@ fn by_node<'a>(events: impl IntoIterator<Item = &'a OutcomeEvent>) -> BTreeMap<S
 /// game's own engine: the new image there, nothing on the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hundred_starts_spread_over_both_engines_and_each_patch_runs_on_its_games_engine() {
-    let mut rig = TwoNodes::new([200, 200]).await;
+    // Nodes of this test's own names: its forwards are counted apart.
+    let names = ["n1", "n2"].map(unique);
+    let mut rig = TwoNodes::named(names.clone(), [200, 200]).await;
     rig.launch().await;
     let games: Vec<GameId> = (0..100).map(|_| TwoNodes::game()).collect();
     let began = Instant::now();
@@ -564,25 +619,34 @@ async fn a_hundred_starts_spread_over_both_engines_and_each_patch_runs_on_its_ga
             "{game}: the event names the container that runs"
         );
         assert_eq!(rig.node(&node).boots(game), "1.4.2\n", "{game} on {node}");
-        assert!(!rig.node(TwoNodes::other(&node)).has_state(game));
+        assert!(!rig.other(&node).has_state(game));
         placed.insert(game, node);
     }
     let split = by_node(starts.iter().map(|id| &started[id]));
     eprintln!("placement: {split:?}");
     assert_eq!(split.values().sum::<usize>(), 100, "{split:?}");
-    for node in NODES {
+    for node in &names {
         let n = split.get(node).copied().unwrap_or(0);
         assert!((40..=60).contains(&n), "{node} got {n} of 100: {split:?}");
     }
 
+    // The patches go out one node's games first, then the other's: the
+    // broker hands the shared queue's messages to the two workers in turn,
+    // so about half of each node's patches reach the other node's worker,
+    // whatever order the starts went in (sent in the start order, each
+    // would go to the worker that took its start, often its own node's).
     let began = Instant::now();
-    let mut patches = Vec::new();
-    for game in &games {
-        patches.push(
-            rig.publish("patch", game, json!({"new_image_ref": NEW}))
-                .await,
-        );
+    let forwarded_before = names.clone().map(|n| forwarded_to(&n));
+    let mut order: Vec<&GameId> = games.iter().collect();
+    order.sort_by_key(|game| &placed[game]);
+    let mut patches = HashMap::new();
+    for game in order {
+        let id = rig
+            .publish("patch", game, json!({"new_image_ref": NEW}))
+            .await;
+        patches.insert(game, id);
     }
+    let patches: Vec<String> = games.iter().map(|g| patches[g].clone()).collect();
     let patched = rig.outcomes(&patches, Duration::from_secs(400)).await;
     eprintln!(
         "100 patches answered in {:.1} s",
@@ -603,7 +667,15 @@ async fn a_hundred_starts_spread_over_both_engines_and_each_patch_runs_on_its_ga
             "1.4.2\n1.4.3\n",
             "{game} on {node}"
         );
-        assert!(!rig.node(TwoNodes::other(node)).has_state(game));
+        assert!(!rig.other(node).has_state(game));
+    }
+    let forwarded = [0, 1].map(|i| forwarded_to(&names[i]) - forwarded_before[i]);
+    eprintln!("patches forwarded to {names:?}: {forwarded:?}");
+    for (node, n) in names.iter().zip(forwarded) {
+        assert!(
+            n >= 10.0,
+            "only {n} patches were taken by the other worker and forwarded to {node}"
+        );
     }
     // One outcome each, and each answered once.
     rig.drain().await;
@@ -767,7 +839,7 @@ async fn a_duplicate_start_delivered_to_both_nodes_at_once_makes_one_container_a
             "1.4.2\n",
             "{game}: booted once"
         );
-        assert!(!rig.node(TwoNodes::other(&node)).has_state(game));
+        assert!(!rig.other(&node).has_state(game));
         *landed.entry(node).or_default() += 1;
     }
     eprintln!("duplicated starts placed: {landed:?}");
