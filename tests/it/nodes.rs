@@ -465,6 +465,12 @@ impl TwoNodes {
         }
     }
 
+    /// No engine has a container of the game (its state may stay).
+    async fn assert_nowhere_running(&self, game: &GameId) {
+        let found = self.where_is(game).await;
+        assert!(found.is_empty(), "{game} has containers: {found:?}");
+    }
+
     async fn record(&self, game: &GameId) -> Option<Record> {
         sqlx::query_as(
             "select status, node, current_image_ref, current_container_id
@@ -966,6 +972,49 @@ async fn commands_for_a_stopped_nodes_games_wait_for_it_and_run_in_order_when_it
         );
         assert!(!rig.node("n1").has_state(game));
     }
+    rig.assert_queues_empty().await;
+    rig.shutdown().await;
+}
+
+/// SPEC §12 and migration 0012: a game keeps its node for life, and a
+/// start after its `remove` is placed afresh, its old node first (its
+/// state directory is there) even when another node holds fewer games;
+/// a start naming another node moves it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_game_started_again_goes_back_to_its_old_node_unless_told_otherwise() {
+    let mut rig = TwoNodes::new([200, 200]).await;
+    rig.launch().await;
+    let game = TwoNodes::game();
+    let others: Vec<GameId> = (0..3).map(|_| TwoNodes::game()).collect();
+    let on = |node: &str| json!({"image_ref": OLD, "node": node});
+    // n2 holds three games, n1 one.
+    for (g, node) in [
+        (&game, "n2"),
+        (&others[0], "n2"),
+        (&others[1], "n2"),
+        (&others[2], "n1"),
+    ] {
+        let e = rig.run("start", g, on(node)).await;
+        assert_success(&e);
+        rig.assert_runs_on(g, node, OLD).await;
+    }
+    let e = rig.run("remove", &game, json!({})).await;
+    assert_success(&e);
+    rig.assert_nowhere_running(&game).await;
+    // n2 now holds two, n1 one: fewest would be n1, yet the old node wins.
+    let e = rig.run("start", &game, json!({"image_ref": OLD})).await;
+    assert_success(&e);
+    assert_eq!(e.node.as_deref(), Some("n2"), "back on its old node");
+    rig.assert_runs_on(&game, "n2", OLD).await;
+    assert_eq!(rig.node("n2").boots(&game), "1.4.2\n1.4.2\n");
+    // Removed again and started naming n1: it moves.
+    let e = rig.run("remove", &game, json!({})).await;
+    assert_success(&e);
+    let e = rig.run("start", &game, on("n1")).await;
+    assert_success(&e);
+    assert_eq!(e.node.as_deref(), Some("n1"));
+    rig.assert_runs_on(&game, "n1", OLD).await;
+    assert_eq!(rig.node("n1").boots(&game), "1.4.2\n");
     rig.assert_queues_empty().await;
     rig.shutdown().await;
 }
