@@ -202,6 +202,11 @@ impl TwoNodes {
                 ("RTM_HEALTH_TIMEOUT", "60s".to_owned()),
                 ("RTM_RETRY_FOR", "30s".to_owned()),
                 ("RTM_LEASE_TTL", "10s".to_owned()),
+                // Each node's reconciler checks its own node's records every
+                // second: one that looked at the other node's games would
+                // find no container for them on its engine and report them
+                // exited.
+                ("RTM_RECONCILE_INTERVAL", "1s".to_owned()),
             ] {
                 env.insert(key.to_owned(), value);
             }
@@ -525,8 +530,25 @@ impl TwoNodes {
         assert_eq!(done.rows_affected(), 1, "node {node} is registered");
     }
 
-    /// Nothing is left in any command queue, and nothing was dead-lettered.
-    async fn assert_queues_empty(&self) {
+    /// Nothing is left in any command queue, and nothing was dead-lettered;
+    /// and no reconciler reported an exit or restarted a game (every engine
+    /// in these tests keeps running until a command stops it).
+    async fn assert_queues_empty(&mut self) {
+        self.drain().await;
+        let reconciled: Vec<_> = self
+            .seen
+            .iter()
+            .filter(|e| e.op_source.as_deref() == Some("reconciler"))
+            .map(|e| {
+                (
+                    e.game_id.clone(),
+                    e.op.clone(),
+                    e.node.clone(),
+                    e.error_message.clone(),
+                )
+            })
+            .collect();
+        assert!(reconciled.is_empty(), "a reconciler acted: {reconciled:?}");
         let amqp = &self.topology.amqp;
         let node_queues = self.names().into_iter().map(|n| self.node_queue(&n));
         for queue in node_queues.chain([amqp.command_queue.clone(), amqp.dead_letter_queue.clone()])
