@@ -1040,3 +1040,52 @@ async fn a_removed_game_started_again_goes_back_to_its_old_node_unless_told_othe
     rig.assert_queues_empty().await;
     rig.shutdown().await;
 }
+
+/// forward.rs: a node's queue lost (a broker reset) while its worker is
+/// down does not drop the commands forwarded there: the broker returns
+/// the first copy (`mandatory`), the forwarding worker declares the queue
+/// again and forwards once more; the command waits there for the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nodes_lost_queue_is_declared_again_by_the_worker_forwarding_to_it() {
+    let mut rig = TwoNodes::new([200, 200]).await;
+    rig.launch().await;
+    let game = TwoNodes::game();
+    let e = rig
+        .run("start", &game, json!({"image_ref": OLD, "node": "n2"}))
+        .await;
+    assert_success(&e);
+    rig.node_mut("n2").shutdown().await;
+    let queue = rig.node_queue("n2");
+    let channel = rig.conn.create_channel().await.unwrap();
+    channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    assert!(
+        crate::topology::declared_queue(&rig.conn, &queue)
+            .await
+            .is_none()
+    );
+
+    let restart = rig.publish("restart", &game, json!({})).await;
+    rig.wait_for(
+        "the restart waits in n2's queue, declared again",
+        || async { (rig.topology_depth(&queue).await == (1, 0)).then_some(()) },
+    )
+    .await;
+    rig.drain().await;
+    assert!(rig.outer(&restart).is_empty(), "answered while n2 is down");
+
+    rig.node_mut("n2").launch();
+    let e = rig
+        .outcomes(std::slice::from_ref(&restart), WAIT)
+        .await
+        .remove(&restart)
+        .unwrap();
+    assert_success(&e);
+    assert_eq!(e.node.as_deref(), Some("n2"));
+    rig.assert_runs_on(&game, "n2", OLD).await;
+    assert_eq!(rig.node("n2").boots(&game), "1.4.2\n1.4.2\n");
+    rig.assert_queues_empty().await;
+    rig.shutdown().await;
+}
