@@ -1089,3 +1089,72 @@ async fn a_nodes_lost_queue_is_declared_again_by_the_worker_forwarding_to_it() {
     rig.assert_queues_empty().await;
     rig.shutdown().await;
 }
+
+/// Issue 13 asks for "per-game order as today": today one worker runs a
+/// game's commands in the order the lobby published them. With two nodes
+/// it does not hold: the broker hands the shared queue's messages to the
+/// two workers in turn, so of two commands of an n2 game published back to
+/// back (each confirmed before the next), one may be taken by n1's worker
+/// and forwarded — arriving at n2's worker after the other, taken straight
+/// from the shared queue. Ignored because it fails: 9 of 20 (restart,
+/// stop) pairs ran stop first in each of two runs, every such game ending
+/// running instead of stopped (in an experiment with no start between the
+/// rounds: 0 of 20, then 20 of 20 one message later). Run it with
+/// `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "fails: a game's commands taken by two workers overtake each other (see the comment)"]
+async fn back_to_back_commands_of_a_game_run_in_the_order_published() {
+    let mut rig = TwoNodes::new([200, 200]).await;
+    rig.launch().await;
+    let games: Vec<GameId> = (0..10).map(|_| TwoNodes::game()).collect();
+    let mut starts = Vec::new();
+    for game in &games {
+        starts.push(
+            rig.publish("start", game, json!({"image_ref": OLD, "node": "n2"}))
+                .await,
+        );
+    }
+    rig.outcomes(&starts, WAIT).await;
+    let mut inverted = Vec::new();
+    // Twice, one message apart: whichever worker the broker hands the
+    // first of each pair to in one round, it hands the second to in the
+    // other.
+    for round in 0..2 {
+        if round == 1 {
+            let shift = rig.publish("stop", &TwoNodes::game(), json!({})).await;
+            rig.outcomes(&[shift], WAIT).await;
+        }
+        let mut pairs = Vec::new();
+        for game in &games {
+            let restart = rig.publish("restart", game, json!({})).await;
+            let stop = rig.publish("stop", game, json!({})).await;
+            pairs.push((game, restart, stop));
+        }
+        let ids: Vec<String> = pairs
+            .iter()
+            .flat_map(|(_, a, b)| [a.clone(), b.clone()])
+            .collect();
+        rig.outcomes(&ids, WAIT).await;
+        for (game, restart, stop) in &pairs {
+            let order = rig.outer_order(game).await;
+            let at = |id: &String| order.iter().position(|x| x == id);
+            if at(stop) < at(restart) {
+                let status = rig.record(game).await.map(|r| r.status);
+                inverted.push(format!(
+                    "round {round}: {game} ran stop first, ends {status:?}"
+                ));
+            }
+        }
+        // Leave every game running for the next round.
+        for game in &games {
+            rig.run("start", game, json!({"image_ref": OLD})).await;
+        }
+    }
+    assert!(
+        inverted.is_empty(),
+        "{} of {} pairs ran out of order: {inverted:#?}",
+        inverted.len(),
+        2 * games.len()
+    );
+    rig.shutdown().await;
+}
