@@ -902,3 +902,97 @@ impl Rig {
 pub fn short(id: &str) -> &str {
     &id[id.len().saturating_sub(8)..]
 }
+
+/// The checks of a rig of two nodes (SPEC §12), after the common ones:
+/// every game lives on the node it was placed on — its placement, its
+/// record and every event of its commands name that node, and no other
+/// engine has a container of it — and nothing is left in a node's queue
+/// or dead-lettered.
+pub async fn verify_nodes(
+    rig: &Rig,
+    node_of: &BTreeMap<String, &'static str>,
+    row: &mut Row,
+) -> Result<(), String> {
+    let pairs = |sql: &'static str| async move {
+        sqlx::query(sql)
+            .fetch_all(&rig.db)
+            .await
+            .map_err(|e| format!("{sql}: {e}"))
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| (r.get::<String, _>(0), r.get::<Option<String>, _>(1)))
+                    .collect::<HashMap<String, Option<String>>>()
+            })
+    };
+    let placed = pairs("select game_id, node from placements").await?;
+    let recorded = pairs("select game_id, node from runtime_records").await?;
+    for (game, node) in node_of {
+        let want = Some(Some((*node).to_owned()));
+        if placed.get(game) != want.as_ref() {
+            row.violations.push(format!(
+                "{game}: placed on {:?}, sent to {node}",
+                placed.get(game)
+            ));
+        }
+        if recorded.get(game) != want.as_ref() {
+            row.violations.push(format!(
+                "{game}: its record names node {:?}, the game is {node}'s",
+                recorded.get(game)
+            ));
+        }
+        for (on, c) in rig.inspect_nodes(game).await? {
+            if on != *node {
+                row.records_mismatched += 1;
+                row.violations.push(format!(
+                    "{game}: container {} (running={}) on {on}'s engine, the game is {node}'s",
+                    short(&c.id),
+                    c.running
+                ));
+            }
+        }
+    }
+
+    let mut by_node: BTreeMap<String, usize> = BTreeMap::new();
+    let mut strays = Vec::new();
+    for s in rig.observer.snapshot() {
+        let Some(want) = s.str("game_id").and_then(|g| node_of.get(g)) else {
+            continue;
+        };
+        let got = s.str("node").unwrap_or("(none)");
+        *by_node.entry(got.to_owned()).or_default() += 1;
+        if got != *want {
+            strays.push(format!(
+                "{} of {} ({}) written by node {got}, the game is {want}'s",
+                s.routing_key,
+                s.str("game_id").unwrap_or_default(),
+                short(s.str("command_id").unwrap_or_default()),
+            ));
+        }
+    }
+    if let Some(first) = strays.first() {
+        row.violations.push(format!(
+            "{} event(s) written on the wrong node, e.g. {first}",
+            strays.len()
+        ));
+    }
+    row.notes.push(format!(
+        "events received, by the node that wrote them: {by_node:?}"
+    ));
+
+    for queue in crate::rig::NODES
+        .iter()
+        .map(|n| rig.node_queue(n))
+        .chain([rig.amqp.dead_letter_queue.clone()])
+    {
+        match rig.ready_in(&queue).await {
+            Some(0) => {}
+            Some(n) => row
+                .violations
+                .push(format!("{n} message(s) left in {queue}")),
+            None => row
+                .violations
+                .push(format!("{queue}: depth unknown (does it exist?)")),
+        }
+    }
+    Ok(())
+}

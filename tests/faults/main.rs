@@ -217,3 +217,11 @@ fn paused_worker_fenced() {
 fn downstream_queue_full() {
     run("downstream_queue_full", scenarios::downstream_queue_full());
 }
+
+#[test]
+fn two_nodes_kill_mid_forward() {
+    run(
+        "two_nodes_kill_mid_forward",
+        scenarios::two_nodes_kill_mid_forward(),
+    );
+}

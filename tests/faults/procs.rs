@@ -170,6 +170,12 @@ pub struct ScenarioDir {
 
 impl ScenarioDir {
     pub fn new(scenario: &str) -> Self {
+        // The sweep and the new directory's owner file under one lock: a
+        // sweep by another test of this process must not find this
+        // directory before its owner is written and take it for a dead
+        // run's.
+        static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _creating = CREATING.lock().unwrap_or_else(|p| p.into_inner());
         sweep_stale();
         fs::create_dir_all(BASE).expect("create the fault suite's base directory");
         fs::set_permissions(BASE, fs::Permissions::from_mode(0o755)).ok();
@@ -370,7 +376,12 @@ fn sweep_stale() {
         let owner = read_pid(&dir.join("owner"));
         let orphaned = match owner {
             Some(pid) => pid != std::process::id() && !pid_alive(pid),
-            None => true,
+            // No owner yet: another process may be creating it right now.
+            None => fs::metadata(&dir)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age > Duration::from_secs(60)),
         };
         if orphaned && dir.is_dir() {
             eprintln!(

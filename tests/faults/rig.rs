@@ -134,6 +134,9 @@ pub struct Rig {
     pub pg: Postgres,
     pub rmq: Rabbit,
     pub dockerd: Option<PrivateDocker>,
+    /// A rig of several nodes (SPEC §12): each node's name and engine
+    /// (empty: one node, on `docker`).
+    pub node_engines: Vec<(String, Docker)>,
     /// Dropped last: its teardown removes containers, processes and files.
     dir: ScenarioDir,
 }
@@ -277,6 +280,7 @@ impl Rig {
             pg,
             rmq,
             dockerd,
+            node_engines: Vec::new(),
             dir,
         };
         // The topology exists before the first publish (the worker declares
@@ -464,7 +468,12 @@ impl Rig {
         .await
     }
 
+    /// The game's container; on a rig of several nodes, on whichever
+    /// engine has it (an error if more than one has).
     pub async fn inspect(&self, game: &str) -> Result<Option<Observed>, String> {
+        if !self.node_engines.is_empty() {
+            return self.inspect_on_one_node(game).await;
+        }
         self.inspect_named(&self.container_name(game)).await
     }
 
@@ -474,21 +483,7 @@ impl Rig {
     }
 
     async fn inspect_named(&self, name: &str) -> Result<Option<Observed>, String> {
-        match self.docker.inspect_container(name, None).await {
-            Ok(c) => {
-                let state = c.state.unwrap_or_default();
-                Ok(Some(Observed {
-                    id: c.id.unwrap_or_default(),
-                    running: state.running.unwrap_or(false),
-                    image: c.config.and_then(|c| c.image).unwrap_or_default(),
-                    health: state.health.and_then(|h| h.status).map(|s| s.to_string()),
-                }))
-            }
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(None),
-            Err(e) => Err(e.to_string()),
-        }
+        inspect_on(&self.docker, name).await
     }
 
     /// Polls the game's lease key every 2 ms until an attempt of
@@ -764,4 +759,155 @@ async fn observe(
             .map_err(|e| e.to_string())?;
     }
     Err("the observer's consumer was cancelled".into())
+}
+
+/// What `docker` reports about the container `name` (`None`: no such
+/// container).
+async fn inspect_on(docker: &Docker, name: &str) -> Result<Option<Observed>, String> {
+    match docker.inspect_container(name, None).await {
+        Ok(c) => {
+            let state = c.state.unwrap_or_default();
+            Ok(Some(Observed {
+                id: c.id.unwrap_or_default(),
+                running: state.running.unwrap_or(false),
+                image: c.config.and_then(|c| c.image).unwrap_or_default(),
+                health: state.health.and_then(|h| h.status).map(|s| s.to_string()),
+            }))
+        }
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+// ------------------------------------------------- two nodes (SPEC §12)
+
+/// The nodes of a two-node rig: `w1` is `n1` on the shared engine, `w2` is
+/// `n2` on the rig's private dockerd.
+pub const NODES: [&str; 2] = ["n1", "n2"];
+
+impl Rig {
+    /// Two nodes on this machine, one worker each (`opts.workers` and
+    /// `opts.private_docker` are overridden): one database, broker and
+    /// Redis, one state root (both engines run here), each worker its own
+    /// `RTM_NODE` and `DOCKER_HOST`. `docker` is n2's engine; `inspect`
+    /// looks on both.
+    pub async fn two_nodes(key: &str, opts: RigOptions) -> Result<Self, String> {
+        let mut rig = Self::new(
+            key,
+            RigOptions {
+                workers: 2,
+                private_docker: true,
+                ..opts
+            },
+        )
+        .await?;
+        let shared_host = std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty());
+        let shared = match &shared_host {
+            Some(h) => Docker::connect_with_host(h),
+            None => Docker::connect_with_local_defaults(),
+        }
+        .map_err(|e| format!("docker client: {e}"))?
+        .negotiate_version()
+        .await
+        .map_err(|e| format!("the shared docker is not reachable: {e}"))?;
+        rig.workers[0].set_env("RTM_NODE", Some(NODES[0]));
+        rig.workers[0].set_env("DOCKER_HOST", shared_host.as_deref());
+        rig.workers[1].set_env("RTM_NODE", Some(NODES[1]));
+        rig.node_engines = vec![
+            (NODES[0].to_owned(), shared),
+            (NODES[1].to_owned(), rig.docker.clone()),
+        ];
+        Ok(rig)
+    }
+
+    /// The game's container (under its name) on each node's engine that
+    /// has one.
+    pub async fn inspect_nodes(&self, game: &str) -> Result<Vec<(String, Observed)>, String> {
+        let mut found = Vec::new();
+        for (node, docker) in &self.node_engines {
+            if let Some(c) = inspect_on(docker, &self.container_name(game)).await? {
+                found.push((node.clone(), c));
+            }
+        }
+        Ok(found)
+    }
+
+    async fn inspect_on_one_node(&self, game: &str) -> Result<Option<Observed>, String> {
+        let mut found = self.inspect_nodes(game).await?;
+        match found.len() {
+            0 => Ok(None),
+            1 => Ok(found.pop().map(|(_, c)| c)),
+            _ => Err(format!(
+                "{game} has containers on several engines: {:?}",
+                found
+                    .iter()
+                    .map(|(n, c)| format!("{n}: {} running={}", c.id, c.running))
+                    .collect::<Vec<_>>()
+            )),
+        }
+    }
+
+    /// Like [`send`](Self::send), for a start that names its `node`.
+    pub async fn send_placed(&self, game: &str, image: &'static str, node: &str) -> String {
+        let command_id = uuid::Uuid::now_v7().to_string();
+        let cmd = Cmd::Start(Cow::Borrowed(image));
+        let mut body = Self::command_body(&command_id, game, &cmd);
+        body["node"] = json!(node);
+        self.ledger.lock().unwrap().push(Sent {
+            command_id: command_id.clone(),
+            game: game.to_owned(),
+            cmd,
+            copies: 1,
+        });
+        if let Err(e) = self.publish_raw("runtime.start", Some(&body)).await {
+            panic!("could not publish {command_id}: {e}");
+        }
+        command_id
+    }
+
+    /// A node's own command queue (`<RTM_COMMAND_QUEUE>.node.<node>`).
+    pub fn node_queue(&self, node: &str) -> String {
+        format!("{}.node.{node}", self.amqp.command_queue)
+    }
+
+    /// Ready messages in `queue` (unacked ones are not counted), `None` if
+    /// the broker does not say.
+    pub async fn ready_in(&self, queue: &str) -> Option<u32> {
+        let link = self.publisher.lock().await;
+        let (conn, _) = link.as_ref()?;
+        // A channel of its own: a failed passive declare closes it.
+        let channel = conn.create_channel().await.ok()?;
+        let q = tokio::time::timeout(
+            Duration::from_secs(5),
+            channel.queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let _ = channel.close(200, "probe".into()).await;
+        Some(q.message_count())
+    }
+
+    /// Holds placement (SPEC §12): takes the advisory lock every
+    /// `rtm_route` of a new game's start waits for (migration 0012), on a
+    /// connection of its own, until the returned connection is closed or
+    /// unlocks it.
+    pub async fn hold_placements(&self) -> Result<sqlx::PgConnection, String> {
+        let mut conn = sqlx::PgConnection::connect(&self.pg.url("rtmanager"))
+            .await
+            .map_err(|e| format!("connect to hold placements: {e}"))?;
+        conn.execute("select pg_advisory_lock(hashtextextended('rtmanager.placement', 0))")
+            .await
+            .map_err(|e| format!("take the placement lock: {e}"))?;
+        Ok(conn)
+    }
 }

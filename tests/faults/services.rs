@@ -284,6 +284,20 @@ impl Rabbit {
     }
 }
 
+impl Rabbit {
+    /// Raises (or clears) the node's memory alarm: with the high watermark
+    /// at 0 the broker blocks every connection that publishes, so a publish
+    /// in flight is neither taken nor confirmed until it is cleared (the
+    /// default watermark, 0.4, again).
+    pub async fn block_publishers(&self, blocked: bool) -> Result<(), String> {
+        let mut cmd = Command::new("/usr/sbin/rabbitmqctl");
+        cmd.args(["-n", &self.node, "set_vm_memory_high_watermark"])
+            .arg(if blocked { "0" } else { "0.4" })
+            .current_dir("/tmp");
+        run_async(cmd).await.map(|_| ())
+    }
+}
+
 // ----------------------------------------------------- a private dockerd
 
 /// A second Docker engine (own data root, exec root, socket, pid file,

@@ -254,6 +254,34 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Sets one variable of its environment (`None`: removes it), for its
+    /// next start: a worker of another node (SPEC §12) differs from the
+    /// others in `RTM_NODE` and `DOCKER_HOST`.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(value) = value {
+            self.env.push((key.to_owned(), value.to_owned()));
+        }
+    }
+
+    /// `rtmanager_commands_forwarded_total` (every node) as this worker's
+    /// `/metrics` reports it: commands it forwarded to another node's
+    /// queue since it started.
+    pub async fn forwarded(&self) -> Result<f64, String> {
+        match self.http_get("/metrics").await {
+            Ok((200, body)) => Ok(body
+                .lines()
+                .filter(|l| l.starts_with(rtmanager::telemetry::COMMANDS_FORWARDED))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                // Not `sum`: an empty one is -0.
+                .fold(0.0, |total, n| total + n)),
+            Ok((status, _)) => Err(format!("{}: /metrics answered {status}", self.name)),
+            Err(e) => Err(format!("{}: /metrics did not answer: {e}", self.name)),
+        }
+    }
+}
+
 impl Drop for Worker {
     fn drop(&mut self) {
         if let Some(pid) = self.pid() {

@@ -9,6 +9,7 @@ mod fakes;
 mod harness;
 mod lease;
 mod lifecycle;
+mod nodes;
 mod outages;
 mod placement;
 mod private;
