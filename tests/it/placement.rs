@@ -302,3 +302,84 @@ async fn the_first_node_takes_the_records_written_before_nodes() {
         .unwrap();
     assert_eq!(n2.adopt_unplaced(&node("n2")).await.unwrap(), 0);
 }
+
+/// Runs the real `rtmanager` with `args` against `db`; returns its exit
+/// code, stdout and stderr.
+fn cli(db: &TestDb, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rtmanager"))
+        .args(args)
+        .env_clear()
+        .env("DATABASE_URL", &db.url)
+        .env("RTM_NODE", "n1")
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .output()
+        .expect("run rtmanager");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `rtmanager nodes`, `drain` and `undrain` (SPEC §8, §12) on a real
+/// database: what they print, what they change, their exit statuses, and
+/// that a drain outlives the node's heartbeats and steers placement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_drain_and_undrain_from_the_command_line() {
+    let db = TestDb::new().await;
+    let n1 = worker_of(&db, "n1", 200).await;
+    let n2 = worker_of(&db, "n2", 50).await;
+    running_on(&db, "n1", 2).await;
+    let (code, out, err) = cli(&db, &["nodes", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert_eq!(rows[0]["name"], "n1");
+    assert_eq!(rows[0]["games"], 2);
+    assert_eq!(rows[0]["live"], true);
+    assert_eq!(rows[1]["max_games"], 50);
+    assert_eq!(rows[1]["draining"], false);
+
+    let (code, out, err) = cli(&db, &["drain", "n1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("n1 is draining"), "{out}");
+    // The node's next heartbeat keeps the operator's drain.
+    worker_of(&db, "n1", 200).await;
+    let (_, table, _) = cli(&db, &["nodes"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("n1") && l.contains("draining")),
+        "{table}"
+    );
+    assert_eq!(
+        n1.route(&start(&fresh_game())).await.unwrap(),
+        Route::Forward(node("n2")),
+        "no new game on a draining node"
+    );
+
+    let mut named = start(&fresh_game());
+    named.node = Some("n1".into());
+    let (code, _) = refused(n2.route(&named).await.unwrap());
+    assert_eq!(code, ErrorCode::ServiceUnavailable);
+
+    let (code, _, err) = cli(&db, &["drain", "n9"]);
+    assert_eq!(code, 1, "an unknown node");
+    assert!(err.contains("\"n9\" is unknown"), "{err}");
+    let (code, _, err) = cli(&db, &["drain", "a b"]);
+    assert_eq!(code, 2, "not a node name: {err}");
+
+    let (code, out, err) = cli(&db, &["undrain", "n1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("n1 takes new games again"), "{out}");
+    let mut named = start(&fresh_game());
+    named.node = Some("n1".into());
+    assert_eq!(
+        n2.route(&named).await.unwrap(),
+        Route::Forward(node("n1")),
+        "a start naming n1 is placed there again (refused while it drained)"
+    );
+}
