@@ -15,9 +15,10 @@
 //! with restart budget left is followed by a `restart` through
 //! [`Lifecycle::handle`], like any command.
 //!
-//! Looks run [`LOOKERS`] at a time, whatever asks for them: a patch of
-//! every game at once stops every old container at once (a `die` and a
-//! `destroy` each), and a pass names every game. A task per ask would hold
+//! Looks run [`LOOKERS`] at a time, whatever asks for them, the games an
+//! event names before those a pass names: a patch of every game at once
+//! stops every old container at once (a `die` and a `destroy` each), and a
+//! pass names every game. A task per ask would hold
 //! a look's future, a database connection and a Docker connection per game
 //! at once (the worker's peak memory, measured), for looks that nearly all
 //! find a command busy or the engine running. Asks for a game already waiting are one ask; one game is
@@ -78,14 +79,27 @@ enum Looked {
     Restart(Box<CommandRequest>),
 }
 
+/// Which of two queues an ask waits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// An event named the game, or a look is to be repeated: served first,
+    /// so an exit is reported within moments however many games a pass
+    /// names.
+    Soon,
+    /// A pass named it.
+    Routine,
+}
+
 /// Which games wait for a look, which are being looked at, and which are
-/// to be looked at again later. Each game appears once in each: the state
-/// is bounded by the number of games, however many asks arrive.
+/// to be looked at again later. The state is bounded by the number of
+/// games, however many asks arrive: each game waits at most once (an ask
+/// `Soon` moves a `Routine` one ahead; its old place is skipped).
 #[derive(Debug, Default)]
 struct Looks {
-    /// Asked for, in order; `queued` holds the same games.
-    waiting: VecDeque<GameId>,
-    queued: HashSet<GameId>,
+    soon: VecDeque<GameId>,
+    routine: VecDeque<GameId>,
+    /// Where each waiting game waits.
+    queued: HashMap<GameId, Lane>,
     /// Being looked at (or restarted after an exit).
     looking: HashSet<GameId>,
     /// Asked for while being looked at: waits until that look is done.
@@ -95,21 +109,43 @@ struct Looks {
 }
 
 impl Looks {
-    fn ask(&mut self, game: GameId) {
-        self.later.remove(&game);
+    fn ask(&mut self, game: GameId, lane: Lane) {
         if self.looking.contains(&game) {
             self.again.insert(game);
-        } else if self.queued.insert(game.clone()) {
-            self.waiting.push_back(game);
+            return;
+        }
+        self.later.remove(&game);
+        match (self.queued.get(&game), lane) {
+            (None, _) | (Some(Lane::Routine), Lane::Soon) => {
+                self.queued.insert(game.clone(), lane);
+                match lane {
+                    Lane::Soon => self.soon.push_back(game),
+                    Lane::Routine => self.routine.push_back(game),
+                }
+            }
+            (Some(_), _) => {}
         }
     }
 
     /// The next game to look at, marked as being looked at.
     fn take(&mut self) -> Option<GameId> {
-        let game = self.waiting.pop_front()?;
-        self.queued.remove(&game);
-        self.looking.insert(game.clone());
-        Some(game)
+        for lane in [Lane::Soon, Lane::Routine] {
+            loop {
+                let queue = match lane {
+                    Lane::Soon => &mut self.soon,
+                    Lane::Routine => &mut self.routine,
+                };
+                let Some(game) = queue.pop_front() else { break };
+                // A game moved to the other lane (or already taken from it)
+                // left this place behind.
+                if self.queued.get(&game) == Some(&lane) {
+                    self.queued.remove(&game);
+                    self.looking.insert(game.clone());
+                    return Some(game);
+                }
+            }
+        }
+        None
     }
 
     /// A look (or the restart after it) is done: an ask that came meanwhile
@@ -117,7 +153,7 @@ impl Looks {
     fn done(&mut self, game: GameId, busy: bool, now: Instant) {
         self.looking.remove(&game);
         if self.again.remove(&game) {
-            self.ask(game);
+            self.ask(game, Lane::Soon);
         } else if busy {
             self.later.insert(game, now + BUSY_AGAIN);
         }
@@ -137,7 +173,7 @@ impl Looks {
             .map(|(g, _)| g.clone())
             .collect();
         for game in due {
-            self.ask(game);
+            self.ask(game, Lane::Soon);
         }
     }
 }
@@ -165,18 +201,18 @@ where
     /// commands.
     pub async fn run(self, mut stop: Shutdown, drain_timeout: Duration) {
         let this = Arc::new(self);
-        let (tx, mut rx) = mpsc::unbounded_channel::<GameId>();
-        let (pass_tx, mut pass_rx) = mpsc::unbounded_channel::<()>();
-        let watch = tokio::spawn(this.clone().watch(tx, pass_tx));
+        let (tx, mut rx) = mpsc::unbounded_channel::<(GameId, Lane)>();
+        let (pass_tx, pass_rx) = mpsc::unbounded_channel::<()>();
+        let watch = tokio::spawn(this.clone().watch(tx.clone(), pass_tx));
+        // Passes in a task of their own: a slow one (a busy engine lists
+        // containers slowly) must not hold up the looks events ask for.
+        let passes = tokio::spawn(this.clone().passes(tx, pass_rx));
         let mut looks = Looks::default();
         // Looks, at most LOOKERS at once; restarts (one per exit with budget
         // left, so rare) outside that limit, so a restart's seconds never
         // hold up the reports of other games' exits.
         let mut lookers: JoinSet<(GameId, Looked)> = JoinSet::new();
         let mut restarts: JoinSet<GameId> = JoinSet::new();
-        let mut every = tokio::time::interval(this.cfg.interval);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut orphans_seen = HashSet::new();
         info!(interval = ?this.cfg.interval, restart_on_exit = %this.cfg.restart_on_exit, "reconciler watching engine events");
         loop {
             while lookers.len() < LOOKERS
@@ -191,9 +227,7 @@ where
             let due = looks.next_due();
             tokio::select! {
                 () = stop.wait() => break,
-                _ = every.tick() => this.pass(&mut looks, &mut orphans_seen).await,
-                Some(()) = pass_rx.recv() => this.pass(&mut looks, &mut orphans_seen).await,
-                Some(game) = rx.recv() => looks.ask(game),
+                Some((game, lane)) = rx.recv() => looks.ask(game, lane),
                 Some(done) = lookers.join_next(), if !lookers.is_empty() => {
                     let (game, looked) = done.expect("a look catches its panics");
                     match looked {
@@ -218,6 +252,7 @@ where
             }
         }
         watch.abort();
+        passes.abort();
         // A look that finds an exit now still writes it; the restart it asks
         // for is left to the next start-up's pass (`PendingRestart`).
         let in_flight = lookers.len() + restarts.len();
@@ -249,7 +284,7 @@ where
     /// ends or fails; each reconnection asks for a pass.
     async fn watch(
         self: Arc<Self>,
-        games: mpsc::UnboundedSender<GameId>,
+        games: mpsc::UnboundedSender<(GameId, Lane)>,
         passes: mpsc::UnboundedSender<()>,
     ) {
         let mut pauses = Pauses::new(Duration::from_millis(200), Duration::from_secs(5));
@@ -266,7 +301,7 @@ where
                         pauses.reset();
                         if let Some(game) = self.game_of(&event.name) {
                             debug!(game_id = %game, action = ?event.action, "engine event");
-                            let _ = games.send(game);
+                            let _ = games.send((game, Lane::Soon));
                         }
                     }
                     Some(Err(e)) => {
@@ -283,15 +318,38 @@ where
         }
     }
 
+    /// Passes at start-up, every `RTM_RECONCILE_INTERVAL`, and whenever the
+    /// watch asks (it subscribed again).
+    async fn passes(
+        self: Arc<Self>,
+        games: mpsc::UnboundedSender<(GameId, Lane)>,
+        mut asked: mpsc::UnboundedReceiver<()>,
+    ) {
+        let mut every = tokio::time::interval(self.cfg.interval);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut orphans_seen = HashSet::new();
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                Some(()) = asked.recv() => {}
+            }
+            self.pass(&games, &mut orphans_seen).await;
+        }
+    }
+
     /// Asks for a look at every `running` game and counts orphans.
-    async fn pass(&self, looks: &mut Looks, orphans_seen: &mut HashSet<String>) {
+    async fn pass(
+        &self,
+        games: &mpsc::UnboundedSender<(GameId, Lane)>,
+        orphans_seen: &mut HashSet<String>,
+    ) {
         // `exited` ones too: a restart their exit asked for may never have
         // run (its worker died first).
         for status in [RuntimeStatus::Running, RuntimeStatus::Exited] {
             match self.lc.store().records_in(status).await {
                 Ok(records) => {
                     for record in records {
-                        looks.ask(record.game_id);
+                        let _ = games.send((record.game_id, Lane::Routine));
                     }
                 }
                 Err(e) => warn!(error = %e, %status, "reconciler pass: cannot list the records"),
@@ -408,7 +466,7 @@ mod tests {
         GameId::parse(&format!("g{n:03}")).unwrap()
     }
 
-    /// Takes games as the run loop does, with `running` looks in flight.
+    /// Takes games as the run loop does when `room` lookers are free.
     fn take_up_to(looks: &mut Looks, room: usize) -> Vec<GameId> {
         std::iter::from_fn(|| looks.take()).take(room).collect()
     }
@@ -418,25 +476,47 @@ mod tests {
         let mut looks = Looks::default();
         // A patch of 128 games at once: a die and a destroy each, and a
         // pass naming every game on top.
-        for round in 0..3 {
-            for n in 0..128 {
-                looks.ask(game(n));
-            }
-            assert_eq!(looks.waiting.len(), 128, "round {round}");
+        for n in 0..128 {
+            looks.ask(game(n), Lane::Soon);
+            looks.ask(game(n), Lane::Soon);
         }
+        for n in 0..128 {
+            looks.ask(game(n), Lane::Routine);
+        }
+        assert_eq!(looks.queued.len(), 128);
         let first = take_up_to(&mut looks, LOOKERS);
         assert_eq!(first, (0..LOOKERS).map(game).collect::<Vec<_>>());
-        assert_eq!(looks.waiting.len(), 128 - LOOKERS);
         assert_eq!(looks.looking.len(), LOOKERS);
+        let rest = take_up_to(&mut looks, usize::MAX);
+        assert_eq!(rest, (LOOKERS..128).map(game).collect::<Vec<_>>());
+        assert!(looks.soon.is_empty() && looks.routine.is_empty() && looks.queued.is_empty());
+    }
+
+    #[test]
+    fn an_event_is_looked_at_before_the_games_a_pass_named() {
+        let mut looks = Looks::default();
+        for n in 0..200 {
+            looks.ask(game(n), Lane::Routine);
+        }
+        looks.ask(game(150), Lane::Soon);
+        looks.ask(game(500), Lane::Soon);
+        assert_eq!(
+            take_up_to(&mut looks, 3),
+            vec![game(150), game(500), game(0)]
+        );
+        // Game 150 is not looked at a second time from its old place.
+        let rest = take_up_to(&mut looks, usize::MAX);
+        assert_eq!(rest.len(), 199 - 1);
+        assert!(!rest.contains(&game(150)));
     }
 
     #[test]
     fn an_ask_during_a_look_looks_again_after_it_and_only_then() {
         let mut looks = Looks::default();
-        looks.ask(game(1));
+        looks.ask(game(1), Lane::Routine);
         assert_eq!(looks.take(), Some(game(1)));
-        looks.ask(game(1));
-        looks.ask(game(1));
+        looks.ask(game(1), Lane::Soon);
+        looks.ask(game(1), Lane::Routine);
         assert_eq!(looks.take(), None, "not twice at once");
         looks.done(game(1), false, Instant::now());
         assert_eq!(looks.take(), Some(game(1)), "once more after it");
@@ -450,7 +530,7 @@ mod tests {
         let mut looks = Looks::default();
         let now = Instant::now();
         for n in [1, 2] {
-            looks.ask(game(n));
+            looks.ask(game(n), Lane::Soon);
             looks.take();
             looks.done(game(n), true, now);
         }
@@ -459,7 +539,7 @@ mod tests {
         looks.due(now + BUSY_AGAIN / 2);
         assert_eq!(looks.take(), None, "not due yet");
         // An event for game 2 meanwhile: looked at now, not again later.
-        looks.ask(game(2));
+        looks.ask(game(2), Lane::Soon);
         assert_eq!(looks.take(), Some(game(2)));
         looks.done(game(2), false, now);
         looks.due(now + BUSY_AGAIN);
