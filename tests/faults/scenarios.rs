@@ -1445,9 +1445,10 @@ pub async fn engines_crash_during_commands() -> Result<Row, String> {
     // near (from 0.5 s before to 3 s after; SPEC §11 allows 2 s to report)
     // must have its exit entry. A command near it may have taken the game
     // first, and then it wins (it found the engine dead and says so).
-    let mut handled_by_commands = 0;
+    let (mut with_entry, mut handled_by_commands) = (0, 0);
     for d in &deaths {
         if reported.contains(&d.container) {
+            with_entry += 1;
             continue;
         }
         let near = claimed.iter().any(|c| {
@@ -1470,13 +1471,13 @@ pub async fn engines_crash_during_commands() -> Result<Row, String> {
         }
     }
     row.notes.push(format!(
-        "{} engines died on their own (exit code {EXITS_ON_ITS_OWN}): {} exit entries, {} \
-         during or next to a command of their game and answered by it; {} command(s) caught \
-         unfinished by a kill; {} failed container_start_failed, each with its engine dying \
-         under it",
+        "{} engine deaths on their own (exit code {EXITS_ON_ITS_OWN}): {with_entry} of a \
+         container with its exit entry ({} entries; a container booted again by a redelivery \
+         dies twice), {handled_by_commands} during or next to a command of their game and \
+         answered by it; {} command(s) caught unfinished by a kill; {} failed \
+         container_start_failed, each with its engine dying under it",
         deaths.len(),
         exits.len(),
-        handled_by_commands,
         caught.len(),
         failed.len()
     ));
