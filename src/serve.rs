@@ -172,7 +172,7 @@ pub async fn run_with<E: ContainerEngine>(
             config.reconciler,
             config.docker.container_prefix.clone(),
         )
-        .run(stop.clone()),
+        .run(stop.clone(), config.shutdown_timeout),
     );
     Consumer::new(
         lifecycle.clone(),
@@ -195,12 +195,16 @@ pub async fn run_with<E: ContainerEngine>(
         );
     }
 
-    // The relay outlives the consumer by one pass, so the last outcomes go out.
-    // Its looks in flight are operations like any other: stopped above
-    // before their next Docker step if they outlived the timeout.
-    if tokio::time::timeout(Duration::from_secs(5), reconciler)
-        .await
-        .is_err()
+    // The reconciler drains its looks in flight alongside the consumer (both
+    // began at the same signal) and bounds its own wait, so this waits only
+    // out of caution. The relay outlives both by one pass, so the last
+    // outcomes go out.
+    if tokio::time::timeout(
+        config.shutdown_timeout + crate::reconciler::STOPPING_GRACE + Duration::from_secs(5),
+        reconciler,
+    )
+    .await
+    .is_err()
     {
         warn!("the reconciler did not stop in time");
     }

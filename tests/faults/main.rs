@@ -209,6 +209,14 @@ fn two_workers_closed_loop_kill() {
 }
 
 #[test]
+fn engines_crash_during_commands() {
+    run(
+        "engines_crash_during_commands",
+        scenarios::engines_crash_during_commands(),
+    );
+}
+
+#[test]
 fn paused_worker_fenced() {
     run("paused_worker_fenced", scenarios::paused_worker_fenced());
 }

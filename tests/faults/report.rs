@@ -119,6 +119,10 @@ pub const SCENARIOS: &[(&str, &str)] = &[
         "4b. Two workers, 8 games each waiting for its previous outcome, every command twice, one worker SIGKILLed mid-stream and restarted",
     ),
     (
+        "engines_crash_during_commands",
+        "4c. Two workers, 6 games of an engine that exits on its own 3 s after every boot, each sent start/restart/patch/stop/start/restart at staggered pauses (crashes land between and during commands), RTM_RESTART_ON_EXIT=0, a pass every 1 s; w1 then w2 SIGKILLed mid-stream and restarted 1 s later: one exit entry per engine that died on its own, none for one a command stopped, none lost (Docker's die events, by exit code, are the reference); a failure or an extra boot only where an engine died under its command (`not_found` only while a game has no record, its first start having so failed)",
+    ),
+    (
         "paused_worker_fenced",
         "5. SIGSTOP a worker inside its patch's inner `docker stop` (a SIGTERM-ignoring engine) past the lease TTL; a second worker's restart must be recorded and published meanwhile; SIGCONT: the first must give up (lease or fence lost) and write nothing under its old fence",
     ),

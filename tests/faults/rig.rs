@@ -41,6 +41,8 @@ pub struct RigOptions {
     pub retry_for: &'static str,
     pub prefetch: Option<&'static str>,
     pub private_docker: bool,
+    /// More worker settings (the reconciler's, say).
+    pub extra_env: &'static [(&'static str, &'static str)],
 }
 
 impl Default for RigOptions {
@@ -52,6 +54,7 @@ impl Default for RigOptions {
             retry_for: "30s",
             prefetch: None,
             private_docker: false,
+            extra_env: &[],
         }
     }
 }
@@ -237,6 +240,9 @@ impl Rig {
         }
         if let Some(p) = opts.prefetch {
             env.push(("RTM_PREFETCH".into(), p.into()));
+        }
+        for (k, v) in opts.extra_env {
+            env.push(((*k).into(), (*v).into()));
         }
         let lookup: HashMap<String, String> = env.iter().cloned().collect();
         let config = Config::from_lookup(|k| lookup.get(k).cloned())

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use bollard::Docker;
 use bollard::query_parameters::{
     EventsOptions, KillContainerOptionsBuilder, RemoveContainerOptionsBuilder,
 };
@@ -110,9 +111,17 @@ async fn docker_event_at(
     name: String,
     action: &'static str,
 ) -> JoinHandle<(Instant, chrono::DateTime<chrono::Utc>)> {
+    docker_event_on(test_client().await, name, action).await
+}
+
+/// Like [`docker_event_at`], on the engine `docker` talks to.
+async fn docker_event_on(
+    docker: Docker,
+    name: String,
+    action: &'static str,
+) -> JoinHandle<(Instant, chrono::DateTime<chrono::Utc>)> {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
     let watcher = tokio::spawn(async move {
-        let docker = test_client().await;
         let filters = HashMap::from([
             ("type".to_owned(), vec!["container".to_owned()]),
             ("container".to_owned(), vec![name]),
@@ -482,4 +491,127 @@ async fn a_broken_event_stream_is_resumed_and_a_pass_reports_what_it_missed() {
     assert_eq!(exit_entries(&rig, &a).await.len(), 1);
     assert_eq!(exit_entries(&rig, &b).await.len(), 1);
     rig.shutdown().await;
+}
+
+/// The Docker engine itself restarts mid-run (a private dockerd with
+/// `--live-restore`, so the other engines keep running): the watch's event
+/// stream breaks, and an engine killed while dockerd is down dies with no
+/// one to see its `die` event (Docker replays no events to a new
+/// subscriber). Passes are an hour apart, so only a pass the watch asks
+/// for as it subscribes again can report that exit. Once dockerd is back,
+/// two more exits 2.5 s apart are each reported within 1.5 s of their `die`
+/// events: the resumed event stream's doing (a watch still failing would
+/// retry, and pass, 5-10 s apart: it could not catch both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_restarted_mid_run_the_watch_resumes_and_a_pass_reports_the_exit_meanwhile() {
+    // Dropped last: stops the private dockerd and removes its containers,
+    // also after a panic.
+    let dir = crate::procs::ScenarioDir::new("it-reconciler-dockerd");
+    let id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let dockerd = crate::services::PrivateDocker::launch(&dir, &id, &[ENGINE])
+        .await
+        .expect("a private dockerd");
+    let docker = Docker::connect_with_host(&dockerd.host)
+        .expect("a client of the private dockerd")
+        .negotiate_version()
+        .await
+        .expect("the private dockerd answers");
+    let mut rig = rig("1h", "0", &[("DOCKER_HOST", &dockerd.host)]).await;
+    rig.launch();
+    let games: Vec<GameId> = (0..3).map(|_| rig.game()).collect();
+    for game in &games {
+        start(&mut rig, game, ENGINE).await;
+    }
+    let a = &games[0];
+    let pid = docker
+        .inspect_container(&container_name(&rig, a), None)
+        .await
+        .unwrap()
+        .state
+        .and_then(|s| s.pid)
+        .filter(|p| *p > 0)
+        .expect("a running container has a pid") as u32;
+
+    // dockerd goes; with live-restore the engines stay. Kill a's meanwhile.
+    let down = Instant::now();
+    dockerd.stop().await.expect("stop the private dockerd");
+    assert!(crate::procs::signal(pid, "KILL"), "kill {pid}");
+    eventually(Duration::from_secs(10), "a's engine is gone", || async {
+        (!crate::procs::pid_alive(pid)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let restarted_at = chrono::Utc::now();
+    dockerd
+        .start()
+        .await
+        .expect("start the private dockerd again");
+    let up = Instant::now();
+    println!(
+        "dockerd down {:?}; a's engine (pid {pid}) killed meanwhile",
+        up - down
+    );
+    let seen = until_key(&mut rig, "runtime.exit.failure").await;
+    let exit = last(&seen);
+    assert_eq!(exit.game_id, a.as_str());
+    let message = exit.error_message.clone().unwrap();
+    println!(
+        "a's exit reported {:?} after dockerd was back: {message}",
+        up.elapsed()
+    );
+    assert!(
+        message.contains("exit code 137, OOM killed: no"),
+        "{message}"
+    );
+    assert_eq!(record_status(&rig, a).await.0, "exited");
+    // Did dockerd itself say `die` on its way back up, before it answered
+    // (so before anyone could subscribe)? For the record.
+    let logged = docker
+        .events(Some(EventsOptions {
+            since: Some(restarted_at.timestamp().to_string()),
+            until: Some((chrono::Utc::now().timestamp() + 1).to_string()),
+            filters: Some(HashMap::from([
+                ("container".to_owned(), vec![container_name(&rig, a)]),
+                ("event".to_owned(), vec!["die".to_owned()]),
+            ])),
+        }))
+        .count()
+        .await;
+    println!("die events dockerd logged for a since its restart: {logged}");
+
+    // Between failed subscriptions the watch waits at most 10 s (5 s plus
+    // jitter): past that it has subscribed again.
+    tokio::time::sleep(Duration::from_secs(11).saturating_sub(up.elapsed())).await;
+    let kill = || {
+        KillContainerOptionsBuilder::default()
+            .signal("KILL")
+            .build()
+    };
+    for (n, game) in games[1..].iter().enumerate() {
+        let killed_at = Instant::now();
+        let died = docker_event_on(docker.clone(), container_name(&rig, game), "die").await;
+        docker
+            .kill_container(&container_name(&rig, game), Some(kill()))
+            .await
+            .unwrap();
+        let (died, _) = tokio::time::timeout(WAIT, died).await.unwrap().unwrap();
+        let seen = until_key(&mut rig, "runtime.exit.failure").await;
+        let latency = died.elapsed();
+        assert_eq!(last(&seen).game_id, game.as_str());
+        println!(
+            "exit {} after the restart: reported {latency:?} after its die event",
+            n + 1
+        );
+        assert!(
+            latency < Duration::from_millis(1500),
+            "reported {latency:?} after the die event: not by the event stream"
+        );
+        tokio::time::sleep(Duration::from_millis(2500).saturating_sub(killed_at.elapsed())).await;
+    }
+    for game in &games {
+        assert_eq!(exit_entries(&rig, game).await.len(), 1, "{game}");
+    }
+    rig.shutdown().await;
+    drop(rig);
+    drop(dockerd);
 }
