@@ -22,22 +22,42 @@ pub enum GameIdError {
     Malformed(String),
 }
 
+/// How a name breaks `^[A-Za-z0-9][A-Za-z0-9_.-]{0,max-1}$`, the shape of
+/// every name that becomes a directory, a container, a queue or a routing
+/// key: a game_id and a node's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NameShape {
+    Empty,
+    TooLong,
+    Malformed,
+}
+
+/// Checks `raw` against that shape, `max` bytes at most.
+pub(crate) fn name_shape(raw: &str, max: usize) -> Result<(), NameShape> {
+    let mut chars = raw.chars();
+    let Some(first) = chars.next() else {
+        return Err(NameShape::Empty);
+    };
+    if raw.len() > max {
+        return Err(NameShape::TooLong);
+    }
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !first.is_ascii_alphanumeric() || !rest_ok {
+        return Err(NameShape::Malformed);
+    }
+    Ok(())
+}
+
 impl GameId {
     pub const MAX_LEN: usize = 63;
 
     pub fn parse(raw: &str) -> Result<Self, GameIdError> {
-        let mut chars = raw.chars();
-        let Some(first) = chars.next() else {
-            return Err(GameIdError::Empty);
-        };
-        if raw.len() > Self::MAX_LEN {
-            return Err(GameIdError::TooLong(raw.to_owned()));
+        match name_shape(raw, Self::MAX_LEN) {
+            Ok(()) => Ok(Self(raw.to_owned())),
+            Err(NameShape::Empty) => Err(GameIdError::Empty),
+            Err(NameShape::TooLong) => Err(GameIdError::TooLong(raw.to_owned())),
+            Err(NameShape::Malformed) => Err(GameIdError::Malformed(raw.to_owned())),
         }
-        let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-        if !first.is_ascii_alphanumeric() || !rest_ok {
-            return Err(GameIdError::Malformed(raw.to_owned()));
-        }
-        Ok(Self(raw.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {

@@ -9,6 +9,8 @@ use std::fmt;
 
 use serde::Serialize;
 
+use super::game_id::{NameShape, name_shape};
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
 pub struct NodeName(String);
@@ -17,23 +19,17 @@ impl NodeName {
     pub const MAX_LEN: usize = 63;
 
     pub fn parse(raw: &str) -> Result<Self, String> {
-        let mut chars = raw.chars();
-        let Some(first) = chars.next() else {
-            return Err("a node name must not be empty".into());
-        };
-        if raw.len() > Self::MAX_LEN {
-            return Err(format!(
+        match name_shape(raw, Self::MAX_LEN) {
+            Ok(()) => Ok(Self(raw.to_owned())),
+            Err(NameShape::Empty) => Err("a node name must not be empty".into()),
+            Err(NameShape::TooLong) => Err(format!(
                 "node {raw:?} is longer than {} characters",
                 Self::MAX_LEN
-            ));
-        }
-        let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-        if !first.is_ascii_alphanumeric() || !rest_ok {
-            return Err(format!(
+            )),
+            Err(NameShape::Malformed) => Err(format!(
                 "node {raw:?} must start with a letter or digit and contain only letters, digits, '_', '.' and '-'"
-            ));
+            )),
         }
-        Ok(Self(raw.to_owned()))
     }
 
     /// This machine's host name, the default node: the kernel's, else

@@ -442,23 +442,7 @@ impl Rig {
 
     /// Ready messages in the command queue (unacked ones are not counted).
     pub async fn queue_ready(&self) -> Option<u32> {
-        let link = self.publisher.lock().await;
-        let (_, channel) = link.as_ref()?;
-        let q = tokio::time::timeout(
-            Duration::from_secs(5),
-            channel.queue_declare(
-                self.amqp.command_queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            ),
-        )
-        .await
-        .ok()?
-        .ok()?;
-        Some(q.message_count())
+        self.ready_in(&self.amqp.command_queue).await
     }
 
     // --------------------------------------------------------- observing
