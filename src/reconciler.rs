@@ -44,7 +44,7 @@ use crate::domain::{CommandRequest, GameId, RuntimeStatus};
 use crate::lifecycle::{ExitReport, Lifecycle};
 use crate::pauses::Pauses;
 use crate::ports::{ContainerEngine, LeaseStore, RuntimeStore};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{STOPPING_GRACE, Shutdown};
 use crate::telemetry;
 
 /// How many games one worker looks at at once. A look is a record read and
@@ -56,10 +56,6 @@ pub const LOOKERS: usize = 4;
 /// How soon a game whose lease a command held is looked at again (the
 /// command's own outcome usually settles it first).
 const BUSY_AGAIN: Duration = Duration::from_secs(1);
-
-/// How long looks and restarts still in flight at the shutdown timeout get
-/// to reach their next Docker step and stop there (the consumer's grace).
-pub const STOPPING_GRACE: Duration = Duration::from_secs(120);
 
 /// The reconciler of one worker.
 pub struct Reconciler<S, L, E> {

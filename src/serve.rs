@@ -200,7 +200,7 @@ pub async fn run_with<E: ContainerEngine>(
     // out of caution. The relay outlives both by one pass, so the last
     // outcomes go out.
     if tokio::time::timeout(
-        config.shutdown_timeout + crate::reconciler::STOPPING_GRACE + Duration::from_secs(5),
+        config.shutdown_timeout + crate::shutdown::STOPPING_GRACE + Duration::from_secs(5),
         reconciler,
     )
     .await

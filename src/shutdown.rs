@@ -1,7 +1,14 @@
 //! The shutdown signal, shared by every task of the worker (mini-redis
 //! style): a `watch` channel flipped once.
 
+use std::time::Duration;
+
 use tokio::sync::watch;
+
+/// How long operations stopped at the shutdown timeout (commands and the
+/// reconciler's looks alike) have to finish the Docker call they are in (a
+/// stop's grace period, a pull) and stop before their next step.
+pub const STOPPING_GRACE: Duration = Duration::from_secs(120);
 
 /// Sends the signal.
 #[derive(Debug)]

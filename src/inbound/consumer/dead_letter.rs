@@ -45,8 +45,9 @@ pub(super) async fn reject(
     Decision::DeadLetter(DeadLetterReason::Undecodable(undecodable.reason))
 }
 
-/// How long the broker may take to confirm a dead-letter copy.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the broker may take to confirm a copy (to the dead-letter
+/// exchange, or forwarded to a node's queue).
+pub(super) const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Copies `delivery` to the dead-letter exchange ([`copy_to`]) until the
 /// broker confirms it: `false` if shutdown came first or the channel is

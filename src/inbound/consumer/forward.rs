@@ -4,18 +4,14 @@
 //! the broker confirms it is the original acked. A worker that dies in
 //! between leaves both copies: the inbox answers the second as a duplicate.
 
-use std::time::Duration;
-
 use tracing::info;
 
 use super::attempt::{Decision, retry_until_shutdown};
+use super::dead_letter::CONFIRM_TIMEOUT;
 use super::{Consumer, Job};
 use crate::broker::{self, Outgoing, PublishError};
 use crate::domain::NodeName;
 use crate::telemetry;
-
-/// How long the broker may take to confirm a forwarded copy.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Consumer {
     /// Forwards `job` to `node`'s queue until the broker confirms it:

@@ -133,6 +133,9 @@ pub struct Consumer {
     amqp: AmqpConfig,
     /// This worker's node: its queue is consumed beside the shared one.
     node: NodeName,
+    /// That queue's name, `<RTM_COMMAND_QUEUE>.node.<node>` (asked of every
+    /// delivery's `reply_to`, so made once).
+    node_queue: String,
     readiness: Arc<Readiness>,
     relay_wake: Arc<Notify>,
     /// One permit per message in flight; all permits back means drained.
@@ -168,6 +171,7 @@ impl Consumer {
         Self {
             handler: Arc::new(handler),
             url,
+            node_queue: node.queue(&amqp.command_queue),
             amqp,
             node,
             readiness,
@@ -222,12 +226,7 @@ impl Consumer {
     fn is_own_queue(&self, queue: &str) -> bool {
         queue == self.amqp.command_queue
             || queue == self.amqp.dead_letter_queue
-            || queue == self.node_queue()
-    }
-
-    /// This worker's node's own command queue.
-    fn node_queue(&self) -> String {
-        self.node.queue(&self.amqp.command_queue)
+            || queue == self.node_queue
     }
 
     /// Runs one game's commands in arrival order; ends when none is pending.

@@ -20,12 +20,8 @@ use super::{Consumer, dead_letter};
 use crate::broker;
 use crate::pauses::Pauses;
 use crate::readiness::Readiness;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{STOPPING_GRACE, Shutdown};
 use crate::telemetry;
-
-/// How long operations stopped at the shutdown timeout have to finish the
-/// Docker call they are in (a stop's grace period, a pull).
-const STOPPING_GRACE: Duration = Duration::from_secs(120);
 
 /// Reconnects after the broker went away: from half a second up to 5 s
 /// (the relay's too), so a returning broker is found within seconds.
@@ -126,7 +122,7 @@ impl Consumer {
         // forwarded here, and those for this node's games that waited here
         // while it was down.
         broker::declare_node_queue(&channel, &self.amqp, &self.node).await?;
-        let node_queue = self.node_queue();
+        let node_queue = &self.node_queue;
         let mut consumers = Vec::with_capacity(2);
         for queue in [self.amqp.command_queue.as_str(), node_queue.as_str()] {
             consumers.push(
