@@ -58,6 +58,16 @@ pub enum Route {
     Refused(Failure),
 }
 
+/// What a worker learns of a command before running it: where it runs
+/// and, when that is here, its inbox claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    pub route: Route,
+    /// `None` when the command is forwarded (its node claims it), or when
+    /// the store left the claim to the command's handling.
+    pub claim: Option<InboxClaim>,
+}
+
 /// The inbox's answer when a command is received.
 // Returned once per command, never stored in bulk: boxing the event would
 // buy nothing.
@@ -271,6 +281,23 @@ pub trait RuntimeStore: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Route, StoreError>> + Send {
         let _ = request;
         async { Ok(Route::Here) }
+    }
+
+    /// [`Self::route`], then [`Self::claim`] unless the command is
+    /// forwarded: a store that can answer both at once (one round trip on
+    /// every command's path) overrides it. Errors: `Unavailable`.
+    fn admit(
+        &self,
+        request: &CommandRequest,
+    ) -> impl Future<Output = Result<Admission, StoreError>> + Send {
+        async move {
+            let route = self.route(request).await?;
+            let claim = match route {
+                Route::Forward(_) => None,
+                Route::Here | Route::Refused(_) => Some(self.claim(request).await?),
+            };
+            Ok(Admission { route, claim })
+        }
     }
 
     /// Every record with `status` (the reconciler's periodic pass asks for

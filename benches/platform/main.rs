@@ -265,6 +265,12 @@ async fn run(rig: Arc<Rig>, s: Settings) -> anyhow::Result<()> {
     };
     let mut f = Figures::default();
 
+    // `BENCH_ONLY=<phase>`: one phase alone, its figures on stderr, no
+    // BENCH.md (for iterating on one figure; the table needs the full run).
+    if let Ok(only) = std::env::var("BENCH_ONLY") {
+        return only_phase(&mut ctx, &s, &mut f, &only).await;
+    }
+
     patch_one_at_a_time(&mut ctx, &s, &mut f).await?;
 
     let games: Vec<String> = (1..=s.rss_games)
@@ -336,6 +342,50 @@ async fn run(rig: Arc<Rig>, s: Settings) -> anyhow::Result<()> {
     }
 
     write_report(&ctx, &s, &f, machine_before).await
+}
+
+/// One phase of the bench alone (`BENCH_ONLY`): `patch`, `burst` or
+/// `rejected`. Its figures go to stderr; nothing is written.
+async fn only_phase(
+    ctx: &mut Ctx,
+    s: &Settings,
+    f: &mut Figures,
+    only: &str,
+) -> anyhow::Result<()> {
+    let games: Vec<String> = (1..=s.games)
+        .map(|i| ctx.names.game(&format!("m{i:03}")))
+        .collect();
+    match only {
+        "patch" => patch_one_at_a_time(ctx, s, f).await?,
+        "burst" => {
+            start_games(ctx, &games).await?;
+            bursts(ctx, s, &games, f).await?;
+        }
+        "rejected" => {
+            start_games(ctx, &games).await?;
+            rejected(ctx, s, &games, f).await?;
+        }
+        other => anyhow::bail!("BENCH_ONLY={other:?}: expected patch, burst or rejected"),
+    }
+    let median = |v: &[f64]| stats::median(v);
+    say(&format!(
+        "BENCH_ONLY={only}: patch rtm {:?} api {:?} cli {:?}; downtime rtm {:?} api {:?}; burst rtm {:?} api {:?}; rejected spread {:?} (floor {:?}), one {:?} (floor {:?})",
+        median(&f.patch_rtm),
+        median(&f.patch_api),
+        median(&f.patch_cli),
+        median(&f.down_rtm),
+        median(&f.down_api),
+        median(&f.burst_rtm),
+        median(&f.burst_api),
+        f.rejected_spread,
+        f.floor_spread,
+        f.rejected_one,
+        f.floor_one,
+    ));
+    for note in &ctx.notes {
+        say(note);
+    }
+    Ok(())
 }
 
 /// Starts `games` with rtmanager, all at once, and waits for each success.

@@ -59,8 +59,8 @@ use crate::domain::{
 };
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{
-    Begun, ContainerEngine, Fence, InboxClaim, LeaseStore, Progress, Route, RuntimeStore,
-    StoreError, WriteFence,
+    Admission, Begun, ContainerEngine, Fence, InboxClaim, LeaseStore, Progress, Route,
+    RuntimeStore, StoreError, WriteFence,
 };
 use crate::telemetry;
 pub use exit::{EXIT_PREFIX, ExitReport, exit_command_id};
@@ -273,14 +273,18 @@ where
         &self.cfg
     }
 
-    /// Where `request` runs (SPEC §12). One that will not validate is
-    /// answered where it landed and never placed: its `invalid_request`
-    /// needs no engine.
-    pub async fn route(&self, request: &CommandRequest) -> Result<Route, StoreError> {
+    /// Where `request` runs (SPEC §12) and, when here, its inbox claim
+    /// (one round trip, [`RuntimeStore::admit`]). One that will not
+    /// validate is answered where it landed and never placed: its
+    /// `invalid_request` needs no engine.
+    pub async fn admit(&self, request: &CommandRequest) -> Result<Admission, StoreError> {
         if request.validate(&self.cfg.allowed_images).is_err() {
-            return Ok(Route::Here);
+            return Ok(Admission {
+                route: Route::Here,
+                claim: Some(self.store.claim(request).await?),
+            });
         }
-        self.store.route(request).await
+        self.store.admit(request).await
     }
 
     pub fn store(&self) -> &S {
@@ -296,8 +300,22 @@ where
     /// consumer's `message` span records command_id, op, game_id and
     /// correlation_id); a second span here repeated all of them on every line.
     pub async fn handle(&self, request: CommandRequest) -> Result<Handled, Interrupted> {
+        self.handle_claimed(request, None).await
+    }
+
+    /// [`Self::handle`], with the command's inbox claim when it was just
+    /// made ([`Self::admit`]); `None` claims it here.
+    pub async fn handle_claimed(
+        &self,
+        request: CommandRequest,
+        claim: Option<InboxClaim>,
+    ) -> Result<Handled, Interrupted> {
         let received_at = Utc::now();
-        match self.store_retrying(|| self.store.claim(&request)).await? {
+        let claim = match claim {
+            Some(claim) => claim,
+            None => self.store_retrying(|| self.store.claim(&request)).await?,
+        };
+        match claim {
             InboxClaim::Fresh => {}
             InboxClaim::Unfinished => {
                 debug!("command seen before: a redelivery or another copy of it");

@@ -13,7 +13,9 @@
 //! next event of every game in the batch at once, then waits for all their
 //! confirms, so games share round trips while one game's events still
 //! leave one after another; the batch's confirmed rows are marked sent in
-//! one statement.
+//! one statement. Under load, passes are at least [`GATHER`] apart, so one
+//! read and one mark serve the events of several commands; a pass ends
+//! with a short read rather than an empty one.
 //!
 //! Wake-ups: the store notifies its worker's relay after every outbox
 //! write, so an inner event leaves as soon as its entry commits, not when
@@ -63,6 +65,13 @@ const BATCH: i64 = 200;
 /// How often the relay looks even without a wake-up (other workers' events,
 /// retries after an outage).
 const POLL: Duration = Duration::from_millis(500);
+/// The least time from the end of a pass that published to the start of
+/// the next. Under load every command's commit wakes the relay: passing at
+/// each wake-up read and marked about one event per round trip, and the
+/// relay's own statements outnumbered a command's. Waiting this long lets
+/// the events of a millisecond share one read and one mark; an event that
+/// arrives after a quiet spell still leaves at once.
+const GATHER: Duration = Duration::from_millis(2);
 
 pub struct Relay {
     store: PgStore,
@@ -177,22 +186,26 @@ impl Relay {
         let listening = tokio::spawn(listen(self.store.clone(), heard.clone(), shutdown.clone()));
         loop {
             let stopping = shutdown.is_set();
-            let pause = match self.pass(&mut link, &mut leader, &mut refusals).await {
-                Ok(()) => {
+            let (pause, published) = match self.pass(&mut link, &mut leader, &mut refusals).await {
+                Ok(published) => {
                     failures.reset();
                     self.sweep_if_due(&leader, &mut swept).await;
-                    self.poll
+                    (self.poll, published)
                 }
                 Err(e) => {
                     warn!(error = format!("{e:#}"), "outbox relay failed; retrying");
                     link = None;
-                    failures.next_pause()
+                    (failures.next_pause(), false)
                 }
             };
             if stopping {
                 break;
             }
+            let passed = Instant::now();
             self.wait(&leader, &heard, pause, &mut shutdown).await;
+            if published && !shutdown.is_set() {
+                tokio::time::sleep_until(passed + GATHER).await;
+            }
         }
         listening.abort();
         if let Some(link) = link {
@@ -234,19 +247,22 @@ impl Relay {
         }
     }
 
-    /// Publishes everything unsent, if this relay leads. A game whose event
-    /// the broker refuses is held back until its retry is due: its later
-    /// events must not overtake the refused one.
+    /// Publishes everything unsent, if this relay leads; `true` when it
+    /// published anything. A game whose event the broker refuses is held
+    /// back until its retry is due: its later events must not overtake the
+    /// refused one. A read that returns less than a full batch ends the
+    /// pass: what was written after it woke the relay, which passes again.
     async fn pass(
         &self,
         link: &mut Option<Link>,
         leader: &mut Leadership,
         refusals: &mut Refusals,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
         let mut held_back = refusals.not_due(Instant::now());
+        let mut published = false;
         loop {
             if !self.lead(leader).await? {
-                return Ok(());
+                return Ok(published);
             }
             let pending = self.store.unsent_events_except(BATCH, &held_back).await?;
             // A full count only when the batch does not say it all.
@@ -256,8 +272,9 @@ impl Relay {
             };
             metrics::gauge!(telemetry::OUTBOX_BACKLOG).set(backlog as f64);
             if pending.is_empty() {
-                return Ok(());
+                return Ok(published);
             }
+            let full = pending.len() as i64 >= BATCH;
             let channel = match link {
                 Some(link) if link.channel.status().connected() => link.channel.clone(),
                 _ => {
@@ -282,15 +299,18 @@ impl Relay {
                     // was publishing. It publishes from here on.
                     warn!("another worker's relay took over publishing the outbox");
                     leader.valid_until = None;
-                    return Ok(());
+                    return Ok(published);
                 }
+                published = true;
                 metrics::counter!(telemetry::EVENTS_PUBLISHED).increment(marked);
             }
             if let Some(e) = batch.failed {
                 return Err(e);
             }
-            if !leader.holds() {
-                return Ok(());
+            // A refused event's game is held back, and the rest of its batch
+            // went out: read again only if the batch could not hold it all.
+            if !leader.holds() || !full {
+                return Ok(published);
             }
         }
     }

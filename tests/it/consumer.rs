@@ -15,7 +15,7 @@ use rtmanager::config::SecretUrl;
 use rtmanager::domain::{CommandRequest, OutcomeEvent};
 use rtmanager::inbound::consumer::{CommandHandler, Consumer};
 use rtmanager::lifecycle::{Handled, Interrupted};
-use rtmanager::ports::StoreError;
+use rtmanager::ports::{InboxClaim, StoreError};
 use rtmanager::readiness::Readiness;
 use uuid::Uuid;
 
@@ -70,7 +70,11 @@ impl std::ops::Deref for Scripted {
 }
 
 impl CommandHandler for Scripted {
-    fn handle(&self, request: CommandRequest) -> BoxFuture<'_, Result<Handled, Interrupted>> {
+    fn handle(
+        &self,
+        request: CommandRequest,
+        _claim: Option<InboxClaim>,
+    ) -> BoxFuture<'_, Result<Handled, Interrupted>> {
         self.handled
             .lock()
             .unwrap()

@@ -6,7 +6,7 @@ use rtmanager::config::NodeConfig;
 use rtmanager::domain::{CommandRequest, GameId, NodeName, OpKind};
 use rtmanager::error::ErrorCode;
 use rtmanager::outbound::postgres::PgStore;
-use rtmanager::ports::{Route, RuntimeStore};
+use rtmanager::ports::{Admission, InboxClaim, Route, RuntimeStore};
 
 use crate::harness::{TestDb, command_request, unique};
 
@@ -382,4 +382,72 @@ async fn nodes_drain_and_undrain_from_the_command_line() {
         Route::Forward(node("n1")),
         "a start naming n1 is placed there again (refused while it drained)"
     );
+}
+
+/// The claim `admission` carries; panics when it carries none.
+fn claim_of(admission: &Admission) -> &InboxClaim {
+    admission
+        .claim
+        .as_ref()
+        .unwrap_or_else(|| panic!("expected a claim, got {admission:?}"))
+}
+
+/// `rtm_admit` (migration 0013) routes exactly as `rtm_route` and, in the
+/// same call, claims every command answered here (placed here, or refused
+/// placement), never one forwarded: its node claims that one.
+#[tokio::test]
+async fn admit_routes_as_route_does_and_claims_only_what_runs_here() {
+    let db = TestDb::new().await;
+    let n1 = worker_of(&db, "n1", 200).await;
+    let n2 = worker_of(&db, "n2", 200).await;
+    running_on(&db, "n1", 2).await;
+
+    // Placed on n2 (fewer games): forwarded from n1, not claimed there.
+    let game = fresh_game();
+    let request = start(&game);
+    let admitted = n1.admit(&request).await.unwrap();
+    assert_eq!(admitted.route, Route::Forward(node("n2")));
+    assert_eq!(admitted.claim, None, "a forwarded command is not claimed");
+    assert_eq!(n1.lookup(&request).await.unwrap(), InboxClaim::Fresh);
+    assert_eq!(placed(&db, &game).await.as_deref(), Some("n2"));
+
+    // On n2 the same command runs here and is claimed once.
+    let admitted = n2.admit(&request).await.unwrap();
+    assert_eq!(admitted.route, Route::Here);
+    assert_eq!(claim_of(&admitted), &InboxClaim::Fresh);
+    let again = n2.admit(&request).await.unwrap();
+    assert_eq!(again.route, Route::Here);
+    assert_eq!(claim_of(&again), &InboxClaim::Unfinished, "a copy");
+
+    // The command_id reused for another command: refused as a reuse.
+    let mut reused = command_request(OpKind::Stop, &game, None);
+    reused.command_id = request.command_id.clone();
+    let admitted = n2.admit(&reused).await.unwrap();
+    assert!(
+        matches!(claim_of(&admitted), InboxClaim::Reused { .. }),
+        "{admitted:?}"
+    );
+
+    // A start refused placement is answered here: claimed here.
+    let mut unknown = start(&fresh_game());
+    unknown.node = Some("n9".into());
+    let admitted = n1.admit(&unknown).await.unwrap();
+    assert_eq!(refused(admitted.route.clone()).0, ErrorCode::InvalidRequest);
+    assert_eq!(claim_of(&admitted), &InboxClaim::Fresh);
+
+    // A command with no usable game_id asks no route: claimed here.
+    let mut nameless = start(&fresh_game());
+    nameless.game_id = Some("not a game id!".into());
+    let admitted = n1.admit(&nameless).await.unwrap();
+    assert_eq!(admitted.route, Route::Here);
+    assert_eq!(claim_of(&admitted), &InboxClaim::Fresh);
+
+    // The route matches rtm_route's for every op of a placed game.
+    for op in [OpKind::Stop, OpKind::Restart, OpKind::Patch, OpKind::Remove] {
+        let request = command_request(op, &game, Some(IMAGE));
+        let admitted = n1.admit(&request).await.unwrap();
+        assert_eq!(admitted.route, n1.route(&request).await.unwrap(), "{op:?}");
+        assert_eq!(admitted.route, Route::Forward(node("n2")), "{op:?}");
+        assert_eq!(admitted.claim, None, "{op:?}");
+    }
 }

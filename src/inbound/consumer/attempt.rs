@@ -22,7 +22,7 @@ use super::CommandHandler;
 use crate::domain::CommandRequest;
 use crate::lifecycle::{Handled, Interrupted};
 use crate::pauses::Pauses;
-use crate::ports::StoreError;
+use crate::ports::{InboxClaim, StoreError};
 use crate::shutdown::Shutdown;
 
 /// What becomes of one delivery.
@@ -109,7 +109,14 @@ pub(super) struct Attempts<'a> {
 impl Attempts<'_> {
     /// Handles `request`, delivered `redeliveries` times before, and says
     /// what becomes of its delivery.
-    pub async fn decide(&self, request: &CommandRequest, redeliveries: u64) -> Decision {
+    /// `claim` is the command's inbox claim when its admission just made
+    /// it (the first attempt uses it; a retry claims again).
+    pub async fn decide(
+        &self,
+        request: &CommandRequest,
+        redeliveries: u64,
+        claim: Option<InboxClaim>,
+    ) -> Decision {
         let handled = if self.last_delivery(redeliveries) {
             // Every earlier delivery ended without an outcome: the command
             // keeps killing workers. Answer it instead of running it again;
@@ -122,7 +129,7 @@ impl Attempts<'_> {
             error!(%message, "poison command");
             self.record_internal(request, message).await
         } else {
-            self.handle_until_recorded(request).await
+            self.handle_until_recorded(request, claim).await
         };
         match handled {
             Ok(handled) if handled.duplicate => self.republish(&handled).await,
@@ -155,14 +162,22 @@ impl Attempts<'_> {
 
     /// Handles a command until its outcome is recorded. A panic fails the
     /// command with `internal`.
-    async fn handle_until_recorded(&self, request: &CommandRequest) -> Result<Handled, NoOutcome> {
+    async fn handle_until_recorded(
+        &self,
+        request: &CommandRequest,
+        mut claim: Option<InboxClaim>,
+    ) -> Result<Handled, NoOutcome> {
         let mut pauses = retry_pauses();
         loop {
             let handler = self.handler.clone();
             let owned = request.clone();
+            // Only the first attempt may use the admission's claim: what it
+            // says may be out of date by a retry.
+            let claim = claim.take();
             // A task of its own, so a panic is caught here as a `JoinError`.
             let outcome =
-                tokio::spawn(async move { handler.handle(owned).await }.in_current_span()).await;
+                tokio::spawn(async move { handler.handle(owned, claim).await }.in_current_span())
+                    .await;
             match outcome {
                 Ok(Ok(handled)) => return Ok(handled),
                 // Not an outage: the database refuses what this command would
@@ -287,7 +302,11 @@ mod tests {
     }
 
     impl CommandHandler for Scripted {
-        fn handle(&self, _: CommandRequest) -> BoxFuture<'_, Result<Handled, Interrupted>> {
+        fn handle(
+            &self,
+            _: CommandRequest,
+            _: Option<InboxClaim>,
+        ) -> BoxFuture<'_, Result<Handled, Interrupted>> {
             let answer = self.handle.clone().expect("the op panics");
             Box::pin(async move { answer })
         }
@@ -373,7 +392,7 @@ mod tests {
             shutdown: &shutdown,
             relay_wake: &wake,
         };
-        let decision = attempts.decide(&request(), redeliveries).await;
+        let decision = attempts.decide(&request(), redeliveries, None).await;
         let asked = scripted.internal_messages.lock().unwrap().clone();
         (decision, asked)
     }

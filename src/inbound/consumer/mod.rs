@@ -45,7 +45,9 @@ use crate::domain::NodeName;
 use crate::domain::{CommandRequest, OutcomeEvent};
 use crate::lifecycle::{Handled, Interrupted, Lifecycle};
 use crate::messages::{Envelope, decode_command};
-use crate::ports::{ContainerEngine, LeaseStore, Route, RuntimeStore, StoreError};
+use crate::ports::{
+    Admission, ContainerEngine, InboxClaim, LeaseStore, Route, RuntimeStore, StoreError,
+};
 use crate::readiness::Readiness;
 use crate::shutdown::Shutdown;
 use crate::telemetry;
@@ -57,8 +59,14 @@ pub use attempt::{DeadLetterReason, Decision};
 /// consumer holds it as a trait object, so it is not generic over the
 /// lifecycle's three ports.
 pub trait CommandHandler: Send + Sync + 'static {
-    /// Runs one decoded command to its recorded outcome.
-    fn handle(&self, request: CommandRequest) -> BoxFuture<'_, Result<Handled, Interrupted>>;
+    /// Runs one decoded command to its recorded outcome; `claim` is its
+    /// inbox claim when [`Self::admit`] just made it (else it is claimed
+    /// here).
+    fn handle(
+        &self,
+        request: CommandRequest,
+        claim: Option<InboxClaim>,
+    ) -> BoxFuture<'_, Result<Handled, Interrupted>>;
     /// Answers a command `internal` with `message`.
     fn fail_internal<'a>(
         &'a self,
@@ -75,14 +83,21 @@ pub trait CommandHandler: Send + Sync + 'static {
     /// Stops the operations still running before their next Docker step
     /// (shutdown's time for them is up).
     fn stop_operations(&self);
-    /// Where a command runs (SPEC §12); placing a start records the choice.
-    /// By default everything runs here (a handler of one node).
-    fn route<'a>(
+    /// Where a command runs (SPEC §12), placing a start records the
+    /// choice, and, when it runs here, its inbox claim. By default
+    /// everything runs here (a handler of one node) and is claimed by
+    /// [`Self::handle`].
+    fn admit<'a>(
         &'a self,
         request: &'a CommandRequest,
-    ) -> BoxFuture<'a, Result<Route, StoreError>> {
+    ) -> BoxFuture<'a, Result<Admission, StoreError>> {
         let _ = request;
-        Box::pin(async { Ok(Route::Here) })
+        Box::pin(async {
+            Ok(Admission {
+                route: Route::Here,
+                claim: None,
+            })
+        })
     }
 }
 
@@ -92,8 +107,12 @@ where
     L: LeaseStore,
     E: ContainerEngine,
 {
-    fn handle(&self, request: CommandRequest) -> BoxFuture<'_, Result<Handled, Interrupted>> {
-        Box::pin(Lifecycle::handle(self, request))
+    fn handle(
+        &self,
+        request: CommandRequest,
+        claim: Option<InboxClaim>,
+    ) -> BoxFuture<'_, Result<Handled, Interrupted>> {
+        Box::pin(Lifecycle::handle_claimed(self, request, claim))
     }
 
     fn fail_internal<'a>(
@@ -119,11 +138,11 @@ where
         Lifecycle::stop_operations(self);
     }
 
-    fn route<'a>(
+    fn admit<'a>(
         &'a self,
         request: &'a CommandRequest,
-    ) -> BoxFuture<'a, Result<Route, StoreError>> {
-        Box::pin(Lifecycle::route(self, request))
+    ) -> BoxFuture<'a, Result<Admission, StoreError>> {
+        Box::pin(Lifecycle::admit(self, request))
     }
 }
 
@@ -261,19 +280,25 @@ impl Consumer {
     async fn process(&self, mut job: Job) {
         let gauge = metrics::gauge!(telemetry::OPERATIONS_IN_FLIGHT);
         gauge.increment(1.0);
-        let route = attempt::retry_until_shutdown(
+        let admission = attempt::retry_until_shutdown(
             &self.shutdown,
-            "find the node the command runs on",
-            || self.handler.route(&job.request),
+            "find the node the command runs on and claim it",
+            || self.handler.admit(&job.request),
         )
         .await;
-        let decision = match route {
+        let decision = match admission {
             None => Decision::Leave,
-            Some(Route::Forward(node)) => self.forward(&job, &node).await,
-            Some(Route::Here) => self.attempts().decide(&job.request, job.redeliveries).await,
-            Some(Route::Refused(failure)) => {
-                job.request.refusal = Some(failure);
-                self.attempts().decide(&job.request, job.redeliveries).await
+            Some(Admission {
+                route: Route::Forward(node),
+                ..
+            }) => self.forward(&job, &node).await,
+            Some(Admission { route, claim }) => {
+                if let Route::Refused(failure) = route {
+                    job.request.refusal = Some(failure);
+                }
+                self.attempts()
+                    .decide(&job.request, job.redeliveries, claim)
+                    .await
             }
         };
         gauge.decrement(1.0);

@@ -10,7 +10,8 @@
 //!   (`relay_leader`), and the wake-up a follower sends the leader.
 //! - [`history`]: the operation history `rtmanager log` prints.
 //! - [`nodes`]: several Docker hosts (SPEC §12): the heartbeat, the
-//!   routing and placement call `rtm_route` (migration 0012), and what
+//!   routing and placement call `rtm_route` (migration 0012), `rtm_admit`
+//!   (migration 0013: the route and the inbox claim in one call), and what
 //!   `rtmanager nodes`, `drain` and `undrain` read and write.
 //! - [`retention`]: the sweep of what `RTM_RETENTION` keeps only a while.
 //! - [`bootstrap`]: connecting (creating the database if missing),

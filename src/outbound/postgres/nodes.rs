@@ -9,11 +9,12 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use sqlx::types::Json;
 
+use super::port::InboxRow;
 use super::{PgStore, db_error};
 use crate::config::NodeConfig;
 use crate::domain::{CommandRequest, GameId, NodeName};
 use crate::error::{ErrorCode, Failure};
-use crate::ports::{Route, StoreError};
+use crate::ports::{Admission, InboxClaim, Route, StoreError};
 
 /// How often a worker tells the database its node is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -110,38 +111,121 @@ impl PgStore {
         &self,
         request: &CommandRequest,
     ) -> Result<Route, StoreError> {
-        let Some(me) = &self.node else {
-            return Ok(Route::Here);
-        };
-        let Some(game_id) = request
-            .game_id
-            .as_deref()
-            .and_then(|raw| GameId::parse(raw).ok())
-        else {
-            return Ok(Route::Here);
-        };
-        let Ok(explicit) = request.placement_node() else {
+        let Some(ask) = self.routing_question(request) else {
             return Ok(Route::Here);
         };
         let Json(answer): Json<RouteAnswer> =
             sqlx::query_scalar("select rtm_route($1, $2, $3, $4, make_interval(secs => $5))")
-                .bind(game_id.as_str())
+                .bind(ask.game_id.as_str())
                 .bind(request.op.as_str())
                 .bind(&request.command_id)
-                .bind(explicit.as_ref().map(NodeName::as_str))
+                .bind(ask.explicit.as_ref().map(NodeName::as_str))
                 .bind(live_within().as_secs_f64())
                 .fetch_one(&self.pool)
                 .await
                 .map_err(|e| db_error("route the command", e))?;
-        let named = || answer.node.clone().unwrap_or_default();
+        answer.route(&ask)
+    }
+
+    /// [`RuntimeStore::admit`](crate::ports::RuntimeStore::admit): one call
+    /// to `rtm_admit` (migration 0013), which routes as `rtm_route` does
+    /// and claims the command unless it is forwarded. Without a routing
+    /// question (no node, no usable game_id) it is the claim alone.
+    pub(super) async fn admit_request(
+        &self,
+        request: &CommandRequest,
+    ) -> Result<Admission, StoreError> {
+        let Some(ask) = self.routing_question(request) else {
+            return Ok(Admission {
+                route: Route::Here,
+                claim: Some(self.claim_request(request).await?),
+            });
+        };
+        let (reply_to, reply_correlation_id) = match &request.reply_to {
+            Some(r) => (Some(r.queue.as_str()), r.correlation_id.as_deref()),
+            None => (None, None),
+        };
+        let Json(answer): Json<AdmitAnswer> = sqlx::query_scalar(
+            "select rtm_admit($1, $2, $3, $4, make_interval(secs => $5), $6, $7, $8, $9, $10)",
+        )
+        .bind(ask.game_id.as_str())
+        .bind(request.op.as_str())
+        .bind(&request.command_id)
+        .bind(ask.explicit.as_ref().map(NodeName::as_str))
+        .bind(live_within().as_secs_f64())
+        .bind(ask.me.as_str())
+        .bind(request.game_id.as_deref().unwrap_or_default())
+        .bind(reply_to)
+        .bind(reply_correlation_id)
+        .bind(request.fingerprint())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| db_error("admit the command", e))?;
+        let route = answer.route.route(&ask)?;
+        let claim = match (&route, answer.claimed, answer.inbox) {
+            (Route::Forward(_), ..) => None,
+            (_, Some(true), _) => Some(InboxClaim::Fresh),
+            (_, Some(false), Some(inbox)) => Some(inbox.claim(request)?),
+            (_, Some(false), None) => {
+                return Err(StoreError::Corrupt(format!(
+                    "inbox row of command {:?} vanished while it was claimed",
+                    request.command_id
+                )));
+            }
+            (_, None, _) => {
+                return Err(StoreError::Corrupt(format!(
+                    "rtm_admit did not claim command {:?}, which runs here",
+                    request.command_id
+                )));
+            }
+        };
+        Ok(Admission { route, claim })
+    }
+
+    /// What routing `request` asks of the database; `None` when there is
+    /// nothing to ask and it runs here: a store of no node, or a command
+    /// without a usable game_id or node (its `invalid_request` says why).
+    fn routing_question(&self, request: &CommandRequest) -> Option<RoutingQuestion<'_>> {
+        let me = self.node.as_ref()?;
+        let game_id = GameId::parse(request.game_id.as_deref()?).ok()?;
+        let explicit = request.placement_node().ok()?;
+        Some(RoutingQuestion {
+            me,
+            game_id,
+            explicit,
+        })
+    }
+}
+
+/// A command's routing question: its game, the node it names, if any, and
+/// the node asking.
+struct RoutingQuestion<'a> {
+    me: &'a NodeName,
+    game_id: GameId,
+    explicit: Option<NodeName>,
+}
+
+/// What `rtm_admit` answers: `rtm_route`'s answer and, unless the command
+/// is forwarded, whether this call claimed it, else the inbox row found.
+#[derive(Deserialize)]
+struct AdmitAnswer {
+    route: RouteAnswer,
+    claimed: Option<bool>,
+    inbox: Option<InboxRow>,
+}
+
+impl RouteAnswer {
+    /// The route this answer means for the node asking.
+    fn route(&self, ask: &RoutingQuestion<'_>) -> Result<Route, StoreError> {
+        let named = || self.node.clone().unwrap_or_default();
         let refused = |code, message: String| Ok(Route::Refused(Failure::new(code, message)));
-        match answer.kind.as_str() {
-            "node" => match answer.node.as_deref() {
+        match self.kind.as_str() {
+            "node" => match self.node.as_deref() {
                 None => Ok(Route::Here),
-                Some(node) if node == me.as_str() => Ok(Route::Here),
-                Some(node) => NodeName::parse(node)
-                    .map(Route::Forward)
-                    .map_err(|e| StoreError::Corrupt(format!("game {game_id} is placed on {e}"))),
+                Some(node) if node == ask.me.as_str() => Ok(Route::Here),
+                Some(node) => NodeName::parse(node).map(Route::Forward).map_err(|e| {
+                    StoreError::Corrupt(format!("game {} is placed on {e}", ask.game_id))
+                }),
             },
             "unknown_node" => refused(
                 ErrorCode::InvalidRequest,

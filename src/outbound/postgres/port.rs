@@ -12,8 +12,8 @@ use crate::domain::{
     PriorEntry, RecordUpdate, RuntimeRecord, RuntimeState, RuntimeStatus, Step,
 };
 use crate::ports::{
-    Answers, Begun, Fence, FenceView, InboxClaim, OperationWrite, Progress, Recorded, Route,
-    RuntimeStore, StoreError, WriteFence,
+    Admission, Answers, Begun, Fence, FenceView, InboxClaim, OperationWrite, Progress, Recorded,
+    Route, RuntimeStore, StoreError, WriteFence,
 };
 
 impl RuntimeStore for PgStore {
@@ -175,42 +175,11 @@ impl RuntimeStore for PgStore {
     }
 
     async fn claim(&self, request: &CommandRequest) -> Result<InboxClaim, StoreError> {
-        let (reply_to, reply_correlation_id) = match &request.reply_to {
-            Some(r) => (Some(r.queue.as_str()), r.correlation_id.as_deref()),
-            None => (None, None),
-        };
-        // The primary key decides: whoever inserts the row owns the command.
-        // A concurrent claim of the same id waits for the inserting
-        // statement, then inserts nothing.
-        let fingerprint = request.fingerprint();
-        let inserted = sqlx::query(
-            "insert into inbox (command_id, game_id, op, reply_to, reply_correlation_id,
-                                fingerprint)
-             values ($1, $2, $3, $4, $5, $6)
-             on conflict (command_id) do nothing",
-        )
-        .bind(&request.command_id)
-        .bind(request.game_id.as_deref().unwrap_or_default())
-        .bind(request.op.as_str())
-        .bind(reply_to)
-        .bind(reply_correlation_id)
-        .bind(&fingerprint)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| db_error("claim the command in the inbox", e))?;
-        if inserted.rows_affected() == 1 {
-            return Ok(InboxClaim::Fresh);
-        }
+        self.claim_request(request).await
+    }
 
-        // Claimed by another: what it left. Its row is there (inbox rows are
-        // deleted only by the retention sweep, long after).
-        match self.lookup(request).await? {
-            InboxClaim::Fresh => Err(StoreError::Corrupt(format!(
-                "inbox row of command {:?} vanished while it was claimed",
-                request.command_id
-            ))),
-            claim => Ok(claim),
-        }
+    async fn admit(&self, request: &CommandRequest) -> Result<Admission, StoreError> {
+        self.admit_request(request).await
     }
 
     async fn load(&self, game_id: &GameId) -> Result<Option<RuntimeRecord>, StoreError> {
@@ -452,6 +421,52 @@ impl RuntimeStore for PgStore {
     }
 }
 
+impl PgStore {
+    /// [`RuntimeStore::claim`]: inserts the command's inbox row, or reads
+    /// what the claim that inserted it left.
+    pub(super) async fn claim_request(
+        &self,
+        request: &CommandRequest,
+    ) -> Result<InboxClaim, StoreError> {
+        let (reply_to, reply_correlation_id) = match &request.reply_to {
+            Some(r) => (Some(r.queue.as_str()), r.correlation_id.as_deref()),
+            None => (None, None),
+        };
+        // The primary key decides: whoever inserts the row owns the command.
+        // A concurrent claim of the same id waits for the inserting
+        // statement, then inserts nothing.
+        let fingerprint = request.fingerprint();
+        let inserted = sqlx::query(
+            "insert into inbox (command_id, game_id, op, reply_to, reply_correlation_id,
+                                fingerprint)
+             values ($1, $2, $3, $4, $5, $6)
+             on conflict (command_id) do nothing",
+        )
+        .bind(&request.command_id)
+        .bind(request.game_id.as_deref().unwrap_or_default())
+        .bind(request.op.as_str())
+        .bind(reply_to)
+        .bind(reply_correlation_id)
+        .bind(&fingerprint)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("claim the command in the inbox", e))?;
+        if inserted.rows_affected() == 1 {
+            return Ok(InboxClaim::Fresh);
+        }
+
+        // Claimed by another: what it left. Its row is there (inbox rows are
+        // deleted only by the retention sweep, long after).
+        match self.lookup(request).await? {
+            InboxClaim::Fresh => Err(StoreError::Corrupt(format!(
+                "inbox row of command {:?} vanished while it was claimed",
+                request.command_id
+            ))),
+            claim => Ok(claim),
+        }
+    }
+}
+
 /// What `rtm_append` (migration 0009) answers.
 #[derive(serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -485,7 +500,7 @@ struct BegunRow {
 
 /// A command's inbox row, with its outcome event's payload if it finished.
 #[derive(sqlx::FromRow, serde::Deserialize)]
-struct InboxRow {
+pub(super) struct InboxRow {
     /// Rows claimed before fingerprints were kept have none.
     fingerprint: Option<String>,
     op: String,
@@ -496,7 +511,7 @@ struct InboxRow {
 
 impl InboxRow {
     /// The claim of `request` this row makes, when another claim inserted it.
-    fn claim(self, request: &CommandRequest) -> Result<InboxClaim, StoreError> {
+    pub(super) fn claim(self, request: &CommandRequest) -> Result<InboxClaim, StoreError> {
         match self {
             InboxRow {
                 fingerprint: Some(first),
