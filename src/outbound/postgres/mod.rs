@@ -43,7 +43,7 @@ use sqlx::postgres::PgPoolOptions;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::domain::{NodeName, OutcomeEvent};
+use crate::domain::{CommandRequest, NodeName, OutcomeEvent};
 use crate::ports::StoreError;
 
 pub use nodes::{HEARTBEAT, NodeRow, live_within};
@@ -144,6 +144,15 @@ fn db_error(doing: &str, error: sqlx::Error) -> StoreError {
             }
         }
         _ => StoreError::Corrupt(message),
+    }
+}
+
+/// The inbox's `reply_to` and `reply_correlation_id` of a request, as a
+/// claim stores them.
+fn reply_columns(request: &CommandRequest) -> (Option<&str>, Option<&str>) {
+    match &request.reply_to {
+        Some(r) => (Some(r.queue.as_str()), r.correlation_id.as_deref()),
+        None => (None, None),
     }
 }
 

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use sqlx::types::Json;
 
 use super::port::InboxRow;
-use super::{PgStore, db_error};
+use super::{PgStore, db_error, reply_columns};
 use crate::config::NodeConfig;
 use crate::domain::{CommandRequest, GameId, NodeName};
 use crate::error::{ErrorCode, Failure};
@@ -141,10 +141,7 @@ impl PgStore {
                 claim: Some(self.claim_request(request).await?),
             });
         };
-        let (reply_to, reply_correlation_id) = match &request.reply_to {
-            Some(r) => (Some(r.queue.as_str()), r.correlation_id.as_deref()),
-            None => (None, None),
-        };
+        let (reply_to, reply_correlation_id) = reply_columns(request);
         let Json(answer): Json<AdmitAnswer> = sqlx::query_scalar(
             "select rtm_admit($1, $2, $3, $4, make_interval(secs => $5), $6, $7, $8, $9, $10)",
         )

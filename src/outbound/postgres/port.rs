@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{PgStore, db_error, decode_event, path_text};
+use super::{PgStore, db_error, decode_event, path_text, reply_columns};
 use crate::domain::{
     CommandRequest, ContainerId, GameId, ImageRef, NodeName, OperationEntry, OutcomeEvent,
     PriorEntry, RecordUpdate, RuntimeRecord, RuntimeState, RuntimeStatus, Step,
@@ -373,10 +373,7 @@ impl RuntimeStore for PgStore {
     }
 
     async fn begin(&self, game_id: &GameId, request: &CommandRequest) -> Result<Begun, StoreError> {
-        let (reply_to, reply_correlation_id) = match &request.reply_to {
-            Some(r) => (Some(r.queue.as_str()), r.correlation_id.as_deref()),
-            None => (None, None),
-        };
+        let (reply_to, reply_correlation_id) = reply_columns(request);
         let begun: Json<BegunRow> =
             sqlx::query_scalar("select rtm_begin($1, $2, $3, $4, $5, $6, $7)")
                 .bind(game_id.as_str())
@@ -428,10 +425,7 @@ impl PgStore {
         &self,
         request: &CommandRequest,
     ) -> Result<InboxClaim, StoreError> {
-        let (reply_to, reply_correlation_id) = match &request.reply_to {
-            Some(r) => (Some(r.queue.as_str()), r.correlation_id.as_deref()),
-            None => (None, None),
-        };
+        let (reply_to, reply_correlation_id) = reply_columns(request);
         // The primary key decides: whoever inserts the row owns the command.
         // A concurrent claim of the same id waits for the inserting
         // statement, then inserts nothing.
