@@ -27,6 +27,7 @@
 //! break, a row that does not decode) is [`StoreError::Corrupt`], which
 //! retrying cannot fix.
 
+mod batch;
 mod bootstrap;
 mod history;
 mod nodes;
@@ -35,7 +36,7 @@ mod port;
 mod retention;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -76,6 +77,22 @@ pub struct PgStore {
     /// `route` compares a game's with. `None` (tools, tests): no node, every
     /// command runs here.
     node: Option<NodeName>,
+    /// The group-commit queues of the hot calls ([`batch`]), started on
+    /// first use (inside the runtime) and shared by every clone.
+    batches: Arc<OnceLock<Batches>>,
+}
+
+/// The batchers of the calls every command makes.
+struct Batches {
+    append: batch::Batcher<port::AppendCall, port::AppendAnswer>,
+    begin: batch::Batcher<port::BeginCall, port::BegunRow>,
+    admit: batch::Batcher<nodes::AdmitCall, nodes::AdmitAnswer>,
+}
+
+impl std::fmt::Debug for Batches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Batches")
+    }
 }
 
 impl PgStore {
@@ -84,7 +101,29 @@ impl PgStore {
             pool,
             written: Arc::new(Notify::new()),
             node: None,
+            batches: Arc::default(),
         }
+    }
+
+    /// The batchers, started on first use.
+    fn batches(&self) -> &Batches {
+        self.batches.get_or_init(|| {
+            let (append, begin, admit) = (self.pool.clone(), self.pool.clone(), self.pool.clone());
+            Batches {
+                append: batch::Batcher::spawn(move |calls| {
+                    let pool = append.clone();
+                    async move { port::append_batch(&pool, calls).await }
+                }),
+                begin: batch::Batcher::spawn(move |calls| {
+                    let pool = begin.clone();
+                    async move { port::begin_batch(&pool, calls).await }
+                }),
+                admit: batch::Batcher::spawn(move |calls| {
+                    let pool = admit.clone();
+                    async move { nodes::admit_batch(&pool, calls).await }
+                }),
+            }
+        })
     }
 
     /// This store, writing for a worker of `node`.

@@ -10,9 +10,11 @@ use serde::Deserialize;
 use sqlx::types::Json;
 
 use super::port::InboxRow;
-use super::{PgStore, db_error, reply_columns};
+use sqlx::PgPool;
+
+use super::{PgStore, batch, db_error, reply_columns};
 use crate::config::NodeConfig;
-use crate::domain::{CommandRequest, GameId, NodeName};
+use crate::domain::{CommandRequest, GameId, NodeName, OpKind};
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{Admission, InboxClaim, Route, StoreError};
 
@@ -142,22 +144,28 @@ impl PgStore {
             });
         };
         let (reply_to, reply_correlation_id) = reply_columns(request);
-        let Json(answer): Json<AdmitAnswer> = sqlx::query_scalar(
-            "select rtm_admit($1, $2, $3, $4, make_interval(secs => $5), $6, $7, $8, $9, $10)",
-        )
-        .bind(ask.game_id.as_str())
-        .bind(request.op.as_str())
-        .bind(&request.command_id)
-        .bind(ask.explicit.as_ref().map(NodeName::as_str))
-        .bind(live_within().as_secs_f64())
-        .bind(ask.me.as_str())
-        .bind(request.game_id.as_deref().unwrap_or_default())
-        .bind(reply_to)
-        .bind(reply_correlation_id)
-        .bind(request.fingerprint())
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| db_error("admit the command", e))?;
+        let call = AdmitCall {
+            game_id: ask.game_id.to_string(),
+            op: request.op.as_str(),
+            command_id: request.command_id.clone(),
+            explicit: ask.explicit.as_ref().map(ToString::to_string),
+            me: ask.me.to_string(),
+            claim_game_id: request.game_id.clone().unwrap_or_default(),
+            reply_to: reply_to.map(str::to_owned),
+            reply_correlation_id: reply_correlation_id.map(str::to_owned),
+            fingerprint: request.fingerprint(),
+        };
+        // A start may place its game under `rtm_route`'s advisory lock,
+        // which a batch would hold until its commit, across the other
+        // calls' row locks: starts go alone.
+        let answer = if request.op == OpKind::Start {
+            admit_batch(&self.pool, vec![call])
+                .await
+                .pop()
+                .unwrap_or_else(|| Err(StoreError::Corrupt("an admission gave no answer".into())))?
+        } else {
+            self.batches().admit.call(call).await?
+        };
         let route = answer.route.route(&ask)?;
         let claim = match (&route, answer.claimed, answer.inbox) {
             (Route::Forward(_), ..) => None,
@@ -194,6 +202,71 @@ impl PgStore {
     }
 }
 
+/// One `rtm_admit` call's arguments, owned, for its batch.
+pub(super) struct AdmitCall {
+    game_id: String,
+    op: &'static str,
+    command_id: String,
+    explicit: Option<String>,
+    me: String,
+    claim_game_id: String,
+    reply_to: Option<String>,
+    reply_correlation_id: Option<String>,
+    fingerprint: String,
+}
+
+/// A batch of `admit` calls: one row of each array per call.
+const ADMIT_MANY: &str = "select rtm_admit(a.game_id, a.op, a.command_id, a.explicit,
+                 make_interval(secs => $10), a.me, a.claim_game_id, a.reply_to,
+                 a.reply_correlation_id, a.fingerprint)
+from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+            $6::text[], $7::text[], $8::text[], $9::text[])
+     as a(game_id, op, command_id, explicit, me, claim_game_id, reply_to,
+          reply_correlation_id, fingerprint)";
+
+/// The same for a batch of one, without the `unnest`.
+const ADMIT_ONE: &str =
+    "select rtm_admit(($1::text[])[1], ($2::text[])[1], ($3::text[])[1], ($4::text[])[1],
+                 make_interval(secs => $10), ($5::text[])[1], ($6::text[])[1],
+                 ($7::text[])[1], ($8::text[])[1], ($9::text[])[1])";
+
+/// Makes a batch of `rtm_admit` calls in one statement (see [`batch`]).
+pub(super) async fn admit_batch(
+    pool: &PgPool,
+    calls: Vec<AdmitCall>,
+) -> Vec<Result<AdmitAnswer, StoreError>> {
+    batch::in_key_order(
+        calls,
+        |c| c.game_id.clone(),
+        |calls| {
+            let calls = calls.as_slice();
+            let query = sqlx::query_scalar::<_, Json<AdmitAnswer>>(if calls.len() == 1 {
+                ADMIT_ONE
+            } else {
+                ADMIT_MANY
+            })
+            .bind(batch::column(calls, |c| c.game_id.clone()))
+            .bind(batch::column(calls, |c| c.op))
+            .bind(batch::column(calls, |c| c.command_id.clone()))
+            .bind(batch::column(calls, |c| c.explicit.clone()))
+            .bind(batch::column(calls, |c| c.me.clone()))
+            .bind(batch::column(calls, |c| c.claim_game_id.clone()))
+            .bind(batch::column(calls, |c| c.reply_to.clone()))
+            .bind(batch::column(calls, |c| c.reply_correlation_id.clone()))
+            .bind(batch::column(calls, |c| c.fingerprint.clone()))
+            .bind(live_within().as_secs_f64());
+            async move {
+                let answers = query
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| db_error("admit the command", e))?;
+                Ok(answers.into_iter().map(|Json(a)| a).collect())
+            }
+        },
+    )
+    .await
+}
+
 /// A command's routing question: its game, the node it names, if any, and
 /// the node asking.
 struct RoutingQuestion<'a> {
@@ -205,7 +278,7 @@ struct RoutingQuestion<'a> {
 /// What `rtm_admit` answers: `rtm_route`'s answer and, unless the command
 /// is forwarded, whether this call claimed it, else the inbox row found.
 #[derive(Deserialize)]
-struct AdmitAnswer {
+pub(super) struct AdmitAnswer {
     route: RouteAnswer,
     claimed: Option<bool>,
     inbox: Option<InboxRow>,

@@ -6,7 +6,9 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{PgStore, db_error, decode_event, path_text, reply_columns};
+use sqlx::PgPool;
+
+use super::{PgStore, batch, db_error, decode_event, path_text, reply_columns};
 use crate::domain::{
     CommandRequest, ContainerId, GameId, ImageRef, NodeName, OperationEntry, OutcomeEvent,
     PriorEntry, RecordUpdate, RuntimeRecord, RuntimeState, RuntimeStatus, Step,
@@ -288,52 +290,49 @@ impl RuntimeStore for PgStore {
         let mut event = OutcomeEvent::from_entry(&entry, 0, event_id);
         event.node = self.node().map(ToString::to_string);
         let result = &entry.result;
-        let answer: Json<AppendAnswer> = sqlx::query_scalar(
-            "select rtm_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                               $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28,
-                               $29, $30, $31, $32, $33)",
-        )
-        .bind(event_id)
-        .bind(fence.expected().map(|f| f.0))
-        .bind(fence.held().map(|f| f.0))
-        .bind(check_answered)
-        .bind(answers_inbox)
-        .bind(reply_from_inbox)
-        .bind(reply_to)
-        .bind(reply_correlation_id)
-        .bind(&entry.game_id)
-        .bind(entry.op.as_str())
-        .bind(entry.outer_op.map(|o| o.as_str()))
-        .bind(&entry.op_source)
-        .bind(entry.reason.as_deref())
-        .bind(&entry.correlation_id)
-        .bind(&entry.command_id)
-        .bind(entry.image_ref.as_deref())
-        .bind(entry.previous_image_ref.as_deref())
-        .bind(entry.container_id.as_deref())
-        .bind(entry.address.as_deref())
-        .bind(result.outcome().as_str())
-        .bind(result.error_code().map(|c| c.as_str()))
-        .bind(result.error_message())
-        .bind(result.noop())
-        .bind(entry.rolled_back)
-        .bind(entry.started_at)
-        .bind(entry.finished_at)
-        .bind(event.routing_key())
-        .bind(Json(&event))
-        .bind(record.as_ref().map(|(r, _)| r.state.status().as_str()))
-        .bind(record.as_ref().map(|(r, _)| r.image_ref.as_str()))
-        .bind(
-            record
+        let call = AppendCall {
+            event_id,
+            expected_fence: fence.expected().map(|f| f.0),
+            held_fence: fence.held().map(|f| f.0),
+            check_answered,
+            answers_inbox,
+            reply_from_inbox,
+            reply_to,
+            reply_correlation_id,
+            game_id: entry.game_id.clone(),
+            op: entry.op.as_str(),
+            outer_op: entry.outer_op.map(|o| o.as_str()),
+            op_source: entry.op_source.clone(),
+            reason: entry.reason.clone(),
+            correlation_id: entry.correlation_id.clone(),
+            command_id: entry.command_id.clone(),
+            image_ref: entry.image_ref.clone(),
+            previous_image_ref: entry.previous_image_ref.clone(),
+            container_id: entry.container_id.clone(),
+            address: entry.address.clone(),
+            outcome: result.outcome().as_str(),
+            error_code: result.error_code().map(|c| c.as_str()),
+            error_message: result.error_message().map(str::to_owned),
+            noop: result.noop(),
+            rolled_back: entry.rolled_back,
+            started_at: entry.started_at,
+            finished_at: entry.finished_at,
+            routing_key: event.routing_key(),
+            payload: serde_json::to_string(&event).map_err(|e| {
+                StoreError::Corrupt(format!("event {event_id} does not encode: {e}"))
+            })?,
+            record_status: record.as_ref().map(|(r, _)| r.state.status().as_str()),
+            record_image_ref: record.as_ref().map(|(r, _)| r.image_ref.to_string()),
+            record_container_id: record
                 .as_ref()
-                .and_then(|(r, _)| r.state.container_id().map(ContainerId::as_str)),
-        )
-        .bind(record.as_ref().and_then(|(r, _)| r.state.address()))
-        .bind(record.as_ref().map(|(_, dir)| dir.as_str()))
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| db_error("append to the operation log", e))?;
-        match answer.0 {
+                .and_then(|(r, _)| r.state.container_id().map(|c| c.as_str().to_owned())),
+            record_address: record
+                .as_ref()
+                .and_then(|(r, _)| r.state.address().map(str::to_owned)),
+            record_state_dir: record.map(|(_, dir)| dir),
+        };
+        let answer = self.batches().append.call(call).await?;
+        match answer {
             AppendAnswer::Appended { operation_id } => {
                 self.written.notify_one();
                 event.operation_id = Some(operation_id);
@@ -374,18 +373,16 @@ impl RuntimeStore for PgStore {
 
     async fn begin(&self, game_id: &GameId, request: &CommandRequest) -> Result<Begun, StoreError> {
         let (reply_to, reply_correlation_id) = reply_columns(request);
-        let begun: Json<BegunRow> =
-            sqlx::query_scalar("select rtm_begin($1, $2, $3, $4, $5, $6, $7)")
-                .bind(game_id.as_str())
-                .bind(&request.command_id)
-                .bind(request.game_id.as_deref().unwrap_or_default())
-                .bind(request.op.as_str())
-                .bind(reply_to)
-                .bind(reply_correlation_id)
-                .bind(request.fingerprint())
-                .fetch_one(&self.pool)
-                .await
-                .map_err(|e| db_error("take the game's fence", e))?;
+        let call = BeginCall {
+            game_id: game_id.to_string(),
+            command_id: request.command_id.clone(),
+            claim_game_id: request.game_id.clone().unwrap_or_default(),
+            op: request.op.as_str(),
+            reply_to: reply_to.map(str::to_owned),
+            reply_correlation_id: reply_correlation_id.map(str::to_owned),
+            fingerprint: request.fingerprint(),
+        };
+        let begun = self.batches().begin.call(call).await?;
         let BegunRow {
             fence,
             claimed,
@@ -393,7 +390,7 @@ impl RuntimeStore for PgStore {
             entries,
             steps,
             record,
-        } = begun.0;
+        } = begun;
         let claim = if claimed {
             InboxClaim::Fresh
         } else {
@@ -461,10 +458,212 @@ impl PgStore {
     }
 }
 
+/// One `rtm_append` call's arguments, owned, for its batch.
+pub(super) struct AppendCall {
+    event_id: Uuid,
+    expected_fence: Option<i64>,
+    held_fence: Option<i64>,
+    check_answered: bool,
+    answers_inbox: bool,
+    reply_from_inbox: bool,
+    reply_to: Option<String>,
+    reply_correlation_id: Option<String>,
+    game_id: String,
+    op: &'static str,
+    outer_op: Option<&'static str>,
+    op_source: String,
+    reason: Option<String>,
+    correlation_id: String,
+    command_id: String,
+    image_ref: Option<String>,
+    previous_image_ref: Option<String>,
+    container_id: Option<String>,
+    address: Option<String>,
+    outcome: &'static str,
+    error_code: Option<&'static str>,
+    error_message: Option<String>,
+    noop: bool,
+    rolled_back: bool,
+    started_at: DateTime<Utc>,
+    finished_at: DateTime<Utc>,
+    routing_key: String,
+    /// The event's JSON, which the function stores with its operation_id.
+    payload: String,
+    record_status: Option<&'static str>,
+    record_image_ref: Option<String>,
+    record_container_id: Option<String>,
+    record_address: Option<String>,
+    record_state_dir: Option<String>,
+}
+
+/// One `rtm_begin` call's arguments, owned, for its batch.
+pub(super) struct BeginCall {
+    game_id: String,
+    command_id: String,
+    claim_game_id: String,
+    op: &'static str,
+    reply_to: Option<String>,
+    reply_correlation_id: Option<String>,
+    fingerprint: String,
+}
+
+/// A batch of `append` calls: one row of each array per call.
+const APPEND_MANY: &str =
+    "select rtm_append(a.event_id, a.expected_fence, a.held_fence, a.check_answered,
+                  a.answers_inbox, a.reply_from_inbox, a.reply_to,
+                  a.reply_correlation_id, a.game_id, a.op, a.outer_op,
+                  a.op_source, a.reason, a.correlation_id, a.command_id,
+                  a.image_ref, a.previous_image_ref, a.container_id, a.address,
+                  a.outcome, a.error_code, a.error_message, a.noop,
+                  a.rolled_back, a.started_at, a.finished_at, a.routing_key,
+                  a.payload::jsonb, a.record_status, a.record_image_ref,
+                  a.record_container_id, a.record_address, a.record_state_dir)
+from unnest($1::uuid[], $2::int8[], $3::int8[], $4::bool[], $5::bool[],
+            $6::bool[], $7::text[], $8::text[], $9::text[], $10::text[],
+            $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
+            $16::text[], $17::text[], $18::text[], $19::text[], $20::text[],
+            $21::text[], $22::text[], $23::bool[], $24::bool[],
+            $25::timestamptz[], $26::timestamptz[], $27::text[], $28::text[],
+            $29::text[], $30::text[], $31::text[], $32::text[], $33::text[])
+     as a(event_id, expected_fence, held_fence, check_answered, answers_inbox,
+          reply_from_inbox, reply_to, reply_correlation_id, game_id, op,
+          outer_op, op_source, reason, correlation_id, command_id, image_ref,
+          previous_image_ref, container_id, address, outcome, error_code,
+          error_message, noop, rolled_back, started_at, finished_at,
+          routing_key, payload, record_status, record_image_ref,
+          record_container_id, record_address, record_state_dir)";
+
+/// The same for a batch of one: the arrays' first elements, without the
+/// `unnest` scan, which is work for nothing when calls come one at a time
+/// (a quiet worker, or one busy game's commands).
+const APPEND_ONE: &str =
+    "select rtm_append(($1::uuid[])[1], ($2::int8[])[1], ($3::int8[])[1], ($4::bool[])[1],
+                  ($5::bool[])[1], ($6::bool[])[1], ($7::text[])[1], ($8::text[])[1],
+                  ($9::text[])[1], ($10::text[])[1], ($11::text[])[1],
+                  ($12::text[])[1], ($13::text[])[1], ($14::text[])[1],
+                  ($15::text[])[1], ($16::text[])[1], ($17::text[])[1],
+                  ($18::text[])[1], ($19::text[])[1], ($20::text[])[1],
+                  ($21::text[])[1], ($22::text[])[1], ($23::bool[])[1],
+                  ($24::bool[])[1], ($25::timestamptz[])[1], ($26::timestamptz[])[1],
+                  ($27::text[])[1], ($28::text[])[1]::jsonb, ($29::text[])[1],
+                  ($30::text[])[1], ($31::text[])[1], ($32::text[])[1],
+                  ($33::text[])[1])";
+
+/// Makes a batch of `rtm_append` calls in one statement (see [`batch`]).
+pub(super) async fn append_batch(
+    pool: &PgPool,
+    calls: Vec<AppendCall>,
+) -> Vec<Result<AppendAnswer, StoreError>> {
+    batch::in_key_order(
+        calls,
+        |c| c.game_id.clone(),
+        |calls| {
+            let calls = calls.as_slice();
+            // Built before the future, which so borrows nothing of `calls`.
+            let query = sqlx::query_scalar::<_, Json<AppendAnswer>>(if calls.len() == 1 {
+                APPEND_ONE
+            } else {
+                APPEND_MANY
+            })
+            .bind(batch::column(calls, |c| c.event_id))
+            .bind(batch::column(calls, |c| c.expected_fence))
+            .bind(batch::column(calls, |c| c.held_fence))
+            .bind(batch::column(calls, |c| c.check_answered))
+            .bind(batch::column(calls, |c| c.answers_inbox))
+            .bind(batch::column(calls, |c| c.reply_from_inbox))
+            .bind(batch::column(calls, |c| c.reply_to.clone()))
+            .bind(batch::column(calls, |c| c.reply_correlation_id.clone()))
+            .bind(batch::column(calls, |c| c.game_id.clone()))
+            .bind(batch::column(calls, |c| c.op))
+            .bind(batch::column(calls, |c| c.outer_op))
+            .bind(batch::column(calls, |c| c.op_source.clone()))
+            .bind(batch::column(calls, |c| c.reason.clone()))
+            .bind(batch::column(calls, |c| c.correlation_id.clone()))
+            .bind(batch::column(calls, |c| c.command_id.clone()))
+            .bind(batch::column(calls, |c| c.image_ref.clone()))
+            .bind(batch::column(calls, |c| c.previous_image_ref.clone()))
+            .bind(batch::column(calls, |c| c.container_id.clone()))
+            .bind(batch::column(calls, |c| c.address.clone()))
+            .bind(batch::column(calls, |c| c.outcome))
+            .bind(batch::column(calls, |c| c.error_code))
+            .bind(batch::column(calls, |c| c.error_message.clone()))
+            .bind(batch::column(calls, |c| c.noop))
+            .bind(batch::column(calls, |c| c.rolled_back))
+            .bind(batch::column(calls, |c| c.started_at))
+            .bind(batch::column(calls, |c| c.finished_at))
+            .bind(batch::column(calls, |c| c.routing_key.clone()))
+            .bind(batch::column(calls, |c| c.payload.clone()))
+            .bind(batch::column(calls, |c| c.record_status))
+            .bind(batch::column(calls, |c| c.record_image_ref.clone()))
+            .bind(batch::column(calls, |c| c.record_container_id.clone()))
+            .bind(batch::column(calls, |c| c.record_address.clone()))
+            .bind(batch::column(calls, |c| c.record_state_dir.clone()));
+            async move {
+                let answers = query
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| db_error("append to the operation log", e))?;
+                Ok(answers.into_iter().map(|Json(a)| a).collect())
+            }
+        },
+    )
+    .await
+}
+
+/// A batch of `begin` calls: one row of each array per call.
+const BEGIN_MANY: &str =
+    "select rtm_begin(a.game_id, a.command_id, a.claim_game_id, a.op, a.reply_to,
+                 a.reply_correlation_id, a.fingerprint)
+from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+            $6::text[], $7::text[])
+     as a(game_id, command_id, claim_game_id, op, reply_to,
+          reply_correlation_id, fingerprint)";
+
+/// The same for a batch of one: the arrays' first elements, without the
+/// `unnest` scan, which is work for nothing when calls come one at a time
+/// (a quiet worker, or one busy game's commands).
+const BEGIN_ONE: &str =
+    "select rtm_begin(($1::text[])[1], ($2::text[])[1], ($3::text[])[1], ($4::text[])[1],
+                 ($5::text[])[1], ($6::text[])[1], ($7::text[])[1])";
+
+/// Makes a batch of `rtm_begin` calls in one statement (see [`batch`]).
+pub(super) async fn begin_batch(
+    pool: &PgPool,
+    calls: Vec<BeginCall>,
+) -> Vec<Result<BegunRow, StoreError>> {
+    batch::in_key_order(
+        calls,
+        |c| c.game_id.clone(),
+        |calls| {
+            let calls = calls.as_slice();
+            let query = sqlx::query_scalar::<_, Json<BegunRow>>(if calls.len() == 1 {
+                BEGIN_ONE
+            } else {
+                BEGIN_MANY
+            })
+            .bind(batch::column(calls, |c| c.game_id.clone()))
+            .bind(batch::column(calls, |c| c.command_id.clone()))
+            .bind(batch::column(calls, |c| c.claim_game_id.clone()))
+            .bind(batch::column(calls, |c| c.op))
+            .bind(batch::column(calls, |c| c.reply_to.clone()))
+            .bind(batch::column(calls, |c| c.reply_correlation_id.clone()))
+            .bind(batch::column(calls, |c| c.fingerprint.clone()));
+            async move {
+                let begun = query
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| db_error("take the game's fence", e))?;
+                Ok(begun.into_iter().map(|Json(b)| b).collect())
+            }
+        },
+    )
+    .await
+}
+
 /// What `rtm_append` (migration 0009) answers.
 #[derive(serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-enum AppendAnswer {
+pub(super) enum AppendAnswer {
     Appended {
         operation_id: i64,
     },
@@ -482,7 +681,7 @@ enum AppendAnswer {
 
 /// What `rtm_begin` (migration 0009) answers.
 #[derive(serde::Deserialize)]
-struct BegunRow {
+pub(super) struct BegunRow {
     fence: i64,
     /// The call inserted the command's inbox row.
     claimed: bool,
