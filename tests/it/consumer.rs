@@ -15,7 +15,7 @@ use rtmanager::config::SecretUrl;
 use rtmanager::domain::{CommandRequest, OutcomeEvent};
 use rtmanager::inbound::consumer::{CommandHandler, Consumer};
 use rtmanager::lifecycle::{Handled, Interrupted};
-use rtmanager::ports::{InboxClaim, StoreError};
+use rtmanager::ports::{Admission, InboxClaim, Route, StoreError};
 use rtmanager::readiness::Readiness;
 use uuid::Uuid;
 
@@ -261,5 +261,193 @@ async fn steps_before_the_ack_wait_out_an_outage_without_requeue_or_blocking() {
         .unwrap()
         .message_count();
     assert_eq!(left, 0, "everything was acked");
+    crate::topology::delete_topology(amqp, url, Vec::new());
+}
+
+/// What [`Timeline`] saw, in order: `("admit" | "begin" | "end", command_id)`.
+type Seen = Arc<Mutex<Vec<(&'static str, String)>>>;
+
+/// A handler that takes its time over each command and notes when each
+/// is admitted, begins and ends.
+struct Timeline {
+    seen: Seen,
+    event: OutcomeEvent,
+}
+
+impl Timeline {
+    fn note(&self, what: &'static str, request: &CommandRequest) {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((what, request.command_id.clone()));
+    }
+}
+
+impl CommandHandler for Timeline {
+    fn handle(
+        &self,
+        request: CommandRequest,
+        _claim: Option<InboxClaim>,
+    ) -> BoxFuture<'_, Result<Handled, Interrupted>> {
+        Box::pin(async move {
+            self.note("begin", &request);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            self.note("end", &request);
+            Ok(Handled {
+                event: self.event.clone(),
+                duplicate: false,
+            })
+        })
+    }
+
+    fn fail_internal<'a>(
+        &'a self,
+        request: &'a CommandRequest,
+        message: String,
+    ) -> BoxFuture<'a, Result<Handled, Interrupted>> {
+        panic!(
+            "{}: not expected to fail internal: {message}",
+            request.command_id
+        )
+    }
+
+    fn append_rejected<'a>(&'a self, _: &'a OutcomeEvent) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn republish(&self, _: Uuid) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn stop_operations(&self) {}
+
+    fn admit<'a>(
+        &'a self,
+        request: &'a CommandRequest,
+    ) -> BoxFuture<'a, Result<Admission, StoreError>> {
+        self.note("admit", request);
+        Box::pin(async {
+            Ok(Admission {
+                route: Route::Here,
+                claim: None,
+            })
+        })
+    }
+}
+
+/// A game's next command is admitted while the one before it runs (its
+/// round trip leaves the path a busy game's commands take one after
+/// another), but only once that one is admitted, and never a `start`,
+/// whose route depends on what the commands before it leave; the commands
+/// still run one at a time, in the order published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_games_next_command_is_admitted_while_the_one_before_runs_but_a_start_waits_its_turn() {
+    crate::harness::init_logs();
+    let id = unique("lookahead");
+    let amqp = test_amqp(&id);
+    let url = SecretUrl::new(amqp_url());
+    let event: OutcomeEvent = serde_json::from_str(include_str!(
+        "../fixtures/events/runtime.stop.success--noop.json"
+    ))
+    .unwrap();
+    let seen = Seen::default();
+    let (trigger, shutdown) = rtmanager::shutdown::channel();
+    let consumer = Consumer::new(
+        Timeline {
+            seen: seen.clone(),
+            event,
+        },
+        url.clone(),
+        amqp.clone(),
+        rtmanager::domain::NodeName::parse(crate::harness::TEST_NODE).unwrap(),
+        Arc::new(Readiness::default()),
+        Arc::new(tokio::sync::Notify::new()),
+        shutdown,
+    );
+    let running = tokio::spawn(consumer.run(Duration::from_secs(10)));
+    let conn = rtmanager::broker::connect(&url, "look-ahead test")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "the consumer", || async {
+        crate::topology::declared_queue(&conn, &amqp.command_queue)
+            .await
+            .filter(|q| q.consumer_count() > 0)
+    })
+    .await;
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    // w0 runs while the others arrive, so they wait in the game's lane.
+    let commands = [
+        ("w0", "stop", ""),
+        ("p1", "patch", r#","image_ref":"rtm-test/engine:1.4.3""#),
+        ("s2", "stop", ""),
+        ("t3", "start", r#","image_ref":"rtm-test/engine:1.4.2""#),
+        ("p4", "patch", r#","image_ref":"rtm-test/engine:1.4.3""#),
+    ];
+    for (command_id, op, extra) in commands {
+        let body = format!(
+            r#"{{"op":"{op}","game_id":"g","command_id":"{command_id}","op_source":"lobby"{extra}}}"#
+        );
+        publish(
+            &channel,
+            amqp.command_exchange.as_str(),
+            &format!("runtime.{op}"),
+            &body,
+        )
+        .await;
+    }
+    eventually(Duration::from_secs(30), "all five commands", || async {
+        let done = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(w, _)| *w == "end")
+            .count();
+        (done == 5).then_some(())
+    })
+    .await;
+    trigger.fire();
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the consumer stops")
+        .unwrap();
+
+    let seen = seen.lock().unwrap().clone();
+    let at = |what: &str, command_id: &str| {
+        seen.iter()
+            .position(|(w, id)| *w == what && id == command_id)
+            .unwrap_or_else(|| panic!("no {what} of {command_id} in {seen:?}"))
+    };
+    let runs: Vec<&str> = seen
+        .iter()
+        .filter(|(w, _)| *w == "begin")
+        .map(|(_, id)| id.as_str())
+        .collect();
+    assert_eq!(runs, ["w0", "p1", "s2", "t3", "p4"], "in order: {seen:?}");
+    for (before, after) in [("w0", "p1"), ("p1", "s2"), ("s2", "t3"), ("t3", "p4")] {
+        assert!(
+            at("end", before) < at("begin", after),
+            "{after} began before {before} ended: {seen:?}"
+        );
+    }
+    assert!(
+        at("admit", "s2") < at("end", "p1"),
+        "the stop was not admitted ahead, while the patch before it ran: {seen:?}"
+    );
+    assert!(
+        at("admit", "p1") < at("admit", "s2"),
+        "admitted before the command ahead of it: {seen:?}"
+    );
+    assert!(
+        at("admit", "t3") > at("end", "s2"),
+        "the start was admitted ahead of its turn: {seen:?}"
+    );
+    assert!(
+        at("admit", "p4") < at("end", "t3"),
+        "the patch after the start was not admitted ahead: {seen:?}"
+    );
     crate::topology::delete_topology(amqp, url, Vec::new());
 }

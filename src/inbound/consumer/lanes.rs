@@ -55,6 +55,12 @@ impl<J> Lanes<J> {
         })
     }
 
+    /// The lane's next job if one is waiting, leaving the lane open either
+    /// way: for a look ahead while its task still runs a job.
+    pub fn try_next(&self, lane: &mut Lane<J>) -> Option<J> {
+        lane.rx.try_recv().ok()
+    }
+
     /// The lane's next job; `None` closes the lane (nothing is pending).
     pub fn next(&self, lane: &mut Lane<J>) -> Option<J> {
         if let Ok(job) = lane.rx.try_recv() {
@@ -91,5 +97,19 @@ mod tests {
         assert_eq!(lanes.next(&mut b), Some(10));
         let mut again = lanes.submit("a", 4).expect("a closed: a new lane");
         assert_eq!(lanes.next(&mut again), Some(4));
+    }
+
+    #[test]
+    fn a_look_ahead_keeps_the_lane_open() {
+        let lanes = Lanes::default();
+        let mut a = lanes.submit("a", 1).expect("a was idle: a new lane");
+        assert_eq!(lanes.next(&mut a), Some(1));
+        assert_eq!(lanes.try_next(&mut a), None, "nothing waits");
+        assert!(
+            lanes.submit("a", 2).is_none(),
+            "an empty look ahead left the lane open: no second lane for a"
+        );
+        assert_eq!(lanes.try_next(&mut a), Some(2));
+        assert_eq!(lanes.next(&mut a), None, "drained: the lane closes");
     }
 }

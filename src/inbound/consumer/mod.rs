@@ -37,12 +37,13 @@ use futures_util::future::BoxFuture;
 use lapin::Channel;
 use lapin::message::Delivery;
 use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
 use tracing::{Instrument as _, debug, info_span};
 use uuid::Uuid;
 
 use crate::config::{AmqpConfig, SecretUrl};
 use crate::domain::NodeName;
-use crate::domain::{CommandRequest, OutcomeEvent};
+use crate::domain::{CommandRequest, OpKind, OutcomeEvent};
 use crate::lifecycle::{Handled, Interrupted, Lifecycle};
 use crate::messages::{Envelope, decode_command};
 use crate::ports::{
@@ -176,6 +177,15 @@ struct Job {
     redeliveries: u64,
 }
 
+/// A command's admission started ahead of its turn.
+type Admitting = JoinHandle<Result<Admission, StoreError>>;
+
+/// A lane's next command, taken off it while the one before runs.
+struct Ahead {
+    job: Job,
+    admitting: Option<Admitting>,
+}
+
 impl Consumer {
     pub fn new(
         handler: impl CommandHandler,
@@ -254,7 +264,15 @@ impl Consumer {
     /// unstarted (another worker, or this one's successor, runs them): none
     /// takes a lease this worker would not live to release.
     async fn run_lane(self: Arc<Self>, mut lane: lanes::Lane<Job>) {
-        while let Some(job) = self.lanes.next(&mut lane) {
+        let mut ahead: Option<Ahead> = None;
+        loop {
+            let (job, admitting) = match ahead.take() {
+                Some(Ahead { job, admitting }) => (job, admitting),
+                None => match self.lanes.next(&mut lane) {
+                    Some(job) => (job, None),
+                    None => return,
+                },
+            };
             let mut shutdown = self.shutdown.clone();
             let permit = tokio::select! {
                 permit = self.in_flight.clone().acquire_owned() => permit.ok(),
@@ -273,19 +291,48 @@ impl Consumer {
                 game_id = %lane.key(),
                 correlation_id = %job.request.correlation_id(),
             );
-            self.process(job).instrument(span).await;
+            self.process(job, admitting, &mut lane, &mut ahead)
+                .instrument(span)
+                .await;
         }
     }
 
-    async fn process(&self, mut job: Job) {
+    /// Runs one command: its admission (taken from `admitting` when it was
+    /// started ahead), then, once it is admitted, starts the admission of
+    /// its game's next command into `ahead`, and runs the command.
+    async fn process(
+        &self,
+        mut job: Job,
+        admitting: Option<Admitting>,
+        lane: &mut lanes::Lane<Job>,
+        ahead: &mut Option<Ahead>,
+    ) {
         let gauge = metrics::gauge!(telemetry::OPERATIONS_IN_FLIGHT);
         gauge.increment(1.0);
-        let admission = attempt::retry_until_shutdown(
-            &self.shutdown,
-            "find the node the command runs on and claim it",
-            || self.handler.admit(&job.request),
-        )
-        .await;
+        let early = match admitting {
+            Some(handle) => match handle.await {
+                Ok(Ok(admission)) => Some(admission),
+                // Asked again below, with the retries.
+                Ok(Err(e)) => {
+                    debug!(error = %e, "the admission made ahead failed; asking again");
+                    None
+                }
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let admission = match early {
+            Some(admission) => Some(admission),
+            None => {
+                attempt::retry_until_shutdown(
+                    &self.shutdown,
+                    "find the node the command runs on and claim it",
+                    || self.handler.admit(&job.request),
+                )
+                .await
+            }
+        };
+        *ahead = self.look_ahead(lane);
         let decision = match admission {
             None => Decision::Leave,
             Some(Admission {
@@ -304,6 +351,25 @@ impl Consumer {
         gauge.decrement(1.0);
         self.relay_wake.notify_one();
         self.settle(&job.channel, &job.delivery, decision).await;
+    }
+
+    /// Takes the lane's next command, if one is waiting, and starts its
+    /// admission now, while the command before it runs: for one busy game
+    /// the admission's round trip then leaves the path its commands take
+    /// one after another. Only once the command before is admitted, and
+    /// never for a `start`: a start before it may place the game (its
+    /// admission records where), and a start's own route depends on what
+    /// the commands before it leave (a removed game is placed afresh), so
+    /// each is asked only when its turn comes, as before. Every other op
+    /// goes where its game's placement or record says, which no command
+    /// still running before it changes.
+    fn look_ahead(&self, lane: &mut lanes::Lane<Job>) -> Option<Ahead> {
+        let job = self.lanes.try_next(lane)?;
+        let admitting = (job.request.op != OpKind::Start && !self.shutdown.is_set()).then(|| {
+            let (handler, request) = (self.handler.clone(), job.request.clone());
+            tokio::spawn(async move { handler.admit(&request).await }.in_current_span())
+        });
+        Some(Ahead { job, admitting })
     }
 
     fn attempts(&self) -> attempt::Attempts<'_> {
