@@ -41,6 +41,9 @@ pub(super) const MAX_BATCH: usize = 64;
 /// Batches of one kind in flight at once. One at a time left the machine
 /// half idle, every call waiting out the commit of the batch before; a few
 /// keep the database busy while the calls that arrive meanwhile gather.
+/// Measured on 2 cores (rejected patches over 100 games): 1 gave 1,008/s,
+/// 2 gave 1,393/s, 4 gave 1,960-1,979/s, 8 gave 1,580/s (smaller batches,
+/// more of the database's time per call).
 pub(super) const IN_FLIGHT: usize = 4;
 
 type Reply<R> = oneshot::Sender<Result<R, StoreError>>;
