@@ -113,6 +113,48 @@ impl CommandHandler for Scripted {
     fn stop_operations(&self) {}
 }
 
+/// A consumer of `handler` on `amqp`'s private topology, consuming: its
+/// shutdown trigger, its task, and a confirming channel to publish on.
+async fn consuming(
+    handler: impl CommandHandler,
+    amqp: &rtmanager::config::AmqpConfig,
+    url: &SecretUrl,
+) -> (
+    rtmanager::shutdown::Trigger,
+    tokio::task::JoinHandle<()>,
+    lapin::Connection,
+    Channel,
+) {
+    let (trigger, shutdown) = rtmanager::shutdown::channel();
+    let consumer = Consumer::new(
+        handler,
+        url.clone(),
+        amqp.clone(),
+        rtmanager::domain::NodeName::parse(crate::harness::TEST_NODE).unwrap(),
+        Arc::new(Readiness::default()),
+        Arc::new(tokio::sync::Notify::new()),
+        shutdown,
+    );
+    let running = tokio::spawn(consumer.run(Duration::from_secs(10)));
+    let conn = rtmanager::broker::connect(url, "consumer test")
+        .await
+        .unwrap();
+    // Consuming, so the queue's binding (declared before) is in place too:
+    // a command published before it would be dropped unrouted.
+    eventually(Duration::from_secs(30), "the consumer", || async {
+        crate::topology::declared_queue(&conn, &amqp.command_queue)
+            .await
+            .filter(|q| q.consumer_count() > 0)
+    })
+    .await;
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    (trigger, running, conn, channel)
+}
+
 async fn publish(channel: &Channel, exchange: &str, key: &str, body: &str) {
     channel
         .basic_publish(
@@ -151,34 +193,7 @@ async fn steps_before_the_ack_wait_out_an_outage_without_requeue_or_blocking() {
         republished: AtomicBool::new(false),
         handled: Mutex::new(Vec::new()),
     });
-    let (trigger, shutdown) = rtmanager::shutdown::channel();
-    let consumer = Consumer::new(
-        Scripted(flaky.clone()),
-        url.clone(),
-        amqp.clone(),
-        rtmanager::domain::NodeName::parse(crate::harness::TEST_NODE).unwrap(),
-        Arc::new(Readiness::default()),
-        Arc::new(tokio::sync::Notify::new()),
-        shutdown,
-    );
-    let running = tokio::spawn(consumer.run(Duration::from_secs(10)));
-
-    let conn = rtmanager::broker::connect(&url, "consumer test")
-        .await
-        .unwrap();
-    // Consuming, so the queue's binding (declared before) is in place too:
-    // a command published before it would be dropped unrouted.
-    eventually(Duration::from_secs(30), "the consumer", || async {
-        crate::topology::declared_queue(&conn, &amqp.command_queue)
-            .await
-            .filter(|q| q.consumer_count() > 0)
-    })
-    .await;
-    let channel = conn.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (trigger, running, conn, channel) = consuming(Scripted(flaky.clone()), &amqp, &url).await;
     let exchange = amqp.command_exchange.as_str();
     publish(
         &channel,
@@ -351,34 +366,15 @@ async fn a_games_next_command_is_admitted_while_the_one_before_runs_but_a_start_
     ))
     .unwrap();
     let seen = Seen::default();
-    let (trigger, shutdown) = rtmanager::shutdown::channel();
-    let consumer = Consumer::new(
+    let (trigger, running, _conn, channel) = consuming(
         Timeline {
             seen: seen.clone(),
             event,
         },
-        url.clone(),
-        amqp.clone(),
-        rtmanager::domain::NodeName::parse(crate::harness::TEST_NODE).unwrap(),
-        Arc::new(Readiness::default()),
-        Arc::new(tokio::sync::Notify::new()),
-        shutdown,
-    );
-    let running = tokio::spawn(consumer.run(Duration::from_secs(10)));
-    let conn = rtmanager::broker::connect(&url, "look-ahead test")
-        .await
-        .unwrap();
-    eventually(Duration::from_secs(30), "the consumer", || async {
-        crate::topology::declared_queue(&conn, &amqp.command_queue)
-            .await
-            .filter(|q| q.consumer_count() > 0)
-    })
+        &amqp,
+        &url,
+    )
     .await;
-    let channel = conn.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
     // w0 runs while the others arrive, so they wait in the game's lane.
     let commands = [
         ("w0", "stop", ""),
