@@ -78,7 +78,12 @@ pub struct PgStore {
     /// command runs here.
     node: Option<NodeName>,
     /// The group-commit queues of the hot calls ([`batch`]), started on
-    /// first use (inside the runtime) and shared by every clone.
+    /// first use and shared by every clone. Their tasks run on the runtime
+    /// of that first use: a store is used within one runtime (the binary
+    /// has one; each test its own store).
+    ///
+    /// A batch that panics drops its callers' answers, which they take as
+    /// `Unavailable` and retry; the queue's own task only gathers calls.
     batches: Arc<OnceLock<Batches>>,
 }
 
