@@ -91,10 +91,7 @@ impl CommandHandler for Scripted {
         request: &'a CommandRequest,
         message: String,
     ) -> BoxFuture<'a, Result<Handled, Interrupted>> {
-        panic!(
-            "{}: not expected to fail internal: {message}",
-            request.command_id
-        )
+        no_internal_answers(request, &message)
     }
 
     fn append_rejected<'a>(&'a self, _: &'a OutcomeEvent) -> BoxFuture<'a, Result<(), StoreError>> {
@@ -111,6 +108,14 @@ impl CommandHandler for Scripted {
     }
 
     fn stop_operations(&self) {}
+}
+
+/// The test handlers answer nothing `internal`: a call is a bug in the test.
+fn no_internal_answers(request: &CommandRequest, message: &str) -> ! {
+    panic!(
+        "{}: not expected to fail internal: {message}",
+        request.command_id
+    )
 }
 
 /// A consumer of `handler` on `amqp`'s private topology, consuming: its
@@ -320,10 +325,7 @@ impl CommandHandler for Timeline {
         request: &'a CommandRequest,
         message: String,
     ) -> BoxFuture<'a, Result<Handled, Interrupted>> {
-        panic!(
-            "{}: not expected to fail internal: {message}",
-            request.command_id
-        )
+        no_internal_answers(request, &message)
     }
 
     fn append_rejected<'a>(&'a self, _: &'a OutcomeEvent) -> BoxFuture<'a, Result<(), StoreError>> {
