@@ -309,10 +309,11 @@ impl Consumer {
     ) {
         let gauge = metrics::gauge!(telemetry::OPERATIONS_IN_FLIGHT);
         gauge.increment(1.0);
+        // The admission made ahead, if it came through; else asked now,
+        // with the retries.
         let early = match admitting {
             Some(handle) => match handle.await {
                 Ok(Ok(admission)) => Some(admission),
-                // Asked again below, with the retries.
                 Ok(Err(e)) => {
                     debug!(error = %e, "the admission made ahead failed; asking again");
                     None

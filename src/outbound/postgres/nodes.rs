@@ -9,14 +9,14 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use sqlx::types::Json;
 
-use super::port::InboxRow;
 use sqlx::PgPool;
 
+use super::port::InboxRow;
 use super::{PgStore, batch, db_error, reply_columns};
 use crate::config::NodeConfig;
 use crate::domain::{CommandRequest, GameId, NodeName, OpKind};
 use crate::error::{ErrorCode, Failure};
-use crate::ports::{Admission, InboxClaim, Route, StoreError};
+use crate::ports::{Admission, Route, RuntimeStore, StoreError};
 
 /// How often a worker tells the database its node is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -140,7 +140,7 @@ impl PgStore {
         let Some(ask) = self.routing_question(request) else {
             return Ok(Admission {
                 route: Route::Here,
-                claim: Some(self.claim_request(request).await?),
+                claim: Some(self.claim(request).await?),
             });
         };
         let (reply_to, reply_correlation_id) = reply_columns(request);
@@ -167,17 +167,10 @@ impl PgStore {
             self.batches().admit.call(call).await?
         };
         let route = answer.route.route(&ask)?;
-        let claim = match (&route, answer.claimed, answer.inbox) {
-            (Route::Forward(_), ..) => None,
-            (_, Some(true), _) => Some(InboxClaim::Fresh),
-            (_, Some(false), Some(inbox)) => Some(inbox.claim(request)?),
-            (_, Some(false), None) => {
-                return Err(StoreError::Corrupt(format!(
-                    "inbox row of command {:?} vanished while it was claimed",
-                    request.command_id
-                )));
-            }
-            (_, None, _) => {
+        let claim = match (&route, answer.claimed) {
+            (Route::Forward(_), _) => None,
+            (_, Some(claimed)) => Some(InboxRow::claim_made(claimed, answer.inbox, request)?),
+            (_, None) => {
                 return Err(StoreError::Corrupt(format!(
                     "rtm_admit did not claim command {:?}, which runs here",
                     request.command_id

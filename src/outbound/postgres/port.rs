@@ -3,10 +3,9 @@
 use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
+use sqlx::PgPool;
 use sqlx::types::Json;
 use uuid::Uuid;
-
-use sqlx::PgPool;
 
 use super::{PgStore, batch, db_error, decode_event, path_text, reply_columns};
 use crate::domain::{
@@ -177,7 +176,39 @@ impl RuntimeStore for PgStore {
     }
 
     async fn claim(&self, request: &CommandRequest) -> Result<InboxClaim, StoreError> {
-        self.claim_request(request).await
+        let (reply_to, reply_correlation_id) = reply_columns(request);
+        // The primary key decides: whoever inserts the row owns the command.
+        // A concurrent claim of the same id waits for the inserting
+        // statement, then inserts nothing.
+        let fingerprint = request.fingerprint();
+        let inserted = sqlx::query(
+            "insert into inbox (command_id, game_id, op, reply_to, reply_correlation_id,
+                                fingerprint)
+             values ($1, $2, $3, $4, $5, $6)
+             on conflict (command_id) do nothing",
+        )
+        .bind(&request.command_id)
+        .bind(request.game_id.as_deref().unwrap_or_default())
+        .bind(request.op.as_str())
+        .bind(reply_to)
+        .bind(reply_correlation_id)
+        .bind(&fingerprint)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("claim the command in the inbox", e))?;
+        if inserted.rows_affected() == 1 {
+            return Ok(InboxClaim::Fresh);
+        }
+
+        // Claimed by another: what it left. Its row is there (inbox rows are
+        // deleted only by the retention sweep, long after).
+        match self.lookup(request).await? {
+            InboxClaim::Fresh => Err(StoreError::Corrupt(format!(
+                "inbox row of command {:?} vanished while it was claimed",
+                request.command_id
+            ))),
+            claim => Ok(claim),
+        }
     }
 
     async fn admit(&self, request: &CommandRequest) -> Result<Admission, StoreError> {
@@ -391,17 +422,7 @@ impl RuntimeStore for PgStore {
             steps,
             record,
         } = begun;
-        let claim = if claimed {
-            InboxClaim::Fresh
-        } else {
-            let inbox = inbox.ok_or_else(|| {
-                StoreError::Corrupt(format!(
-                    "inbox row of command {:?} vanished while it was claimed",
-                    request.command_id
-                ))
-            })?;
-            inbox.claim(request)?
-        };
+        let claim = InboxRow::claim_made(claimed, inbox, request)?;
         Ok(Begun {
             fence: Fence(fence),
             claim,
@@ -412,49 +433,6 @@ impl RuntimeStore for PgStore {
                 Err(e) => return Err(e),
             },
         })
-    }
-}
-
-impl PgStore {
-    /// [`RuntimeStore::claim`]: inserts the command's inbox row, or reads
-    /// what the claim that inserted it left.
-    pub(super) async fn claim_request(
-        &self,
-        request: &CommandRequest,
-    ) -> Result<InboxClaim, StoreError> {
-        let (reply_to, reply_correlation_id) = reply_columns(request);
-        // The primary key decides: whoever inserts the row owns the command.
-        // A concurrent claim of the same id waits for the inserting
-        // statement, then inserts nothing.
-        let fingerprint = request.fingerprint();
-        let inserted = sqlx::query(
-            "insert into inbox (command_id, game_id, op, reply_to, reply_correlation_id,
-                                fingerprint)
-             values ($1, $2, $3, $4, $5, $6)
-             on conflict (command_id) do nothing",
-        )
-        .bind(&request.command_id)
-        .bind(request.game_id.as_deref().unwrap_or_default())
-        .bind(request.op.as_str())
-        .bind(reply_to)
-        .bind(reply_correlation_id)
-        .bind(&fingerprint)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| db_error("claim the command in the inbox", e))?;
-        if inserted.rows_affected() == 1 {
-            return Ok(InboxClaim::Fresh);
-        }
-
-        // Claimed by another: what it left. Its row is there (inbox rows are
-        // deleted only by the retention sweep, long after).
-        match self.lookup(request).await? {
-            InboxClaim::Fresh => Err(StoreError::Corrupt(format!(
-                "inbox row of command {:?} vanished while it was claimed",
-                request.command_id
-            ))),
-            claim => Ok(claim),
-        }
     }
 }
 
@@ -703,8 +681,29 @@ pub(super) struct InboxRow {
 }
 
 impl InboxRow {
+    /// The claim a call that tried to insert `request`'s inbox row made:
+    /// `Fresh` when it `claimed` (inserted) it, else the one the row it
+    /// found says, which must be there.
+    pub(super) fn claim_made(
+        claimed: bool,
+        inbox: Option<Self>,
+        request: &CommandRequest,
+    ) -> Result<InboxClaim, StoreError> {
+        if claimed {
+            return Ok(InboxClaim::Fresh);
+        }
+        inbox
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "inbox row of command {:?} vanished while it was claimed",
+                    request.command_id
+                ))
+            })?
+            .claim(request)
+    }
+
     /// The claim of `request` this row makes, when another claim inserted it.
-    pub(super) fn claim(self, request: &CommandRequest) -> Result<InboxClaim, StoreError> {
+    fn claim(self, request: &CommandRequest) -> Result<InboxClaim, StoreError> {
         match self {
             InboxRow {
                 fingerprint: Some(first),
