@@ -28,12 +28,21 @@ pub struct Expect {
     /// interrupted; it will be retried"), as `Interruption` reasons. Without
     /// an injected fault that explains it, an interruption is a violation.
     pub allowed_interruptions: &'static [Interruption],
-    /// Engine boots beyond what the outcomes call for that the scenario
-    /// explains, by game: an engine that died on its own while its
-    /// command's worker was down, booted again by the redelivery (which
-    /// finishes the command: the game is to run). Each explained boot is
-    /// noted; any boot beyond them is still a violation.
-    pub reboots: BTreeMap<String, i64>,
+    /// Engine boots beyond what the outcomes call for that the scenario's
+    /// fault explains. Each explained boot is noted; any boot beyond them
+    /// is still a violation.
+    pub reboots: Reboots,
+}
+
+/// Extra engine boots a scenario explains, by game, and why: each is an
+/// engine that booted and then stopped running through the injected fault
+/// (not a command's doing), so the command that was to leave the game
+/// running booted it again.
+#[derive(Debug, Clone, Default)]
+pub struct Reboots {
+    pub by_game: BTreeMap<String, i64>,
+    /// Completes "…beyond what the outcomes call for, each …".
+    pub why: &'static str,
 }
 
 /// The reasons a worker gives for interrupting a command (the `reason` of
@@ -693,13 +702,12 @@ impl Rig {
                 }
                 None => 0,
             };
-            let explained =
-                (actual - want).clamp(0, expect.reboots.get(game).copied().unwrap_or(0));
+            let allowed = expect.reboots.by_game.get(game).copied().unwrap_or(0);
+            let explained = (actual - want).clamp(0, allowed);
             if explained > 0 {
                 row.notes.push(format!(
-                    "{game}: {explained} engine boot(s) beyond what the outcomes call for, each \
-                     after the engine died on its own while its command's worker was down \
-                     (booted again by the redelivery)"
+                    "{game}: {explained} engine boot(s) beyond what the outcomes call for, each {}",
+                    expect.reboots.why
                 ));
             }
             let want = want + explained;

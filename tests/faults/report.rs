@@ -104,7 +104,7 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     ),
     (
         "restart_dockerd",
-        "2d. Stop a private dockerd (live-restore) for 3 s during a stream",
+        "2d. Stop a private dockerd (live-restore) for 3 s during a stream: an extra boot only where the worker recreated a container whose start Docker lost across the restart (a task left behind, refused as \"id already in use\")",
     ),
     (
         "duplicates",

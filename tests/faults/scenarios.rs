@@ -10,7 +10,7 @@ use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::checks::{Expect, Interruption, outer_recorded, records, short};
+use crate::checks::{Expect, Interruption, Reboots, outer_recorded, records, short};
 use crate::procs::poll_for;
 use crate::registry::Registry;
 use crate::report::{Row, title};
@@ -932,9 +932,31 @@ pub async fn restart_dep(dep: Dep) -> Result<Row, String> {
             ],
             ..Expect::default()
         },
+        // A start Docker was carrying out when it went down can leave a
+        // task behind that Docker no longer knows (the container reads
+        // "created", a start is refused: "id already in use"); the worker
+        // then recreates the container. The lost task's engine may have
+        // booted, yet it runs no more: the recreated one boots again, one
+        // boot the outcomes do not call for, per recreation the worker
+        // logged for the game.
+        Dep::Docker => Expect {
+            reboots: Reboots {
+                by_game: rig
+                    .workers
+                    .iter()
+                    .flat_map(|w| w.games_logging(STALE_TASK_RECREATED))
+                    .fold(BTreeMap::new(), |mut by_game, game| {
+                        *by_game.entry(game).or_default() += 1;
+                        by_game
+                    }),
+                why: "in a task Docker lost across its restart (the worker logged the \
+                      container recreated for it)",
+            },
+            ..Expect::all_success()
+        },
         // The other outages are shorter than RTM_RETRY_FOR: retried in
         // place, never a command handed back.
-        Dep::Postgres | Dep::RabbitMq | Dep::Docker => Expect::all_success(),
+        Dep::Postgres | Dep::RabbitMq => Expect::all_success(),
     };
     let mut row = rig.finish(title(key), expect).await;
     row.violations.extend(readyz);
@@ -966,6 +988,10 @@ pub async fn restart_dep(dep: Dep) -> Result<Row, String> {
     }
     Ok(row)
 }
+
+/// The worker's log line when Docker refused to start a container for a
+/// task it kept from before its restart (`lifecycle::container`).
+const STALE_TASK_RECREATED: &str = "the engine kept a stale task; recreating the container";
 
 /// Polls `w`'s `/metrics` until it reports an operation in flight; the
 /// count, or why not (idle throughout, or `/metrics` not answering).
@@ -1318,7 +1344,7 @@ pub async fn engines_crash_during_commands() -> Result<Row, String> {
         .iter()
         .filter(|c| kills.iter().any(|k| c.open_within(*k, *k)))
         .collect();
-    let mut reboots: std::collections::BTreeMap<String, i64> = Default::default();
+    let mut reboots: BTreeMap<String, i64> = BTreeMap::new();
     for d in &deaths {
         if caught
             .iter()
@@ -1332,7 +1358,11 @@ pub async fn engines_crash_during_commands() -> Result<Row, String> {
         // whose first start so failed (no record): checked below.
         allowed_failures: &["container_start_failed", "not_found"],
         allow_rolled_back: true,
-        reboots,
+        reboots: Reboots {
+            by_game: reboots,
+            why: "after the engine died on its own while its command's worker was down \
+                  (booted again by the redelivery)",
+        },
         ..Expect::after_kill()
     };
     let mut row = rig.finish(title(key), expect).await;

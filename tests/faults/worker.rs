@@ -240,6 +240,18 @@ impl Worker {
             .collect()
     }
 
+    /// The game (its span's `game_id`) of every log line whose message is
+    /// `message`, in order, once per line.
+    pub fn games_logging(&self, message: &str) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("message").and_then(|m| m.as_str()) == Some(message))
+            .filter_map(|v| Some(v.get("span")?.get("game_id")?.as_str()?.to_owned()))
+            .collect()
+    }
+
     /// A line in the worker's log marking what the suite did to it.
     fn note(&self, what: &str) {
         if let Ok(mut log) = OpenOptions::new().append(true).open(&self.log) {
