@@ -344,8 +344,8 @@ async fn run(rig: Arc<Rig>, s: Settings) -> anyhow::Result<()> {
     write_report(&ctx, &s, &f, machine_before).await
 }
 
-/// One phase of the bench alone (`BENCH_ONLY`): `patch`, `burst` or
-/// `rejected`. Its figures go to stderr; nothing is written.
+/// One phase of the bench alone (`BENCH_ONLY`): `patch`, `burst`,
+/// `rejected` or `memory`. Its figures go to stderr; nothing is written.
 async fn only_phase(
     ctx: &mut Ctx,
     s: &Settings,
@@ -365,7 +365,23 @@ async fn only_phase(
             start_games(ctx, &games).await?;
             rejected(ctx, s, &games, f).await?;
         }
-        other => anyhow::bail!("BENCH_ONLY={other:?}: expected patch, burst or rejected"),
+        // The peak-RSS burst on its own: every game started, the rejected
+        // patches, then all of them patched at once.
+        "memory" => {
+            let all: Vec<String> = (1..=s.rss_games)
+                .map(|i| ctx.names.game(&format!("m{i:03}")))
+                .collect();
+            start_games(ctx, &all).await?;
+            rejected(ctx, s, &games, f).await?;
+            patch_burst(ctx, &all, TAG_RSS).await?;
+            let status = std::fs::read_to_string(format!("/proc/{}/status", ctx.worker_pid))?;
+            for line in status.lines().filter(|l| l.starts_with("Vm")) {
+                say(&format!("BENCH_ONLY=memory: {line}"));
+            }
+        }
+        other => {
+            anyhow::bail!("BENCH_ONLY={other:?}: expected patch, burst, rejected or memory")
+        }
     }
     let median = |v: &[f64]| stats::median(v);
     say(&format!(
