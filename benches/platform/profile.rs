@@ -89,6 +89,28 @@ impl Cpu {
     }
 }
 
+impl Cpu {
+    /// The rate no worker could pass in the window from `before`, however
+    /// cheap: the cores over the CPU per command that everything but the
+    /// worker spent (the services, the bench publishing and consuming,
+    /// other processes), with the ms per command it is made of. `None`
+    /// without a busy machine to measure.
+    pub fn ceiling_without_worker(&self, before: &Cpu, commands: usize) -> Option<(f64, f64)> {
+        let wall = self.at.duration_since(before.at).as_secs_f64();
+        let (busy, total) = (
+            self.machine.0.saturating_sub(before.machine.0) as f64,
+            self.machine.1.saturating_sub(before.machine.1) as f64,
+        );
+        let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+        let worker = |c: &Cpu| c.per.get("rtmanager worker").copied().unwrap_or(0.0);
+        let rest = (busy / total) * cores * wall - (worker(self) - worker(before)).max(0.0);
+        (total > 0.0 && rest > 0.0 && commands > 0).then(|| {
+            let per_command = rest / commands as f64;
+            (cores / per_command, per_command * 1000.0)
+        })
+    }
+}
+
 /// utime + stime of `pid`, in seconds (0 once it is gone).
 fn process_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {

@@ -19,6 +19,8 @@ pub struct Row {
     pub ratio: String,
     pub target: String,
     pub met: Met,
+    /// Why a missed target is out of reach in this run, from its figures.
+    pub why: Option<String>,
 }
 
 impl Row {
@@ -30,7 +32,13 @@ impl Row {
             ratio: "—".into(),
             target: "—".into(),
             met: Met::NotApplicable,
+            why: None,
         }
+    }
+
+    pub fn why(mut self, why: Option<String>) -> Self {
+        self.why = why;
+        self
     }
 
     pub fn rtm(mut self, v: impl Into<String>) -> Self {
@@ -130,9 +138,13 @@ impl Document<'_> {
                 } else {
                     format!(", {} × the floor ({})", r.ratio, r.floor)
                 };
+                let why = r
+                    .why
+                    .as_ref()
+                    .map_or(String::new(), |w| format!(" Why: {w}."));
                 let _ = writeln!(
                     out,
-                    "- **{}**: {}{against}; the target is {} — not met.",
+                    "- **{}**: {}{against}; the target is {} — not met.{why}",
                     r.measure, r.rtm, r.target
                 );
             }
