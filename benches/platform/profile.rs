@@ -90,6 +90,25 @@ impl Cpu {
 }
 
 impl Cpu {
+    /// CPU ms per command that `components` spent together from `before`.
+    pub fn ms_per_command(&self, before: &Cpu, commands: usize, components: &[&str]) -> f64 {
+        let used: f64 = components
+            .iter()
+            .map(|c| {
+                let at = |s: &Cpu| s.per.get(*c).copied().unwrap_or(0.0);
+                (at(self) - at(before)).max(0.0)
+            })
+            .sum();
+        used * 1000.0 / commands.max(1) as f64
+    }
+
+    /// The machine's busy share from `before` (0 to 1).
+    pub fn busy_since(&self, before: &Cpu) -> f64 {
+        let busy = self.machine.0.saturating_sub(before.machine.0) as f64;
+        let total = self.machine.1.saturating_sub(before.machine.1) as f64;
+        if total > 0.0 { busy / total } else { 0.0 }
+    }
+
     /// The rate no worker could pass in the window from `before`, however
     /// cheap: the cores over the CPU per command that everything but the
     /// worker spent (the services, the bench publishing and consuming,
