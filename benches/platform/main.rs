@@ -1086,45 +1086,53 @@ struct RejectedCpu {
     pg_ms: f64,
 }
 
-/// A rejected phase's missed target, explained from its CPU: out of the
-/// machine's reach when even a worker costing nothing could not pass it;
-/// otherwise the worker's own, said so.
+/// A rejected phase's missed target, explained from this run's figures:
+/// beyond the machine where the database's own floor for these writes, or
+/// the CPU everything else spent, leaves no room for it; otherwise, and
+/// for any database work above the floor's, the worker's, said so.
 fn rejected_why(
     rate: Option<f64>,
     target: f64,
+    floor: Option<f64>,
     cpu: Option<RejectedCpu>,
     floor_pg_ms: Option<f64>,
 ) -> Option<String> {
     let (rate, cpu) = (rate?, cpu?);
+    let mut why = Vec::new();
+    let floor_short = floor.filter(|floor| *floor < target);
+    if let Some(floor) = floor_short {
+        why.push(format!(
+            "PostgreSQL alone, committing the same writes at the same concurrency, reaches \
+             {floor:.0} /s on this machine"
+        ));
+    }
     let floor_pg = floor_pg_ms.map_or(String::new(), |ms| {
         format!(" (the database floor's own statements: {ms:.2} ms)")
     });
-    let spent = format!(
+    why.push(format!(
         "PostgreSQL spent {:.2} ms of CPU per command{floor_pg}, and everything but the worker \
-         — PostgreSQL, RabbitMQ, Redis, the bench publishing and consuming — {:.2} ms, so on \
-         these cores no worker, not even one costing nothing, could pass {:.0} /s",
+         — PostgreSQL, RabbitMQ, Redis, the bench publishing and consuming — {:.2} ms, which \
+         leaves these cores room for {:.0} /s at most, however little the worker itself cost",
         cpu.pg_ms, cpu.rest_ms, cpu.cap
-    );
-    Some(if cpu.cap < target {
-        format!("{spent}: the target is beyond this machine (CPU per component under Observations)")
-    } else {
-        let heavier =
-            floor_pg_ms
-                .filter(|floor| cpu.pg_ms > 1.2 * floor)
-                .map_or(String::new(), |floor| {
-                    format!(
-                        "; and the PostgreSQL work it causes is {:.1} × the floor's (group commits \
-                     of one row, the relay's pass per event)",
-                        cpu.pg_ms / floor
-                    )
-                });
-        format!(
-            "{spent}, so the machine is not what stops it: the gap is the worker's. A game's \
-             commands run one after another (lease, fence commit, entry commit, lease release: \
-             {:.1} ms per command here){heavier} — not closed",
+    ));
+    if let Some(floor) = floor_pg_ms.filter(|floor| cpu.pg_ms > 1.2 * floor) {
+        why.push(format!(
+            "but the database work the worker causes is {:.1} × the floor's (group commits of \
+             one row, the relay's pass per event): that part is the worker's, not closed",
+            cpu.pg_ms / floor
+        ));
+    }
+    if floor_short.is_none() && cpu.cap >= target {
+        why.push(format!(
+            "the machine is not what stops it: a game's commands run one after another \
+             (lease, fence commit, entry commit, lease release: {:.1} ms per command here), \
+             the worker's serial path, not closed",
             1000.0 / rate
-        )
-    })
+        ));
+    } else {
+        why.push("the target is beyond this machine (CPU per component under Observations)".into());
+    }
+    Some(why.join("; "))
 }
 
 async fn write_report(
@@ -1248,6 +1256,7 @@ async fn write_report(
         .why(rejected_why(
             f.rejected_spread,
             2000.0,
+            f.floor_spread,
             f.cpu_spread,
             f.floor_pg_spread,
         )),
@@ -1261,6 +1270,7 @@ async fn write_report(
             .why(rejected_why(
                 f.rejected_one,
                 500.0,
+                f.floor_one,
                 f.cpu_one,
                 f.floor_pg_one,
             )),
