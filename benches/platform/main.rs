@@ -1126,15 +1126,15 @@ fn rejected_why(
     // Beyond the machine only where the database's own floor is short, or
     // the CPU ceiling is with database work no heavier than the floor's.
     let beyond = floor_short.is_some() || (cpu.cap < target && heavier.is_none());
-    if !beyond {
+    if beyond {
+        why.push("the target is beyond this machine (CPU per component under Observations)".into());
+    } else {
         why.push(format!(
             "the machine is not shown to stop it: a game's commands run one after another \
              (lease, fence commit, entry commit, lease release: {:.1} ms per command here), \
              the worker's serial path, not closed",
             1000.0 / rate
         ));
-    } else {
-        why.push("the target is beyond this machine (CPU per component under Observations)".into());
     }
     Some(why.join("; "))
 }

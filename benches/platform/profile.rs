@@ -15,6 +15,9 @@ const COMPONENTS: [(&str, &str); 5] = [
     ("containerd", "containerd"),
 ];
 
+/// The worker's name among the components.
+const WORKER: &str = "rtmanager worker";
+
 /// CPU seconds so far, per component, and the machine's busy and total
 /// jiffies.
 pub struct Cpu {
@@ -31,7 +34,7 @@ impl Cpu {
     /// A sample now; `worker` is the rtmanager worker's pid.
     pub fn sample(worker: u32) -> Self {
         let mut per = BTreeMap::new();
-        per.insert("rtmanager worker".to_owned(), process_seconds(worker));
+        per.insert(WORKER.to_owned(), process_seconds(worker));
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let Some(pid) = entry
                 .file_name()
@@ -72,13 +75,8 @@ impl Cpu {
                 ));
             }
         }
-        let (busy, total) = (
-            self.machine.0.saturating_sub(before.machine.0) as f64,
-            self.machine.1.saturating_sub(before.machine.1) as f64,
-        );
-        let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
-        let machine_busy = if total > 0.0 { busy / total } else { 0.0 };
-        let other = (machine_busy * cores * wall - listed).max(0.0);
+        let machine_busy = self.busy_since(before);
+        let other = (machine_busy * cores() * wall - listed).max(0.0);
         format!(
             "{}; everything else (the bench, other processes) {:.2} ms/command; the machine {:.0} % busy over {:.1} s",
             parts.join(", "),
@@ -87,9 +85,7 @@ impl Cpu {
             wall
         )
     }
-}
 
-impl Cpu {
     /// CPU ms per command that `components` spent together from `before`.
     pub fn ms_per_command(&self, before: &Cpu, commands: usize, components: &[&str]) -> f64 {
         let used: f64 = components
@@ -116,18 +112,18 @@ impl Cpu {
     /// without a busy machine to measure.
     pub fn ceiling_without_worker(&self, before: &Cpu, commands: usize) -> Option<(f64, f64)> {
         let wall = self.at.duration_since(before.at).as_secs_f64();
-        let (busy, total) = (
-            self.machine.0.saturating_sub(before.machine.0) as f64,
-            self.machine.1.saturating_sub(before.machine.1) as f64,
-        );
-        let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
-        let worker = |c: &Cpu| c.per.get("rtmanager worker").copied().unwrap_or(0.0);
-        let rest = (busy / total) * cores * wall - (worker(self) - worker(before)).max(0.0);
-        (total > 0.0 && rest > 0.0 && commands > 0).then(|| {
+        let worker = self.ms_per_command(before, 1, &[WORKER]) / 1000.0;
+        let rest = self.busy_since(before) * cores() * wall - worker;
+        (rest > 0.0 && commands > 0).then(|| {
             let per_command = rest / commands as f64;
-            (cores / per_command, per_command * 1000.0)
+            (cores() / per_command, per_command * 1000.0)
         })
     }
+}
+
+/// The cores the machine has.
+fn cores() -> f64 {
+    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
 }
 
 /// utime + stime of `pid`, in seconds (0 once it is gone).

@@ -13,6 +13,11 @@ use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, ContainerInfo, EngineError, Health, LeaseStore, RuntimeStore};
 use crate::telemetry;
 
+/// Logged when Docker refused to start a container for a task it kept from
+/// before an engine restart, and the container is made again (the fault
+/// suite reads it: that engine may boot twice).
+pub const STALE_TASK_RECREATED: &str = "the engine kept a stale task; recreating the container";
+
 /// How many log lines a start failure carries in its message.
 const LOG_TAIL_LINES: usize = 20;
 /// The most of a log tail a failure message carries: it travels in the
@@ -371,7 +376,7 @@ where
                 // behind that the engine refuses to start again ("already
                 // exists", "id already in use"): replace the container once.
                 Err(BringUp::Stale(msg)) if attempt == 1 => {
-                    warn!(container_id = %id, error = %msg, "the engine kept a stale task; recreating the container");
+                    warn!(container_id = %id, error = %msg, "{STALE_TASK_RECREATED}");
                     self.discard(&id).await?;
                 }
                 Err(BringUp::Stale(msg)) => {
@@ -400,7 +405,7 @@ where
         match self.bring_up(id, image, stage, false).await {
             Ok(info) => Ok(info),
             Err(BringUp::Stale(msg)) => {
-                warn!(container_id = %id, error = %msg, "the engine kept a stale task; recreating the container");
+                warn!(container_id = %id, error = %msg, "{STALE_TASK_RECREATED}");
                 self.discard(id).await?;
                 self.launch(image, stage).await
             }

@@ -63,6 +63,7 @@ use crate::ports::{
     RuntimeStore, StoreError, WriteFence,
 };
 use crate::telemetry;
+pub use container::STALE_TASK_RECREATED;
 pub use exit::{EXIT_PREFIX, ExitReport, exit_command_id};
 use gate::Gate;
 use lease::LeaseGuard;

@@ -944,7 +944,7 @@ pub async fn restart_dep(dep: Dep) -> Result<Row, String> {
                 by_game: rig
                     .workers
                     .iter()
-                    .flat_map(|w| w.games_logging(STALE_TASK_RECREATED))
+                    .flat_map(|w| w.games_logging(rtmanager::lifecycle::STALE_TASK_RECREATED))
                     .fold(BTreeMap::new(), |mut by_game, game| {
                         *by_game.entry(game).or_default() += 1;
                         by_game
@@ -988,10 +988,6 @@ pub async fn restart_dep(dep: Dep) -> Result<Row, String> {
     }
     Ok(row)
 }
-
-/// The worker's log line when Docker refused to start a container for a
-/// task it kept from before its restart (`lifecycle::container`).
-const STALE_TASK_RECREATED: &str = "the engine kept a stale task; recreating the container";
 
 /// Polls `w`'s `/metrics` until it reports an operation in flight; the
 /// count, or why not (idle throughout, or `/metrics` not answering).
