@@ -60,9 +60,18 @@ pub const LABEL_GAME_ID: &str = "rtmanager.game_id";
 pub const DEFAULT_SOCKET: &str = "unix:///var/run/docker.sock";
 
 /// Timeout of one API request (bollard counts it until the response headers
-/// arrive; it has a resolution of whole seconds). Every call but `stop` and
-/// `pull` answers well within it; a hung daemon is `Unavailable` after it.
+/// arrive; it has a resolution of whole seconds). Every call but `stop`,
+/// `pull`, `start` and `remove` answers well within it; a hung daemon is
+/// `Unavailable` after it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Timeout of `start` and `remove`: they set up or tear down the
+/// container's network, which the daemon does one container at a time, so
+/// with dozens in flight (a fleet started or patched at once, up to
+/// `RTM_PREFETCH` commands) a healthy engine answers the last of them tens
+/// of seconds late. Seen: a start answered after more than 30 s with 50
+/// starts in flight on two cores, which a 30 s timeout failed as
+/// `service_unavailable` with no retry left within `RTM_RETRY_FOR`.
+const NETWORK_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// The longest a whole pull may take; past it the pull fails
 /// (`image_pull_failed`).
 const PULL_TIMEOUT: Duration = Duration::from_secs(600);
@@ -390,6 +399,8 @@ impl ContainerEngine for DockerEngine {
     async fn start(&self, id: &ContainerId) -> Result<(), EngineError> {
         // 304 (already started) is a success in bollard.
         self.docker
+            .clone()
+            .with_timeout(NETWORK_CALL_TIMEOUT)
             .start_container(id.as_str(), None)
             .await
             .map_err(|e| start_err(&format!("start container {id}"), e))
@@ -422,6 +433,8 @@ impl ContainerEngine for DockerEngine {
             .build();
         match self
             .docker
+            .clone()
+            .with_timeout(NETWORK_CALL_TIMEOUT)
             .remove_container(id.as_str(), Some(options))
             .await
         {

@@ -14,6 +14,11 @@ use rtmanager::config::{AmqpConfig, SecretUrl};
 
 use crate::harness::{amqp_url, test_amqp, unique};
 
+/// The longest one broker round trip of a test may take: far above what a
+/// healthy broker needs, so only a stuck one (a blocked connection, a lost
+/// channel) reaches it, and the test fails saying so instead of hanging.
+const BROKER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub struct Topology {
     pub amqp: AmqpConfig,
     pub channel: Channel,
@@ -82,7 +87,9 @@ impl Topology {
     }
 
     /// Publishes `body` through `exchange` with `routing_key` and checks the
-    /// broker confirmed it.
+    /// broker confirmed it, within [`BROKER_WAIT`]: a broker that blocks
+    /// publishers (a resource alarm) or a lost connection fails the test
+    /// instead of hanging it.
     pub async fn publish(
         &self,
         exchange: &str,
@@ -90,19 +97,25 @@ impl Topology {
         body: &[u8],
         properties: BasicProperties,
     ) {
-        let confirm = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                properties,
-            )
+        let confirmed = async {
+            self.channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties,
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        };
+        let confirm = tokio::time::timeout(BROKER_WAIT, confirmed)
             .await
-            .unwrap()
-            .await
-            .unwrap();
+            .unwrap_or_else(|_| {
+                panic!("publish to {exchange:?} ({routing_key}): no confirm within {BROKER_WAIT:?}")
+            });
         assert!(
             matches!(confirm, lapin::Confirmation::Ack(None)),
             "{confirm:?}"
@@ -119,12 +132,19 @@ impl Topology {
     /// (an event's is its event_id) and bodies.
     pub async fn drain_messages(&self, queue: &str) -> Vec<(String, Vec<u8>)> {
         let mut messages = Vec::new();
-        while let Some(message) = self
-            .channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap()
-        {
+        loop {
+            let got = self
+                .channel
+                .basic_get(queue.into(), BasicGetOptions { no_ack: true });
+            let Some(message) = tokio::time::timeout(BROKER_WAIT, got)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("basic.get on {queue}: no answer within {BROKER_WAIT:?}")
+                })
+                .unwrap()
+            else {
+                break;
+            };
             let id = message.delivery.properties.message_id().clone();
             messages.push((
                 id.map(|id| id.to_string()).unwrap_or_default(),
