@@ -133,6 +133,12 @@ pub enum WriteFence {
     /// it; otherwise one command would be answered `conflict` while its
     /// effect happened all the same.
     Seen(Fence),
+    /// Written under the game's lease by an attempt that took no fence
+    /// yet, having read this one ([`RuntimeStore::peek`]): the write takes
+    /// the game's next fence itself, and is refused (`FenceLost`, nothing
+    /// written) if the fence is no longer this one. One commit instead of
+    /// two for an answer decided from the record alone (a refused patch).
+    Take(Fence),
     /// Not checked: an invalid request, which every attempt rejects alike.
     Unchecked,
 }
@@ -142,14 +148,14 @@ impl WriteFence {
     pub fn held(self) -> Option<Fence> {
         match self {
             WriteFence::Held(f) => Some(f),
-            WriteFence::Seen(_) | WriteFence::Unchecked => None,
+            WriteFence::Seen(_) | WriteFence::Take(_) | WriteFence::Unchecked => None,
         }
     }
 
     /// The fence the game must still have when the write commits.
     pub fn expected(self) -> Option<Fence> {
         match self {
-            WriteFence::Held(f) | WriteFence::Seen(f) => Some(f),
+            WriteFence::Held(f) | WriteFence::Seen(f) | WriteFence::Take(f) => Some(f),
             WriteFence::Unchecked => None,
         }
     }
@@ -178,6 +184,24 @@ pub struct Begun {
     pub progress: Progress,
     /// The game's record; `Err` with why when its row does not make a valid
     /// record (the op answers that `internal`).
+    pub record: Result<Option<RuntimeRecord>, String>,
+}
+
+/// What an attempt under the game's lease reads before it takes a fence:
+/// [`RuntimeStore::peek`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peeked {
+    /// The game's current fence (`Fence(0)` before any operation took it).
+    pub fence: Fence,
+    /// Nothing can still write under `fence`: the command whose attempt
+    /// took it has its outcome (or none took it). Only then is the record
+    /// below the one the game keeps until the next fence is taken.
+    pub settled: bool,
+    /// An earlier attempt of the command recorded an entry or a journal
+    /// step: it has something to resume, which only [`RuntimeStore::begin`]
+    /// reads.
+    pub progress: bool,
+    /// The game's record; `Err` with why when its row is corrupt.
     pub record: Result<Option<RuntimeRecord>, String>,
 }
 
@@ -323,6 +347,16 @@ pub trait RuntimeStore: Clone + Send + Sync + 'static {
         game_id: &GameId,
         since: DateTime<Utc>,
     ) -> impl Future<Output = Result<u32, StoreError>> + Send;
+
+    /// What an attempt of `command_id` under the game's lease finds before
+    /// taking a fence, read in one go without writing: an answer decided
+    /// from it is written under [`WriteFence::Take`]. Errors:
+    /// `Unavailable`.
+    fn peek(
+        &self,
+        game_id: &GameId,
+        command_id: &str,
+    ) -> impl Future<Output = Result<Peeked, StoreError>> + Send;
 
     /// An attempt's start under the game's lease: [`advance_fence`], then,
     /// read after it, [`claim`], [`progress`] and [`load`]. The fence

@@ -11,12 +11,12 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 
 use super::lease::LeaseGuard;
-use super::{Halt, Handled, Interrupted, Lifecycle, record_metrics};
-use crate::domain::{Command, CommandRequest, EntryResult, OperationEntry};
+use super::{Halt, Handled, Interrupted, Lifecycle, Op, record_metrics};
+use crate::domain::{Action, Command, CommandRequest, EntryResult, OperationEntry};
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{
     Acquired, Answers, Begun, ContainerEngine, InboxClaim, LeaseHolder, LeaseStore, OperationWrite,
-    RuntimeStore, StoreError, WriteFence,
+    Progress, Recorded, RuntimeStore, StoreError, WriteFence,
 };
 use crate::telemetry;
 
@@ -58,6 +58,57 @@ where
                 self.answer_reuse(request, Utc::now(), &first).await?,
             )),
             InboxClaim::Fresh | InboxClaim::Unfinished => Ok(ControlFlow::Continue(begun)),
+        }
+    }
+
+    /// Answers in one commit a command the game's record refuses with no
+    /// Docker work (today: a patch refused by SPEC §3's checks): its entry
+    /// takes the game's next fence as it is written ([`WriteFence::Take`]),
+    /// where [`Self::take_fence`] and the entry were a commit each. Only
+    /// when nothing can change the record read until that fence is taken
+    /// ([`Peeked::settled`](crate::ports::Peeked::settled)) and no earlier attempt of the command left
+    /// steps to resume; `None` otherwise, or when another attempt took the
+    /// game since the read, and the command then takes its fence as any
+    /// other and is decided again.
+    pub(super) async fn answer_before_fence(
+        &self,
+        command: &Command,
+        lease: &LeaseGuard<L>,
+    ) -> Result<Option<Recorded>, Interrupted> {
+        let Action::Patch { new_image_ref } = &command.action else {
+            return Ok(None);
+        };
+        let peeked = self
+            .store_retrying(|| self.store.peek(&command.game_id, &command.command_id))
+            .await?;
+        if !peeked.settled || peeked.progress {
+            return Ok(None);
+        }
+        let op = Op {
+            lc: self,
+            cmd: command,
+            fence: peeked.fence,
+            lease,
+            started_at: Utc::now(),
+            progress: Progress::default(),
+            record: peeked.record,
+        };
+        let Some(mut entry) = op.refusal(new_image_ref).await else {
+            return Ok(None);
+        };
+        // No write decided under a lease that may have gone.
+        op.check_lease()?;
+        entry.finished_at = Utc::now();
+        let write = OperationWrite {
+            entry,
+            fence: WriteFence::Take(peeked.fence),
+            record: None,
+            answers: Answers::Command,
+        };
+        match self.append(write).await {
+            Ok(recorded) => Ok(Some(recorded)),
+            Err(Interrupted::Unrecorded(StoreError::FenceLost(_))) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 

@@ -22,8 +22,8 @@ use crate::domain::{
 use crate::error::ErrorCode;
 use crate::ports::{
     Acquired, Answers, ContainerEngine, ContainerInfo, EngineError, EngineEvent, Fence, FenceView,
-    InboxClaim, LeaseError, LeaseHolder, LeaseStore, ManagedContainer, OperationWrite, Recorded,
-    RuntimeStore, StoreError,
+    InboxClaim, LeaseError, LeaseHolder, LeaseStore, ManagedContainer, OperationWrite, Peeked,
+    Recorded, RuntimeStore, StoreError, WriteFence,
 };
 
 #[derive(Default)]
@@ -56,6 +56,8 @@ pub struct MemStore {
     tables: Arc<Mutex<Tables>>,
     pub die_after: Arc<Mutex<Option<String>>>,
     pub died: Arc<tokio::sync::Notify>,
+    /// How many fences `advance_fence` (so `begin`) handed out.
+    advanced: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl MemStore {
@@ -79,6 +81,21 @@ impl MemStore {
 
     pub fn record(&self, game_id: &GameId) -> Option<RuntimeRecord> {
         self.tables().records.get(game_id).cloned()
+    }
+
+    /// The game's fence and the command that took it.
+    pub fn fence(&self, game_id: &GameId) -> (i64, Option<String>) {
+        self.tables()
+            .fences
+            .get(game_id)
+            .cloned()
+            .unwrap_or((0, None))
+    }
+
+    /// How many fences were taken by `advance_fence` (every `begin`), not
+    /// by a write ([`WriteFence::Take`]).
+    pub fn fences_advanced(&self) -> usize {
+        self.advanced.load(Ordering::SeqCst)
     }
 
     /// Every event written, in order.
@@ -161,7 +178,29 @@ impl RuntimeStore for MemStore {
         Ok(self.record(game_id))
     }
 
+    async fn peek(&self, game_id: &GameId, command_id: &str) -> Result<Peeked, StoreError> {
+        let (fence, taken_by) = {
+            let t = self.tables();
+            t.fences.get(game_id).cloned().unwrap_or((0, None))
+        };
+        let settled = match taken_by {
+            None => fence == 0,
+            Some(command) => self
+                .tables()
+                .inbox
+                .get(&command)
+                .is_some_and(|claimed| claimed.outcome.is_some()),
+        };
+        Ok(Peeked {
+            fence: Fence(fence),
+            settled,
+            progress: !self.read_progress(command_id)?.is_empty(),
+            record: Ok(self.record(game_id)),
+        })
+    }
+
     async fn advance_fence(&self, game_id: &GameId, command_id: &str) -> Result<Fence, StoreError> {
+        self.advanced.fetch_add(1, Ordering::SeqCst);
         let mut t = self.tables();
         let fence = t.fences.entry(game_id.clone()).or_insert((0, None));
         fence.0 += 1;
@@ -272,6 +311,12 @@ impl MemStore {
             });
         }
         Self::fence_check(&t, &entry.game_id, write.fence.expected())?;
+        if let WriteFence::Take(seen) = write.fence {
+            let game = GameId::parse(&entry.game_id)
+                .map_err(|e| StoreError::Corrupt(format!("take the fence: {e}")))?;
+            t.fences
+                .insert(game, (seen.0 + 1, Some(entry.command_id.clone())));
+        }
         let answers_inbox = entry.is_outer() && write.answers == Answers::Command;
         if answers_inbox
             && write.fence.held().is_none()

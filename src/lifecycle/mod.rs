@@ -59,7 +59,7 @@ use crate::domain::{
 };
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{
-    Admission, Begun, ContainerEngine, Fence, InboxClaim, LeaseStore, Progress, Route,
+    Admission, Begun, ContainerEngine, Fence, InboxClaim, LeaseStore, Progress, Recorded, Route,
     RuntimeStore, StoreError, WriteFence,
 };
 use crate::telemetry;
@@ -366,6 +366,9 @@ where
         command: &Command,
         lease: &LeaseGuard<L>,
     ) -> Result<Handled, Interrupted> {
+        if let Some(recorded) = self.answer_before_fence(command, lease).await? {
+            return Ok(Self::outcome(recorded));
+        }
         let Begun {
             fence,
             progress,
@@ -403,7 +406,16 @@ where
                 unreachable!("validation refuses op exit: only the reconciler writes it")
             }
         };
+        Ok(Self::outcome(recorded))
+    }
+
+    /// An op's recorded outer entry as the command's answer, counted and
+    /// logged; another attempt's earlier answer is returned as a duplicate.
+    fn outcome(recorded: Recorded) -> Handled {
         let event = recorded.event;
+        if recorded.answered_before {
+            return Handled::duplicate(event);
+        }
         record_metrics(&event);
         match event.error_code {
             None => info!(noop = event.noop, "operation succeeded"),
@@ -414,7 +426,7 @@ where
                 "operation failed"
             ),
         }
-        Ok(Handled::recorded(event))
+        Handled::recorded(event)
     }
 
     /// Fails a command with `internal`: after its handling panicked (the

@@ -15,7 +15,8 @@ use super::start::StartPlan;
 use super::{Halt, Interrupted, Op};
 use crate::domain::image_ref::same_patch_series;
 use crate::domain::{
-    ImageRef, OpKind, OperationEntry, RecordUpdate, RuntimeRecord, RuntimeState, Stage, Step,
+    EntryResult, ImageRef, OpKind, OperationEntry, RecordUpdate, RuntimeRecord, RuntimeState,
+    Stage, Step,
 };
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{ContainerEngine, LeaseStore, Recorded, RuntimeStore};
@@ -30,6 +31,18 @@ where
         let mut entry = self.outer_entry();
         let result = self.patch_steps(new_image, &mut entry).await;
         self.finish(entry, result, None).await
+    }
+
+    /// The patch's outer entry when the record refuses it (SPEC §3's checks
+    /// before any Docker work: no record, removed, tags not semver or not
+    /// of one patch series), as [`Self::patch`] would write it; `None` when
+    /// the patch goes ahead.
+    pub(super) async fn refusal(&self, new_image: &ImageRef) -> Option<OperationEntry> {
+        let (failure, image_ref) = self.patchable_record(new_image).await.err()?;
+        let mut entry = self.outer_entry();
+        entry.image_ref = image_ref;
+        entry.result = EntryResult::Failure(failure);
+        Some(entry)
     }
 
     async fn patch_steps(

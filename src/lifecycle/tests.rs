@@ -9,9 +9,10 @@ use super::memory::{MemEngine, MemLeases, MemStore};
 use super::{Interrupted, Lifecycle, LifecycleConfig};
 use crate::domain::{
     CommandRequest, GameId, ImageRef, OpKind, OutcomeEvent, RuntimeRecord, RuntimeState,
-    RuntimeStatus,
+    RuntimeStatus, Step,
 };
 use crate::error::ErrorCode;
+use crate::ports::RuntimeStore as _;
 
 const A: &str = "rtm-test/engine:1.4.2";
 const A_NEXT: &str = "rtm-test/engine:1.4.3";
@@ -331,6 +332,64 @@ async fn patch_must_keep_major_and_minor() {
         assert!(message.contains("current=1.4.2"), "{message}");
     }
     assert_eq!(w.docker(), Some((true, A.into())));
+}
+
+/// Issue 11: a patch the record refuses is one write, which takes the
+/// game's next fence itself (no `begin` before it): the fence moves by one,
+/// to the patch's command.
+#[tokio::test]
+async fn a_patch_the_record_refuses_takes_its_fence_with_its_entry() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    success(&w.op(OpKind::Stop, None).await, false);
+    let begun = w.store.fences_advanced();
+    let request = w.request(OpKind::Patch, Some("rtm-test/engine:1.5.0"));
+    let command_id = request.command_id.clone();
+    failure(&w.run(request).await, ErrorCode::SemverPatchOnly);
+    assert_eq!(w.store.fences_advanced(), begun, "no begin");
+    assert_eq!(w.store.fence(&w.game), (2, Some(command_id)));
+    // A patch that goes ahead still takes its fence first.
+    success(&w.op(OpKind::Patch, Some(A_NEXT)).await, false);
+    assert_eq!(w.store.fences_advanced(), begun + 1);
+    assert_eq!(w.store.fence(&w.game).0, 3);
+}
+
+/// The one-write answer only when the record read is final: not while the
+/// command that took the fence has no outcome (an attempt that may still
+/// write), nor for a command an earlier attempt of which left steps (it
+/// resumes). Both take their fence first, as any command.
+#[tokio::test]
+async fn a_refused_patch_takes_its_fence_first_behind_an_unfinished_attempt_or_its_own_steps() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    w.store
+        .advance_fence(&w.game, "an-attempt-that-died")
+        .await
+        .unwrap();
+    let begun = w.store.fences_advanced();
+    failure(
+        &w.op(OpKind::Patch, Some("rtm-test/engine:1.5.0")).await,
+        ErrorCode::SemverPatchOnly,
+    );
+    assert_eq!(
+        w.store.fences_advanced(),
+        begun + 1,
+        "behind an unfinished attempt"
+    );
+
+    let request = w.request(OpKind::Patch, Some("rtm-test/engine:1.5.0"));
+    w.store.put_step(
+        &request.command_id,
+        Step::Begin {
+            previous_image: ImageRef::parse(A).unwrap(),
+        },
+    );
+    failure(&w.run(request).await, ErrorCode::SemverPatchOnly);
+    assert_eq!(
+        w.store.fences_advanced(),
+        begun + 2,
+        "with steps of its own"
+    );
 }
 
 #[tokio::test]
@@ -753,7 +812,6 @@ mod exits {
     use super::*;
     use crate::config::RestartPolicy;
     use crate::lifecycle::ExitReport;
-    use crate::ports::RuntimeStore as _;
 
     const BUDGET: RestartPolicy = RestartPolicy {
         max: 2,

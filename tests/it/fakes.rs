@@ -21,7 +21,7 @@ use rtmanager::outbound::postgres::PgStore;
 use rtmanager::outbound::redis_lease::RedisLeases;
 use rtmanager::ports::{
     Acquired, ContainerEngine, ContainerInfo, EngineError, Fence, FenceView, InboxClaim,
-    LeaseError, LeaseHolder, LeaseStore, OperationWrite, Progress, Recorded, RuntimeStore,
+    LeaseError, LeaseHolder, LeaseStore, OperationWrite, Peeked, Progress, Recorded, RuntimeStore,
     StoreError,
 };
 use rtmanager::ports::{EngineEvent, ManagedContainer};
@@ -73,6 +73,13 @@ impl RuntimeStore for StallingStore {
         game_id: &GameId,
     ) -> impl Future<Output = Result<Option<RuntimeRecord>, StoreError>> + Send {
         self.inner.load(game_id)
+    }
+    fn peek(
+        &self,
+        game_id: &GameId,
+        command_id: &str,
+    ) -> impl Future<Output = Result<Peeked, StoreError>> + Send {
+        self.inner.peek(game_id, command_id)
     }
     fn advance_fence(
         &self,

@@ -507,6 +507,173 @@ async fn a_fence_never_taken_is_refused() {
     assert_eq!(store.load(&game("g-1")).await.unwrap(), None);
 }
 
+/// A refusal decided under the lease from what `peek` read: it takes the
+/// fence it read's successor itself.
+fn taking(entry: OperationEntry, read: Fence) -> OperationWrite {
+    OperationWrite {
+        entry,
+        fence: WriteFence::Take(read),
+        record: None,
+        answers: Answers::Command,
+    }
+}
+
+async fn entry_fence(db: &TestDb, command_id: &str) -> Option<i64> {
+    sqlx::query_scalar("select fence from operation_log where command_id = $1")
+        .bind(command_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// Issue 11: a command answered from the record alone writes its entry and
+/// takes the game's next fence in one commit. The write takes exactly the
+/// fence after the one read, names its command as the taker, is stored
+/// under it, and is refused, writing nothing, once anything else took the
+/// game since the read; a game never taken starts at 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_taking_the_fence_takes_the_next_one_or_nothing() {
+    let db = TestDb::new().await;
+    let store = PgStore::new(db.pool.clone());
+    let g = game("g-1");
+    let fresh = store.peek(&g, "cmd-1").await.unwrap();
+    assert_eq!(
+        (fresh.fence, fresh.settled, fresh.progress, fresh.record),
+        (Fence(0), true, false, Ok(None)),
+        "a game no operation took, a command with no attempt"
+    );
+    let recorded = store
+        .append(
+            taking(conflict("g-1", "cmd-1"), fresh.fence),
+            Uuid::new_v4(),
+        )
+        .await
+        .unwrap();
+    assert!(!recorded.answered_before);
+    assert_eq!(
+        store.observe_fence(&g).await.unwrap(),
+        FenceView {
+            fence: Fence(1),
+            taken_by: Some("cmd-1".into())
+        }
+    );
+    assert_eq!(entry_fence(&db, "cmd-1").await, Some(1));
+
+    // Read at 1; then another attempt takes 2 before the write commits.
+    let read = store.peek(&g, "cmd-2").await.unwrap();
+    assert_eq!((read.fence, read.settled), (Fence(1), true));
+    store.advance_fence(&g, "cmd-other").await.unwrap();
+    assert_eq!(
+        store
+            .append(taking(conflict("g-1", "cmd-2"), read.fence), Uuid::new_v4())
+            .await
+            .unwrap_err(),
+        StoreError::FenceLost(1)
+    );
+    assert_eq!(
+        count(
+            &db,
+            "select count(*) from operation_log where command_id = 'cmd-2'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        store.observe_fence(&g).await.unwrap(),
+        FenceView {
+            fence: Fence(2),
+            taken_by: Some("cmd-other".into())
+        },
+        "the refused write took nothing"
+    );
+
+    // A row read at 0 (a refused lease created it) is taken from 0 too.
+    let h = game("g-2");
+    let at_zero = store.observe_fence(&h).await.unwrap();
+    store
+        .append(
+            taking(conflict("g-2", "cmd-3"), at_zero.fence),
+            Uuid::new_v4(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.observe_fence(&h).await.unwrap().fence, Fence(1));
+}
+
+/// `peek` says a record may still change (`settled` false) while the
+/// command that took the fence has no outcome, and says so no longer once
+/// it has one; it says when the command itself has steps to resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peek_tells_an_unfinished_fence_holder_and_a_commands_own_steps() {
+    let db = TestDb::new().await;
+    let store = PgStore::new(db.pool.clone());
+    let g = game("g-1");
+    let taken = store.advance_fence(&g, "cmd-running").await.unwrap();
+    let read = store.peek(&g, "cmd-next").await.unwrap();
+    assert_eq!((read.fence, read.settled), (taken, false));
+
+    let done = write(
+        entry("g-1", "cmd-running", OpKind::Start, None),
+        Some(taken),
+        Some(record("g-1", IMAGE, running("c-1"))),
+    );
+    store.append(done, Uuid::new_v4()).await.unwrap();
+    let read = store.peek(&g, "cmd-next").await.unwrap();
+    assert_eq!(
+        (read.fence, read.settled, read.progress),
+        (taken, true, false)
+    );
+    let record = read.record.unwrap().expect("the record");
+    assert_eq!(record.image_ref.to_string(), IMAGE);
+
+    // An attempt of cmd-next took the game and journaled a step, then died.
+    let its = store.advance_fence(&g, "cmd-next").await.unwrap();
+    store
+        .journal(
+            &g,
+            its,
+            "cmd-next",
+            &Step::Begin {
+                previous_image: ImageRef::parse(IMAGE).unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+    let read = store.peek(&g, "cmd-next").await.unwrap();
+    assert_eq!((read.settled, read.progress), (false, true));
+}
+
+/// A command another attempt answered first (without the lease) gets that
+/// answer from a write taking the fence, not a second outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_taking_the_fence_returns_an_answer_given_first() {
+    let db = TestDb::new().await;
+    let store = PgStore::new(db.pool.clone());
+    let g = game("g-1");
+    // One attempt holds the lease and has read the game; another, refused
+    // the lease, reads the fence and answers first.
+    let read = store.peek(&g, "cmd-1").await.unwrap();
+    let saw = store.observe_fence(&g).await.unwrap().fence;
+    let first = store
+        .append(seen(conflict("g-1", "cmd-1"), saw), Uuid::new_v4())
+        .await
+        .unwrap();
+    let second = store
+        .append(taking(conflict("g-1", "cmd-1"), read.fence), Uuid::new_v4())
+        .await
+        .unwrap();
+    assert!(second.answered_before);
+    assert_eq!(second.event.event_id, first.event.event_id);
+    assert_eq!(
+        count(
+            &db,
+            "select count(*) from operation_log where command_id = 'cmd-1'"
+        )
+        .await,
+        1
+    );
+}
+
 fn conflict(game_id: &str, command_id: &str) -> OperationEntry {
     let mut e = entry(game_id, command_id, OpKind::Stop, None);
     e.result = EntryResult::Failure(Failure::new(ErrorCode::Conflict, "busy"));

@@ -13,8 +13,8 @@ use crate::domain::{
     PriorEntry, RecordUpdate, RuntimeRecord, RuntimeState, RuntimeStatus, Step,
 };
 use crate::ports::{
-    Admission, Answers, Begun, Fence, FenceView, InboxClaim, OperationWrite, Progress, Recorded,
-    Route, RuntimeStore, StoreError, WriteFence,
+    Admission, Answers, Begun, Fence, FenceView, InboxClaim, OperationWrite, Peeked, Progress,
+    Recorded, Route, RuntimeStore, StoreError, WriteFence,
 };
 
 impl RuntimeStore for PgStore {
@@ -229,6 +229,22 @@ impl RuntimeStore for PgStore {
         row.map(|row| row.into_record(game_id)).transpose()
     }
 
+    async fn peek(&self, game_id: &GameId, command_id: &str) -> Result<Peeked, StoreError> {
+        // A read: no commit to wait for, and not batched.
+        let Json(row): Json<PeekRow> = sqlx::query_scalar("select rtm_peek($1, $2)")
+            .bind(game_id.as_str())
+            .bind(command_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| db_error("read the game before taking its fence", e))?;
+        Ok(Peeked {
+            fence: Fence(row.fence),
+            settled: row.settled,
+            progress: row.progress,
+            record: readable_record(row.record, game_id)?,
+        })
+    }
+
     async fn advance_fence(&self, game_id: &GameId, command_id: &str) -> Result<Fence, StoreError> {
         // One statement, so two workers racing for the same game each get a
         // distinct, larger number; the row lock it takes also waits for any
@@ -361,6 +377,7 @@ impl RuntimeStore for PgStore {
                 .as_ref()
                 .and_then(|(r, _)| r.state.address().map(str::to_owned)),
             record_state_dir: record.map(|(_, dir)| dir),
+            take_fence: matches!(fence, WriteFence::Take(_)),
         };
         let answer = self.batches().append.call(call).await?;
         match answer {
@@ -427,11 +444,7 @@ impl RuntimeStore for PgStore {
             fence: Fence(fence),
             claim,
             progress: stored_progress(entries, steps)?,
-            record: match record.map(|row| row.into_record(game_id)).transpose() {
-                Ok(record) => Ok(record),
-                Err(StoreError::Corrupt(why)) => Err(why),
-                Err(e) => return Err(e),
-            },
+            record: readable_record(record, game_id)?,
         })
     }
 }
@@ -472,6 +485,8 @@ pub(super) struct AppendCall {
     record_container_id: Option<String>,
     record_address: Option<String>,
     record_state_dir: Option<String>,
+    /// `WriteFence::Take`: the write takes the fence after `expected_fence`.
+    take_fence: bool,
 }
 
 /// One `rtm_begin` call's arguments, owned, for its batch.
@@ -495,21 +510,23 @@ const APPEND_MANY: &str =
                   a.outcome, a.error_code, a.error_message, a.noop,
                   a.rolled_back, a.started_at, a.finished_at, a.routing_key,
                   a.payload::jsonb, a.record_status, a.record_image_ref,
-                  a.record_container_id, a.record_address, a.record_state_dir)
+                  a.record_container_id, a.record_address, a.record_state_dir,
+                  a.take_fence)
 from unnest($1::uuid[], $2::int8[], $3::int8[], $4::bool[], $5::bool[],
             $6::bool[], $7::text[], $8::text[], $9::text[], $10::text[],
             $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
             $16::text[], $17::text[], $18::text[], $19::text[], $20::text[],
             $21::text[], $22::text[], $23::bool[], $24::bool[],
             $25::timestamptz[], $26::timestamptz[], $27::text[], $28::text[],
-            $29::text[], $30::text[], $31::text[], $32::text[], $33::text[])
+            $29::text[], $30::text[], $31::text[], $32::text[], $33::text[],
+            $34::bool[])
      as a(event_id, expected_fence, held_fence, check_answered, answers_inbox,
           reply_from_inbox, reply_to, reply_correlation_id, game_id, op,
           outer_op, op_source, reason, correlation_id, command_id, image_ref,
           previous_image_ref, container_id, address, outcome, error_code,
           error_message, noop, rolled_back, started_at, finished_at,
           routing_key, payload, record_status, record_image_ref,
-          record_container_id, record_address, record_state_dir)";
+          record_container_id, record_address, record_state_dir, take_fence)";
 
 /// The same for a batch of one: the arrays' first elements, without the
 /// `unnest` scan, which is work for nothing when calls come one at a time
@@ -525,7 +542,7 @@ const APPEND_ONE: &str =
                   ($24::bool[])[1], ($25::timestamptz[])[1], ($26::timestamptz[])[1],
                   ($27::text[])[1], ($28::text[])[1]::jsonb, ($29::text[])[1],
                   ($30::text[])[1], ($31::text[])[1], ($32::text[])[1],
-                  ($33::text[])[1])";
+                  ($33::text[])[1], ($34::bool[])[1])";
 
 /// Makes a batch of `rtm_append` calls in one statement (see [`batch`]).
 pub(super) async fn append_batch(
@@ -575,7 +592,8 @@ pub(super) async fn append_batch(
             .bind(batch::column(calls, |c| c.record_image_ref.clone()))
             .bind(batch::column(calls, |c| c.record_container_id.clone()))
             .bind(batch::column(calls, |c| c.record_address.clone()))
-            .bind(batch::column(calls, |c| c.record_state_dir.clone()));
+            .bind(batch::column(calls, |c| c.record_state_dir.clone()))
+            .bind(batch::column(calls, |c| c.take_fence));
             async move {
                 let answers = query
                     .fetch_all(pool)
@@ -667,6 +685,29 @@ pub(super) struct BegunRow {
     entries: Vec<(Uuid, serde_json::Value)>,
     steps: Vec<(String, Option<serde_json::Value>)>,
     record: Option<RecordRow>,
+}
+
+/// What `rtm_peek` answers.
+#[derive(serde::Deserialize)]
+struct PeekRow {
+    fence: i64,
+    settled: bool,
+    progress: bool,
+    record: Option<RecordRow>,
+}
+
+/// A record row as the lifecycle takes it: `Err` inside when the row is
+/// corrupt (the op answers that `internal`); only a failure to read is an
+/// error.
+fn readable_record(
+    row: Option<RecordRow>,
+    game_id: &GameId,
+) -> Result<Result<Option<RuntimeRecord>, String>, StoreError> {
+    match row.map(|row| row.into_record(game_id)).transpose() {
+        Ok(record) => Ok(Ok(record)),
+        Err(StoreError::Corrupt(why)) => Ok(Err(why)),
+        Err(e) => Err(e),
+    }
 }
 
 /// A command's inbox row, with its outcome event's payload if it finished.
