@@ -1642,6 +1642,38 @@ async fn connect_creates_a_missing_database_and_migrates_it() {
     conn.close().await.ok();
 }
 
+/// The relay's mark commits without waiting for the WAL flush, and only
+/// it: the setting is its transaction's, so the next statement on the same
+/// connection (a fence, an outcome) still commits durably.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_sent_leaves_the_connection_committing_durably() {
+    let db = TestDb::new().await;
+    // One connection: whatever the mark leaves on it, the next call gets.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let store = PgStore::new(pool.clone());
+    let recorded = store
+        .append(
+            write(entry("g-1", "cmd-1", OpKind::Stop, None), None, None),
+            Uuid::new_v4(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.mark_sent(&[recorded.event.event_id]).await.unwrap(),
+        1
+    );
+    let setting: String = sqlx::query_scalar("show synchronous_commit")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(setting, "on");
+    assert_eq!(store.outbox_backlog().await.unwrap(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_is_unavailable_not_a_hang() {
     // Nothing listens on port 1; connect lazily so the error shows up on use.

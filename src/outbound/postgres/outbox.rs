@@ -111,20 +111,15 @@ impl PgStore {
         if event_ids.is_empty() {
             return Ok(0);
         }
-        let done = sqlx::query(
-            "update outbox
-             set sent_at = case when pending_replays = 0 then now() end,
-                 pending_replays = greatest(pending_replays - 1, 0)
-             where event_id = any($1) and sent_at is null
-               and ($2::uuid is null
-                    or exists (select 1 from relay_leader where holder = $2))",
-        )
-        .bind(event_ids)
-        .bind(holder)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| db_error("mark outbox events sent", e))?;
-        Ok(done.rows_affected())
+        // `rtm_mark_sent` (migration 0014): its commit does not wait for
+        // the WAL flush; a mark lost in a crash only republishes.
+        let marked: i64 = sqlx::query_scalar("select rtm_mark_sent($1, $2)")
+            .bind(event_ids)
+            .bind(holder)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| db_error("mark outbox events sent", e))?;
+        Ok(u64::try_from(marked).unwrap_or_default())
     }
 
     /// How many events wait for the relay (a metric and a readiness hint).
