@@ -16,7 +16,7 @@ use crate::domain::{Action, Command, CommandRequest, EntryResult, OperationEntry
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{
     Acquired, Answers, Begun, ContainerEngine, InboxClaim, LeaseHolder, LeaseStore, OperationWrite,
-    Progress, Recorded, RuntimeStore, StoreError, WriteFence,
+    Peeked, Progress, Recorded, RuntimeStore, StoreError, WriteFence,
 };
 use crate::telemetry;
 
@@ -61,26 +61,41 @@ where
         }
     }
 
+    /// What a patch reads of the game to be answered before it takes a
+    /// fence ([`Self::answer_before_fence`]), asked alongside its lease: the
+    /// answer written from it is checked at the write (the fence must still
+    /// be the one read), so the read need not wait for the lease. `None`
+    /// for any other op, or when the read fails (the patch then takes its
+    /// fence as any command).
+    pub(super) async fn peek_for(&self, command: &Command) -> Option<Peeked> {
+        if !matches!(command.action, Action::Patch { .. }) {
+            return None;
+        }
+        self.store
+            .peek(&command.game_id, &command.command_id)
+            .await
+            .inspect_err(|e| debug!(error = %e, "could not read the game ahead of its fence"))
+            .ok()
+    }
+
     /// Answers in one commit a command the game's record refuses with no
-    /// Docker work (today: a patch refused by SPEC §3's checks): its entry
-    /// takes the game's next fence as it is written ([`WriteFence::Take`]),
-    /// where [`Self::take_fence`] and the entry were a commit each. Only
-    /// when nothing can change the record read until that fence is taken
-    /// ([`Peeked::settled`](crate::ports::Peeked::settled)) and no earlier attempt of the command left
-    /// steps to resume; `None` otherwise, or when another attempt took the
-    /// game since the read, and the command then takes its fence as any
-    /// other and is decided again.
+    /// Docker work (today: a patch refused by SPEC §3's checks), from what
+    /// [`Self::peek_for`] read: its entry takes the game's next fence as it
+    /// is written ([`WriteFence::Take`]), where [`Self::take_fence`] and the
+    /// entry were a commit each. Only when nothing could change the record
+    /// once read until a newer fence is taken ([`Peeked::settled`]) and no
+    /// earlier attempt of the command left steps to resume; `None`
+    /// otherwise, or when anyone took the game since the read, and the
+    /// command then takes its fence as any other and is decided again.
     pub(super) async fn answer_before_fence(
         &self,
         command: &Command,
         lease: &LeaseGuard<L>,
+        peeked: Option<Peeked>,
     ) -> Result<Option<Recorded>, Interrupted> {
-        let Action::Patch { new_image_ref } = &command.action else {
+        let (Action::Patch { new_image_ref }, Some(peeked)) = (&command.action, peeked) else {
             return Ok(None);
         };
-        let peeked = self
-            .store_retrying(|| self.store.peek(&command.game_id, &command.command_id))
-            .await?;
         if !peeked.settled || peeked.progress {
             return Ok(None);
         }

@@ -58,6 +58,9 @@ pub struct MemStore {
     pub died: Arc<tokio::sync::Notify>,
     /// How many fences `advance_fence` (so `begin`) handed out.
     advanced: Arc<std::sync::atomic::AtomicUsize>,
+    /// Set: right after the next `peek`, an attempt of this command takes
+    /// the game's fence (another worker racing the reader).
+    pub take_after_peek: Arc<Mutex<Option<String>>>,
 }
 
 impl MemStore {
@@ -191,12 +194,17 @@ impl RuntimeStore for MemStore {
                 .get(&command)
                 .is_some_and(|claimed| claimed.outcome.is_some()),
         };
-        Ok(Peeked {
+        let peeked = Peeked {
             fence: Fence(fence),
             settled,
             progress: !self.read_progress(command_id)?.is_empty(),
             record: Ok(self.record(game_id)),
-        })
+        };
+        let racer = self.take_after_peek.lock().expect("racer").take();
+        if let Some(racer) = racer {
+            self.advance_fence(game_id, &racer).await?;
+        }
+        Ok(peeked)
     }
 
     async fn advance_fence(&self, game_id: &GameId, command_id: &str) -> Result<Fence, StoreError> {

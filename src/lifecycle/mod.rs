@@ -8,7 +8,9 @@
 //!    outcome back, without Docker work);
 //! 2. validate (`invalid_request`, `image_not_allowed`), before the lease;
 //! 3. take the per-game lease (renewed while the op runs) and the game's
-//!    next fence;
+//!    next fence; a patch reads the game alongside the lease request, and
+//!    one its record refuses is answered in one write that takes the fence
+//!    itself (`gate`: `answer_before_fence`);
 //! 4. dispatch to the op, which runs its Docker steps and writes an
 //!    operation-log entry (with its outbox event, in one fenced transaction)
 //!    per step: inner `stop`/`start` entries, then the outer entry, which
@@ -59,8 +61,8 @@ use crate::domain::{
 };
 use crate::error::{ErrorCode, Failure};
 use crate::ports::{
-    Admission, Begun, ContainerEngine, Fence, InboxClaim, LeaseStore, Progress, Recorded, Route,
-    RuntimeStore, StoreError, WriteFence,
+    Admission, Begun, ContainerEngine, Fence, InboxClaim, LeaseStore, Peeked, Progress, Recorded,
+    Route, RuntimeStore, StoreError, WriteFence,
 };
 use crate::telemetry;
 pub use container::STALE_TASK_RECREATED;
@@ -339,10 +341,11 @@ where
             }
         };
 
-        let lease = match self
-            .lease_or_refusal(&request, &command, received_at, None)
-            .await?
-        {
+        let (gate, peeked) = tokio::join!(
+            self.lease_or_refusal(&request, &command, received_at, None),
+            self.peek_for(&command)
+        );
+        let lease = match gate? {
             Gate::Held(lease) => lease,
             Gate::Answered(handled) => return Ok(handled),
         };
@@ -350,7 +353,7 @@ where
         // A panic inside the op must not outlive the lease's release: catch
         // it, release in order, then let it continue to the caller (which
         // answers the command `internal`).
-        let outcome = AssertUnwindSafe(self.run_leased(&request, &command, &lease))
+        let outcome = AssertUnwindSafe(self.run_leased(&request, &command, &lease, peeked))
             .catch_unwind()
             .await;
         lease.release().await;
@@ -365,8 +368,9 @@ where
         request: &CommandRequest,
         command: &Command,
         lease: &LeaseGuard<L>,
+        peeked: Option<Peeked>,
     ) -> Result<Handled, Interrupted> {
-        if let Some(recorded) = self.answer_before_fence(command, lease).await? {
+        if let Some(recorded) = self.answer_before_fence(command, lease, peeked).await? {
             return Ok(Self::outcome(recorded));
         }
         let Begun {

@@ -392,6 +392,35 @@ async fn a_refused_patch_takes_its_fence_first_behind_an_unfinished_attempt_or_i
     );
 }
 
+/// The game read for a one-write answer goes out with the lease request;
+/// when anything takes the game between that read and the write, the write
+/// is refused, and the patch takes its own fence and is decided again:
+/// one outcome, from the game as it is.
+#[tokio::test]
+async fn a_refused_patch_whose_read_was_overtaken_takes_its_fence_and_decides_again() {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    success(&w.op(OpKind::Stop, None).await, false);
+    let begun = w.store.fences_advanced();
+    *w.store.take_after_peek.lock().unwrap() = Some("a-racing-attempt".into());
+    let request = w.request(OpKind::Patch, Some("rtm-test/engine:1.5.0"));
+    let command_id = request.command_id.clone();
+    failure(&w.run(request).await, ErrorCode::SemverPatchOnly);
+    assert_eq!(
+        w.store.fences_advanced(),
+        begun + 2,
+        "the racer's fence, then the patch's own"
+    );
+    assert_eq!(w.store.fence(&w.game), (3, Some(command_id.clone())));
+    let outcomes = w
+        .store
+        .events()
+        .iter()
+        .filter(|e| e.command_id == command_id)
+        .count();
+    assert_eq!(outcomes, 1);
+}
+
 #[tokio::test]
 async fn patch_allows_a_downgrade_the_same_tag_and_a_pre_release() {
     let w = World::new();
