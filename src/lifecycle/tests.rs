@@ -334,16 +334,27 @@ async fn patch_must_keep_major_and_minor() {
     assert_eq!(w.docker(), Some((true, A.into())));
 }
 
+/// A patch out of the running image's patch series.
+const OUT_OF_SERIES: &str = "rtm-test/engine:1.5.0";
+
+/// A game a finished command stopped (the fence its command took has its
+/// outcome), how many fences `begin` took so far, and a patch the record
+/// refuses.
+async fn settled_game_and_refused_patch() -> (World, usize, CommandRequest) {
+    let w = World::new();
+    w.given(RuntimeStatus::Running, A);
+    success(&w.op(OpKind::Stop, None).await, false);
+    let begun = w.store.fences_advanced();
+    let request = w.request(OpKind::Patch, Some(OUT_OF_SERIES));
+    (w, begun, request)
+}
+
 /// Issue 11: a patch the record refuses is one write, which takes the
 /// game's next fence itself (no `begin` before it): the fence moves by one,
 /// to the patch's command.
 #[tokio::test]
 async fn a_patch_the_record_refuses_takes_its_fence_with_its_entry() {
-    let w = World::new();
-    w.given(RuntimeStatus::Running, A);
-    success(&w.op(OpKind::Stop, None).await, false);
-    let begun = w.store.fences_advanced();
-    let request = w.request(OpKind::Patch, Some("rtm-test/engine:1.5.0"));
+    let (w, begun, request) = settled_game_and_refused_patch().await;
     let command_id = request.command_id.clone();
     failure(&w.run(request).await, ErrorCode::SemverPatchOnly);
     assert_eq!(w.store.fences_advanced(), begun, "no begin");
@@ -368,7 +379,7 @@ async fn a_refused_patch_takes_its_fence_first_behind_an_unfinished_attempt_or_i
         .unwrap();
     let begun = w.store.fences_advanced();
     failure(
-        &w.op(OpKind::Patch, Some("rtm-test/engine:1.5.0")).await,
+        &w.op(OpKind::Patch, Some(OUT_OF_SERIES)).await,
         ErrorCode::SemverPatchOnly,
     );
     assert_eq!(
@@ -377,7 +388,7 @@ async fn a_refused_patch_takes_its_fence_first_behind_an_unfinished_attempt_or_i
         "behind an unfinished attempt"
     );
 
-    let request = w.request(OpKind::Patch, Some("rtm-test/engine:1.5.0"));
+    let request = w.request(OpKind::Patch, Some(OUT_OF_SERIES));
     w.store.put_step(
         &request.command_id,
         Step::Begin {
@@ -398,12 +409,8 @@ async fn a_refused_patch_takes_its_fence_first_behind_an_unfinished_attempt_or_i
 /// one outcome, from the game as it is.
 #[tokio::test]
 async fn a_refused_patch_whose_read_was_overtaken_takes_its_fence_and_decides_again() {
-    let w = World::new();
-    w.given(RuntimeStatus::Running, A);
-    success(&w.op(OpKind::Stop, None).await, false);
-    let begun = w.store.fences_advanced();
+    let (w, begun, request) = settled_game_and_refused_patch().await;
     *w.store.take_after_peek.lock().unwrap() = Some("a-racing-attempt".into());
-    let request = w.request(OpKind::Patch, Some("rtm-test/engine:1.5.0"));
     let command_id = request.command_id.clone();
     failure(&w.run(request).await, ErrorCode::SemverPatchOnly);
     assert_eq!(

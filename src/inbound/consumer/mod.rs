@@ -36,7 +36,7 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use lapin::Channel;
 use lapin::message::Delivery;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{Instrument as _, debug, info_span};
 use uuid::Uuid;
@@ -278,7 +278,7 @@ impl Consumer {
                 permit = self.in_flight.clone().acquire_owned() => permit.ok(),
                 () = shutdown.wait() => None,
             };
-            let Some(_permit) = permit.filter(|_| !self.shutdown.is_set()) else {
+            let Some(permit) = permit.filter(|_| !self.shutdown.is_set()) else {
                 debug!(command_id = %job.request.command_id, "shutting down: handing the command back unstarted");
                 self.settle(&job.channel, &job.delivery, Decision::Requeue)
                     .await;
@@ -291,19 +291,21 @@ impl Consumer {
                 game_id = %lane.key(),
                 correlation_id = %job.request.correlation_id(),
             );
-            self.process(job, admitting, &mut lane, &mut ahead)
+            self.process(job, admitting, permit, &mut lane, &mut ahead)
                 .instrument(span)
                 .await;
         }
     }
 
-    /// Runs one command: its admission (taken from `admitting` when it was
-    /// started ahead), then, once it is admitted, starts the admission of
-    /// its game's next command into `ahead`, and runs the command.
+    /// Runs one command, holding its in-flight slot (`permit`): its
+    /// admission (taken from `admitting` when it was started ahead), then,
+    /// once it is admitted, starts the admission of its game's next command
+    /// into `ahead`, and runs the command.
     async fn process(
-        &self,
+        self: &Arc<Self>,
         mut job: Job,
         admitting: Option<Admitting>,
+        permit: OwnedSemaphorePermit,
         lane: &mut lanes::Lane<Job>,
         ahead: &mut Option<Ahead>,
     ) {
@@ -351,7 +353,22 @@ impl Consumer {
         };
         gauge.decrement(1.0);
         self.relay_wake.notify_one();
-        self.settle(&job.channel, &job.delivery, decision).await;
+        if decision == Decision::Ack {
+            // The outcome is recorded: the game's next command need not
+            // wait for the ack to be written. The ack keeps the slot, so
+            // the drain at shutdown still waits for it; acks of one game
+            // may go out of order, which AMQP allows.
+            let this = self.clone();
+            tokio::spawn(
+                async move {
+                    this.settle(&job.channel, &job.delivery, decision).await;
+                    drop(permit);
+                }
+                .in_current_span(),
+            );
+        } else {
+            self.settle(&job.channel, &job.delivery, decision).await;
+        }
     }
 
     /// Takes the lane's next command, if one is waiting, and starts its
