@@ -203,10 +203,7 @@ impl RuntimeStore for PgStore {
         // Claimed by another: what it left. Its row is there (inbox rows are
         // deleted only by the retention sweep, long after).
         match self.lookup(request).await? {
-            InboxClaim::Fresh => Err(StoreError::Corrupt(format!(
-                "inbox row of command {:?} vanished while it was claimed",
-                request.command_id
-            ))),
+            InboxClaim::Fresh => Err(InboxRow::vanished(request)),
             claim => Ok(claim),
         }
     }
@@ -733,14 +730,16 @@ impl InboxRow {
         if claimed {
             return Ok(InboxClaim::Fresh);
         }
-        inbox
-            .ok_or_else(|| {
-                StoreError::Corrupt(format!(
-                    "inbox row of command {:?} vanished while it was claimed",
-                    request.command_id
-                ))
-            })?
-            .claim(request)
+        inbox.ok_or_else(|| Self::vanished(request))?.claim(request)
+    }
+
+    /// A claim that found the command's row taken and then no row at all:
+    /// inbox rows go only with the retention sweep, long after.
+    fn vanished(request: &CommandRequest) -> StoreError {
+        StoreError::Corrupt(format!(
+            "inbox row of command {:?} vanished while it was claimed",
+            request.command_id
+        ))
     }
 
     /// The claim of `request` this row makes, when another claim inserted it.
